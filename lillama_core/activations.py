@@ -1,0 +1,142 @@
+"""Hook glue: capture what each block receives, run blocks over stored activations, and gather
+input covariances for whitening. One generic mechanism for every architecture.
+
+Blocks are called with the keyword arguments the model itself passes them (masks, rotary
+embeddings, per-layer attention types), recorded once per batch size by stand-in blocks.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .distill import run_block
+from .errors import ModelLoadError
+from .lowrank import CovarianceAccumulator
+from .models import Block
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _StandIn(nn.Module):
+    """Takes a block's place for one capture pass: records its inputs and passes them on."""
+
+    def __init__(self, block: nn.Module, index: int, recorder: "BlockInputs", last: bool):
+        super().__init__()
+        self.wrapped, self.index, self.recorder, self.last = block, index, recorder, last
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # models may read attributes of their blocks (attention_type, ...)
+            return getattr(self.wrapped, name)
+
+    def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        self.recorder.record(self.index, hidden, {k: v for k, v in kwargs.items()})
+        if self.last:
+            raise _StopForward
+        return hidden
+
+
+def _parent_list(model: nn.Module, block: Block) -> tuple[nn.ModuleList, int]:
+    parent_name, _, idx = block.name.rpartition(".")
+    return model.get_submodule(parent_name), int(idx)
+
+
+class BlockInputs:
+    """First-block hidden states for every sequence, and each block's keyword arguments."""
+
+    def __init__(self, num_blocks: int):
+        self.kwargs: list[dict[int, dict]] = [dict() for _ in range(num_blocks)]
+        self.hidden: list[torch.Tensor] = []
+        self._expected_shape = None
+
+    def record(self, index: int, hidden: torch.Tensor, kwargs: dict) -> None:
+        if index == 0:
+            self.hidden.append(hidden.detach())
+            self._expected_shape = hidden.shape
+        elif hidden.shape != self._expected_shape:
+            raise ModelLoadError("this architecture passes block outputs in a form the engine does not understand")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+        self.kwargs[index].setdefault(hidden.shape[0], kwargs)
+
+    def kwargs_for(self, index: int) -> Callable[[int], dict]:
+        table = self.kwargs[index]
+        return lambda batch_size: table[batch_size]
+
+
+@torch.no_grad()
+def capture_block_inputs(model: nn.Module, blocks: list[Block], sequences: torch.Tensor, batches: list[slice],
+                         device: torch.device, storage: torch.device) -> tuple[torch.Tensor, BlockInputs]:
+    """Run the model's own forward with stand-ins for every block, so no block does any work."""
+    recorder = BlockInputs(len(blocks))
+    originals = []
+    for block in blocks:
+        parent, idx = _parent_list(model, block)
+        originals.append((parent, idx, parent[idx]))
+        parent[idx] = _StandIn(block.module, block.index, recorder, last=block is blocks[-1])
+    try:
+        for rows in batches:
+            try:
+                model(input_ids=sequences[rows].to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        for parent, idx, original in originals:
+            parent[idx] = original
+    hidden = torch.cat([h.to(storage) for h in recorder.hidden])
+    recorder.hidden = []
+    return hidden, recorder
+
+
+@torch.no_grad()
+def run_block_over(block: nn.Module, source: torch.Tensor, target: torch.Tensor, kwargs_for: Callable[[int], dict],
+                   batches: list[slice], device: torch.device) -> torch.Tensor:
+    """target[i] = block(source[i]) batch by batch; target may be source itself (in-place update).
+    The batches must be those the block inputs were captured with (kwargs are per batch size)."""
+    for rows in batches:
+        out = run_block(block, source[rows].to(device), kwargs_for(rows.stop - rows.start))
+        target[rows] = out.to(target.device, target.dtype)
+    return target
+
+
+class InputCovariances:
+    """X^T X of the inputs of chosen linear modules of one block, while the block runs.
+
+    Modules that read the very same tensor object (q/k/v, gate/up) share one accumulator, computed
+    once. The tensors seen are held until the next batch so their ids cannot be reused meanwhile.
+    """
+
+    def __init__(self, block: nn.Module, module_names: list[str], device: torch.device):
+        self.accumulators: dict[str, CovarianceAccumulator] = {}
+        self._seen_this_batch: dict[int, tuple[torch.Tensor, CovarianceAccumulator]] = {}
+        self._device = device
+        self._handles = [block.register_forward_pre_hook(lambda *_: self._seen_this_batch.clear())]
+        for name in module_names:
+            module = block.get_submodule(name)
+            self._handles.append(module.register_forward_hook(self._hook_for(name)))
+
+    def _hook_for(self, name: str):
+        def hook(module, args, output):
+            x = args[0]
+            seen = self._seen_this_batch.get(id(x))
+            if seen is not None:
+                self.accumulators[name] = seen[1]
+                return
+            acc = self.accumulators.setdefault(name, CovarianceAccumulator(x.shape[-1], self._device))
+            acc.add(x)
+            self._seen_this_batch[id(x)] = (x, acc)
+
+        return hook
+
+    def means(self) -> dict[str, torch.Tensor]:
+        return {name: acc.mean() for name, acc in self.accumulators.items()}
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()

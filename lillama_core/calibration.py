@@ -1,0 +1,257 @@
+"""Calibration text -> fixed-length token sequences.
+
+Sources: the built-in set (WikiText-2 validation + Alpaca seed tasks, see assets/calibration/LICENSE.md),
+local .txt/.jsonl/.json/.parquet/.csv files, or a `datasets` id. Instruction and chat records go
+through the model's chat template so the student sees the format it will be used with. Files are
+read as a stream, so a huge file costs only the tokens the budget asks for.
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+
+from .config import CalibrationConfig
+from .errors import CalibrationError
+
+ASSETS = Path(os.environ.get("LILLAMA_ASSETS", Path(__file__).resolve().parent.parent / "assets"))
+DEFAULT_SOURCES = (ASSETS / "calibration" / "wikitext2_valid.txt", ASSETS / "calibration" / "alpaca_seed_tasks.jsonl")
+DEFAULT_EVAL_TEXT = ASSETS / "eval" / "wikitext2_test.txt"
+TEXT_FIELDS = ("text", "content", "document", "body", "sentence", "prompt")
+# Reading stops once this many times the budget is in hand: enough to sample from, bounded for huge files.
+POOL_FACTOR = 4
+TEXT_CHUNK_CHARS = 1 << 16
+
+
+Record = str | list  # plain text, or a list of chat messages
+
+
+# ---- records from each kind of source ----
+
+
+def _check_text(sample: bytes, path: Path) -> None:
+    if b"\x00" in sample:
+        raise CalibrationError(f"{path} looks binary, not text")
+
+
+def _text_file(path: Path) -> Iterator[Record]:
+    with path.open("rb") as raw:
+        _check_text(raw.read(4096), path)
+    chunk = []
+    size = 0
+    with path.open(encoding="utf-8", errors="strict") as handle:
+        try:
+            for line in handle:
+                chunk.append(line)
+                size += len(line)
+                if size >= TEXT_CHUNK_CHARS:
+                    yield "".join(chunk)
+                    chunk, size = [], 0
+        except UnicodeDecodeError:
+            raise CalibrationError(f"{path} is not UTF-8 text") from None
+    if chunk:
+        yield "".join(chunk)
+
+
+def _jsonl_file(path: Path) -> Iterator[dict]:
+    with path.open("rb") as raw:
+        _check_text(raw.read(4096), path)
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError:
+                    raise CalibrationError(f"{path}, line {number}: not valid JSON") from None
+
+
+def _json_file(path: Path) -> Iterator[dict]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CalibrationError(f"{path} is not valid JSON: {exc}") from None
+    if isinstance(data, dict):  # {"data": [...]} or columns {"text": [...]}
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) == 1:
+            data = lists[0]
+        elif lists and all(len(v) == len(lists[0]) for v in lists):
+            keys = [k for k, v in data.items() if isinstance(v, list)]
+            data = [dict(zip(keys, row)) for row in zip(*(data[k] for k in keys))]
+    if not isinstance(data, list):
+        raise CalibrationError(f"{path}: expected a list of records")
+    yield from data
+
+
+def _csv_file(path: Path) -> Iterator[dict]:
+    with path.open(newline="", encoding="utf-8", errors="replace") as handle:
+        yield from csv.DictReader(handle)
+
+
+def _parquet_file(path: Path) -> Iterator[dict]:
+    import pyarrow.parquet as pq
+
+    try:
+        parquet = pq.ParquetFile(path)
+    except Exception as exc:
+        raise CalibrationError(f"{path} is not a readable Parquet file: {exc}") from None
+    for batch in parquet.iter_batches(batch_size=1024):
+        yield from batch.to_pylist()
+
+
+def _dataset(config: CalibrationConfig) -> Iterator[dict]:
+    try:
+        import datasets
+    except ImportError:
+        raise CalibrationError("reading a hub dataset needs the `datasets` package") from None
+    try:
+        stream = datasets.load_dataset(config.source, config.dataset_config, split=config.split, streaming=True)
+        yield from stream
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CalibrationError(
+            f"could not read dataset {config.source!r} (split {config.split!r}): {first}. "
+            "Without internet, use the built-in set or a local file."
+        ) from None
+
+
+FILE_READERS = {".txt": _text_file, ".md": _text_file, ".jsonl": _jsonl_file, ".json": _json_file,
+                ".csv": _csv_file, ".parquet": _parquet_file}
+
+
+def raw_records(config: CalibrationConfig) -> Iterator:
+    if config.source == "default":
+        for path in DEFAULT_SOURCES:
+            yield from FILE_READERS[path.suffix](path)
+        return
+    path = Path(config.source).expanduser()
+    if path.suffix.lower() in FILE_READERS or path.exists() or config.source.startswith((".", "/", "~")):
+        if not path.is_file():
+            raise CalibrationError(f"calibration file not found: {path}")
+        reader = FILE_READERS.get(path.suffix.lower())
+        if reader is None:
+            raise CalibrationError(f"{path}: unsupported file type; use .txt, .jsonl, .json, .parquet or .csv")
+        yield from reader(path)
+        return
+    yield from _dataset(config)
+
+
+def to_record(item, text_field: str | None) -> Record:
+    """A raw item becomes plain text or a chat (list of role/content messages)."""
+    if isinstance(item, str):
+        return item
+    if not isinstance(item, dict):
+        raise CalibrationError(f"calibration records must be text or objects, found {type(item).__name__}")
+    if text_field:
+        if text_field not in item:
+            raise CalibrationError(f"field {text_field!r} not found; records have: {', '.join(map(str, item))}")
+        value = item[text_field]
+        return value if isinstance(value, list) else str(value)
+    if isinstance(item.get("messages"), list):
+        return item["messages"]
+    if "instruction" in item:
+        return _instruction_chat(item)
+    for key in TEXT_FIELDS:
+        if isinstance(item.get(key), str):
+            return item[key]
+    strings = [k for k, v in item.items() if isinstance(v, str)]
+    if not strings:
+        raise CalibrationError(f"no text field in records with fields {', '.join(map(str, item))}; choose one")
+    return item[strings[0]]
+
+
+def _instruction_chat(item: dict) -> list[dict]:
+    """Alpaca-style records (instruction, input, output or instances) -> user/assistant messages."""
+    instances = item.get("instances") or [{"input": item.get("input", ""), "output": item.get("output", item.get("response", ""))}]
+    first = instances[0]
+    prompt = item["instruction"] + (f"\n\n{first['input']}" if first.get("input") else "")
+    chat = [{"role": "user", "content": prompt}]
+    if first.get("output"):
+        chat.append({"role": "assistant", "content": str(first["output"])})
+    return chat
+
+
+def record_text(record: Record, tokenizer, use_template: bool) -> str:
+    if isinstance(record, str):
+        return record
+    if use_template and getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(record, tokenize=False)
+    return "\n\n".join(f"{m.get('role', 'user')}: {m.get('content', '')}" for m in record)
+
+
+def iter_texts(config: CalibrationConfig, tokenizer) -> Iterator[str]:
+    for item in raw_records(config):
+        text = record_text(to_record(item, config.text_field), tokenizer, config.chat_template)
+        if text.strip():
+            yield text
+
+
+def preview(config: CalibrationConfig, tokenizer, count: int = 3, chars: int = 400) -> list[str]:
+    return [text[:chars] for text in itertools.islice(iter_texts(config, tokenizer), count)]
+
+
+# ---- token sequences ----
+
+
+@dataclass
+class CalibrationData:
+    sequences: torch.Tensor  # [n, seq_len] token ids
+    source: str
+    pool_tokens: int  # tokens read before sampling
+
+    @property
+    def tokens(self) -> int:
+        return self.sequences.numel()
+
+    def split(self, held_out: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(training sequences, held-out sequences) with `held_out` taken from the end."""
+        return self.sequences[:-held_out], self.sequences[-held_out:]
+
+
+def token_stream(texts: Iterable[str], tokenizer, separator: int | None) -> Iterator[int]:
+    for text in texts:
+        yield from tokenizer(text, add_special_tokens=False)["input_ids"]
+        if separator is not None:
+            yield separator
+
+
+def build_sequences(texts: Iterable[str], tokenizer, tokens: int, seq_len: int, seed: int,
+                    source: str = "") -> CalibrationData:
+    """Cut the token stream into seq_len pieces and sample enough of them, seeded, for the budget."""
+    wanted = -(-tokens // seq_len)
+    limit = wanted * seq_len * POOL_FACTOR
+    stream = token_stream(texts, tokenizer, tokenizer.eos_token_id)
+    pool = list(itertools.islice(stream, limit))
+    n_available = len(pool) // seq_len
+    if n_available == 0:
+        raise CalibrationError(
+            f"calibration data has {len(pool)} tokens, fewer than one sequence of {seq_len}; "
+            "add text or lower the sequence length"
+        )
+    if n_available < wanted:
+        raise CalibrationError(
+            f"calibration data has only {len(pool)} tokens ({n_available} sequences of {seq_len}) "
+            f"but the budget asks for {tokens}; lower the token budget or add text"
+        )
+    chunks = torch.tensor(pool[: n_available * seq_len], dtype=torch.long).view(n_available, seq_len)
+    order = torch.randperm(n_available, generator=torch.Generator().manual_seed(seed))[:wanted]
+    return CalibrationData(chunks[order], source, len(pool))
+
+
+def load_calibration(config: CalibrationConfig, tokenizer) -> CalibrationData:
+    config.validate()
+    return build_sequences(iter_texts(config, tokenizer), tokenizer, config.tokens, config.seq_len, config.seed,
+                           source=config.source)
+
+
+def read_eval_text(path: str | os.PathLike = "default") -> str:
+    path = DEFAULT_EVAL_TEXT if str(path) == "default" else Path(path).expanduser()
+    if not path.is_file():
+        raise CalibrationError(f"evaluation text not found: {path}")
+    return "".join(_text_file(path))

@@ -1,0 +1,311 @@
+"""`lillama compress | eval | chat | export | plan`: the engine from the shell, with tqdm progress."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+
+from .config import INITS, LOSS_PATHS, STRATEGIES, CalibrationConfig, DistillConfig, EvalConfig, ModelConfig, \
+    PlanConfig, RunConfig
+from .errors import LillamaError
+from .events import Event, LayerFinished, Phase, RunFinished, RunStarted, Step
+
+
+def _quiet_transformers() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+class ProgressPrinter:
+    """Turns engine events into a tqdm bar on stderr, so stdout stays clean for --json."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.bar = None
+
+    def __call__(self, event: Event) -> None:
+        if not self.enabled:
+            return
+        from tqdm import tqdm
+
+        if isinstance(event, Phase):
+            tqdm.write(f"[{event.name}] {event.detail}", file=sys.stderr)
+        elif isinstance(event, RunStarted):
+            tqdm.write(f"compressing layers {event.layers_to_compress} of {event.layers_total} on {event.device}: "
+                       f"{event.params_before:,} -> {event.params_after:,} parameters", file=sys.stderr)
+            self.bar = tqdm(total=event.steps_total, unit="step", file=sys.stderr, dynamic_ncols=True)
+        elif isinstance(event, Step) and self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(layer=event.layer, loss_t=f"{event.loss_teacher_input:.4f}",
+                                 loss_s=f"{event.loss_student_input:.4f}", tok_s=f"{event.tokens_per_s:,.0f}")
+        elif isinstance(event, LayerFinished):
+            tqdm.write(f"layer {event.layer}: held-out loss {event.init_loss:.4f} -> {event.best_loss:.4f} "
+                       f"(best step {event.best_step}, {event.seconds:.1f}s)", file=sys.stderr)
+        elif isinstance(event, RunFinished) and self.bar is not None:
+            self.bar.close()
+            if event.message:
+                tqdm.write(event.message, file=sys.stderr)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m-instruct", help=ModelConfig.__dataclass_fields__["name"].metadata["help"])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with a hub model")
+
+
+def _model_config(args) -> ModelConfig:
+    return ModelConfig(args.model, args.device, args.dtype, args.trust_remote_code)
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval-text", default="default", help="held-out text file (default: WikiText-2 test)")
+    p.add_argument("--eval-tokens", type=int, default=EvalConfig.tokens)
+    p.add_argument("--eval-seq-len", type=int, default=EvalConfig.seq_len)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lillama", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compress", help="compress a model and export the student")
+    c.set_defaults(subparser=c)
+    _add_model_args(c)
+    c.add_argument("--config", help="a saved run config JSON; flags given explicitly override it")
+    c.add_argument("--calibration", default="default", help=CalibrationConfig.__dataclass_fields__["source"].metadata["help"])
+    c.add_argument("--text-field", default=None)
+    c.add_argument("--dataset-config", default=None)
+    c.add_argument("--split", default="train")
+    c.add_argument("--tokens", type=int, default=CalibrationConfig.tokens)
+    c.add_argument("--seq-len", type=int, default=CalibrationConfig.seq_len)
+    c.add_argument("--batch-size", type=int, default=CalibrationConfig.batch_size)
+    c.add_argument("--reduction", type=float, default=PlanConfig.reduction, help="share of all parameters to remove")
+    c.add_argument("--rank", type=int, default=None, help="one fixed rank instead of a reduction target")
+    c.add_argument("--strategy", choices=STRATEGIES, default=PlanConfig.strategy)
+    c.add_argument("--layer-keep", type=float, default=PlanConfig.layer_keep)
+    c.add_argument("--groups", default="attention,mlp", help="comma-separated: attention, mlp, other")
+    c.add_argument("--plan", help="a rank plan JSON file (overrides --reduction/--rank/--strategy)")
+    c.add_argument("--init", choices=INITS, default=DistillConfig.init)
+    c.add_argument("--lr", type=float, default=DistillConfig.lr)
+    c.add_argument("--epochs", type=int, default=DistillConfig.epochs)
+    c.add_argument("--loss", choices=LOSS_PATHS, default=DistillConfig.loss)
+    c.add_argument("--no-distill", action="store_true", help="factorise only (training-free baseline)")
+    c.add_argument("--seed", type=int, default=0)
+    _eval_args(c)
+    c.add_argument("--no-eval", action="store_true", help="skip perplexity")
+    c.add_argument("--out", required=True, help="export folder")
+    c.add_argument("--merge", action="store_true", help="export dense merged weights (no custom code needed)")
+    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+
+    e = sub.add_parser("eval", help="perplexity, speed and size of a model or an export")
+    _add_model_args(e)
+    _eval_args(e)
+    e.add_argument("--no-speed", action="store_true")
+    e.add_argument("--json", action="store_true")
+
+    ch = sub.add_parser("chat", help="chat with a model or an export, streamed")
+    _add_model_args(ch)
+    ch.add_argument("--prompt", help="one prompt; without it, read prompts from stdin")
+    ch.add_argument("--max-new-tokens", type=int, default=200)
+    ch.add_argument("--temperature", type=float, default=0.7)
+    ch.add_argument("--top-p", type=float, default=0.9)
+    ch.add_argument("--seed", type=int, default=0)
+
+    x = sub.add_parser("export", help="re-export a compressed folder, e.g. merged to dense")
+    x.add_argument("source")
+    x.add_argument("--out", required=True)
+    x.add_argument("--merge", action="store_true")
+    x.add_argument("--overwrite", action="store_true")
+
+    pl = sub.add_parser("plan", help="print the rank plan and parameter accounting without compressing")
+    _add_model_args(pl)
+    pl.add_argument("--reduction", type=float, default=PlanConfig.reduction)
+    pl.add_argument("--rank", type=int, default=None)
+    pl.add_argument("--strategy", choices=STRATEGIES, default=PlanConfig.strategy)
+    pl.add_argument("--layer-keep", type=float, default=PlanConfig.layer_keep)
+    pl.add_argument("--groups", default="attention,mlp")
+    pl.add_argument("--save", help="write the plan JSON here")
+    return parser
+
+
+def _plan_config(args) -> PlanConfig:
+    return PlanConfig(strategy=args.strategy, reduction=None if args.rank else args.reduction, rank=args.rank,
+                      layer_keep=args.layer_keep, groups=_groups(args.groups))
+
+
+def _groups(text: str) -> list[str]:
+    return [g.strip() for g in text.split(",") if g.strip()]
+
+
+# compress flag -> (config section, key, conversion)
+COMPRESS_FLAGS = {
+    "model": ("model", "name", str), "device": ("model", "device", str), "dtype": ("model", "dtype", str),
+    "trust_remote_code": ("model", "trust_remote_code", bool),
+    "calibration": ("calibration", "source", str), "text_field": ("calibration", "text_field", str),
+    "dataset_config": ("calibration", "dataset_config", str), "split": ("calibration", "split", str),
+    "tokens": ("calibration", "tokens", int), "seq_len": ("calibration", "seq_len", int),
+    "batch_size": ("calibration", "batch_size", int),
+    "reduction": ("plan", "reduction", float), "rank": ("plan", "rank", int), "strategy": ("plan", "strategy", str),
+    "layer_keep": ("plan", "layer_keep", float), "groups": ("plan", "groups", _groups),
+    "init": ("distill", "init", str), "lr": ("distill", "lr", float), "epochs": ("distill", "epochs", int),
+    "loss": ("distill", "loss", str), "no_distill": ("distill", "distill", lambda v: not v),
+    "eval_text": ("eval", "text", str), "eval_tokens": ("eval", "tokens", int),
+    "eval_seq_len": ("eval", "seq_len", int),
+}
+
+
+def _run_config(args, parser) -> RunConfig:
+    """Flags over defaults; with --config, flags over the file, counting only flags changed from
+    their default (so a file's value cannot be reset to the default from the command line)."""
+    data = RunConfig.load(args.config).to_dict() if args.config else RunConfig().to_dict()
+    defaults = args.subparser
+    for dest, (section, key, convert) in COMPRESS_FLAGS.items():
+        value = getattr(args, dest)
+        if args.config and value == defaults.get_default(dest):
+            continue
+        data[section][key] = None if value is None else convert(value)
+    if args.rank is not None:
+        data["plan"]["reduction"] = None
+    if args.seed != defaults.get_default("seed") or not args.config:
+        data["seed"] = data["calibration"]["seed"] = args.seed
+    return RunConfig.from_dict(data).validate()
+
+
+def cmd_compress(args, parser) -> dict:
+    from .export import export_student
+    from .pipeline import run_pipeline
+    from .ranks import RankPlan
+
+    config = _run_config(args, parser)
+    progress = ProgressPrinter()
+    plan = RankPlan.load(args.plan) if args.plan else None
+    stop = threading.Event()
+    try:
+        result = run_pipeline(config, plan=plan, on_event=progress, stop=stop, evaluate=not args.no_eval)
+    except KeyboardInterrupt:
+        stop.set()
+        raise
+    record = {"config": config.to_dict(), "metrics": result.metrics, "plan": json.loads(result.run.applied.to_json()),
+              "layers": [e.to_dict() for e in result.run.layers]}
+    out = export_student(result.run.student, result.loaded.tokenizer, args.out, merge=args.merge,
+                         overwrite=args.overwrite, record=record)
+    summary = {k: result.metrics.get(k) for k in ("params_before", "params_after", "reduction", "teacher_ppl",
+                                                   "student_ppl", "seconds", "status", "tokens")}
+    summary["out"] = str(out)
+    if not args.json:
+        print(f"{summary['params_before']:,} -> {summary['params_after']:,} parameters "
+              f"({summary['reduction']:.1%} fewer); exported to {out}")
+        if "teacher_ppl" in result.metrics:
+            print(f"perplexity: teacher {summary['teacher_ppl']:.2f}, student {summary['student_ppl']:.2f}")
+    return summary
+
+
+def _load_any(args):
+    """A model name/path, or a Lillama export folder."""
+    from .export import RECORD_FILE, load_compressed
+    from .models import LoadedModel, load_model, resolve_device, resolve_dtype
+
+    path = Path(args.model).expanduser()
+    if (path / RECORD_FILE).exists():
+        device = resolve_device(args.device)
+        model, tokenizer = load_compressed(path, device, resolve_dtype(args.dtype, device))
+        return LoadedModel(model, tokenizer, str(path), str(path), device, next(model.parameters()).dtype)
+    return load_model(_model_config(args))
+
+
+def cmd_eval(args, parser) -> dict:
+    from .evaluate import eval_windows, generation_speed, model_size, perplexity
+    from .calibration import read_eval_text
+
+    loaded = _load_any(args)
+    windows = eval_windows(loaded.tokenizer, read_eval_text(args.eval_text), args.eval_tokens, args.eval_seq_len)
+    ppl = perplexity(loaded.model, windows)
+    size = model_size(loaded.model)
+    summary = {"model": args.model, "perplexity": ppl.perplexity, "eval_tokens": ppl.tokens_scored,
+               "parameters": size.parameters, "weight_bytes": size.weight_bytes}
+    if not args.no_speed:
+        speed = generation_speed(loaded.model, loaded.model.config.vocab_size)
+        summary.update(prefill_tokens_per_s=speed.prefill_tokens_per_s,
+                       generate_tokens_per_s=speed.generate_tokens_per_s)
+    if not args.json:
+        for key, value in summary.items():
+            print(f"{key:>24}: {value:,.3f}" if isinstance(value, float) else f"{key:>24}: {value}")
+    return summary
+
+
+def cmd_chat(args, parser) -> None:
+    from .chat import SamplingConfig, stream_chat
+
+    loaded = _load_any(args)
+    sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, seed=args.seed)
+    prompts = [args.prompt] if args.prompt else (line.strip() for line in sys.stdin)
+    for prompt in prompts:
+        if not prompt:
+            continue
+        shown = ""
+        update = None
+        for update in stream_chat(loaded.model, loaded.tokenizer, prompt, sampling):
+            sys.stdout.write(update.text[len(shown):])
+            sys.stdout.flush()
+            shown = update.text
+        print(f"\n[{update.new_tokens} tokens, {update.tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+
+
+def cmd_export(args, parser) -> None:
+    from .export import export_student, load_compressed, read_record
+
+    model, tokenizer = load_compressed(args.source)
+    out = export_student(model, tokenizer, args.out, merge=args.merge, overwrite=args.overwrite,
+                         record={k: v for k, v in read_record(args.source).items()
+                                 if k not in ("format_version", "merged", "rank_map")})
+    print(f"exported to {out}")
+
+
+def cmd_plan(args, parser) -> None:
+    from .engine import make_plan
+    from .models import load_model
+    from .ranks import ModelShape, summarize
+
+    loaded = load_model(_model_config(args))
+    plan = make_plan(loaded, _plan_config(args))
+    summary = summarize(plan, ModelShape.of(loaded.model))
+    for row in summary.layers:
+        kept = row["params_after"] / row["params_before"]
+        print(f"layer {row['layer']:>3}: {row['compressed']} modules compressed, {kept:6.1%} of weights kept")
+    for warning in summary.warnings:
+        print(f"warning: {warning}")
+    print(f"total: {summary.params_before:,} -> {summary.params_after:,} ({summary.reduction:.2%} fewer)")
+    if args.save:
+        plan.save(args.save)
+
+
+COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "chat": cmd_chat, "export": cmd_export, "plan": cmd_plan}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _quiet_transformers()
+    try:
+        summary = COMMANDS[args.command](args, parser)
+    except LillamaError as exc:
+        print(f"lillama: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lillama: interrupted", file=sys.stderr)
+        return 130
+    if getattr(args, "json", False) and summary is not None:
+        print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,279 @@
+"""A whole compression run: plan -> capture block inputs -> layer by layer -> student model.
+
+Only one block is trained at a time, with its own optimiser, on activations cached for that block
+alone; layers above the last compressed one are never touched, so a bottom-first run needs little
+memory. Progress leaves as events; a stop request ends the run within one optimiser step and the
+layers finished so far stay in the student.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .activations import InputCovariances, capture_block_inputs, run_block_over
+from .calibration import CalibrationData
+from .config import DistillConfig, PlanConfig
+from .distill import LayerData, LayerDistiller, LayerResult, StepMetrics, batch_slices
+from .errors import CalibrationError, LillamaError, OutOfMemoryError, RunStopped
+from .events import Event, EventSink, LayerFinished, LayerStarted, Phase, RunError, RunFinished, RunStarted, Step
+from .lowrank import set_submodule, spectrum, to_low_rank, whitened_spectrum
+from .models import Block, LoadedModel, find_blocks, find_linears
+from .ranks import ModelShape, RankPlan, build_plan, summarize
+from .telemetry import MemoryMonitor, Throughput, eta_seconds
+
+
+def held_out_count(sequences: int) -> int:
+    """Sequences kept aside to pick each layer's best state: about 1 in 16, at least 1, at most 32."""
+    if sequences < 2:
+        raise CalibrationError("distillation needs at least 2 calibration sequences; raise the token budget")
+    return max(1, min(32, sequences // 16))
+
+
+def share_weights_copy(model: nn.Module) -> nn.Module:
+    """A new module tree whose parameters and buffers are the original tensors: replacing a block
+    in the copy leaves the original untouched and costs no memory for the blocks left alone."""
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def storage_device(device: torch.device, bytes_needed: int) -> torch.device:
+    """Keep activations on the accelerator when they fit comfortably, else in host memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        if bytes_needed < 0.4 * free:
+            return device
+        return torch.device("cpu")
+    return device
+
+
+def _autocast_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
+    return dtype if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) else None
+
+
+@dataclass
+class RunResult:
+    student: nn.Module
+    plan: RankPlan  # requested
+    applied: RankPlan  # what the student really has (fewer layers if stopped)
+    status: str
+    layers: list[LayerFinished] = field(default_factory=list)
+    seconds: float = 0.0
+    tokens: int = 0
+
+
+def compute_spectra(loaded: LoadedModel, shape: ModelShape, calibration: CalibrationData | None,
+                    batch_size: int, whitened: bool, on_event: EventSink | None = None) -> dict[str, torch.Tensor]:
+    """Singular values of every linear in the blocks; whitened by the teacher's inputs if asked."""
+    blocks = find_blocks(loaded.model)
+    if not whitened or calibration is None:
+        return {m.name: spectrum(loaded.model.get_submodule(m.name).weight.detach()) for m in shape.modules}
+    device = loaded.device
+    batches = batch_slices(0, calibration.sequences.shape[0], batch_size)
+    hidden, inputs = capture_block_inputs(loaded.model, blocks, calibration.sequences, batches, device, device)
+    spectra = {}
+    for block in blocks:
+        names = list(find_linears(block.module))
+        covs = InputCovariances(block.module, names, device)
+        try:
+            run_block_over(block.module, hidden, hidden, inputs.kwargs_for(block.index), batches, device)
+        finally:
+            covs.close()
+        for local, cov in covs.means().items():
+            weight = block.module.get_submodule(local).weight.detach()
+            spectra[f"{block.name}.{local}"] = whitened_spectrum(weight.float(), cov)
+        if on_event:
+            on_event(Phase("spectra", f"layer {block.index + 1}/{len(blocks)}"))
+    return spectra
+
+
+PLANNING_TOKENS = 16_384  # whitened spectra for planning need far fewer tokens than distillation
+
+
+def make_plan(loaded: LoadedModel, config: PlanConfig, calibration: CalibrationData | None = None,
+              batch_size: int = 8, on_event: EventSink | None = None) -> RankPlan:
+    shape = ModelShape.of(loaded.model)
+    spectra = None
+    if config.strategy == "energy" and config.rank is None:
+        subset = None
+        if config.whitened_energy and calibration is not None:
+            n = max(2, PLANNING_TOKENS // calibration.sequences.shape[1])
+            subset = CalibrationData(calibration.sequences[:n], calibration.source, calibration.pool_tokens)
+        spectra = compute_spectra(loaded, shape, subset, batch_size, config.whitened_energy, on_event)
+    return build_plan(shape, config, spectra)
+
+
+class Compressor:
+    """Runs the layer-local distillation of a rank plan on a loaded teacher; the teacher stays intact."""
+
+    def __init__(self, loaded: LoadedModel, calibration: CalibrationData, plan: RankPlan, config: DistillConfig,
+                 batch_size: int = 8, on_event: EventSink | None = None, stop: threading.Event | None = None,
+                 seed: int = 0):
+        config.validate()
+        self.loaded, self.calibration, self.plan, self.config = loaded, calibration, plan, config
+        self.batch_size, self.seed = batch_size, seed
+        self.on_event = on_event or (lambda event: None)
+        self.stop = stop or threading.Event()
+        self.device, self.dtype = loaded.device, loaded.dtype
+        self.shape = ModelShape.of(loaded.model)
+        self.memory = MemoryMonitor(self.device)
+        self.throughput = Throughput()
+
+    def emit(self, event: Event) -> None:
+        self.on_event(event)
+
+    def _ranks_by_layer(self, blocks: list[Block]) -> dict[int, dict[str, int]]:
+        prefix = {b.index: b.name + "." for b in blocks}
+        out: dict[int, dict[str, int]] = {}
+        for name, rank in self.plan.ranks.items():
+            layer = next(i for i, p in prefix.items() if name.startswith(p))
+            out.setdefault(layer, {})[name[len(prefix[layer]):]] = rank
+        return out
+
+    def run(self) -> RunResult:
+        start = time.time()
+        try:
+            return self._run(start)
+        except LillamaError as exc:
+            self.emit(RunError(str(exc), type(exc).__name__))
+            raise
+        except torch.OutOfMemoryError:
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            message = ("out of memory on the accelerator: lower the batch size, the sequence length or the "
+                       "token budget (activations are cached per layer), or run on CPU")
+            self.emit(RunError(message, "OutOfMemoryError"))
+            raise OutOfMemoryError(message) from None
+
+    def _run(self, start: float) -> RunResult:
+        summarize(self.plan, self.shape)  # validates the plan against this model before any work
+        blocks = find_blocks(self.loaded.model)
+        ranks_by_layer = self._ranks_by_layer(blocks)
+        sequences = self.calibration.sequences
+        n = sequences.shape[0]
+        held_out = held_out_count(n)
+        train_batches = batch_slices(0, n - held_out, self.batch_size)
+        eval_batches = batch_slices(n - held_out, n, self.batch_size)
+        batches = train_batches + eval_batches
+        steps_per_layer = len(train_batches) * self.config.epochs
+        if not self.config.distill:
+            steps_per_layer = 0
+        layers = sorted(ranks_by_layer)
+        steps_total = steps_per_layer * len(layers)
+        after = summarize(self.plan, self.shape)
+        self.emit(RunStarted(self.loaded.name, str(self.device), len(blocks), layers, steps_total,
+                             self.calibration.tokens, after.params_before, after.params_after))
+        student = share_weights_copy(self.loaded.model)
+        result = RunResult(student, self.plan, RankPlan({}, self.plan.strategy, self.plan.target_reduction,
+                                                        self.plan.model_type), "completed")
+        result.tokens = self.calibration.tokens
+        if not layers:
+            return self._finish(result, start, "completed")
+
+        self.memory.reset_peak()
+        self.emit(Phase("capture", "recording the inputs of the first block"))
+        hidden = getattr(self.loaded.model.config, "hidden_size", 0) or 0
+        bytes_needed = 3 * sequences.numel() * hidden * torch.finfo(self.dtype).bits // 8
+        storage = storage_device(self.device, bytes_needed)
+        teacher_x, inputs = capture_block_inputs(self.loaded.model, blocks, sequences, batches, self.device, storage)
+        student_x = None  # equal to teacher_x until a layer below is compressed
+        generator = torch.Generator(device="cpu").manual_seed(self.seed)
+        global_step = 0
+        train_start = time.time()
+
+        for block in blocks[: layers[-1] + 1]:
+            kwargs_for = inputs.kwargs_for(block.index)
+            local_ranks = ranks_by_layer.get(block.index, {})
+            covariances = None
+            if local_ranks and self.config.init == "whitened":
+                covariances = InputCovariances(block.module, list(local_ranks), self.device)
+            try:
+                teacher_y = run_block_over(block.module, teacher_x, torch.empty_like(teacher_x), kwargs_for,
+                                           batches, self.device)
+            finally:
+                if covariances:
+                    covariances.close()
+            if not local_ranks:
+                if student_x is not None:
+                    run_block_over(block.module, student_x, student_x, kwargs_for, batches, self.device)
+                teacher_x = teacher_y
+                continue
+
+            position = layers.index(block.index) + 1
+            self.emit(LayerStarted(block.index, position, len(layers), local_ranks, steps_per_layer))
+            layer_start = time.time()
+            student_block = self._student_block(block.module, local_ranks,
+                                                covariances.means() if covariances else None, generator)
+            data = LayerData(teacher_x, teacher_y, student_x, kwargs_for)
+            distiller = LayerDistiller(student_block, data, self.config, self.device, train_batches, eval_batches,
+                                       _autocast_dtype(self.device, self.dtype))
+
+            def on_step(m: StepMetrics, layer=block.index):
+                nonlocal global_step
+                global_step += 1
+                self._emit_step(layer, m, global_step, steps_total, train_start)
+
+            try:
+                if self.config.distill:
+                    layer_result = distiller.train(on_step, self.stop.is_set)
+                else:
+                    loss = distiller.held_out_loss()
+                    layer_result = LayerResult(loss, loss, 0, float("nan"), float("nan"), 0)
+            except RunStopped:
+                return self._finish(result, start, "stopped")
+            self.throughput.pause()
+            student_block.to(self.dtype)
+            set_submodule(student, block.name, student_block)
+            source = student_x if student_x is not None else teacher_x
+            student_x = run_block_over(student_block, source,
+                                       source if student_x is not None else torch.empty_like(source),
+                                       kwargs_for, batches, self.device)
+            teacher_x = teacher_y
+            for local, rank in local_ranks.items():
+                result.applied.ranks[f"{block.name}.{local}"] = rank
+            layer_summary = summarize(RankPlan({f"{block.name}.{k}": r for k, r in local_ranks.items()}), self.shape)
+            finished = LayerFinished(
+                block.index, layer_result.init_loss, layer_result.best_loss,
+                layer_result.final_loss_teacher_input, layer_result.final_loss_student_input,
+                layer_result.best_step, time.time() - layer_start,
+                layer_summary.layers[block.index]["params_before"], layer_summary.layers[block.index]["params_after"],
+                layer_result.skipped_steps,
+            )
+            result.layers.append(finished)
+            self.emit(finished)
+            if self.stop.is_set():
+                return self._finish(result, start, "stopped")
+        return self._finish(result, start, "completed")
+
+    def _student_block(self, teacher_block: nn.Module, local_ranks: dict[str, int],
+                       covariances: dict[str, torch.Tensor] | None, generator: torch.Generator) -> nn.Module:
+        """A float32 copy of the block with the chosen linears replaced by initialised low-rank ones."""
+        block = copy.deepcopy(teacher_block).float()
+        for local, rank in local_ranks.items():
+            dense = block.get_submodule(local)
+            cov = covariances.get(local) if covariances else None
+            set_submodule(block, local, to_low_rank(dense, rank, self.config.init, cov, generator))
+        return block
+
+    def _emit_step(self, layer: int, m: StepMetrics, global_step: int, steps_total: int, train_start: float):
+        rate = self.throughput.update(m.tokens)
+        elapsed = time.time() - train_start
+        mem = self.memory.sample()
+        self.emit(Step(layer, m.step, m.steps, global_step, steps_total, m.loss_teacher_input,
+                       m.loss_student_input, m.lr, rate, elapsed, eta_seconds(elapsed, global_step, steps_total),
+                       mem.used_bytes, mem.total_bytes, mem.peak_allocated_bytes, mem.peak_reserved_bytes,
+                       m.skipped))
+
+    def _finish(self, result: RunResult, start: float, status: str) -> RunResult:
+        result.status = status
+        result.seconds = time.time() - start
+        done = result.applied.layers(self.shape)
+        message = "" if status == "completed" else f"stopped by request; {len(done)} finished layer(s) kept"
+        self.emit(RunFinished(status, done, result.seconds, result.tokens, message))
+        return result
+

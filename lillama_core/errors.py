@@ -1,0 +1,37 @@
+"""Exceptions a user can cause. Each carries one sentence that the CLI and the app show as is."""
+
+
+class LillamaError(Exception):
+    """Base for every error caused by user input or the environment, never by a bug in the engine."""
+
+
+class ConfigError(LillamaError):
+    """A setting is out of range, of the wrong type, or unknown."""
+
+
+class ModelLoadError(LillamaError):
+    """The model could not be found, downloaded or understood."""
+
+
+class CalibrationError(LillamaError):
+    """The calibration source is missing, empty or unreadable."""
+
+
+class RankPlanError(LillamaError):
+    """A rank plan does not fit the model it is applied to."""
+
+
+class ExportError(LillamaError):
+    """A checkpoint could not be written or read back."""
+
+
+class OutOfMemoryError(LillamaError):
+    """The accelerator ran out of memory; the message says what to lower."""
+
+
+class RunStopped(LillamaError):
+    """A stop was requested; the layers finished so far are kept."""
+
+
+class JobBusyError(LillamaError):
+    """A second job was started on a device that already runs one."""

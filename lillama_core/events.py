@@ -1,0 +1,128 @@
+"""Typed progress events. The engine emits them; the CLI (tqdm), the job runner (events.jsonl) and
+the app (live plots) consume them. Each event is a flat dataclass that round-trips through JSON."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable
+
+
+@dataclass
+class Event:
+    time: float = field(default_factory=time.time, kw_only=True)
+
+    @property
+    def kind(self) -> str:
+        return EVENT_KINDS_BY_CLASS[type(self)]
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, **asdict(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+
+@dataclass
+class RunStarted(Event):
+    model: str
+    device: str
+    layers_total: int
+    layers_to_compress: list[int]
+    steps_total: int
+    tokens: int
+    params_before: int
+    params_after: int
+
+
+@dataclass
+class Phase(Event):
+    """A stage outside the layer loop (loading, tokenising, capturing inputs, planning)."""
+
+    name: str
+    detail: str = ""
+
+
+@dataclass
+class LayerStarted(Event):
+    layer: int
+    position: int  # 1-based index among the layers being compressed
+    of: int
+    modules: dict[str, int]  # local module name -> rank
+    steps: int
+
+
+@dataclass
+class Step(Event):
+    layer: int
+    step: int  # 1-based within the layer
+    steps: int
+    global_step: int
+    steps_total: int
+    loss_teacher_input: float
+    loss_student_input: float
+    lr: float
+    tokens_per_s: float
+    elapsed_s: float
+    eta_s: float
+    vram_used_bytes: int | None = None
+    vram_total_bytes: int | None = None
+    torch_peak_allocated_bytes: int | None = None
+    torch_peak_reserved_bytes: int | None = None
+    skipped: bool = False  # the loss was not finite and the update was skipped
+
+
+@dataclass
+class LayerFinished(Event):
+    layer: int
+    init_loss: float  # held-out loss right after factorisation
+    best_loss: float  # held-out loss of the state kept
+    final_loss_teacher_input: float
+    final_loss_student_input: float
+    best_step: int
+    seconds: float
+    params_before: int
+    params_after: int
+    skipped_steps: int = 0
+
+
+@dataclass
+class RunFinished(Event):
+    status: str  # completed | stopped
+    layers_done: list[int]
+    seconds: float
+    tokens: int
+    message: str = ""
+
+
+@dataclass
+class RunError(Event):
+    message: str
+    error_type: str
+
+
+EVENT_CLASSES = {"run_started": RunStarted, "phase": Phase, "layer_started": LayerStarted, "step": Step,
+                 "layer_finished": LayerFinished, "run_finished": RunFinished, "run_error": RunError}
+EVENT_KINDS_BY_CLASS = {cls: kind for kind, cls in EVENT_CLASSES.items()}
+
+EventSink = Callable[[Event], None]
+
+
+def event_from_dict(data: dict) -> Event:
+    data = dict(data)
+    cls = EVENT_CLASSES[data.pop("kind")]
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def read_events(path) -> list[Event]:
+    """Events from a JSONL log; a torn last line (process killed mid-write) is ignored."""
+    events = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            try:
+                events.append(event_from_dict(json.loads(line)))
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue
+    return events

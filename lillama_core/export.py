@@ -1,0 +1,134 @@
+"""Save and load compressed students.
+
+A compressed export is an ordinary transformers folder (safetensors, config.json, tokenizer) whose
+config carries the rank map and an `auto_map` to a shipped `modeling_lillama.py`, so stock
+`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` loads it. A merged export
+multiplies the factors back into dense weights and needs no custom code at all. Exports are
+written to a hidden staging folder and renamed into place, so a half-written export never exists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import hf_modeling
+from .engine import share_weights_copy
+from .errors import ExportError
+from .lowrank import LowRankLinear, merge_low_rank, set_submodule
+
+FORMAT_VERSION = 1
+MODELING_FILE = "modeling_lillama.py"
+RECORD_FILE = "lillama.json"
+
+
+def rank_map_of(model: nn.Module) -> dict[str, int]:
+    return {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+
+
+def _modeling_source(base: type) -> str:
+    """hf_modeling.py itself plus one line binding the exported class, so exports never drift from
+    the code the library uses."""
+    source = Path(hf_modeling.__file__).read_text()
+    return (f"{source}\n\nfrom {base.__module__} import {base.__name__} as _Base\n\n"
+            f"Lillama{base.__name__} = lowrank_subclass(_Base)\n")
+
+
+def _base_class(model: nn.Module) -> type:
+    cls = type(model)
+    # A student rebuilt by load_compressed is already our subclass; export against its base.
+    return cls.__mro__[1] if cls.__name__ == "Lillama" + cls.__mro__[1].__name__ else cls
+
+
+def merged_copy(model: nn.Module) -> nn.Module:
+    """A dense copy: every LowRankLinear multiplied back into an nn.Linear (float32 product)."""
+    dense = share_weights_copy(model)
+    for name, module in list(dense.named_modules()):
+        if isinstance(module, LowRankLinear):
+            set_submodule(dense, name, merge_low_rank(module))
+    for key in ("lillama_rank_map", "auto_map"):
+        dense.config.__dict__.pop(key, None)
+    return dense
+
+
+def _check_target(folder: Path, overwrite: bool) -> None:
+    if folder.exists() and not overwrite:
+        raise ExportError(f"{folder} already exists; choose another folder or allow overwriting")
+    if folder.exists() and not folder.is_dir():
+        raise ExportError(f"{folder} exists and is not a folder")
+    parent = folder.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ExportError(f"cannot create {parent}: {exc.strerror}") from None
+    if not os.access(parent, os.W_OK):
+        raise ExportError(f"cannot write to {parent}: permission denied")
+
+
+def export_student(student: nn.Module, tokenizer, folder: str | os.PathLike, merge: bool = False,
+                   overwrite: bool = False, record: dict | None = None) -> Path:
+    """Write the student (compressed, or merged dense) with its tokenizer and run record."""
+    folder = Path(folder).expanduser()
+    _check_target(folder, overwrite)
+    ranks = rank_map_of(student)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    try:
+        if merge:
+            merged_copy(student).save_pretrained(staging)
+        else:
+            base = _base_class(student)
+            model = share_weights_copy(student)
+            model.config.lillama_rank_map = ranks
+            model.config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.Lillama{base.__name__}"}
+            model.save_pretrained(staging)
+            (staging / MODELING_FILE).write_text(_modeling_source(base))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        meta = {"format_version": FORMAT_VERSION, "merged": merge, "rank_map": ranks, **(record or {})}
+        (staging / RECORD_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        if folder.exists():
+            trash = folder.with_name(f".{folder.name}.old-{os.getpid()}")
+            os.replace(folder, trash)
+            os.replace(staging, folder)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(staging, folder)
+    except OSError as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise ExportError(f"could not write {folder}: {exc.strerror or exc}") from None
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+def load_compressed(folder: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """(student model, tokenizer) from an export folder, compressed or merged, without remote code."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    folder = Path(folder).expanduser()
+    if not (folder / RECORD_FILE).exists():
+        raise ExportError(f"{folder} is not a Lillama export (no {RECORD_FILE})")
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        kwargs = {"dtype": dtype} if dtype is not None else {}
+        if getattr(config, "lillama_rank_map", None):
+            cls = hf_modeling.lowrank_subclass(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)])
+            model = cls.from_pretrained(folder, config=config, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ExportError(f"could not load {folder}: {str(exc).splitlines()[0]}") from None
+    return model.to(device).eval(), tokenizer
+
+
+def read_record(folder: str | os.PathLike) -> dict:
+    return json.loads((Path(folder) / RECORD_FILE).read_text())

@@ -1,0 +1,137 @@
+"""Factorisation maths: W (out x in) ~ B (out x r) @ A (r x in). Pure tensors, no hooks.
+
+Plain SVD minimises ||W - BA||; the whitened variant (SVD-LLM) minimises ||(W - BA) X|| for the
+layer's real inputs X, which matters far more on small models.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .hf_modeling import LowRankLinear, set_submodule
+
+__all__ = [
+    "LowRankLinear",
+    "set_submodule",
+    "svd_factors",
+    "whitened_factors",
+    "random_factors",
+    "cholesky_whitener",
+    "spectrum",
+    "whitened_spectrum",
+    "CovarianceAccumulator",
+    "to_low_rank",
+    "merge_low_rank",
+]
+
+
+def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T, in float64 then cast back."""
+    u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
+    root = s[:rank].sqrt()
+    return (u[:, :rank] * root).to(weight.dtype), (root[:, None] * vh[:rank]).to(weight.dtype)
+
+
+def cholesky_whitener(cov: torch.Tensor, max_tries: int = 8) -> torch.Tensor:
+    """Lower-triangular L with L L^T = cov (+ the smallest diagonal that makes it positive definite)."""
+    cov = cov.double()
+    scale = cov.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    jitter = 0.0
+    for attempt in range(max_tries):
+        factor, info = torch.linalg.cholesky_ex(cov + jitter * scale * eye)
+        if info.item() == 0:
+            return factor
+        jitter = 1e-6 * 10**attempt
+    # Still not positive definite (e.g. all-zero input columns): fall back to a strong ridge.
+    return torch.linalg.cholesky(cov + scale * eye)
+
+
+def whitened_factors(weight: torch.Tensor, cov: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated SVD of W L where L L^T = X^T X; A absorbs L^{-1} so B A approximates W on the data."""
+    w = weight.double()
+    lower = cholesky_whitener(cov)
+    u, s, vh = torch.linalg.svd(w @ lower, full_matrices=False)
+    root = s[:rank].sqrt()
+    # A = sqrt(S_r) V_r^T L^{-1}, computed as a triangular solve instead of an explicit inverse.
+    a = torch.linalg.solve_triangular(lower, (root[:, None] * vh[:rank]), upper=False, left=False)
+    b = u[:, :rank] * root
+    return b.to(weight.dtype), a.to(weight.dtype)
+
+
+def random_factors(weight: torch.Tensor, rank: int, generator: torch.Generator | None = None):
+    """Kaiming-like random factors whose product has roughly the scale of W, for ablations."""
+    out_f, in_f = weight.shape
+    std = weight.float().std().item() or 1.0 / in_f**0.5
+    a = torch.randn(rank, in_f, generator=generator, dtype=torch.float32) / in_f**0.5
+    b = torch.randn(out_f, rank, generator=generator, dtype=torch.float32) * std * (in_f / rank) ** 0.5
+    return b.to(weight.device, weight.dtype), a.to(weight.device, weight.dtype)
+
+
+def spectrum(weight: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.svdvals(weight.double())
+
+
+def whitened_spectrum(weight: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.svdvals(weight.double() @ cholesky_whitener(cov))
+
+
+class CovarianceAccumulator:
+    """Running X^T X over every token seen, summed in float64 so millions of tokens stay exact enough."""
+
+    def __init__(self, features: int, device: torch.device):
+        self.sum = torch.zeros(features, features, dtype=torch.float64, device=device)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1]).float()
+        self.sum += (flat.T @ flat).double()
+        self.tokens += flat.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.tokens, 1)
+
+
+def to_low_rank(
+    dense: nn.Linear,
+    rank: int,
+    init: str,
+    cov: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> LowRankLinear:
+    """A LowRankLinear initialised from a dense layer; keeps the bias on the output side."""
+    weight = dense.weight.detach().float()
+    if init == "svd":
+        b, a = svd_factors(weight, rank)
+    elif init == "whitened":
+        if cov is None:
+            raise ValueError("whitened init needs the input covariance of the layer")
+        b, a = whitened_factors(weight, cov.to(weight.device), rank)
+    elif init == "random":
+        b, a = random_factors(weight, rank, generator)
+    else:
+        raise ValueError(f"unknown init {init!r}")
+    low = LowRankLinear(dense.in_features, dense.out_features, rank, bias=dense.bias is not None,
+                        device=weight.device, dtype=torch.float32)
+    with torch.no_grad():
+        low.A.weight.copy_(a)
+        low.B.weight.copy_(b)
+        if dense.bias is not None:
+            low.B.bias.copy_(dense.bias.float())
+    return low
+
+
+def merge_low_rank(low: LowRankLinear) -> nn.Linear:
+    """Dense nn.Linear with W = B A, multiplied in float32 and checked before it is used."""
+    dtype = low.A.weight.dtype
+    weight = low.B.weight.float() @ low.A.weight.float()
+    if not torch.isfinite(weight).all():
+        raise ValueError("merged weight has NaN or inf values")
+    dense = nn.Linear(low.in_features, low.out_features, bias=low.B.bias is not None,
+                      device=weight.device, dtype=dtype)
+    with torch.no_grad():
+        dense.weight.copy_(weight.to(dtype))
+        if low.B.bias is not None:
+            dense.bias.copy_(low.B.bias)
+    return dense

@@ -1,0 +1,70 @@
+"""The end-to-end recipe shared by the CLI, the app's jobs and the benchmarks:
+load -> calibrate -> plan -> distill -> evaluate, with every stage reported as events."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+from .calibration import load_calibration, read_eval_text
+from .config import RunConfig
+from .engine import Compressor, RunResult, make_plan
+from .evaluate import eval_windows, perplexity
+from .events import EventSink, Phase
+from .models import LoadedModel, load_model
+from .ranks import ModelShape, RankPlan, summarize
+
+
+@dataclass
+class PipelineResult:
+    run: RunResult
+    loaded: LoadedModel  # the teacher; the student shares its untouched weights
+    plan: RankPlan
+    metrics: dict = field(default_factory=dict)
+
+
+def evaluate_perplexity(model, tokenizer, config: RunConfig) -> float:
+    windows = eval_windows(tokenizer, read_eval_text(config.eval.text), config.eval.tokens, config.eval.seq_len)
+    return perplexity(model, windows).perplexity
+
+
+def run_pipeline(config: RunConfig, loaded: LoadedModel | None = None, plan: RankPlan | None = None,
+                 on_event: EventSink | None = None, stop: threading.Event | None = None,
+                 evaluate: bool = True, teacher_ppl: float | None = None) -> PipelineResult:
+    """Compress the configured model. `plan` overrides the plan the config would build; a loaded
+    model and a known teacher perplexity can be passed in to skip that work."""
+    config.validate()
+    emit = on_event or (lambda event: None)
+    start = time.time()
+    if loaded is None:
+        emit(Phase("load", f"loading {config.model.name}"))
+        loaded = load_model(config.model)
+    emit(Phase("calibration", f"tokenising {config.calibration.tokens} tokens from {config.calibration.source}"))
+    calibration = load_calibration(config.calibration, loaded.tokenizer)
+    if plan is None:
+        emit(Phase("plan", f"{config.plan.strategy} plan"))
+        plan = make_plan(loaded, config.plan, calibration, config.calibration.batch_size, emit)
+    run = Compressor(loaded, calibration, plan, config.distill, config.calibration.batch_size, emit, stop,
+                     config.seed).run()
+    applied = summarize(run.applied, ModelShape.of(loaded.model))
+    metrics = {
+        "model": config.model.name,
+        "status": run.status,
+        "device": str(loaded.device),
+        "params_before": applied.params_before,
+        "params_after": applied.params_after,
+        "reduction": applied.reduction,
+        "planned_reduction": summarize(plan, ModelShape.of(loaded.model)).reduction,
+        "tokens": run.tokens,
+        "compress_seconds": run.seconds,
+        "layers_done": run.applied.layers(ModelShape.of(loaded.model)),
+    }
+    if evaluate:
+        emit(Phase("evaluate", "perplexity of teacher and student"))
+        if teacher_ppl is None:
+            teacher_ppl = evaluate_perplexity(loaded.model, loaded.tokenizer, config)
+        metrics["teacher_ppl"] = teacher_ppl
+        metrics["student_ppl"] = evaluate_perplexity(run.student, loaded.tokenizer, config)
+    metrics["seconds"] = time.time() - start
+    return PipelineResult(run, loaded, plan, metrics)

@@ -1,0 +1,148 @@
+import json
+
+import pytest
+
+from lillama_core.calibration import (CalibrationData, build_sequences, iter_texts, load_calibration, preview,
+                                      raw_records, read_eval_text)
+from lillama_core.config import CalibrationConfig
+from lillama_core.errors import CalibrationError
+from tiny import SAMPLE_TEXT, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    tok = tiny_tokenizer()
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+    return tok
+
+
+def _config(source, **kw):
+    return CalibrationConfig(source=str(source), **{"tokens": 64, "seq_len": 16, **kw})
+
+
+def test_built_in_set_mixes_wikitext_and_chat_formatted_instructions(tokenizer):
+    texts = list(iter_texts(CalibrationConfig(), tokenizer))
+    assert any("Homarus gammarus" in t for t in texts[:3])
+    chats = [t for t in texts if t.startswith("<user>")]
+    assert len(chats) == 175  # every Alpaca seed task, through the chat template
+    assert "<assistant>" in chats[0]
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".json", ".csv", ".parquet"])
+def test_local_files_of_every_format(tmp_path, tokenizer, suffix):
+    rows = [{"text": f"{SAMPLE_TEXT} record {i}", "id": i} for i in range(4)]
+    path = tmp_path / f"data{suffix}"
+    if suffix == ".txt":
+        path.write_text("\n".join(r["text"] for r in rows))
+    elif suffix == ".jsonl":
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+    elif suffix == ".json":
+        path.write_text(json.dumps(rows))
+    elif suffix == ".csv":
+        import pandas as pd
+        pd.DataFrame(rows).to_csv(path, index=False)
+    else:
+        import pandas as pd
+        pd.DataFrame(rows).to_parquet(path)
+    data = load_calibration(_config(path), tokenizer)
+    assert data.sequences.shape == (4, 16)
+    assert data.tokens == 64
+
+
+def test_text_field_is_used_and_a_wrong_one_named(tmp_path, tokenizer):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"body": "alpha " * 50, "title": "t"}) + "\n")
+    assert list(iter_texts(_config(path, text_field="body"), tokenizer))[0].startswith("alpha")
+    with pytest.raises(CalibrationError, match="field 'content' not found; records have: body, title"):
+        list(iter_texts(_config(path, text_field="content"), tokenizer))
+
+
+def test_messages_records_go_through_the_chat_template(tmp_path, tokenizer):
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "hello"}]}))
+    assert list(iter_texts(_config(path), tokenizer)) == ["<user>hi<assistant>hello"]
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "fewer than one sequence"),
+    (b"\x00\x01\x02binary\x00junk" * 100, "looks binary"),
+    (b"\xff\xfe\xfa not utf-8 " * 100, "not UTF-8"),
+])
+def test_bad_files_give_clear_errors(tmp_path, tokenizer, content, message):
+    path = tmp_path / "bad.txt"
+    path.write_bytes(content)
+    with pytest.raises(CalibrationError, match=message):
+        load_calibration(_config(path), tokenizer)
+
+
+def test_missing_file_and_unknown_type(tmp_path, tokenizer):
+    with pytest.raises(CalibrationError, match="not found"):
+        load_calibration(_config(tmp_path / "nope.txt"), tokenizer)
+    odd = tmp_path / "data.xlsx"
+    odd.write_text("x")
+    with pytest.raises(CalibrationError, match="unsupported file type"):
+        load_calibration(_config(odd), tokenizer)
+
+
+def test_budget_larger_than_the_data_is_an_error(tmp_path, tokenizer):
+    path = tmp_path / "small.txt"
+    path.write_text(SAMPLE_TEXT)
+    with pytest.raises(CalibrationError, match="budget asks for"):
+        load_calibration(_config(path, tokens=100_000), tokenizer)
+
+
+def test_unreachable_dataset_is_a_clear_error(tokenizer):
+    with pytest.raises(CalibrationError, match="could not read dataset"):
+        load_calibration(_config("someone/no-such-dataset-xyz"), tokenizer)
+
+
+def test_sampling_is_seeded(tokenizer):
+    texts = [SAMPLE_TEXT] * 4
+    a = build_sequences(texts, tokenizer, 64, 16, seed=1)
+    b = build_sequences(texts, tokenizer, 64, 16, seed=1)
+    c = build_sequences(texts, tokenizer, 64, 16, seed=2)
+    assert (a.sequences == b.sequences).all()
+    assert not (a.sequences == c.sequences).all()
+
+
+def test_huge_files_are_read_only_as_far_as_the_budget_needs(tmp_path, tokenizer, monkeypatch):
+    path = tmp_path / "huge.txt"
+    with path.open("w") as handle:
+        for _ in range(2000):
+            handle.write(SAMPLE_TEXT + "\n")  # ~3 MB
+    chunks = []
+    import lillama_core.calibration as calibration
+
+    real = calibration._text_file
+
+    def counting(p):
+        for chunk in real(p):
+            chunks.append(len(chunk))
+            yield chunk
+
+    monkeypatch.setitem(calibration.FILE_READERS, ".txt", counting)
+    load_calibration(_config(path), tokenizer)
+    assert sum(chunks) < path.stat().st_size / 10
+
+
+def test_preview_and_split(tokenizer):
+    shown = preview(CalibrationConfig(), tokenizer, count=2, chars=50)
+    assert len(shown) == 2 and all(len(s) <= 50 for s in shown)
+    data = CalibrationData(build_sequences([SAMPLE_TEXT] * 4, tokenizer, 64, 16, 0).sequences, "x", 0)
+    train, held = data.split(1)
+    assert train.shape[0] == 3 and held.shape[0] == 1
+
+
+def test_eval_text_is_wikitext_test():
+    text = read_eval_text()
+    assert text.startswith(" \n = Robert <unk> = ") and len(text) > 1_000_000
+
+
+def test_raw_records_streams_jsonl_lazily(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps({"text": "a"}) + "\n{broken\n")
+    records = raw_records(_config(path))
+    assert next(records) == {"text": "a"}
+    with pytest.raises(CalibrationError, match="line 2"):
+        next(records)

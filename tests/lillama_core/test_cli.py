@@ -1,0 +1,114 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lillama_core.cli import main
+from lillama_core.config import RunConfig
+from lillama_core.export import load_compressed, read_record
+from tiny import SAMPLE_TEXT
+
+
+@pytest.fixture
+def texts(tmp_path):
+    calibration = tmp_path / "calib.txt"
+    calibration.write_text(SAMPLE_TEXT * 20)
+    evaluation = tmp_path / "eval.txt"
+    evaluation.write_text(SAMPLE_TEXT * 4)
+    return calibration, evaluation
+
+
+def _compress_args(model_dir, texts, out, *extra):
+    calibration, evaluation = texts
+    return ["compress", "--model", str(model_dir), "--calibration", str(calibration), "--tokens", "512",
+            "--seq-len", "32", "--batch-size", "4", "--eval-text", str(evaluation), "--eval-tokens", "256",
+            "--eval-seq-len", "32", "--out", str(out), "--reduction", "0.1", "--strategy", "bottom", *extra]
+
+
+def test_compress_json_summary_and_export(tiny_model_dir, texts, tmp_path, capsys):
+    out = tmp_path / "student"
+    assert main(_compress_args(tiny_model_dir, texts, out, "--json")) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("params_before", "params_after", "teacher_ppl", "student_ppl", "seconds", "out"):
+        assert key in summary
+    assert summary["params_after"] < summary["params_before"]
+    assert 0.1 <= 1 - summary["params_after"] / summary["params_before"] < 0.12
+    assert summary["out"] == str(out)
+    record = read_record(out)
+    assert RunConfig.from_dict(record["config"]).plan.strategy == "bottom"  # the run config travels with it
+    model, _ = load_compressed(out)
+    assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
+
+
+def test_config_file_reproduces_a_run_and_flags_override_it(tiny_model_dir, texts, tmp_path, capsys):
+    config = RunConfig()
+    config.model.name = str(tiny_model_dir)
+    config.calibration.source, config.calibration.tokens, config.calibration.seq_len = str(texts[0]), 256, 32
+    config.eval.text, config.eval.tokens, config.eval.seq_len = str(texts[1]), 128, 32
+    config.plan.strategy, config.plan.reduction = "uniform", 0.1
+    path = tmp_path / "run.json"
+    config.save(path)
+    out = tmp_path / "from-config"
+    assert main(["compress", "--config", str(path), "--lr", "0.001", "--out", str(out), "--json"]) == 0
+    saved = RunConfig.from_dict(read_record(out)["config"])
+    assert saved.plan.strategy == "uniform" and saved.calibration.tokens == 256
+    assert saved.distill.lr == 0.001
+
+
+@pytest.mark.parametrize("args, message", [
+    (["compress", "--model", "/no/such/folder", "--out", "x"], "not found"),
+    (["compress", "--calibration", "/no/such/file.txt", "--out", "x"], "not found"),
+    (["compress", "--reduction", "1.5", "--out", "x"], "between 0 and 1"),
+    (["compress", "--rank", "0", "--out", "x"], "at least 1"),
+    (["compress", "--lr", "-1", "--out", "x"], "above 0"),
+    (["compress", "--tokens", "0", "--out", "x"], "positive"),
+])
+def test_user_errors_exit_non_zero_with_one_line(args, message, capsys, tiny_model_dir):
+    if args[1] != "--model":
+        args = [args[0], "--model", str(tiny_model_dir), *args[1:]]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if "error" in line.lower()]
+    assert errors == [err[-1]] and err[-1].startswith("lillama: error:") and message in err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
+def test_rank_too_large_for_the_model(tiny_model_dir, texts, tmp_path, capsys):
+    args = _compress_args(tiny_model_dir, texts, tmp_path / "o") + ["--rank", "500", "--strategy", "uniform"]
+    assert main(args) == 2
+    assert "exceeds" in capsys.readouterr().err
+
+
+def test_existing_output_is_refused_without_overwrite(tiny_model_dir, texts, tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    assert main(_compress_args(tiny_model_dir, texts, out, "--no-eval")) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_eval_chat_export_and_plan_commands(tiny_model_dir, texts, tmp_path, capsys):
+    out = tmp_path / "student"
+    assert main(_compress_args(tiny_model_dir, texts, out, "--no-eval")) == 0
+    capsys.readouterr()
+    assert main(["eval", "--model", str(out), "--eval-text", str(texts[1]), "--eval-tokens", "128",
+                 "--eval-seq-len", "32", "--json"]) == 0
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["perplexity"] > 1 and record["generate_tokens_per_s"] > 0
+    assert main(["chat", "--model", str(out), "--prompt", "fox", "--max-new-tokens", "5"]) == 0
+    assert "tokens/s" in capsys.readouterr().err
+    merged = tmp_path / "merged"
+    assert main(["export", str(out), "--out", str(merged), "--merge"]) == 0
+    assert read_record(merged)["merged"] is True
+    plan_file = tmp_path / "plan.json"
+    assert main(["plan", "--model", str(tiny_model_dir), "--strategy", "top", "--reduction", "0.1",
+                 "--save", str(plan_file)]) == 0
+    assert "fewer" in capsys.readouterr().out
+    assert main(_compress_args(tiny_model_dir, texts, tmp_path / "planned", "--no-eval", "--plan",
+                               str(plan_file))) == 0
+
+
+def test_console_script_is_installed():
+    result = subprocess.run([sys.executable, "-m", "lillama_core.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "compress" in result.stdout

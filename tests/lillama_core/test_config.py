@@ -1,0 +1,57 @@
+import json
+
+import pytest
+
+from lillama_core.config import CalibrationConfig, DistillConfig, PlanConfig, RunConfig, field_help
+from lillama_core.errors import ConfigError
+
+
+def test_run_config_round_trips_through_json(tmp_path):
+    config = RunConfig()
+    config.plan.overrides = {"*.layers.0.*": None, "*.mlp.down_proj": 64}
+    config.distill.lr = 1e-3
+    config.calibration.tokens = 1234
+    path = tmp_path / "run.json"
+    config.save(path)
+    loaded = RunConfig.load(path)
+    assert loaded == config
+    assert loaded.plan.overrides["*.mlp.down_proj"] == 64
+
+
+def test_unknown_setting_is_a_clear_error():
+    data = RunConfig().to_dict()
+    data["distill"]["learning_rate"] = 0.1
+    with pytest.raises(ConfigError, match="learning_rate"):
+        RunConfig.from_dict(data)
+
+
+def test_malformed_json_is_a_config_error():
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        RunConfig.from_json("{not json")
+
+
+@pytest.mark.parametrize("part, message", [
+    (PlanConfig(reduction=1.5), "between 0 and 1"),
+    (PlanConfig(reduction=0.0), "between 0 and 1"),
+    (PlanConfig(rank=0, reduction=None), "at least 1"),
+    (PlanConfig(rank=2.5, reduction=None), "whole number"),
+    (PlanConfig(strategy="random"), "strategy"),
+    (PlanConfig(groups=["attn"]), "groups"),
+    (DistillConfig(lr=0), "above 0"),
+    (DistillConfig(lr=-1e-4), "above 0"),
+    (DistillConfig(init="magic"), "init"),
+    (CalibrationConfig(tokens=0), "positive"),
+    (CalibrationConfig(tokens=100, seq_len=256), "at least one sequence"),
+])
+def test_invalid_settings_are_rejected(part, message):
+    with pytest.raises(ConfigError, match=message):
+        part.validate()
+
+
+def test_every_field_has_help_text():
+    for cls in (CalibrationConfig, DistillConfig, PlanConfig):
+        assert all(text for text in field_help(cls).values()), cls.__name__
+
+
+def test_to_json_is_plain_json():
+    assert json.loads(RunConfig().to_json())["model"]["name"] == "smollm2-135m-instruct"

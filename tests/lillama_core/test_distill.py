@@ -1,0 +1,48 @@
+import torch
+
+from lillama_core.calibration import CalibrationData
+from lillama_core.config import DistillConfig, PlanConfig
+from lillama_core.distill import feature_loss, lr_at
+from lillama_core.engine import Compressor
+from lillama_core.ranks import ModelShape, build_plan
+from tiny import tiny_sequences
+
+
+def test_feature_loss_is_minimal_for_identical_outputs():
+    x = torch.randn(2, 5, 16)
+    same = feature_loss(x, x)
+    assert torch.isclose(same, -torch.nn.functional.logsigmoid(torch.tensor(1.0)), atol=1e-6)
+    assert feature_loss(x + 0.1 * torch.randn_like(x), x) > same
+    assert feature_loss(-x, x) > feature_loss(x + 0.1, x)
+
+
+def test_lr_schedule_warms_up_then_decays_to_a_tenth():
+    config = DistillConfig(lr=1.0, warmup_steps=4, schedule="cosine")
+    assert lr_at(0, 100, config) < lr_at(3, 100, config) < 1.0
+    assert abs(lr_at(4, 100, config) - 1.0) < 1e-9
+    assert abs(lr_at(100, 100, config) - 0.1) < 1e-9
+    assert lr_at(50, 100, DistillConfig(lr=1.0, warmup_steps=0, schedule="constant")) == 1.0
+
+
+def test_distillation_lowers_the_held_out_layer_loss(tiny):
+    calibration = CalibrationData(tiny_sequences(72, 32), "random", 0)
+    plan = build_plan(ModelShape.of(tiny.model), PlanConfig(strategy="uniform", rank=6, reduction=None))
+    finished = []
+    Compressor(tiny, calibration, plan, DistillConfig(init="svd", lr=3e-3, epochs=4, eval_every=4), batch_size=8,
+               on_event=lambda e: finished.append(e) if e.kind == "layer_finished" else None).run()
+    assert len(finished) == 3
+    floor = -torch.nn.functional.logsigmoid(torch.tensor(1.0)).item()  # loss of a perfect match
+    for layer in finished:
+        assert layer.best_loss - floor < 0.8 * (layer.init_loss - floor), layer
+        assert layer.best_step > 0
+
+
+def test_keep_best_never_ends_worse_than_the_initialisation(tiny):
+    calibration = CalibrationData(tiny_sequences(24, 32), "random", 0)
+    plan = build_plan(ModelShape.of(tiny.model), PlanConfig(strategy="uniform", rank=6, reduction=None))
+    finished = []
+    # An absurd learning rate wrecks the factors; keep_best must fall back to the initial state.
+    Compressor(tiny, calibration, plan, DistillConfig(lr=5.0, warmup_steps=0, eval_every=1), batch_size=4,
+               on_event=lambda e: finished.append(e) if e.kind == "layer_finished" else None).run()
+    for layer in finished:
+        assert layer.best_loss <= layer.init_loss

@@ -1,0 +1,151 @@
+import threading
+
+import pytest
+import torch
+
+from lillama_core.activations import InputCovariances
+from lillama_core.calibration import CalibrationData
+from lillama_core.config import DistillConfig, PlanConfig
+from lillama_core.engine import Compressor, make_plan, share_weights_copy
+from lillama_core.errors import RankPlanError
+from lillama_core.events import RunFinished, Step, event_from_dict
+from lillama_core.lowrank import LowRankLinear
+from lillama_core.ranks import ModelShape, RankPlan, build_plan
+from tiny import tiny_llama, tiny_sequences
+
+
+def _calibration(n=24, seq=32):
+    return CalibrationData(tiny_sequences(n, seq), "random", 0)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_run_emits_events_and_leaves_the_teacher_untouched(tiny):
+    ids = tiny_sequences(2, 16, seed=5)
+    before = _logits(tiny.model, ids)
+    plan = build_plan(ModelShape.of(tiny.model), PlanConfig(strategy="bottom", reduction=0.1))
+    events = []
+    result = Compressor(tiny, _calibration(), plan, DistillConfig(), batch_size=8, on_event=events.append).run()
+    torch.testing.assert_close(_logits(tiny.model, ids), before)
+    assert result.status == "completed"
+    assert result.applied.ranks == plan.ranks
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "run_started" and kinds[-1] == "run_finished"
+    steps = [e for e in events if isinstance(e, Step)]
+    assert steps and steps[-1].global_step == events[0].steps_total
+    assert all(s.tokens_per_s >= 0 and s.eta_s >= 0 for s in steps[1:])
+    # every event survives a JSON round trip, as the run log needs
+    assert [event_from_dict(e.to_dict()) for e in events] == events
+
+
+def test_student_has_low_rank_modules_only_where_planned(tiny):
+    plan = RankPlan({"model.layers.1.mlp.up_proj": 8, "model.layers.1.self_attn.o_proj": 4})
+    result = Compressor(tiny, _calibration(), plan, DistillConfig(), batch_size=8).run()
+    low = {n: m.rank for n, m in result.student.named_modules() if isinstance(m, LowRankLinear)}
+    assert low == plan.ranks
+    assert not any(isinstance(m, LowRankLinear) for m in tiny.model.modules())
+
+
+def test_bottom_first_never_runs_the_layers_above_the_last_compressed(tiny):
+    calls = []
+    tiny.model.model.layers[2].register_forward_pre_hook(lambda *a: calls.append(1))
+    plan = build_plan(ModelShape.of(tiny.model), PlanConfig(strategy="bottom", reduction=0.05, layer_keep=0.3))
+    assert plan.layers(ModelShape.of(tiny.model)) == [0]
+    result = Compressor(tiny, _calibration(), plan, DistillConfig(), batch_size=8).run()
+    assert calls == []
+    # the student's untouched layers share the teacher's tensors: no copy was made
+    assert result.student.model.layers[2].mlp.up_proj.weight is tiny.model.model.layers[2].mlp.up_proj.weight
+
+
+def test_stop_request_ends_the_run_within_one_step_and_keeps_finished_layers(tiny):
+    stop = threading.Event()
+    events = []
+
+    def on_event(event):
+        events.append(event)
+        # stop during the second layer, at its second step
+        if isinstance(event, Step) and event.layer == 1 and event.step == 2:
+            stop.set()
+
+    plan = build_plan(ModelShape.of(tiny.model), PlanConfig(strategy="uniform", rank=8, reduction=None))
+    result = Compressor(tiny, _calibration(48), plan, DistillConfig(), batch_size=4, on_event=on_event,
+                        stop=stop).run()
+    steps_after_stop = [e for e in events if isinstance(e, Step) and (e.layer > 1 or (e.layer == 1 and e.step > 2))]
+    assert steps_after_stop == []
+    assert result.status == "stopped"
+    assert isinstance(events[-1], RunFinished) and events[-1].status == "stopped"
+    assert events[-1].layers_done == [0]
+    # layer 0 is compressed and usable, layer 1 went back to the dense teacher layer
+    assert isinstance(result.student.model.layers[0].mlp.up_proj, LowRankLinear)
+    assert not isinstance(result.student.model.layers[1].mlp.up_proj, LowRankLinear)
+    assert set(result.applied.ranks) == {n for n in plan.ranks if ".layers.0." in n}
+    assert torch.isfinite(_logits(result.student, tiny_sequences(1, 8))).all()
+
+
+def test_plan_for_another_model_is_refused_before_any_work(tiny):
+    plan = RankPlan({"model.layers.7.mlp.up_proj": 8})
+    with pytest.raises(RankPlanError, match="does not have"):
+        Compressor(tiny, _calibration(), plan, DistillConfig()).run()
+
+
+def test_shared_input_covariances_are_computed_once_and_never_mixed_up(tiny):
+    block = tiny.model.model.layers[0]
+    names = ["self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    covs = InputCovariances(block, names, torch.device("cpu"))
+    inputs = {}
+
+    def keep_input(name):
+        def hook(module, args, output):
+            inputs.setdefault(name, args[0].clone())
+        return hook
+
+    hooks = [block.get_submodule(n).register_forward_hook(keep_input(n)) for n in names]
+    from lillama_core.activations import capture_block_inputs
+    from lillama_core.models import find_blocks
+    seqs = tiny_sequences(2, 16)
+    hidden, recorded = capture_block_inputs(tiny.model, find_blocks(tiny.model), seqs, [slice(0, 2)],
+                                            torch.device("cpu"), torch.device("cpu"))
+    block(hidden, **recorded.kwargs_for(0)(2))
+    for h in hooks:
+        h.remove()
+    covs.close()
+    acc = covs.accumulators
+    assert acc["self_attn.q_proj"] is acc["self_attn.k_proj"]
+    assert acc["mlp.gate_proj"] is acc["mlp.up_proj"]
+    assert acc["mlp.gate_proj"] is not acc["self_attn.q_proj"]
+    for name in names:
+        x = inputs[name].reshape(-1, inputs[name].shape[-1]).double()
+        torch.testing.assert_close(acc[name].mean(), x.T @ x / x.shape[0], rtol=1e-4, atol=1e-6)
+
+
+def test_share_weights_copy_shares_tensors_but_not_modules(tiny):
+    copy = share_weights_copy(tiny.model)
+    assert copy.model.layers[0] is not tiny.model.model.layers[0]
+    assert copy.model.layers[0].mlp.up_proj.weight is tiny.model.model.layers[0].mlp.up_proj.weight
+
+
+def test_energy_plan_with_whitened_spectra_meets_the_target(tiny):
+    plan = make_plan(tiny, PlanConfig(strategy="energy", reduction=0.15, whitened_energy=True), _calibration())
+    shape = ModelShape.of(tiny.model)
+    from lillama_core.ranks import summarize
+    assert summarize(plan, shape).reduction >= 0.15 - 1e-9
+
+
+def test_models_with_different_layer_kwargs_still_match_the_full_forward():
+    """Block-by-block replay with recorded kwargs must reproduce the model's own forward pass."""
+    loaded = tiny_llama(layers=3)
+    from lillama_core.activations import capture_block_inputs, run_block_over
+    from lillama_core.models import find_blocks
+    seqs = tiny_sequences(4, 16)
+    blocks = find_blocks(loaded.model)
+    batches = [slice(0, 3), slice(3, 4)]
+    hidden, recorded = capture_block_inputs(loaded.model, blocks, seqs, batches, torch.device("cpu"),
+                                            torch.device("cpu"))
+    for block in blocks:
+        run_block_over(block.module, hidden, hidden, recorded.kwargs_for(block.index), batches, torch.device("cpu"))
+    with torch.no_grad():
+        reference = loaded.model.model(input_ids=seqs).last_hidden_state
+    torch.testing.assert_close(loaded.model.model.norm(hidden), reference, rtol=1e-4, atol=1e-5)

@@ -1,0 +1,87 @@
+import pytest
+import torch
+
+from lillama_core.config import ModelConfig
+from lillama_core.errors import ModelLoadError
+from lillama_core.models import (describe, find_blocks, find_linears, load_model, module_group, resolve_device,
+                                 resolve_dtype)
+
+
+def test_blocks_and_linears_are_found_generically(tiny):
+    blocks = find_blocks(tiny.model)
+    assert [b.name for b in blocks] == ["model.layers.0", "model.layers.1", "model.layers.2"]
+    assert set(find_linears(blocks[0].module)) == {
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+        "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+
+
+@pytest.mark.parametrize("name, group", [
+    ("self_attn.q_proj", "attention"), ("attention.wqkv", "attention"), ("mlp.down_proj", "mlp"),
+    ("block_sparse_moe.experts.3.w1", "mlp"), ("fc1", "mlp"), ("mixer.in_proj", "other"),
+])
+def test_module_groups(name, group):
+    assert module_group(name) == group
+
+
+def test_local_folder_loads(tiny_model_dir):
+    loaded = load_model(ModelConfig(name=str(tiny_model_dir), device="cpu"))
+    assert loaded.num_layers == 3
+    facts = describe(loaded)
+    assert facts["architecture"] == "LlamaForCausalLM" and facts["layers"] == 3
+    assert facts["dtype"] == "float32" and facts["device"] == "cpu"
+
+
+@pytest.mark.parametrize("name, message", [
+    ("/definitely/not/here", "not found"),
+    ("./missing-folder", "not found"),
+    ("/tmp/nothing.gguf", "GGUF file not found"),
+    ("someone/surely-not-a-real-model-xyz", "could not load"),
+])
+def test_bad_model_names_give_one_clear_message(name, message):
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(ModelConfig(name=name, device="cpu"))
+
+
+def test_folder_without_config_and_non_model_file(tmp_path):
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_model(ModelConfig(name=str(tmp_path)))
+    stray = tmp_path / "weights.bin"
+    stray.write_bytes(b"junk")
+    with pytest.raises(ModelLoadError, match="not a .gguf model"):
+        load_model(ModelConfig(name=str(stray)))
+
+
+def test_corrupted_gguf_is_a_clear_error(tmp_path):
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 64)
+    with pytest.raises(ModelLoadError, match="could not read GGUF"):
+        load_model(ModelConfig(name=str(bad)))
+
+
+def test_device_and_dtype_defaults_follow_the_hardware():
+    device = resolve_device("auto")
+    assert device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("float16", torch.device("cpu")) == torch.float16
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelLoadError, match="no CUDA GPU"):
+            resolve_device("cuda")
+
+
+@pytest.mark.real_model
+def test_built_in_smollm2_is_converted_once_then_read_from_the_cache(smollm, monkeypatch):
+    assert describe(smollm)["layers"] == 30 and describe(smollm)["has_chat_template"]
+    from pathlib import Path
+
+    import transformers
+    assert list(Path(smollm.source).glob("*.safetensors"))
+    real = transformers.AutoModelForCausalLM.from_pretrained
+
+    def no_gguf(*args, **kwargs):
+        assert "gguf_file" not in kwargs, "the GGUF file was converted again"
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_gguf)
+    again = load_model(ModelConfig(device="cpu"))
+    assert again.source == smollm.source and again.model.config.num_hidden_layers == 30
