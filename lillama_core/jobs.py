@@ -1,0 +1,229 @@
+"""Jobs run outside any UI request, one per device, each in its own run folder.
+
+A run folder holds config.json, plan.json, events.jsonl (appended as events happen), metrics.json and
+status.json, and the exported student in student/. The app polls a job's events; closing the browser
+does not touch the job, and reopening the page finds it again through the manager.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+from .config import RunConfig
+from .errors import JobBusyError, LillamaError
+from .events import Event, RunError, read_events
+from .models import lillama_home, resolve_device
+
+STUDENT_DIR = "student"
+
+
+def default_runs_root() -> Path:
+    return lillama_home() / "runs"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(text).name or text).strip("-")[:40] or "model"
+
+
+def new_run_dir(root: Path, config: RunConfig, label: str = "") -> Path:
+    stamp = datetime.now().strftime("%Y-%m-%d_%H%M%S")
+    target = config.plan.reduction
+    what = label or (f"{round(target * 100)}pct" if target else f"rank{config.plan.rank}")
+    base = root / f"{stamp}_{_slug(config.model.name)}_{what}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    path.mkdir(parents=True)
+    return path
+
+
+def write_json(path: Path, data) -> None:
+    """Write through a temporary file and rename, so a reader never sees half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.replace(path)
+
+
+@dataclass
+class Job:
+    """One background task (a compression run or a sweep) and everything it has reported."""
+
+    id: str
+    kind: str
+    device: str
+    run_dir: Path
+    stop_event: threading.Event = field(default_factory=threading.Event)
+    events: list[Event] = field(default_factory=list)
+    status: str = "queued"  # queued | running | completed | stopped | failed
+    message: str = ""
+    result: object = None  # the PipelineResult (or list of them for a sweep) while the process lives
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+    thread: threading.Thread | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def record(self, event: Event) -> None:
+        with self._lock:
+            self.events.append(event)
+            with (self.run_dir / "events.jsonl").open("a", encoding="utf-8") as handle:
+                handle.write(event.to_json() + "\n")
+
+    def events_since(self, index: int) -> list[Event]:
+        with self._lock:
+            return self.events[index:]
+
+    @property
+    def running(self) -> bool:
+        return self.status in ("queued", "running")
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self.thread is not None:
+            self.thread.join(timeout)
+        return not self.running
+
+
+class JobManager:
+    """Starts jobs on worker threads, refuses a second job on a busy device, keeps the history."""
+
+    def __init__(self, runs_root: Path | None = None):
+        self.runs_root = Path(runs_root or default_runs_root())
+        self.runs_root.mkdir(parents=True, exist_ok=True)
+        self.jobs: dict[str, Job] = {}
+        self._lock = threading.Lock()
+        self._count = 0
+
+    def active(self, device: str | None = None) -> Job | None:
+        with self._lock:
+            for job in self.jobs.values():
+                if job.running and (device is None or job.device == device):
+                    return job
+        return None
+
+    def latest(self) -> Job | None:
+        with self._lock:
+            return max(self.jobs.values(), key=lambda j: j.started, default=None)
+
+    def submit(self, kind: str, config: RunConfig, work: Callable[[Job], object], label: str = "") -> Job:
+        """Run `work(job)` in the background on the config's device; refused if that device is busy."""
+        device = str(resolve_device(config.model.device))
+        with self._lock:
+            busy = next((j for j in self.jobs.values() if j.running and j.device == device), None)
+            if busy is not None:
+                raise JobBusyError(f"a {busy.kind} is already running on {device} ({busy.run_dir.name}); "
+                                   "stop it or wait for it to finish")
+            self._count += 1
+            run_dir = new_run_dir(self.runs_root, config, label)
+            job = Job(f"{kind}-{self._count}", kind, device, run_dir)
+            self.jobs[job.id] = job
+        config.save(run_dir / "config.json")
+        self._write_status(job)
+        job.thread = threading.Thread(target=self._run, args=(job, work), name=job.id, daemon=True)
+        job.status = "running"
+        job.thread.start()
+        return job
+
+    def _run(self, job: Job, work: Callable[[Job], object]) -> None:
+        self._write_status(job)
+        try:
+            job.result = work(job)
+            job.status = "stopped" if job.stop_event.is_set() else "completed"
+        except LillamaError as exc:
+            job.status, job.message = "failed", str(exc)
+            if not any(isinstance(e, RunError) for e in job.events):
+                job.record(RunError(str(exc), type(exc).__name__))
+        except Exception as exc:  # a bug: keep the trace in the run folder, show one line in the UI
+            job.status, job.message = "failed", f"internal error: {type(exc).__name__}: {exc}"
+            (job.run_dir / "traceback.txt").write_text(traceback.format_exc())
+            job.record(RunError(job.message, type(exc).__name__))
+        finally:
+            job.finished = time.time()
+            self._write_status(job)
+
+    @staticmethod
+    def _write_status(job: Job) -> None:
+        write_json(job.run_dir / "status.json", {"id": job.id, "kind": job.kind, "status": job.status,
+                                                 "message": job.message, "device": job.device,
+                                                 "started": job.started, "finished": job.finished})
+
+
+@dataclass
+class RunRecord:
+    """What a run folder says about itself, readable after a restart."""
+
+    path: Path
+    config: RunConfig | None
+    status: str
+    metrics: dict
+    has_student: bool
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def events(self) -> list[Event]:
+        log = self.path / "events.jsonl"
+        return read_events(log) if log.exists() else []
+
+
+def read_run(path: Path) -> RunRecord:
+    def load(name):
+        try:
+            return json.loads((path / name).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+
+    raw_config = load("config.json")
+    try:
+        config = RunConfig.from_dict(raw_config) if raw_config else None
+    except LillamaError:
+        config = None
+    status = (load("status.json") or {}).get("status", "unknown")
+    if status in ("queued", "running"):
+        status = "interrupted"  # the process that ran it is gone
+    return RunRecord(path, config, status, load("metrics.json") or {}, (path / STUDENT_DIR / "lillama.json").exists())
+
+
+def list_runs(root: Path | None = None, running: dict[str, Job] | None = None) -> list[RunRecord]:
+    """Every run folder, newest first; folders of jobs alive in this process show their live status."""
+    root = Path(root or default_runs_root())
+    if not root.exists():
+        return []
+    records = []
+    live = {job.run_dir: job for job in (running or {}).values()}
+    for path in sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), reverse=True):
+        record = read_run(path)
+        if path in live:
+            record.status = live[path].status
+        records.append(record)
+    return records
+
+
+def compression_work(config: RunConfig, loaded=None, plan=None, evaluate: bool = True,
+                     teacher_ppl: float | None = None) -> Callable[[Job], object]:
+    """The work of one compression job: run the pipeline, then keep the student and metrics on disk."""
+    from .export import export_student
+    from .pipeline import run_pipeline
+
+    def work(job: Job):
+        result = run_pipeline(config, loaded=loaded, plan=plan, on_event=job.record, stop=job.stop_event,
+                              evaluate=evaluate, teacher_ppl=teacher_ppl)
+        write_json(job.run_dir / "plan.json", json.loads(result.plan.to_json()))
+        write_json(job.run_dir / "metrics.json", result.metrics)
+        if result.run.applied.ranks:  # a run stopped before its first layer has nothing to keep
+            export_student(result.run.student, result.loaded.tokenizer, job.run_dir / STUDENT_DIR,
+                           record={"config": config.to_dict(), "metrics": result.metrics})
+        return result
+
+    return work

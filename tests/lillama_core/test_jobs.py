@@ -1,0 +1,99 @@
+import json
+import threading
+
+import pytest
+
+from lillama_core.config import RunConfig
+from lillama_core.errors import CalibrationError, JobBusyError
+from lillama_core.events import Phase
+from lillama_core.export import load_compressed
+from lillama_core.jobs import JobManager, compression_work, list_runs, read_run
+from tiny import SAMPLE_TEXT
+
+
+@pytest.fixture
+def manager(tmp_path):
+    return JobManager(tmp_path / "runs")
+
+
+@pytest.fixture
+def tiny_config(tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text(SAMPLE_TEXT * 20)
+    config = RunConfig()
+    config.model.name, config.model.device = "tiny", "cpu"
+    config.calibration.source, config.calibration.tokens, config.calibration.seq_len = str(text), 512, 32
+    config.calibration.batch_size = 4
+    config.eval.text, config.eval.tokens, config.eval.seq_len = str(text), 256, 32
+    config.plan.strategy, config.plan.reduction = "bottom", 0.1
+    return config
+
+
+def test_compression_job_writes_a_complete_run_folder(manager, tiny, tiny_config):
+    job = manager.submit("compression", tiny_config, compression_work(tiny_config, loaded=tiny))
+    assert job.wait(120) and job.status == "completed", job.message
+    files = {p.name for p in job.run_dir.iterdir()}
+    assert {"config.json", "events.jsonl", "metrics.json", "plan.json", "status.json", "student"} <= files
+    metrics = json.loads((job.run_dir / "metrics.json").read_text())
+    assert metrics["params_after"] < metrics["params_before"] and metrics["student_ppl"] > 1
+    record = read_run(job.run_dir)
+    assert record.status == "completed" and record.has_student and record.config == tiny_config
+    assert [e.kind for e in record.events()] == [e.kind for e in job.events]
+    model, _ = load_compressed(job.run_dir / "student")
+    assert model is not None
+
+
+def test_second_job_on_the_same_device_is_refused(manager, tiny_config):
+    release = threading.Event()
+    first = manager.submit("compression", tiny_config, lambda job: release.wait(30))
+    with pytest.raises(JobBusyError, match="already running on cpu"):
+        manager.submit("compression", tiny_config, lambda job: None)
+    release.set()
+    assert first.wait(30) and first.status == "completed"
+    second = manager.submit("compression", tiny_config, lambda job: None)
+    assert second.wait(30) and second.status == "completed"
+
+
+def test_stop_marks_the_job_stopped(manager, tiny_config):
+    started = threading.Event()
+
+    def work(job):
+        started.set()
+        job.stop_event.wait(30)
+        job.record(Phase("stopping", "saw the stop"))
+
+    job = manager.submit("compression", tiny_config, work)
+    started.wait(10)
+    job.stop()
+    assert job.wait(30) and job.status == "stopped"
+    assert job.events[-1].name == "stopping"
+
+
+def test_user_errors_and_bugs_fail_the_job_without_killing_the_manager(manager, tiny_config):
+    def user_error(job):
+        raise CalibrationError("calibration file not found: x.txt")
+
+    def bug(job):
+        raise ZeroDivisionError("oops")
+
+    failed = manager.submit("compression", tiny_config, user_error)
+    failed.wait(30)
+    assert failed.status == "failed" and failed.message == "calibration file not found: x.txt"
+    assert failed.events[-1].kind == "run_error"
+    crashed = manager.submit("compression", tiny_config, bug)
+    crashed.wait(30)
+    assert crashed.status == "failed" and "ZeroDivisionError" in crashed.message
+    assert "Traceback" in (crashed.run_dir / "traceback.txt").read_text()
+
+
+def test_runs_survive_a_restart_and_dead_runs_show_as_interrupted(manager, tiny_config, tmp_path):
+    job = manager.submit("compression", tiny_config, lambda job: None)
+    job.wait(30)
+    ghost = manager.runs_root / "2020-01-01_000000_ghost_20pct"
+    ghost.mkdir()
+    (ghost / "status.json").write_text(json.dumps({"status": "running"}))
+    (ghost / "events.jsonl").write_text('{"kind": "phase", "name": "load", "detail": "", "time": 1}\n{"kind": "st')
+    records = {r.name: r for r in list_runs(manager.runs_root)}
+    assert records[job.run_dir.name].status == "completed"
+    assert records[ghost.name].status == "interrupted"
+    assert [e.kind for e in records[ghost.name].events()] == ["phase"]  # the torn last line is skipped
