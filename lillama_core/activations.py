@@ -7,6 +7,7 @@ embeddings, per-layer attention types), recorded once per batch size by stand-in
 
 from __future__ import annotations
 
+import threading
 from typing import Callable
 
 import torch
@@ -15,7 +16,7 @@ from torch import nn
 from .distill import run_block
 from .errors import ModelLoadError
 from .lowrank import CovarianceAccumulator
-from .models import Block
+from .models import Block, share_weights_copy
 
 
 class _StopForward(Exception):
@@ -73,22 +74,21 @@ class BlockInputs:
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, blocks: list[Block], sequences: torch.Tensor, batches: list[slice],
                          device: torch.device, storage: torch.device) -> tuple[torch.Tensor, BlockInputs]:
-    """Run the model's own forward with stand-ins for every block, so no block does any work."""
+    """Run the model's own forward with stand-ins for every block, so no block does any work.
+
+    The stand-ins go into a weight-sharing copy, so the model itself is never altered and other
+    threads (the app's chat) can keep using it meanwhile.
+    """
     recorder = BlockInputs(len(blocks))
-    originals = []
+    model = share_weights_copy(model)
     for block in blocks:
         parent, idx = _parent_list(model, block)
-        originals.append((parent, idx, parent[idx]))
         parent[idx] = _StandIn(block.module, block.index, recorder, last=block is blocks[-1])
-    try:
-        for rows in batches:
-            try:
-                model(input_ids=sequences[rows].to(device), use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        for parent, idx, original in originals:
-            parent[idx] = original
+    for rows in batches:
+        try:
+            model(input_ids=sequences[rows].to(device), use_cache=False)
+        except _StopForward:
+            pass
     hidden = torch.cat([h.to(storage) for h in recorder.hidden])
     recorder.hidden = []
     return hidden, recorder
@@ -110,19 +110,27 @@ class InputCovariances:
 
     Modules that read the very same tensor object (q/k/v, gate/up) share one accumulator, computed
     once. The tensors seen are held until the next batch so their ids cannot be reused meanwhile.
+    Only calls from the creating thread count: the app may run the same teacher block for chat.
     """
 
     def __init__(self, block: nn.Module, module_names: list[str], device: torch.device):
         self.accumulators: dict[str, CovarianceAccumulator] = {}
         self._seen_this_batch: dict[int, tuple[torch.Tensor, CovarianceAccumulator]] = {}
         self._device = device
-        self._handles = [block.register_forward_pre_hook(lambda *_: self._seen_this_batch.clear())]
+        self._thread = threading.get_ident()
+        self._handles = [block.register_forward_pre_hook(self._new_batch)]
         for name in module_names:
             module = block.get_submodule(name)
             self._handles.append(module.register_forward_hook(self._hook_for(name)))
 
+    def _new_batch(self, *_):
+        if threading.get_ident() == self._thread:
+            self._seen_this_batch.clear()
+
     def _hook_for(self, name: str):
         def hook(module, args, output):
+            if threading.get_ident() != self._thread:
+                return
             x = args[0]
             seen = self._seen_this_batch.get(id(x))
             if seen is not None:

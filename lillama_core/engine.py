@@ -23,7 +23,7 @@ from .distill import LayerData, LayerDistiller, LayerResult, StepMetrics, batch_
 from .errors import CalibrationError, LillamaError, OutOfMemoryError, RunStopped
 from .events import Event, EventSink, LayerFinished, LayerStarted, Phase, RunError, RunFinished, RunStarted, Step
 from .lowrank import set_submodule, spectrum, to_low_rank, whitened_spectrum
-from .models import Block, LoadedModel, find_blocks, find_linears
+from .models import Block, LoadedModel, find_blocks, find_linears, share_weights_copy
 from .ranks import ModelShape, RankPlan, build_plan, summarize
 from .telemetry import MemoryMonitor, Throughput, eta_seconds
 
@@ -33,13 +33,6 @@ def held_out_count(sequences: int) -> int:
     if sequences < 2:
         raise CalibrationError("distillation needs at least 2 calibration sequences; raise the token budget")
     return max(1, min(32, sequences // 16))
-
-
-def share_weights_copy(model: nn.Module) -> nn.Module:
-    """A new module tree whose parameters and buffers are the original tensors: replacing a block
-    in the copy leaves the original untouched and costs no memory for the blocks left alone."""
-    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
-    return copy.deepcopy(model, memo)
 
 
 def storage_device(device: torch.device, bytes_needed: int) -> torch.device:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import hf_modeling
-from .engine import share_weights_copy
+from .models import share_weights_copy
 from .errors import ExportError
 from .lowrank import LowRankLinear, merge_low_rank, set_submodule
 

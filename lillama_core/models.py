@@ -6,6 +6,7 @@ GGUF files are de-quantised once by transformers (slow) and cached as safetensor
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.util
 import os
@@ -237,6 +238,13 @@ def module_group(local_name: str) -> str:
     if any(word in lowered for word in _MLP_WORDS):
         return "mlp"
     return "other"
+
+
+def share_weights_copy(model: nn.Module) -> nn.Module:
+    """A new module tree whose parameters and buffers are the original tensors: replacing a block
+    in the copy leaves the original untouched and costs no memory for the blocks left alone."""
+    memo = {id(t): t for t in list(model.parameters()) + list(model.buffers())}
+    return copy.deepcopy(model, memo)
 
 
 def count_parameters(model: nn.Module) -> int:

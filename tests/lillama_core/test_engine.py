@@ -6,7 +6,8 @@ import torch
 from lillama_core.activations import InputCovariances
 from lillama_core.calibration import CalibrationData
 from lillama_core.config import DistillConfig, PlanConfig
-from lillama_core.engine import Compressor, make_plan, share_weights_copy
+from lillama_core.engine import Compressor, make_plan
+from lillama_core.models import share_weights_copy
 from lillama_core.errors import RankPlanError
 from lillama_core.events import RunFinished, Step, event_from_dict
 from lillama_core.lowrank import LowRankLinear
@@ -149,3 +150,20 @@ def test_models_with_different_layer_kwargs_still_match_the_full_forward():
     with torch.no_grad():
         reference = loaded.model.model(input_ids=seqs).last_hidden_state
     torch.testing.assert_close(loaded.model.model.norm(hidden), reference, rtol=1e-4, atol=1e-5)
+
+
+def test_other_threads_using_the_teacher_do_not_disturb_a_run(tiny):
+    """The app chats with the teacher while a run captures inputs and gathers covariances."""
+    block = tiny.model.model.layers[0]
+    covs = InputCovariances(block, ["mlp.up_proj"], torch.device("cpu"))
+    other = threading.Thread(target=lambda: tiny.model(input_ids=tiny_sequences(1, 8)))
+    other.start()
+    other.join()
+    assert covs.accumulators == {}  # the chat thread's activations were not counted
+    covs.close()
+    layers_before = list(tiny.model.model.layers)
+    seen = []
+    plan = RankPlan({"model.layers.1.mlp.up_proj": 8})
+    Compressor(tiny, _calibration(), plan, DistillConfig(distill=False),
+               on_event=lambda e: seen.append(list(tiny.model.model.layers))).run()
+    assert all(layers == layers_before for layers in seen)  # blocks were never swapped out
