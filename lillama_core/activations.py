@@ -23,18 +23,29 @@ class _StopForward(Exception):
     pass
 
 
-class _StandIn(nn.Module):
-    """Takes a block's place for one capture pass: records its inputs and passes them on."""
+class Passthrough(nn.Module):
+    """Takes a block's place and does no work: returns a fixed tensor if given, else its input."""
 
-    def __init__(self, block: nn.Module, index: int, recorder: "BlockInputs", last: bool):
+    def __init__(self, block: nn.Module, output: torch.Tensor | None = None):
         super().__init__()
-        self.wrapped, self.index, self.recorder, self.last = block, index, recorder, last
+        self.wrapped, self.output = block, output
 
     def __getattr__(self, name):
         try:
             return super().__getattr__(name)
         except AttributeError:  # models may read attributes of their blocks (attention_type, ...)
             return getattr(self.wrapped, name)
+
+    def forward(self, *args, **kwargs):
+        return self.output if self.output is not None else (args[0] if args else kwargs["hidden_states"])
+
+
+class _StandIn(Passthrough):
+    """Takes a block's place for one capture pass: records its inputs and passes them on."""
+
+    def __init__(self, block: nn.Module, index: int, recorder: "BlockInputs", last: bool):
+        super().__init__(block)
+        self.index, self.recorder, self.last = index, recorder, last
 
     def forward(self, *args, **kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")

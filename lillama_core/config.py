@@ -63,15 +63,16 @@ class CalibrationConfig:
             )
 
 
-STRATEGIES = ("uniform", "bottom", "top", "energy")
+STRATEGIES = ("sensitivity", "energy", "uniform", "bottom", "top")
 GROUPS = ("attention", "mlp", "other")
 
 
 @dataclass
 class PlanConfig:
     strategy: str = _help(
-        "uniform: one rank everywhere; bottom/top: whole layers from the first/last until the target; "
-        "energy: ranks where the spectrum needs them",
+        "sensitivity: layers kept where compressing them hurts the output most (measured); "
+        "energy: ranks where the spectrum needs them; uniform: one rank everywhere; "
+        "bottom/top: whole layers from the first/last until the target",
         "energy",
     )
     reduction: float | None = _help("target share of all parameters to remove (0-1)", 0.2)

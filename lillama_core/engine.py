@@ -86,19 +86,31 @@ def compute_spectra(loaded: LoadedModel, shape: ModelShape, calibration: Calibra
 
 
 PLANNING_TOKENS = 16_384  # whitened spectra for planning need far fewer tokens than distillation
+SENSITIVITY_TOKENS = 2048  # covariances for the probes; the KL itself is measured on two sequences
 
 
 def make_plan(loaded: LoadedModel, config: PlanConfig, calibration: CalibrationData | None = None,
               batch_size: int = 8, on_event: EventSink | None = None) -> RankPlan:
     shape = ModelShape.of(loaded.model)
-    spectra = None
+    spectra = damage = None
     if config.strategy == "energy" and config.rank is None:
         subset = None
         if config.whitened_energy and calibration is not None:
-            n = max(2, PLANNING_TOKENS // calibration.sequences.shape[1])
-            subset = CalibrationData(calibration.sequences[:n], calibration.source, calibration.pool_tokens)
+            subset = _first_tokens(calibration, PLANNING_TOKENS)
         spectra = compute_spectra(loaded, shape, subset, batch_size, config.whitened_energy, on_event)
-    return build_plan(shape, config, spectra)
+    if config.strategy == "sensitivity" and config.rank is None:
+        if calibration is None:
+            raise CalibrationError("the sensitivity strategy measures the model on calibration data; give some")
+        from .sensitivity import measure_sensitivity
+
+        damage = measure_sensitivity(loaded, _first_tokens(calibration, SENSITIVITY_TOKENS), config.groups,
+                                     batch_size=batch_size, on_event=on_event)
+    return build_plan(shape, config, spectra, damage)
+
+
+def _first_tokens(calibration: CalibrationData, tokens: int) -> CalibrationData:
+    n = max(2, tokens // calibration.sequences.shape[1])
+    return CalibrationData(calibration.sequences[:n], calibration.source, calibration.pool_tokens)
 
 
 class Compressor:

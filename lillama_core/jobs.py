@@ -19,7 +19,7 @@ from typing import Callable
 
 from .config import RunConfig
 from .errors import JobBusyError, LillamaError
-from .events import Event, RunError, read_events
+from .events import Event, Phase, RunError, read_events
 from .models import lillama_home, resolve_device
 
 STUDENT_DIR = "student"
@@ -44,6 +44,11 @@ def new_run_dir(root: Path, config: RunConfig, label: str = "") -> Path:
         path = base.with_name(f"{base.name}-{n}")
     path.mkdir(parents=True)
     return path
+
+
+def append_event(run_dir: Path, event: Event) -> None:
+    with (run_dir / "events.jsonl").open("a", encoding="utf-8") as handle:
+        handle.write(event.to_json() + "\n")
 
 
 def write_json(path: Path, data) -> None:
@@ -74,8 +79,7 @@ class Job:
     def record(self, event: Event) -> None:
         with self._lock:
             self.events.append(event)
-            with (self.run_dir / "events.jsonl").open("a", encoding="utf-8") as handle:
-                handle.write(event.to_json() + "\n")
+            append_event(self.run_dir, event)
 
     def events_since(self, index: int) -> list[Event]:
         with self._lock:
@@ -210,20 +214,66 @@ def list_runs(root: Path | None = None, running: dict[str, Job] | None = None) -
     return records
 
 
+
+def save_run(run_dir: Path, config: RunConfig, result) -> None:
+    """Plan, metrics and (when any layer finished) the student, beside the run's config and events."""
+    from .export import export_student
+
+    write_json(run_dir / "plan.json", json.loads(result.plan.to_json()))
+    write_json(run_dir / "metrics.json", result.metrics)
+    if result.run.applied.ranks:  # a run stopped before its first layer has nothing to keep
+        export_student(result.run.student, result.loaded.tokenizer, run_dir / STUDENT_DIR,
+                       record={"config": config.to_dict(), "metrics": result.metrics})
+
+
 def compression_work(config: RunConfig, loaded=None, plan=None, evaluate: bool = True,
                      teacher_ppl: float | None = None) -> Callable[[Job], object]:
     """The work of one compression job: run the pipeline, then keep the student and metrics on disk."""
-    from .export import export_student
     from .pipeline import run_pipeline
 
     def work(job: Job):
         result = run_pipeline(config, loaded=loaded, plan=plan, on_event=job.record, stop=job.stop_event,
                               evaluate=evaluate, teacher_ppl=teacher_ppl)
-        write_json(job.run_dir / "plan.json", json.loads(result.plan.to_json()))
-        write_json(job.run_dir / "metrics.json", result.metrics)
-        if result.run.applied.ranks:  # a run stopped before its first layer has nothing to keep
-            export_student(result.run.student, result.loaded.tokenizer, job.run_dir / STUDENT_DIR,
-                           record={"config": config.to_dict(), "metrics": result.metrics})
+        save_run(job.run_dir, config, result)
         return result
+
+    return work
+
+
+def sweep_work(base: RunConfig, reductions: list[float], runs_root: Path, loaded=None,
+               teacher_ppl: float | None = None) -> Callable[[Job], object]:
+    """Compress at each reduction in turn, each into a run folder of its own; the sweep's folder logs
+    the sweep. A stop ends the current run within a step and skips the rest."""
+    from .pipeline import run_pipeline
+
+    def work(job: Job):
+        results = []
+        ppl = teacher_ppl
+        for i, reduction in enumerate(reductions, 1):
+            if job.stop_event.is_set():
+                break
+            config = RunConfig.from_dict(base.to_dict())
+            config.plan.reduction, config.plan.rank = reduction, None
+            config.validate()
+            run_dir = new_run_dir(runs_root, config)
+            config.save(run_dir / "config.json")
+            write_json(run_dir / "status.json", {"status": "running", "sweep": job.id})
+            job.record(Phase("sweep", f"run {i}/{len(reductions)}: {reduction:.0%} fewer parameters -> {run_dir.name}"))
+
+            def on_event(event, run_dir=run_dir):
+                job.record(event)
+                append_event(run_dir, event)
+
+            try:
+                result = run_pipeline(config, loaded=loaded, on_event=on_event, stop=job.stop_event,
+                                      teacher_ppl=ppl)
+            except LillamaError as exc:
+                write_json(run_dir / "status.json", {"status": "failed", "message": str(exc), "sweep": job.id})
+                raise
+            ppl = result.metrics.get("teacher_ppl", ppl)
+            save_run(run_dir, config, result)
+            write_json(run_dir / "status.json", {"status": result.run.status, "sweep": job.id})
+            results.append((run_dir, result))
+        return results
 
     return work

@@ -70,11 +70,11 @@ def random_factors(weight: torch.Tensor, rank: int, generator: torch.Generator |
 
 
 def spectrum(weight: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.svdvals(weight.double())
+    return torch.linalg.svdvals(weight.float())
 
 
 def whitened_spectrum(weight: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.svdvals(weight.double() @ cholesky_whitener(cov))
+    return torch.linalg.svdvals((weight.double() @ cholesky_whitener(cov)).float())
 
 
 class CovarianceAccumulator:

@@ -55,6 +55,8 @@ def run_pipeline(config: RunConfig, loaded: LoadedModel | None = None, plan: Ran
         "params_before": applied.params_before,
         "params_after": applied.params_after,
         "reduction": applied.reduction,
+        "weight_bytes_before": applied.weight_bytes_before,
+        "weight_bytes_after": applied.weight_bytes_after,
         "planned_reduction": summarize(plan, ModelShape.of(loaded.model)).reduction,
         "tokens": run.tokens,
         "compress_seconds": run.seconds,

@@ -292,6 +292,62 @@ def energy_plan(shape: ModelShape, target_saving: int, modules: list[ModuleShape
     return ranks_at(hi)
 
 
+def sensitivity_plan(shape: ModelShape, target_saving: int, modules: list[ModuleShape],
+                     damage: dict[int, dict[float, float]]) -> dict[str, int]:
+    """Spend the budget where compression hurts least, by measured damage per weight saved.
+
+    `damage[layer][keep]` is how far the model's output moves with that layer alone compressed to
+    `keep` (KL from the teacher). Every layer starts dense and steps down its ladder of kept shares;
+    each step goes to the layer whose next step costs the least damage per weight saved. The last
+    step is refined by bisection so the total lands on the target rather than past it.
+    """
+    by_layer = {layer: [m for m in modules if m.layer == layer] for layer in damage}
+    ladders = {}
+    for layer, points in damage.items():
+        rungs, worst = [(1.0, 0.0)], 0.0
+        for keep in sorted(points, reverse=True):
+            worst = max(worst, points[keep])  # measured damage can be noisy; it may not shrink with less kept
+            rungs.append((keep, worst))
+        ladders[layer] = rungs
+    position = {layer: 0 for layer in ladders}
+
+    def ranks_now(overrides: dict[int, float] | None = None) -> dict[str, int]:
+        out = {}
+        for layer, index in position.items():
+            keep = (overrides or {}).get(layer, ladders[layer][index][0])
+            if keep < 1.0:
+                out.update(_keep_plan(by_layer[layer], keep))
+        return out
+
+    while _saving(shape, ranks_now()) < target_saving:
+        best = None
+        for layer, index in position.items():
+            if index + 1 >= len(ladders[layer]):
+                continue
+            (keep_now, hurt_now), (keep_next, hurt_next) = ladders[layer][index], ladders[layer][index + 1]
+            gained = (_saving(shape, _keep_plan(by_layer[layer], keep_next))
+                      - (_saving(shape, _keep_plan(by_layer[layer], keep_now)) if keep_now < 1 else 0))
+            if gained <= 0:
+                continue
+            cost = (hurt_next - hurt_now + 1e-12) / gained
+            if best is None or cost < best[0]:
+                best = (cost, layer)
+        if best is None:
+            raise RankPlanError("the target reduction cannot be reached at the kept shares measured")
+        layer = best[1]
+        position[layer] += 1
+        if _saving(shape, ranks_now()) >= target_saving:  # refine this last step to land on the target
+            lo, hi = ladders[layer][position[layer]][0], ladders[layer][position[layer] - 1][0]
+            for _ in range(50):
+                mid = (lo + hi) / 2
+                if _saving(shape, ranks_now({layer: mid})) >= target_saving:
+                    lo = mid
+                else:
+                    hi = mid
+            return ranks_now({layer: lo})
+    return ranks_now()
+
+
 def apply_overrides(ranks: dict[str, int], shape: ModelShape, overrides: dict[str, int | None]) -> dict[str, int]:
     ranks = dict(ranks)
     for pattern, rank in overrides.items():
@@ -306,8 +362,10 @@ def apply_overrides(ranks: dict[str, int], shape: ModelShape, overrides: dict[st
     return ranks
 
 
-def build_plan(shape: ModelShape, config: PlanConfig, spectra: dict[str, torch.Tensor] | None = None) -> RankPlan:
-    """Turn a PlanConfig into a validated RankPlan for this model."""
+def build_plan(shape: ModelShape, config: PlanConfig, spectra: dict[str, torch.Tensor] | None = None,
+               damage: dict[int, dict[float, float]] | None = None) -> RankPlan:
+    """Turn a PlanConfig into a validated RankPlan for this model. The energy strategy needs the
+    spectra of the weights; the sensitivity strategy needs measured per-layer damage."""
     config.validate()
     modules = _selected(shape, config.groups)
     if not modules:
@@ -318,8 +376,8 @@ def build_plan(shape: ModelShape, config: PlanConfig, spectra: dict[str, torch.T
         ranks = uniform_rank_plan(shape, config.rank, modules)
         if not ranks:
             raise RankPlanError(f"rank {config.rank} saves no weights on any selected module; choose a smaller rank")
-        if config.strategy in ("bottom", "top"):
-            raise RankPlanError("a fixed rank applies to every layer; use a reduction target with bottom/top")
+        if config.strategy in ("bottom", "top", "sensitivity"):
+            raise RankPlanError(f"a fixed rank applies to every layer; use a reduction target with {config.strategy}")
     else:
         target = math.ceil(config.reduction * shape.total_params)
         compressible = sum(m.dense_params - m.lowrank_params(1) for m in modules)
@@ -332,6 +390,10 @@ def build_plan(shape: ModelShape, config: PlanConfig, spectra: dict[str, torch.T
             ranks = _largest_rank_meeting(shape, target, lambda r: uniform_rank_plan(shape, r, modules))
         elif config.strategy in ("bottom", "top"):
             ranks = layer_order_plan(shape, target, modules, config.layer_keep, config.strategy == "top")
+        elif config.strategy == "sensitivity":
+            if damage is None:
+                raise RankPlanError("the sensitivity strategy needs measured layer sensitivities")
+            ranks = sensitivity_plan(shape, target, modules, damage)
         else:
             if spectra is None:
                 raise RankPlanError("the energy strategy needs the spectra of the weights")

@@ -1,0 +1,131 @@
+"""Lillama Studio: the Gradio workbench. `python app.py` (or `make app`) serves it on 127.0.0.1:7860."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+from dataclasses import replace
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import gradio as gr  # noqa: E402
+
+from components import chat, distill, evaluate, explore, model_data, ranks  # noqa: E402
+from components.charts import run_progress  # noqa: E402
+from components.studio import Studio  # noqa: E402
+from components.theme import css, header_html, theme  # noqa: E402
+from lillama_core.config import ModelConfig  # noqa: E402
+from lillama_core.errors import LillamaError  # noqa: E402
+from lillama_core.jobs import JobManager  # noqa: E402
+from lillama_core.models import lillama_home  # noqa: E402
+
+STEPS = ["1 · Model & data", "2 · Ranks", "3 · Distill (live)", "4 · Chat", "5 · Evaluate & export", "6 · Explore"]
+
+
+def header_chips(studio: Studio) -> list[tuple[str, bool]]:
+    chips = [(f"model: {studio.loaded.name if studio.loaded else studio.model_config.name}", False)]
+    device = str(studio.loaded.device) if studio.loaded else studio.model_config.device
+    chips.append((("GPU " + device) if device.startswith("cuda") else "CPU", False))
+    if studio.plan is not None and studio.shape is not None:
+        chips.append((f"plan: {studio.summary().reduction:.1%} fewer params", False))
+    job = studio.jobs.active()
+    if job is not None:
+        progress = run_progress(job.events)
+        chips.append((f"{job.kind} running · {100 * progress['fraction']:.0f}%", True))
+    elif studio.student is not None:
+        chips.append((f"student: {studio.student.label}", False))
+    return chips
+
+
+def job_status(studio: Studio) -> dict:
+    """The newest job in plain JSON, for scripts and tests driving the app through its API."""
+    job = studio.jobs.latest()
+    if job is None:
+        return {"status": "idle"}
+    progress = run_progress(job.events)
+    return {"id": job.id, "kind": job.kind, "status": job.status, "message": job.message,
+            "run_dir": str(job.run_dir), "fraction": progress["fraction"], "events": len(job.events),
+            "student": studio.current_student().label if studio.current_student() else None}
+
+
+def build_app(studio: Studio, uploads_root: Path) -> gr.Blocks:
+    with gr.Blocks(title="Lillama Studio") as demo:
+        header = gr.HTML(header_html(header_chips(studio)))
+        panels = {}
+        with gr.Tabs() as tabs:
+            builders = [
+                ("model", lambda: model_data.build(studio, uploads_root)),
+                ("ranks", lambda: ranks.build(studio)),
+                ("distill", lambda: distill.build(studio)),
+                ("chat", lambda: chat.build(studio)),
+                ("evaluate", lambda: evaluate.build(studio)),
+                ("explore", lambda: explore.build(studio)),
+            ]
+            tab_objects = {}
+            for title, (key, builder) in zip(STEPS, builders):
+                with gr.Tab(title, id=key) as tab:
+                    panels[key] = builder()
+                tab_objects[key] = tab
+        for key, tab in tab_objects.items():
+            if "on_show" in panels[key]:
+                fn, inputs, outputs = panels[key]["on_show"]
+                tab.select(fn, inputs, outputs, show_progress="hidden", api_visibility="private")
+        header_timer = gr.Timer(1.0)
+        header_timer.tick(lambda: header_html(header_chips(studio)), None, header, show_progress="hidden",
+                          concurrency_limit=None, api_visibility="private")
+        def status() -> dict:
+            return job_status(studio)
+
+        gr.api(status, api_name="status")
+        # A reopened page lands on the live panel when a run is in progress: re-attaching is automatic.
+        demo.load(lambda: gr.Tabs(selected="distill") if studio.jobs.active() else gr.skip(), None, tabs,
+                  api_visibility="private")
+    return demo
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Lillama Studio")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (anyone with it can use the app)")
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="model loaded at start")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--runs-dir", default=None, help=f"run folders (default {lillama_home() / 'runs'})")
+    parser.add_argument("--exports-dir", default="exports", help="where exports are written")
+    parser.add_argument("--allow-remote-code", action="store_true",
+                        help="allow models that need code from their repository (off by default)")
+    parser.add_argument("--no-preload", action="store_true", help="do not load the model before serving")
+    parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens scored after each run")
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    studio = Studio(JobManager(Path(args.runs_dir) if args.runs_dir else None), Path(args.exports_dir).resolve(),
+                    ModelConfig(name=args.model, device=args.device), allow_remote_code=args.allow_remote_code)
+    studio.eval = replace(studio.eval, tokens=args.eval_tokens, seq_len=min(studio.eval.seq_len, args.eval_tokens))
+    if not args.no_preload:
+        print(f"loading {args.model} …", flush=True)
+        try:
+            studio.load(args.model)
+            # the default plan needs a short teacher pass; do it while the page loads
+            threading.Thread(target=studio.current_plan, name="default-plan", daemon=True).start()
+        except LillamaError as exc:
+            print(f"could not load {args.model}: {exc}; pick another model in the app", file=sys.stderr)
+    if args.share:
+        print("WARNING: --share publishes this app on a public URL; anyone with the link can run jobs on this "
+              "machine and read its exports.", file=sys.stderr)
+    uploads = lillama_home() / "uploads"
+    demo = build_app(studio, uploads)
+    demo.queue(default_concurrency_limit=4)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share, theme=theme(), css=css(),
+                ssr_mode=False, max_file_size="512mb", allowed_paths=[str(studio.exports_root)],
+                show_error=True)
+
+
+if __name__ == "__main__":
+    main()

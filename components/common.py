@@ -1,0 +1,47 @@
+"""Glue shared by the panels: user errors become one clear message, never a traceback."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+
+import gradio as gr
+
+from lillama_core.errors import LillamaError
+
+
+def friendly(exc: BaseException) -> str:
+    if isinstance(exc, LillamaError):
+        return str(exc)
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        return "out of memory: lower the token budget, sequence length or batch size"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def user_errors(fn):
+    """Show engine errors as a gradio error toast; the app and its state stay as they were."""
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def gen_wrapper(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except gr.Error:
+                raise
+            except (LillamaError, MemoryError, ValueError, OSError) as exc:
+                raise gr.Error(friendly(exc)) from None
+        return gen_wrapper
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except (LillamaError, MemoryError, ValueError, OSError) as exc:
+            raise gr.Error(friendly(exc)) from None
+    return wrapper
+
+
+def facts_table(facts: dict) -> str:
+    rows = "".join(f"<tr><th>{k.replace('_', ' ')}</th><td>{v}</td></tr>" for k, v in facts.items())
+    return f"<table class='facts'>{rows}</table>"

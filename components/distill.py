@@ -1,0 +1,103 @@
+"""Panel 3: start and stop a distillation and watch it live. The job runs in the background; this
+panel only polls its events, so closing the tab changes nothing and reopening re-attaches."""
+
+from __future__ import annotations
+
+import html
+import time
+from dataclasses import replace
+
+import gradio as gr
+
+from lillama_core.config import INITS, LOSS_PATHS
+
+from .charts import duration, human, human_bytes, layer_table, loss_chart, memory_chart, run_progress, \
+    throughput_chart
+from .common import user_errors
+from .studio import Studio
+
+POLL_SECONDS = 0.4
+
+
+def progress_html(job) -> str:
+    if job is None:
+        return "<div class='progress-wrap'>No run yet. Set a plan in step 2, then press Start.</div>"
+    p = run_progress(job.events)
+    state = job.status if not job.running else p["status"]
+    vram = (f"VRAM {human_bytes(p['vram_used'])} / {human_bytes(p['vram_total'])} (torch peak {human_bytes(p['peak'])})"
+            if p["vram_total"] else f"CPU · peak memory {human_bytes(p['peak'])}")
+    message = f"<div class='warn'>{html.escape(job.message)}</div>" if job.message else ""
+    return (f"<div class='progress-wrap'><b>{html.escape(state)}</b> · layer {p['layer'] if p['layer'] is not None else '–'}"
+            f" ({p['position']}) · run folder <code>{html.escape(str(job.run_dir))}</code>"
+            f"<div class='progress-bar'><div style='width:{100 * p['fraction']:.1f}%'></div></div>"
+            f"<div class='progress-meta'><span>{100 * p['fraction']:.0f}%</span><span>ETA {duration(p['eta_s'])}</span>"
+            f"<span>elapsed {duration(p['elapsed_s'])}</span><span>{human(p['tokens_per_s'])} tokens/s</span>"
+            f"<span>{vram}</span></div>{message}</div>")
+
+
+def build(studio: Studio) -> dict:
+    device = "GPU" if str(studio.model_config.device).startswith("cuda") else None
+    with gr.Row():
+        init = gr.Dropdown(list(INITS), value=studio.distill.init, label="Initialisation")
+        lr = gr.Number(value=studio.distill.lr, label="Learning rate", minimum=0)
+        epochs = gr.Slider(1, 8, value=studio.distill.epochs, step=1, label="Epochs per layer")
+        loss = gr.Dropdown(list(LOSS_PATHS), value=studio.distill.loss, label="Loss paths")
+        with gr.Column(min_width=200):
+            start = gr.Button("▶ Start", variant="primary")
+            stop = gr.Button("■ Stop", variant="stop")
+    device_note = gr.Markdown()
+    progress = gr.HTML(progress_html(studio.jobs.latest()))
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=3):
+            losses = gr.Plot(show_label=False, elem_id="loss-chart")
+        with gr.Column(scale=2):
+            speed = gr.Plot(show_label=False)
+            memory = gr.Plot(show_label=False)
+    table = gr.Dataframe(label="Layers", interactive=False, wrap=True)
+    seen = gr.State(("", -1))  # (job id, events drawn) for this browser tab
+    timer = gr.Timer(POLL_SECONDS)
+
+    def device_text():
+        loaded = studio.loaded
+        where = str(loaded.device) if loaded else studio.model_config.device
+        if where.startswith("cuda"):
+            return f"Running on **{where}** with bf16 autocast."
+        return "No GPU found: distillation runs on the **CPU** (expect minutes per 10K tokens on a small model)."
+
+    @user_errors
+    def on_start(init_value, lr_value, epochs_value, loss_value):
+        studio.distill = replace(studio.distill, init=init_value, lr=float(lr_value or 0), epochs=int(epochs_value),
+                                 loss=loss_value)
+        studio.distill.validate()
+        job = studio.start_distillation()
+        gr.Info(f"started {job.run_dir.name}")
+        return progress_html(job), device_text()
+
+    start.click(on_start, [init, lr, epochs, loss], [progress, device_note], concurrency_id="model",
+                concurrency_limit=1, api_name="start")
+
+    def on_stop():
+        job = studio.jobs.active()
+        if job is None:
+            gr.Info("no run is in progress")
+            return
+        job.stop()
+        gr.Info("stopping after the current optimiser step; finished layers are kept")
+
+    stop.click(on_stop, None, None, api_name="stop")
+
+    def poll(state):
+        job = studio.jobs.latest()
+        if job is None:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), state
+        key = (job.id, len(job.events), job.status)
+        if key == state:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), state
+        events = job.events_since(0)
+        return (progress_html(job), loss_chart(events), throughput_chart(events), memory_chart(events),
+                layer_table(events), key)
+
+    timer.tick(poll, seen, [progress, losses, speed, memory, table, seen], show_progress="hidden",
+               concurrency_limit=None, api_visibility="private")
+    return {"on_show": (lambda: device_text(), [], [device_note]), "timer": timer, "progress": progress,
+            "losses": losses}

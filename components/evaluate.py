@@ -1,0 +1,118 @@
+"""Panel 5: teacher vs student on held-out text (perplexity), speed, size and memory; export."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from dataclasses import replace
+
+import gradio as gr
+import pandas as pd
+
+from lillama_core.calibration import read_eval_text
+from lillama_core.errors import ExportError
+from lillama_core.evaluate import eval_windows, generation_speed, model_size, perplexity
+from lillama_core.export import export_student
+
+from .charts import comparison_chart, human, human_bytes
+from .common import user_errors
+from .studio import Studio
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$")
+
+
+def check_export_name(name: str) -> str:
+    name = (name or "").strip()
+    if not SAFE_NAME.fullmatch(name) or ".." in name:
+        raise ExportError("export name: letters, digits, '.', '_' and '-' only, no path separators")
+    return name
+
+
+def measure(model, tokenizer, windows, label: str, batch_sizes=(1,)) -> dict:
+    row = {"model": label, "perplexity": perplexity(model, windows).perplexity}
+    for batch in batch_sizes:
+        speed = generation_speed(model, model.config.vocab_size, batch_size=batch, prompt_tokens=64, new_tokens=32)
+        row[f"generate_tokens_per_s" if batch == 1 else f"generate_tokens_per_s_b{batch}"] = speed.generate_tokens_per_s
+        if batch == 1:
+            row["prefill_tokens_per_s"] = speed.prefill_tokens_per_s
+    size = model_size(model)
+    row.update(parameters=size.parameters, weight_bytes=size.weight_bytes)
+    if size.peak_memory_bytes is not None:
+        row["peak_memory_bytes"] = size.peak_memory_bytes
+    return row
+
+
+def table(rows: list[dict]) -> pd.DataFrame:
+    shown = []
+    for r in rows:
+        shown.append({"model": r["model"], "perplexity": f"{r['perplexity']:.2f}",
+                      "parameters": human(r["parameters"]), "weight memory": human_bytes(r["weight_bytes"]),
+                      "prefill tok/s": f"{r['prefill_tokens_per_s']:.0f}",
+                      "generate tok/s (batch 1)": f"{r['generate_tokens_per_s']:.1f}",
+                      **({"generate tok/s (batch 16)": f"{r['generate_tokens_per_s_b16']:.1f}"}
+                         if "generate_tokens_per_s_b16" in r else {})})
+    return pd.DataFrame(shown)
+
+
+def build(studio: Studio) -> dict:
+    with gr.Row():
+        text = gr.Textbox(value="default", label="Held-out text file",
+                          info="default: WikiText-2 test (never used for calibration)")
+        tokens = gr.Slider(512, 65536, value=studio.eval.tokens, step=512, label="Tokens scored")
+        seq_len = gr.Dropdown([128, 256, 512, 1024], value=studio.eval.seq_len, label="Window")
+        batch16 = gr.Checkbox(value=False, label="Also time generation at batch 16")
+        run = gr.Button("Evaluate teacher and student", variant="primary")
+    results = gr.Dataframe(interactive=False, label="Teacher vs student")
+    plot = gr.Plot(show_label=False)
+    gr.Markdown("### Export the student")
+    with gr.Row():
+        name = gr.Textbox(label="Export name", placeholder="smollm2-20pct")
+        fmt = gr.Radio(["compressed (low-rank, smallest)", "merged dense (plain transformers)"],
+                       value="compressed (low-rank, smallest)", label="Format")
+        overwrite = gr.Checkbox(value=False, label="Replace an existing export of that name")
+        export = gr.Button("Export", variant="primary")
+    export_note = gr.Markdown()
+    download = gr.DownloadButton("Download export (.zip)", visible=False)
+
+    @user_errors
+    def on_evaluate(text_value, tokens_value, seq_value, batch16_value, progress=gr.Progress()):
+        loaded = studio.ensure_loaded()
+        studio.eval = replace(studio.eval, text=text_value.strip() or "default", tokens=int(tokens_value),
+                              seq_len=int(seq_value))
+        windows = eval_windows(loaded.tokenizer, read_eval_text(studio.eval.text), studio.eval.tokens,
+                               studio.eval.seq_len)
+        batches = (1, 16) if batch16_value else (1,)
+        progress(0.05, desc="teacher")
+        rows = [measure(loaded.model, loaded.tokenizer, windows, "teacher", batches)]
+        key = (studio.model_config.name, studio.eval.text, studio.eval.tokens, studio.eval.seq_len)
+        studio.teacher_ppl[key] = rows[0]["perplexity"]
+        student = studio.current_student()
+        if student is None:
+            gr.Warning("no student yet: showing the teacher alone")
+        else:
+            progress(0.5, desc="student")
+            rows.append(measure(student.model, student.tokenizer, windows, "student", batches))
+        return table(rows), comparison_chart(rows)
+
+    run.click(on_evaluate, [text, tokens, seq_len, batch16], [results, plot], concurrency_id="model",
+              concurrency_limit=1, api_name="evaluate")
+
+    @user_errors
+    def on_export(name_value, fmt_value, overwrite_value, progress=gr.Progress()):
+        student = studio.current_student()
+        if student is None:
+            raise gr.Error("no student to export yet: run a distillation or load a run in step 6")
+        folder = studio.exports_root / check_export_name(name_value)
+        progress(0.1, desc="writing safetensors")
+        record = {"source_run": str(student.run_dir) if student.run_dir else None}
+        out = export_student(student.model, student.tokenizer, folder, merge=fmt_value.startswith("merged"),
+                             overwrite=overwrite_value, record=record)
+        progress(0.6, desc="zipping")
+        archive = shutil.make_archive(str(out), "zip", root_dir=out.parent, base_dir=out.name)
+        size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+        note = (f"Exported to `{out}` ({human_bytes(size)}). Load it with "
+                f"`AutoModelForCausalLM.from_pretrained('{out}'{', trust_remote_code=True' if not fmt_value.startswith('merged') else ''})`.")
+        return note, gr.update(value=archive, visible=True)
+
+    export.click(on_export, [name, fmt, overwrite], [export_note, download], api_name="export")
+    return {}

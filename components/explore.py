@@ -1,0 +1,114 @@
+"""Panel 6: sweep reduction levels, compare every finished run on quality against size, and reload a
+run's student into Chat and Evaluate."""
+
+from __future__ import annotations
+
+import json
+
+import gradio as gr
+import pandas as pd
+
+from lillama_core.jobs import list_runs
+
+from .charts import duration, human, human_bytes, tradeoff_chart
+from .common import user_errors
+from .studio import Studio
+
+LEVELS = [5, 10, 20, 30, 40, 50]
+
+
+def run_rows(studio: Studio) -> list[dict]:
+    rows = []
+    for record in list_runs(studio.jobs.runs_root, studio.jobs.jobs):
+        m, c = record.metrics, record.config
+        rows.append({
+            "name": record.name, "status": record.status, "model": c.model.name if c else "?",
+            "strategy": c.plan.strategy if c else "?", "init": c.distill.init if c else "?",
+            "distilled": c.distill.distill if c else "?", "tokens": m.get("tokens"),
+            "reduction": m.get("reduction"), "params_after": m.get("params_after"),
+            "weight_bytes_after": m.get("weight_bytes_after"), "teacher_ppl": m.get("teacher_ppl"),
+            "student_ppl": m.get("student_ppl"), "seconds": m.get("seconds"), "student": record.has_student,
+        })
+    return rows
+
+
+def runs_table(rows: list[dict]) -> pd.DataFrame:
+    def fmt(value, kind):
+        if value is None:
+            return ""
+        return {"pct": f"{value:.1%}", "ppl": f"{value:.2f}", "n": human(value), "b": human_bytes(value),
+                "s": duration(value)}[kind]
+
+    return pd.DataFrame([{
+        "run": r["name"], "status": r["status"], "model": r["model"], "strategy": r["strategy"],
+        "init": r["init"], "tokens": fmt(r["tokens"], "n"), "reduction": fmt(r["reduction"], "pct"),
+        "parameters": fmt(r["params_after"], "n"), "teacher ppl": fmt(r["teacher_ppl"], "ppl"),
+        "student ppl": fmt(r["student_ppl"], "ppl"), "time": fmt(r["seconds"], "s"),
+        "student saved": "yes" if r["student"] else "",
+    } for r in rows])
+
+
+def build(studio: Studio) -> dict:
+    with gr.Row():
+        levels = gr.CheckboxGroup(LEVELS, value=[10, 20, 30, 40], label="Sweep: reductions (% of all parameters)",
+                                  info="uses the current model, calibration, preset and distillation settings")
+        with gr.Column(min_width=220):
+            sweep = gr.Button("Run sweep", variant="primary")
+            stop = gr.Button("Stop sweep", variant="stop")
+    sweep_note = gr.Markdown()
+    with gr.Row():
+        by_params = gr.Plot(show_label=False)
+        by_memory = gr.Plot(show_label=False)
+    refresh = gr.Button("Refresh runs", size="sm")
+    table = gr.Dataframe(interactive=False, label="Every run (newest first)", wrap=True)
+    with gr.Row():
+        pick = gr.Dropdown([], label="Run", scale=3)
+        reload = gr.Button("Load its student into Chat and Evaluate", scale=2)
+    details = gr.Code(language="json", label="Run config and metrics")
+
+    def refreshed():
+        rows = run_rows(studio)
+        finished = [r for r in rows if r["student_ppl"]]
+        names = [r["name"] for r in rows if r["student"]]
+        return (runs_table(rows), tradeoff_chart(finished, "params_after", "parameters"),
+                tradeoff_chart(finished, "weight_bytes_after", "weight memory (bytes)"),
+                gr.update(choices=names, value=names[0] if names else None))
+
+    outputs = [table, by_params, by_memory, pick]
+    refresh.click(refreshed, None, outputs, api_name="runs")
+
+    @user_errors
+    def on_sweep(chosen):
+        job = studio.start_sweep([level / 100 for level in chosen])
+        return (f"Sweep started: {len(chosen)} runs, one after another. Follow it live in step 3; "
+                f"each run gets its own folder under `{studio.jobs.runs_root}`.")
+
+    sweep.click(on_sweep, levels, sweep_note, concurrency_id="model", concurrency_limit=1, api_name="sweep")
+
+    def on_stop():
+        job = studio.jobs.active()
+        if job is not None and job.kind == "sweep":
+            job.stop()
+            return "Stopping the sweep after the current optimiser step."
+        return "No sweep is running."
+
+    stop.click(on_stop, None, sweep_note)
+
+    def on_pick(name):
+        record = next((r for r in list_runs(studio.jobs.runs_root) if r.name == name), None)
+        if record is None:
+            return ""
+        return json.dumps({"config": record.config.to_dict() if record.config else None,
+                           "metrics": record.metrics}, indent=2, default=str)
+
+    pick.change(on_pick, pick, details)
+
+    @user_errors
+    def on_reload(name):
+        if not name:
+            raise gr.Error("pick a run with a saved student first")
+        student = studio.load_student(studio.jobs.runs_root / name)
+        gr.Info(f"student of {student.label} loaded: Chat and Evaluate now use it")
+
+    reload.click(on_reload, pick, None, concurrency_id="model", concurrency_limit=1, api_name="load_student")
+    return {"on_show": (refreshed, [], outputs)}

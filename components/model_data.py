@@ -1,0 +1,137 @@
+"""Panel 1: pick the teacher model and the calibration data."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import gradio as gr
+
+from lillama_core.calibration import load_calibration, preview
+from lillama_core.config import CalibrationConfig
+from lillama_core.errors import LillamaError
+from lillama_core.models import BUILTIN_MODELS
+
+from .charts import human, human_bytes
+from .common import facts_table, user_errors
+from .studio import Studio
+
+OTHER = "other"
+SOURCE_KINDS = ["Built-in", "Local file", "Hugging Face dataset"]
+UPLOAD_TYPES = [".txt", ".jsonl", ".json", ".parquet", ".csv"]
+
+
+def model_card(studio: Studio) -> str:
+    facts = studio.model_facts()
+    if not facts:
+        return "<p>No model loaded yet.</p>"
+    shown = dict(facts)
+    shown["parameters"] = f"{facts['parameters']:,} ({human(facts['parameters'])})"
+    shown["weight_bytes"] = human_bytes(facts["weight_bytes"])
+    shown["device"] = facts["device"] + ("" if facts["device"].startswith("cuda") else " (no GPU found: CPU, slower)")
+    return facts_table(shown)
+
+
+def calibration_from_inputs(studio: Studio, kind, path, text_field, dataset_config, split, tokens, seq_len,
+                            batch) -> CalibrationConfig:
+    source = "default" if kind == SOURCE_KINDS[0] else (path or "").strip()
+    if not source:
+        raise gr.Error("give a file path or a dataset id for the calibration data")
+    config = replace(studio.calibration, source=source, text_field=(text_field or "").strip() or None,
+                     dataset_config=(dataset_config or "").strip() or None, split=(split or "train").strip(),
+                     tokens=int(tokens), seq_len=int(seq_len), batch_size=int(batch))
+    config.validate()
+    return config
+
+
+def build(studio: Studio, uploads_root: Path) -> dict:
+    builtin_choices = [(m.description, m.name) for m in BUILTIN_MODELS.values()] + [
+        ("Hugging Face id, local folder or .gguf file…", OTHER)]
+    current = studio.model_config.name
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=1):
+            gr.Markdown("### Teacher model")
+            choice = gr.Dropdown(builtin_choices, value=current if current in BUILTIN_MODELS else OTHER,
+                                 label="Model", interactive=True)
+            custom = gr.Textbox(label="Hugging Face id, local model folder or .gguf file",
+                                placeholder="HuggingFaceTB/SmolLM2-360M-Instruct  ·  /models/my-llama  ·  model.gguf",
+                                value="" if current in BUILTIN_MODELS else current,
+                                visible=current not in BUILTIN_MODELS)
+            remote = gr.Checkbox(label="Trust remote code for this model (runs code from its repository)",
+                                 value=False, visible=studio.allow_remote_code)
+            load_button = gr.Button("Load model", variant="primary")
+            card = gr.HTML(model_card(studio))
+        with gr.Column(scale=1):
+            gr.Markdown("### Calibration data")
+            kind = gr.Radio(SOURCE_KINDS, value=SOURCE_KINDS[0], label="Source",
+                            info="Built-in: WikiText-2 validation + 175 Alpaca seed tasks (chat-formatted)")
+            with gr.Group(visible=False) as custom_source:
+                path = gr.Textbox(label="File path or dataset id",
+                                  placeholder="data/my_corpus.jsonl  ·  wikitext (with config wikitext-2-raw-v1)")
+                upload = gr.File(label="…or upload a file", file_types=UPLOAD_TYPES, file_count="single")
+                with gr.Row():
+                    text_field = gr.Textbox(label="Text field (optional)", placeholder="text")
+                    dataset_config = gr.Textbox(label="Dataset config (optional)")
+                    split = gr.Textbox(label="Split", value="train")
+            with gr.Row():
+                tokens = gr.Slider(1024, 2_000_000, value=studio.calibration.tokens, step=1024,
+                                   label="Token budget", info="a few million on a GPU; 16K–100K on CPU")
+                seq_len = gr.Dropdown([64, 128, 256, 512, 1024, 2048], value=studio.calibration.seq_len,
+                                      label="Sequence length")
+                batch = gr.Slider(1, 64, value=studio.calibration.batch_size, step=1, label="Batch size")
+            preview_button = gr.Button("Preview and count tokens")
+            preview_box = gr.Markdown()
+
+    inputs = [kind, path, text_field, dataset_config, split, tokens, seq_len, batch]
+
+    choice.change(lambda c: gr.update(visible=c == OTHER), choice, custom, api_visibility="private")
+    kind.change(lambda k: gr.update(visible=k != SOURCE_KINDS[0]), kind, custom_source, api_visibility="private")
+
+    @user_errors
+    def on_load(selected, typed, trust):
+        name = typed.strip() if selected == OTHER else selected
+        if not name:
+            raise gr.Error("type a Hugging Face id, a local folder or a .gguf path")
+        gr.Info(f"loading {name}: the first load of a GGUF model converts it once, which can take a minute")
+        studio.load(name, trust)
+        return model_card(studio)
+
+    load_button.click(on_load, [choice, custom, remote], card, concurrency_id="model", concurrency_limit=1,
+                      api_name="load_model")
+
+    @user_errors
+    def on_upload(file):
+        if file is None:
+            return gr.skip()
+        source = Path(file)
+        uploads_root.mkdir(parents=True, exist_ok=True)
+        target = uploads_root / Path(source.name).name  # a bare name: uploads stay inside uploads_root
+        shutil.copyfile(source, target)
+        return str(target)
+
+    upload.upload(on_upload, upload, path)
+
+    def on_settings(*values):
+        """Keep the settings as typed; half-typed values are checked on preview and on start."""
+        try:
+            studio.calibration = calibration_from_inputs(studio, *values)
+        except (gr.Error, LillamaError):
+            pass
+
+    for component in (tokens, seq_len, batch, kind, path, text_field, dataset_config, split):
+        component.change(on_settings, inputs, None, show_progress="hidden", api_visibility="private")
+
+    @user_errors
+    def on_preview(*values):
+        config = calibration_from_inputs(studio, *values)
+        loaded = studio.ensure_loaded()
+        data = load_calibration(config, loaded.tokenizer)
+        samples = preview(config, loaded.tokenizer, count=3, chars=300)
+        studio.calibration = config
+        shown = "\n\n".join(f"> {s.strip()[:300].replace(chr(10), ' ')}" for s in samples)
+        return (f"**{data.sequences.shape[0]} sequences × {config.seq_len} tokens = {data.tokens:,} tokens**, "
+                f"sampled (seed {config.seed}) from the first {data.pool_tokens:,} tokens read.\n\n{shown}")
+
+    preview_button.click(on_preview, inputs, preview_box, api_name="calibration")
+    return {"card": card, "load": load_button}

@@ -1,0 +1,176 @@
+"""Panel 2: the rank editor. Presets, one slider per layer and module group, per-module ranks for a
+chosen layer, live totals and a chart of parameters per layer against the budget."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+
+import gradio as gr
+
+from lillama_core.config import GROUPS, STRATEGIES, PlanConfig
+from lillama_core.ranks import ModuleShape
+
+from .charts import human, human_bytes, plan_chart
+from .common import user_errors
+from .studio import Studio
+
+STRATEGY_LABELS = {"sensitivity": "Sensitivity (measured: spare the layers that hurt most)",
+                   "energy": "Energy (rank where the spectrum needs it)", "uniform": "Uniform rank",
+                   "bottom": "Bottom-first layers", "top": "Top-first layers"}
+
+
+def totals_html(studio: Studio) -> str:
+    summary = studio.summary()
+    target = studio.plan_config.reduction
+    budget = f"target {target:.0%}" if target and studio.plan.strategy != "custom" else "custom plan"
+    cards = [
+        ("parameters", f"{human(summary.params_before)} → {human(summary.params_after)}",
+         f"{summary.params_before:,} → {summary.params_after:,}"),
+        ("reduction", f"{summary.reduction:.1%}", budget),
+        ("weight memory", f"{human_bytes(summary.weight_bytes_after)}", f"teacher {human_bytes(summary.weight_bytes_before)}"),
+        ("modules compressed", f"{len(studio.plan.ranks)} / {len(studio.shape.modules)}",
+         f"{sum(1 for r in summary.layers if r['compressed'])} layers touched"),
+    ]
+    html = "<div class='totals'>" + "".join(
+        f"<div class='card'><div class='small'>{k}</div><div class='big'>{v}</div><div class='small'>{d}</div></div>"
+        for k, v, d in cards) + "</div>"
+    if summary.warnings:
+        shown = "<br>".join(summary.warnings[:6]) + (f"<br>… and {len(summary.warnings) - 6} more"
+                                                      if len(summary.warnings) > 6 else "")
+        html += f"<p class='warn'>⚠ ranks that save nothing: {shown}</p>"
+    return html
+
+
+def chart(studio: Studio):
+    summary = studio.summary()
+    target = studio.plan_config.reduction
+    budget = None
+    if target and studio.plan.strategy != "custom":  # what the layers may keep for the target to hold
+        budget = sum(r["params_before"] for r in summary.layers) - math.ceil(target * summary.params_before)
+    return plan_chart(summary.layers, budget)
+
+
+def group_keep(studio: Studio, modules: list[ModuleShape]) -> int:
+    """Percent of the group's dense weights the plan keeps (100 = dense)."""
+    ranks = studio.current_plan().ranks
+    before = sum(m.dense_params for m in modules)
+    after = sum(m.lowrank_params(ranks[m.name]) if m.name in ranks else m.dense_params for m in modules)
+    return round(100 * after / before)
+
+
+def ranks_for_keep(modules: list[ModuleShape], keep_percent: float) -> dict[str, int | None]:
+    """Ranks that keep about keep_percent of each module; dense where that would save nothing."""
+    out = {}
+    for m in modules:
+        rank = m.rank_for_keep(keep_percent / 100)
+        out[m.name] = rank if keep_percent < 100 and rank <= m.max_saving_rank else None
+    return out
+
+
+def build(studio: Studio) -> dict:
+    version = gr.State(0)  # bumped when the whole plan changes, so the sliders are drawn again
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=2):
+            with gr.Row():
+                strategy = gr.Dropdown([(STRATEGY_LABELS[s], s) for s in STRATEGIES], value=studio.plan_config.strategy,
+                                       label="Preset")
+                reduction = gr.Slider(1, 70, value=round(100 * (studio.plan_config.reduction or 0.2)), step=1,
+                                      label="Target reduction (% of all parameters)")
+            with gr.Row():
+                layer_keep = gr.Slider(5, 95, value=round(100 * studio.plan_config.layer_keep), step=5,
+                                       label="Bottom/top: % of weights kept in each chosen layer")
+                fixed_rank = gr.Number(value=None, precision=0, label="Fixed rank (0 = use the target)")
+                groups = gr.CheckboxGroup(list(GROUPS), value=studio.plan_config.groups, label="Module groups")
+            with gr.Row():
+                apply = gr.Button("Apply preset", variant="primary")
+                save = gr.DownloadButton("Save plan JSON")
+                load = gr.UploadButton("Load plan JSON", file_types=[".json"])
+        with gr.Column(scale=3):
+            totals = gr.HTML()
+    plot = gr.Plot(show_label=False)
+    gr.Markdown("#### Layers — % of weights kept per group (100 = dense); release a slider to apply")
+
+    def refresh():
+        return totals_html(studio), chart(studio)
+
+    @gr.render(inputs=[version])
+    def draw(_version):
+        if studio.loaded is None:
+            gr.Markdown("Load a model in step 1 (or press *Apply preset* to load the default).")
+            return
+        shape = studio.shape
+        with gr.Column(elem_classes=["layer-grid"]):
+            for layer in range(shape.num_layers):
+                with gr.Row(elem_classes=["layer-row"], equal_height=True):
+                    gr.Markdown(f"**layer {layer}**", min_height=0)
+                    for group in studio.plan_config.groups:
+                        modules = [m for m in shape.modules if m.layer == layer and m.group == group]
+                        if not modules:
+                            continue
+                        slider = gr.Slider(5, 100, value=group_keep(studio, modules), step=1, label=group,
+                                           key=f"g-{layer}-{group}")
+
+                        def on_group(value, modules=modules):
+                            studio.set_ranks(ranks_for_keep(modules, value))
+                            return refresh()
+
+                        slider.release(user_errors(on_group), slider, [totals, plot], show_progress="hidden")
+        gr.Markdown("#### Modules of one layer — rank per module (0 = keep dense)")
+        layer_pick = gr.Dropdown(list(range(shape.num_layers)), value=0, label="Layer", key="layer-pick")
+
+        @gr.render(inputs=[layer_pick])
+        def draw_modules(layer):
+            ranks = studio.current_plan().ranks
+            with gr.Row():
+                for m in (m for m in shape.modules if m.layer == layer):
+                    slider = gr.Slider(0, m.full_rank, value=ranks.get(m.name, 0), step=1,
+                                       label=f"{m.local_name} ({m.out_features}×{m.in_features})",
+                                       info=f"saves below {m.max_saving_rank + 1}", key=f"m-{m.name}")
+
+                    def on_module(value, name=m.name):
+                        studio.set_ranks({name: int(value) or None})
+                        return refresh()
+
+                    slider.release(user_errors(on_module), slider, [totals, plot], show_progress="hidden")
+
+    @user_errors
+    def on_apply(strategy_value, reduction_value, keep_value, rank_value, group_values, current_version):
+        rank = int(rank_value) if rank_value else None
+        config = PlanConfig(strategy=strategy_value, reduction=None if rank else reduction_value / 100, rank=rank,
+                            layer_keep=keep_value / 100, groups=list(group_values))
+        if config.strategy == "energy" and studio.loaded is not None:
+            gr.Info("measuring whitened spectra on a slice of the calibration set…")
+        studio.apply_preset(config)
+        return (*refresh(), current_version + 1)
+
+    apply.click(on_apply, [strategy, reduction, layer_keep, fixed_rank, groups, version], [totals, plot, version],
+                concurrency_id="model", concurrency_limit=1, api_name="apply_preset")
+
+    def on_save():
+        path = Path(tempfile.mkdtemp()) / "rank_plan.json"
+        studio.current_plan().save(path)
+        return str(path)
+
+    save.click(user_errors(on_save), None, save)
+
+    @user_errors
+    def on_load(file, current_version):
+        studio.load_plan_json(Path(file).read_text())
+        gr.Info(f"loaded a plan with {len(studio.plan.ranks)} low-rank modules")
+        return (*refresh(), current_version + 1)
+
+    load.upload(on_load, [load, version], [totals, plot, version])
+
+    def on_show(current_version):
+        """Draw the plan as the server holds it: it may have changed from another tab or the API."""
+        if studio.loaded is None:
+            return (gr.skip(),) * 8
+        studio.current_plan()
+        config = studio.plan_config
+        return (*refresh(), current_version + 1, config.strategy, round(100 * (config.reduction or 0.2)),
+                round(100 * config.layer_keep), config.rank or 0, config.groups)
+
+    return {"on_show": (on_show, [version],
+                        [totals, plot, version, strategy, reduction, layer_keep, fixed_rank, groups])}

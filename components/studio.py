@@ -1,0 +1,162 @@
+"""The app's server-side state: the loaded teacher, the settings, the rank plan, the current student
+and the job manager. It lives for the life of the server, not of a browser tab, so a page that is
+closed and reopened finds everything as it was, including a running job."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from lillama_core.calibration import CalibrationData, load_calibration
+from lillama_core.config import CalibrationConfig, DistillConfig, EvalConfig, ModelConfig, PlanConfig, RunConfig
+from lillama_core.engine import make_plan
+from lillama_core.errors import ConfigError, RankPlanError
+from lillama_core.export import load_compressed
+from lillama_core.jobs import STUDENT_DIR, Job, JobManager, compression_work, sweep_work
+from lillama_core.models import LoadedModel, describe, load_model
+from lillama_core.ranks import ModelShape, RankPlan, summarize
+
+PLANNING_TOKENS = 4096
+
+
+@dataclass
+class Student:
+    model: object
+    tokenizer: object
+    label: str
+    run_dir: Path | None = None
+
+
+class Studio:
+    def __init__(self, jobs: JobManager, exports_root: Path, model: ModelConfig | None = None,
+                 allow_remote_code: bool = False):
+        self.jobs = jobs
+        self.exports_root = Path(exports_root)
+        self.model_config = model or ModelConfig()
+        self.allow_remote_code = allow_remote_code
+        self.calibration = CalibrationConfig()
+        self.plan_config = PlanConfig()
+        self.distill = DistillConfig()
+        self.eval = EvalConfig(tokens=8192)
+        self.loaded: LoadedModel | None = None
+        self.shape: ModelShape | None = None
+        self.plan: RankPlan | None = None
+        self.student: Student | None = None
+        self._student_job: str | None = None
+        self._load_lock = threading.Lock()
+        self._plan_lock = threading.RLock()  # one plan computation at a time (it can take seconds)
+        self.teacher_ppl: dict[tuple, float] = {}
+
+    # ---- model ----
+
+    def load(self, name: str, trust_remote_code: bool = False) -> LoadedModel:
+        if trust_remote_code and not self.allow_remote_code:
+            raise ConfigError("remote code is disabled; start the app with --allow-remote-code to enable it")
+        config = replace(self.model_config, name=name.strip(), trust_remote_code=trust_remote_code)
+        with self._load_lock:
+            loaded = load_model(config)
+            self.model_config, self.loaded = config, loaded
+            self.shape = ModelShape.of(loaded.model)
+            self.plan, self.student, self._student_job = None, None, None
+        return loaded
+
+    def ensure_loaded(self) -> LoadedModel:
+        if self.loaded is None:
+            return self.load(self.model_config.name)
+        return self.loaded
+
+    def model_facts(self) -> dict:
+        return describe(self.loaded) if self.loaded else {}
+
+    # ---- plan ----
+
+    def planning_calibration(self) -> CalibrationData:
+        """A small slice of the calibration set, enough for whitened spectra."""
+        cal = replace(self.calibration, tokens=min(self.calibration.tokens, PLANNING_TOKENS))
+        return load_calibration(cal, self.ensure_loaded().tokenizer)
+
+    def apply_preset(self, plan_config: PlanConfig) -> RankPlan:
+        loaded = self.ensure_loaded()
+        needs_data = plan_config.strategy == "energy" and plan_config.whitened_energy and plan_config.rank is None
+        with self._plan_lock:
+            plan = make_plan(loaded, plan_config, self.planning_calibration() if needs_data else None,
+                             self.calibration.batch_size)
+            self.plan_config, self.plan = plan_config, plan
+        return plan
+
+    def current_plan(self) -> RankPlan:
+        with self._plan_lock:
+            if self.plan is None:
+                self.apply_preset(self.plan_config)
+            return self.plan
+
+    def set_ranks(self, changes: dict[str, int | None]) -> RankPlan:
+        """Edit the plan module by module; None keeps a module dense."""
+        ranks = dict(self.current_plan().ranks)
+        for name, rank in changes.items():
+            if rank is None:
+                ranks.pop(name, None)
+            else:
+                ranks[name] = int(rank)
+        plan = RankPlan(ranks, "custom", None, self.plan.model_type)
+        plan.notes = summarize(plan, self.shape).warnings  # validates before it replaces the plan
+        self.plan = plan
+        return plan
+
+    def load_plan_json(self, text: str) -> RankPlan:
+        plan = RankPlan.from_json(text)
+        self.ensure_loaded()
+        summarize(plan, self.shape)  # raises for a plan made for another model
+        self.plan = plan
+        return plan
+
+    def summary(self):
+        return summarize(self.current_plan(), self.shape)
+
+    # ---- runs ----
+
+    def run_config(self) -> RunConfig:
+        return RunConfig(model=self.model_config, calibration=self.calibration, plan=self.plan_config,
+                         distill=self.distill, eval=self.eval).validate()
+
+    def start_distillation(self) -> Job:
+        loaded = self.ensure_loaded()
+        plan = self.current_plan()
+        if not plan.ranks:
+            raise RankPlanError("the plan compresses nothing; choose a preset or lower some ranks first")
+        config = self.run_config()
+        return self.jobs.submit("compression", config, compression_work(config, loaded=loaded, plan=plan,
+                                                                        teacher_ppl=self._teacher_ppl(config)))
+
+    def _teacher_ppl(self, config: RunConfig) -> float | None:
+        return self.teacher_ppl.get((config.model.name, config.eval.text, config.eval.tokens, config.eval.seq_len))
+
+    def start_sweep(self, reductions: list[float]) -> Job:
+        if not reductions:
+            raise ConfigError("choose at least one reduction level for the sweep")
+        loaded = self.ensure_loaded()
+        config = self.run_config()
+        return self.jobs.submit("sweep", config, sweep_work(config, sorted(reductions), self.jobs.runs_root, loaded,
+                                                            self._teacher_ppl(config)), label="sweep")
+
+    def current_student(self) -> Student | None:
+        """The student of the newest finished run, unless one was chosen explicitly since."""
+        job = self.jobs.latest()
+        if job and not job.running and job.result and job.id != self._student_job and self.loaded is not None:
+            self._student_job = job.id
+            # a sweep leaves a list of (run folder, result); its last run is the newest student
+            run_dir, result = job.result[-1] if isinstance(job.result, list) else (job.run_dir, job.result)
+            if result.run.applied.ranks:
+                self.student = Student(result.run.student, self.loaded.tokenizer,
+                                       f"{run_dir.name} ({result.metrics['reduction']:.1%} fewer)", run_dir)
+        return self.student
+
+    def load_student(self, run_dir: Path) -> Student:
+        folder = Path(run_dir) / STUDENT_DIR
+        device = self.loaded.device if self.loaded else "cpu"
+        model, tokenizer = load_compressed(folder, device)
+        self.student = Student(model, tokenizer, Path(run_dir).name, Path(run_dir))
+        latest = self.jobs.latest()
+        self._student_job = latest.id if latest else None
+        return self.student

@@ -1,0 +1,87 @@
+"""How much each layer hurts the model when compressed: the measurement behind the `sensitivity`
+rank allocation.
+
+For every block in turn, the block alone is factorised (whitened, no training) at a few kept
+shares, the rest of the model is left exact, and the KL divergence of the final next-token
+distribution from the teacher's is measured on a few calibration sequences. Blocks before the one
+probed are replaced by stand-ins that replay its recorded input, so each probe only runs the blocks
+from the probed one to the top, through the model's own forward (norms, heads, soft-capping and all).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .activations import InputCovariances, Passthrough, capture_block_inputs, run_block_over
+from .calibration import CalibrationData
+from .distill import batch_slices
+from .events import EventSink, Phase
+from .lowrank import set_submodule, to_low_rank
+from .models import LoadedModel, find_blocks, share_weights_copy
+from .ranks import ModelShape, ModuleShape
+
+KEEP_LEVELS = (0.6, 0.4, 0.2)
+PROBE_SEQUENCES = 2
+
+
+def compressed_block(block: nn.Module, modules: list[ModuleShape], keep: float,
+                     covariances: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of the block with each module whitened-factorised to keep about `keep` of its weights."""
+    low = copy.deepcopy(block)
+    for m in modules:
+        rank = m.rank_for_keep(keep)
+        if rank <= m.max_saving_rank:
+            dense = low.get_submodule(m.local_name)
+            factor = to_low_rank(dense, rank, "whitened", covariances[m.local_name])
+            set_submodule(low, m.local_name, factor.to(dense.weight.dtype))
+    return low
+
+
+@torch.no_grad()
+def _log_probs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    return F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+
+
+@torch.no_grad()
+def measure_sensitivity(loaded: LoadedModel, calibration: CalibrationData, groups: list[str],
+                        keeps: tuple[float, ...] = KEEP_LEVELS, batch_size: int = 8,
+                        on_event: EventSink | None = None) -> dict[int, dict[float, float]]:
+    """{layer: {keep: KL(teacher || model with that layer compressed)}} in nats per token."""
+    model, device = loaded.model, loaded.device
+    shape = ModelShape.of(model)
+    blocks = find_blocks(model)
+    sequences = calibration.sequences
+    probe = min(PROBE_SEQUENCES, sequences.shape[0])
+    batches = [slice(0, probe)] + batch_slices(probe, sequences.shape[0], batch_size)
+    hidden, inputs = capture_block_inputs(model, blocks, sequences, batches, device, device)
+    probe_ids = sequences[:probe].to(device)
+    reference = _log_probs(model, probe_ids)
+    replay = share_weights_copy(model)
+    parent = replay.get_submodule(blocks[0].name.rpartition(".")[0])
+    result: dict[int, dict[float, float]] = {}
+    for block in blocks:
+        modules = [m for m in shape.modules if m.layer == block.index and m.group in groups]
+        probe_input = hidden[:probe].clone()
+        covs = InputCovariances(block.module, [m.local_name for m in modules], device)
+        try:
+            run_block_over(block.module, hidden, hidden, inputs.kwargs_for(block.index), batches, device)
+        finally:
+            covs.close()
+        if not modules:
+            continue
+        if block.index > 0:  # blocks below replay the recorded input instead of recomputing it
+            parent[block.index - 1] = Passthrough(blocks[block.index - 1].module, probe_input)
+        result[block.index] = {}
+        for keep in keeps:
+            parent[block.index] = compressed_block(block.module, modules, keep, covs.means())
+            kl = F.kl_div(_log_probs(replay, probe_ids), reference, log_target=True, reduction="none").sum(-1)
+            result[block.index][keep] = kl.mean().item()
+        parent[block.index] = Passthrough(block.module)
+        if on_event:
+            on_event(Phase("sensitivity", f"layer {block.index + 1}/{len(blocks)}: KL at keep "
+                                          + ", ".join(f"{k:.0%}={v:.3f}" for k, v in result[block.index].items())))
+    return result

@@ -1,0 +1,71 @@
+from components.charts import (duration, human, human_bytes, layer_table, loss_chart, memory_chart, pareto_front,
+                               plan_chart, run_progress, throughput_chart, tradeoff_chart, MAX_POINTS_PER_SERIES)
+from lillama_core.events import LayerFinished, LayerStarted, RunFinished, RunStarted, Step
+
+
+def _events(layers=2, steps=3, finish=True):
+    events = [RunStarted("m", "cpu", 4, list(range(layers)), layers * steps, 1000, 100, 80)]
+    g = 0
+    for layer in range(layers):
+        events.append(LayerStarted(layer, layer + 1, layers, {"mlp.up_proj": 8, "mlp.down_proj": 4}, steps))
+        for s in range(1, steps + 1):
+            g += 1
+            events.append(Step(layer, s, steps, g, layers * steps, 0.5 / s, 0.6 / s, 1e-3, 100.0 * s, g, 10.0 - g,
+                               None, None, 2**30, None))
+        if finish or layer < layers - 1:
+            events.append(LayerFinished(layer, 0.7, 0.2, 0.25, 0.3, steps, 12.0, 1000, 400))
+    if finish:
+        events.append(RunFinished("completed", list(range(layers)), 30.0, 1000))
+    return events
+
+
+def test_loss_chart_has_both_paths_for_every_layer():
+    fig = loss_chart(_events(layers=3))
+    assert len(fig.data) == 6
+    assert [len(t.x) for t in fig.data] == [3] * 6
+    assert fig.layout.yaxis.type == "log"
+
+
+def test_long_series_are_thinned_but_keep_the_last_point():
+    fig = loss_chart(_events(layers=1, steps=5000))
+    assert len(fig.data[0].x) <= MAX_POINTS_PER_SERIES + 1
+    assert fig.data[0].x[-1] == 5000
+
+
+def test_progress_and_table_follow_the_events():
+    running = _events(layers=2, finish=False)
+    progress = run_progress(running)
+    assert progress["fraction"] == 1.0 or progress["status"] == "running"
+    assert progress["layer"] == 1 and progress["position"] == "2/2"
+    table = layer_table(running)
+    assert list(table["state"]) == ["done", "running"]
+    assert table.loc[0, "params kept"] == "40%" and table.loc[0, "rank"] == "4–8"
+    done = run_progress(_events())
+    assert done["fraction"] == 1.0 and done["status"] == "completed" and done["eta_s"] == 0.0
+    stopped = running + [RunFinished("stopped", [0], 10.0, 1000)]
+    assert list(layer_table(stopped)["state"]) == ["done", "stopped (kept dense)"]
+
+
+def test_throughput_and_memory_charts():
+    assert list(throughput_chart(_events()).data[0].y) == [100.0, 200.0, 300.0] * 2
+    assert "CPU" in memory_chart(_events()).layout.title.text
+
+
+def test_plan_chart_and_budget_line():
+    layers = [{"layer": 0, "params_before": 10, "params_after": 6}, {"layer": 1, "params_before": 10, "params_after": 10}]
+    fig = plan_chart(layers, budget_after=14)
+    assert [list(t.y) for t in fig.data] == [[10, 10], [6, 10]]
+    assert fig.layout.shapes[0].y0 == 7
+
+
+def test_pareto_front_keeps_only_unbeaten_points():
+    points = [(10, 5.0), (8, 6.0), (9, 7.0), (12, 4.0), (8, 6.5)]
+    assert pareto_front(points) == [1, 0, 3]
+    fig = tradeoff_chart([{"params_after": x, "student_ppl": y, "teacher_ppl": 3.0} for x, y in points])
+    assert list(fig.data[1].x) == [8, 10, 12]
+
+
+def test_formatting():
+    assert human(134_515_008) == "134.5M" and human(None) == "–"
+    assert human_bytes(3 * 2**30) == "3.0 GiB"
+    assert duration(3725) == "1h02m" and duration(65) == "1m05s" and duration(float("nan")) == "–"

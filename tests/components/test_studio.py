@@ -1,0 +1,56 @@
+import pytest
+
+from components.evaluate import check_export_name
+from components.ranks import group_keep, ranks_for_keep
+from components.studio import Studio
+from lillama_core.config import PlanConfig
+from lillama_core.errors import ConfigError, ExportError, RankPlanError
+from lillama_core.jobs import JobManager
+from lillama_core.ranks import ModelShape
+
+
+@pytest.fixture
+def studio(tmp_path, tiny):
+    s = Studio(JobManager(tmp_path / "runs"), tmp_path / "exports")
+    s.loaded, s.shape = tiny, ModelShape.of(tiny.model)
+    s.apply_preset(PlanConfig(strategy="uniform", rank=8, reduction=None))
+    return s
+
+
+def test_group_sliders_map_to_ranks_and_back(studio):
+    mlp = [m for m in studio.shape.modules if m.layer == 1 and m.group == "mlp"]
+    studio.set_ranks(ranks_for_keep(mlp, 50))
+    assert 45 <= group_keep(studio, mlp) <= 55
+    studio.set_ranks(ranks_for_keep(mlp, 100))
+    assert group_keep(studio, mlp) == 100 and not any(m.name in studio.plan.ranks for m in mlp)
+
+
+def test_module_edits_are_validated_and_flagged(studio):
+    q = "model.layers.0.self_attn.q_proj"
+    plan = studio.set_ranks({q: 40})  # 64x64 saves only below 32
+    assert plan.ranks[q] == 40 and any("stores more weights" in n for n in plan.notes)
+    with pytest.raises(RankPlanError, match="exceeds"):
+        studio.set_ranks({q: 500})
+    assert studio.plan.ranks[q] == 40  # the bad edit left the plan as it was
+
+
+def test_plan_json_for_another_model_is_refused(studio):
+    with pytest.raises(RankPlanError, match="does not have"):
+        studio.load_plan_json('{"ranks": {"model.layers.99.mlp.up_proj": 4}}')
+    with pytest.raises(RankPlanError, match="not valid plan JSON"):
+        studio.load_plan_json("{oops")
+
+
+def test_remote_code_needs_the_server_flag(studio):
+    with pytest.raises(ConfigError, match="remote code is disabled"):
+        studio.load("someone/model", trust_remote_code=True)
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "/abs", "", "..", "x" * 200, "a\\b"])
+def test_export_names_cannot_escape_the_exports_folder(name):
+    with pytest.raises(ExportError):
+        check_export_name(name)
+
+
+def test_good_export_name():
+    assert check_export_name(" smollm2-20pct.v1 ") == "smollm2-20pct.v1"

@@ -1,0 +1,56 @@
+import math
+
+import pytest
+
+import lillama_core.sensitivity as sensitivity
+from lillama_core.calibration import CalibrationData
+from lillama_core.config import PlanConfig
+from lillama_core.engine import make_plan
+from lillama_core.errors import RankPlanError
+from lillama_core.ranks import ModelShape, build_plan, summarize
+from tiny import tiny_sequences
+
+
+def _calibration():
+    return CalibrationData(tiny_sequences(12, 32), "random", 0)
+
+
+def test_replaying_recorded_inputs_reproduces_the_teacher_exactly(tiny, monkeypatch):
+    """With the probed block left as it is, every probe must see zero divergence: the stand-ins
+    replay exactly what the real lower blocks would have produced."""
+    monkeypatch.setattr(sensitivity, "compressed_block", lambda block, modules, keep, covs: block)
+    damage = sensitivity.measure_sensitivity(tiny, _calibration(), ["attention", "mlp"])
+    assert sorted(damage) == [0, 1, 2]
+    assert all(abs(v) < 1e-5 for levels in damage.values() for v in levels.values())
+
+
+def test_compressing_more_hurts_more(tiny):
+    damage = sensitivity.measure_sensitivity(tiny, _calibration(), ["attention", "mlp"], keeps=(0.6, 0.1))
+    for layer, levels in damage.items():
+        assert levels[0.1] > levels[0.6] > 0, (layer, levels)
+
+
+def test_sensitivity_plan_protects_the_fragile_layer_and_hits_the_target(tiny):
+    shape = ModelShape.of(tiny.model)
+    damage = {0: {0.6: 5.0, 0.4: 9.0, 0.2: 20.0},  # layer 0 is fragile
+              1: {0.6: 0.1, 0.4: 0.2, 0.2: 0.5},
+              2: {0.6: 0.1, 0.4: 0.3, 0.2: 0.6}}
+    plan = build_plan(shape, PlanConfig(strategy="sensitivity", reduction=0.15), damage=damage)
+    summary = summarize(plan, shape)
+    assert summary.params_before - summary.params_after >= math.ceil(0.15 * shape.total_params)
+    assert summary.reduction < 0.16
+    assert plan.layers(shape) == [1, 2]
+
+
+def test_unreachable_target_for_the_measured_levels(tiny):
+    shape = ModelShape.of(tiny.model)
+    damage = {i: {0.6: 0.1} for i in range(3)}
+    with pytest.raises(RankPlanError, match="cannot be reached"):
+        build_plan(shape, PlanConfig(strategy="sensitivity", reduction=0.5), damage=damage)
+
+
+def test_make_plan_measures_then_plans(tiny):
+    plan = make_plan(tiny, PlanConfig(strategy="sensitivity", reduction=0.1), _calibration(), batch_size=4)
+    assert summarize(plan, ModelShape.of(tiny.model)).reduction >= 0.1 - 1e-9
+    with pytest.raises(Exception, match="calibration"):
+        make_plan(tiny, PlanConfig(strategy="sensitivity", reduction=0.1), None)

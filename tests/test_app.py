@@ -1,0 +1,80 @@
+"""The launched app, driven through its API with gradio_client, on the real SmolLM2."""
+
+import time
+
+import pytest
+import torch
+
+from app_server import running_app
+from lillama_core.export import load_compressed
+from lillama_core.lowrank import LowRankLinear
+
+pytestmark = pytest.mark.real_model
+
+CALIBRATION = ("Built-in", "", "", "", "train", 2048, 128, 8)
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, smollm):
+    tmp = tmp_path_factory.mktemp("app")
+    with running_app(tmp, "--no-preload") as url:
+        from gradio_client import Client
+
+        yield Client(url, verbose=False), tmp
+
+
+def wait_for(client, predicate, timeout=300):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        status = client.predict(api_name="/status")
+        if predicate(status):
+            return status
+        time.sleep(1)
+    raise TimeoutError(f"last status: {status}")
+
+
+def test_end_to_end_compress_chat_export_reload(app):
+    client, tmp = app
+    card = client.predict("smollm2-135m-instruct", "", False, api_name="/load_model")
+    assert "LlamaForCausalLM" in card and "134,515,008" in card
+    preview = client.predict(*CALIBRATION, api_name="/calibration")
+    assert "16 sequences × 128 tokens = 2,048 tokens" in preview
+    totals, _ = client.predict("bottom", 2, 30, 0, ["attention", "mlp"], 0, api_name="/apply_preset")
+    assert "reduction" in totals and "2." in totals
+    client.predict("whitened", 3e-4, 1, "joint", api_name="/start")
+    status = wait_for(client, lambda s: s["status"] not in ("running", "queued"))
+    assert status["status"] == "completed", status
+    assert status["student"] and "fewer" in status["student"]
+
+    job = client.submit("Name a fruit.", [], [], 24, 0, 0.9, 50, 1.1, 0, api_name="/chat")
+    outputs = list(job)
+    teacher_msgs, student_msgs, teacher_speed, student_speed = job.result()[:4]
+    assert len(outputs) > 2  # streamed: several partial updates before the final one
+    assert teacher_msgs[-1]["content"] and student_msgs[-1]["content"]
+    assert "tokens/s" in teacher_speed and "tokens/s" in student_speed
+
+    note, _ = client.predict("e2e-student", "compressed (low-rank, smallest)", False, api_name="/export")
+    folder = tmp / "exports" / "e2e-student"
+    assert str(folder) in note
+    model, tokenizer = load_compressed(folder)
+    assert any(isinstance(m, LowRankLinear) for m in model.modules())
+    ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_second_start_is_refused_and_stop_keeps_finished_layers(app):
+    client, _ = app
+    client.predict("Built-in", "", "", "", "train", 8192, 128, 4, api_name="/calibration")
+    client.predict("uniform", 20, 30, 0, ["attention", "mlp"], 0, api_name="/apply_preset")
+    client.predict("whitened", 3e-4, 1, "joint", api_name="/start")
+    wait_for(client, lambda s: s["status"] == "running" and s["events"] > 5)
+    with pytest.raises(Exception, match="already running"):
+        client.predict("whitened", 3e-4, 1, "joint", api_name="/start")
+    # a brand-new client is a new browser tab: it re-attaches to the same running job
+    from gradio_client import Client
+    other_tab = Client(client.src, verbose=False)
+    assert other_tab.predict(api_name="/status")["id"] == client.predict(api_name="/status")["id"]
+    other_tab.predict(api_name="/stop")
+    stopped = wait_for(client, lambda s: s["status"] != "running", timeout=60)
+    assert stopped["status"] == "stopped"
