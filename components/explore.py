@@ -64,12 +64,13 @@ def build(studio: Studio) -> dict:
     with gr.Row():
         pick = gr.Dropdown([], label="Run", scale=3)
         reload = gr.Button("Load its student into Chat and Evaluate", scale=2)
+        resume = gr.Button("Resume it (interrupted runs)", scale=1)
     details = gr.Code(language="json", label="Run config and metrics")
 
     def refreshed():
         rows = run_rows(studio)
         finished = [r for r in rows if r["student_ppl"]]
-        names = [r["name"] for r in rows if r["student"]]
+        names = [r["name"] for r in rows]
         return (runs_table(rows), tradeoff_chart(finished, "params_after", "parameters"),
                 tradeoff_chart(finished, "weight_bytes_after", "weight memory (bytes)"),
                 gr.update(choices=names, value=names[0] if names else None))
@@ -105,10 +106,19 @@ def build(studio: Studio) -> dict:
 
     @user_errors
     def on_reload(name):
-        if not name:
+        if not name or not (studio.jobs.runs_root / name / "student").exists():
             raise gr.Error("pick a run with a saved student first")
         student = studio.load_student(studio.jobs.runs_root / name)
         gr.Info(f"student of {student.label} loaded: Chat and Evaluate now use it")
 
     reload.click(on_reload, pick, None, concurrency_id="model", concurrency_limit=1, api_name="load_student")
+
+    @user_errors
+    def on_resume(name):
+        if not name:
+            raise gr.Error("pick the run to resume first")
+        job = studio.resume(studio.jobs.runs_root / name)
+        return f"Resuming `{job.run_dir.name}` from its last finished layer; follow it in step 3."
+
+    resume.click(on_resume, pick, sweep_note, concurrency_id="model", concurrency_limit=1, api_name="resume")
     return {"on_show": (refreshed, [], outputs)}

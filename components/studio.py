@@ -13,7 +13,7 @@ from lillama_core.config import CalibrationConfig, DistillConfig, EvalConfig, Mo
 from lillama_core.engine import make_plan
 from lillama_core.errors import ConfigError, RankPlanError
 from lillama_core.export import load_compressed
-from lillama_core.jobs import STUDENT_DIR, Job, JobManager, compression_work, sweep_work
+from lillama_core.jobs import STUDENT_DIR, Job, JobManager, compression_work, resumable, resume_work, sweep_work
 from lillama_core.models import LoadedModel, describe, load_model
 from lillama_core.ranks import ModelShape, RankPlan, summarize
 
@@ -139,6 +139,14 @@ class Studio:
         config = self.run_config()
         return self.jobs.submit("sweep", config, sweep_work(config, sorted(reductions), self.jobs.runs_root, loaded,
                                                             self._teacher_ppl(config)), label="sweep")
+
+    def resume(self, run_dir: Path) -> Job:
+        """Continue an interrupted run in its own folder, on the model it was started with."""
+        config, _ = resumable(run_dir)
+        if self.loaded is None or self.loaded.name != config.model.name:
+            self.load(config.model.name, config.model.trust_remote_code)
+        config, work = resume_work(run_dir, loaded=self.loaded)
+        return self.jobs.submit("compression", config, work, run_dir=Path(run_dir))
 
     def current_student(self) -> Student | None:
         """The student of the newest finished run, unless one was chosen explicitly since."""

@@ -1,12 +1,12 @@
-"""`lillama compress | eval | chat | export | plan`: the engine from the shell, with tqdm progress."""
+"""`lillama compress | resume | eval | chat | export | plan`: the engine from the shell, with tqdm progress."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import sys
-import threading
 from pathlib import Path
 
 from .config import INITS, LOSS_PATHS, STRATEGIES, CalibrationConfig, DistillConfig, EvalConfig, ModelConfig, \
@@ -105,6 +105,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
 
+    c.add_argument("--runs-dir", default=None, help="where run folders go (default $LILLAMA_HOME/runs)")
+
+    r = sub.add_parser("resume", help="continue an interrupted run from its last finished layer")
+    r.add_argument("run_dir")
+    r.add_argument("--out", required=True, help="export folder")
+    r.add_argument("--merge", action="store_true")
+    r.add_argument("--overwrite", action="store_true")
+    r.add_argument("--no-eval", action="store_true")
+    r.add_argument("--json", action="store_true")
+
     e = sub.add_parser("eval", help="perplexity, speed and size of a model or an export")
     _add_model_args(e)
     _eval_args(e)
@@ -179,22 +189,24 @@ def _run_config(args, parser) -> RunConfig:
     return RunConfig.from_dict(data).validate()
 
 
-def cmd_compress(args, parser) -> dict:
+def _compress_in(run_dir: Path, config: RunConfig, plan, args) -> dict:
+    """Run the pipeline with the run folder's log and layer checkpoints, then export to --out."""
     from .export import export_student
+    from .jobs import LAYERS_DIR, append_event, save_run
     from .pipeline import run_pipeline
-    from .ranks import RankPlan
 
-    config = _run_config(args, parser)
     progress = ProgressPrinter()
-    plan = RankPlan.load(args.plan) if args.plan else None
-    stop = threading.Event()
-    try:
-        result = run_pipeline(config, plan=plan, on_event=progress, stop=stop, evaluate=not args.no_eval)
-    except KeyboardInterrupt:
-        stop.set()
-        raise
+
+    def on_event(event):
+        append_event(run_dir, event)
+        progress(event)
+
+    tqdm_note(f"run folder: {run_dir} (resume with `lillama resume {run_dir} --out ...`)")
+    result = run_pipeline(config, plan=plan, on_event=on_event, evaluate=not args.no_eval,
+                          checkpoint_dir=run_dir / LAYERS_DIR)
+    save_run(run_dir, config, result, keep_student=False)
     record = {"config": config.to_dict(), "metrics": result.metrics, "plan": json.loads(result.run.applied.to_json()),
-              "layers": [e.to_dict() for e in result.run.layers]}
+              "layers": [e.to_dict() for e in result.run.layers], "run_dir": str(run_dir)}
     out = export_student(result.run.student, result.loaded.tokenizer, args.out, merge=args.merge,
                          overwrite=args.overwrite, record=record)
     summary = {k: result.metrics.get(k) for k in ("params_before", "params_after", "reduction", "teacher_ppl",
@@ -206,6 +218,46 @@ def cmd_compress(args, parser) -> dict:
         if "teacher_ppl" in result.metrics:
             print(f"perplexity: teacher {summary['teacher_ppl']:.2f}, student {summary['student_ppl']:.2f}")
     return summary
+
+
+def tqdm_note(text: str) -> None:
+    print(text, file=sys.stderr)
+
+
+def cmd_compress(args, parser) -> dict:
+    from .jobs import default_runs_root, new_run_dir
+    from .ranks import RankPlan
+
+    config = _run_config(args, parser)
+    plan = RankPlan.load(args.plan) if args.plan else None
+    _check_out(args)
+    run_dir = new_run_dir(Path(args.runs_dir) if args.runs_dir else default_runs_root(), config)
+    config.save(run_dir / "config.json")
+    try:
+        return _compress_in(run_dir, config, plan, args)
+    except LillamaError:
+        from .jobs import LAYERS_DIR
+
+        if not list((run_dir / LAYERS_DIR).glob("layer_*.json")):  # nothing worth resuming: leave no clutter
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def cmd_resume(args, parser) -> dict:
+    from .jobs import resumable
+
+    config, plan = resumable(Path(args.run_dir))
+    _check_out(args)
+    return _compress_in(Path(args.run_dir), config, plan, args)
+
+
+def _check_out(args) -> None:
+    """Refuse an existing --out before hours of work, not after."""
+    from .errors import ExportError
+
+    out = Path(args.out).expanduser()
+    if out.exists() and not args.overwrite:
+        raise ExportError(f"{out} already exists; choose another folder or pass --overwrite")
 
 
 def _load_any(args):
@@ -287,7 +339,7 @@ def cmd_plan(args, parser) -> None:
         plan.save(args.save)
 
 
-COMMANDS = {"compress": cmd_compress, "eval": cmd_eval, "chat": cmd_chat, "export": cmd_export, "plan": cmd_plan}
+COMMANDS = {"compress": cmd_compress, "resume": cmd_resume, "eval": cmd_eval, "chat": cmd_chat, "export": cmd_export, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

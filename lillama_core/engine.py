@@ -18,9 +18,10 @@ from torch import nn
 
 from .activations import InputCovariances, capture_block_inputs, run_block_over
 from .calibration import CalibrationData
+from .checkpoints import LayerCheckpoints
 from .config import DistillConfig, PlanConfig
 from .distill import LayerData, LayerDistiller, LayerResult, StepMetrics, batch_slices
-from .errors import CalibrationError, LillamaError, OutOfMemoryError, RunStopped
+from .errors import CalibrationError, LillamaError, OutOfMemoryError, RankPlanError, RunStopped
 from .events import Event, EventSink, LayerFinished, LayerStarted, Phase, RunError, RunFinished, RunStarted, Step
 from .lowrank import set_submodule, spectrum, to_low_rank, whitened_spectrum
 from .models import Block, LoadedModel, find_blocks, find_linears, share_weights_copy
@@ -118,8 +119,9 @@ class Compressor:
 
     def __init__(self, loaded: LoadedModel, calibration: CalibrationData, plan: RankPlan, config: DistillConfig,
                  batch_size: int = 8, on_event: EventSink | None = None, stop: threading.Event | None = None,
-                 seed: int = 0):
+                 seed: int = 0, checkpoints: LayerCheckpoints | None = None):
         config.validate()
+        self.checkpoints = checkpoints  # saved after each layer; layers already saved are restored, not retrained
         self.loaded, self.calibration, self.plan, self.config = loaded, calibration, plan, config
         self.batch_size, self.seed = batch_size, seed
         self.on_event = on_event or (lambda event: None)
@@ -194,8 +196,9 @@ class Compressor:
         for block in blocks[: layers[-1] + 1]:
             kwargs_for = inputs.kwargs_for(block.index)
             local_ranks = ranks_by_layer.get(block.index, {})
+            restored = self.checkpoints.restore(block.index, block.module) if local_ranks and self.checkpoints else None
             covariances = None
-            if local_ranks and self.config.init == "whitened":
+            if local_ranks and self.config.init == "whitened" and restored is None:
                 covariances = InputCovariances(block.module, list(local_ranks), self.device)
             try:
                 teacher_y = run_block_over(block.module, teacher_x, torch.empty_like(teacher_x), kwargs_for,
@@ -212,25 +215,33 @@ class Compressor:
             position = layers.index(block.index) + 1
             self.emit(LayerStarted(block.index, position, len(layers), local_ranks, steps_per_layer))
             layer_start = time.time()
-            student_block = self._student_block(block.module, local_ranks,
-                                                covariances.means() if covariances else None, generator)
-            data = LayerData(teacher_x, teacher_y, student_x, kwargs_for)
-            distiller = LayerDistiller(student_block, data, self.config, self.device, train_batches, eval_batches,
-                                       _autocast_dtype(self.device, self.dtype))
+            if restored is not None:
+                if restored[1] != local_ranks:
+                    raise RankPlanError(f"the checkpoint of layer {block.index} has other ranks than the plan")
+                student_block, _, finished = restored
+                global_step += steps_per_layer
+                self.emit(Phase("resume", f"layer {block.index} restored from its checkpoint"))
+            else:
+                student_block = self._student_block(block.module, local_ranks,
+                                                    covariances.means() if covariances else None, generator)
+                data = LayerData(teacher_x, teacher_y, student_x, kwargs_for)
+                distiller = LayerDistiller(student_block, data, self.config, self.device, train_batches,
+                                           eval_batches, _autocast_dtype(self.device, self.dtype))
 
-            def on_step(m: StepMetrics, layer=block.index):
-                nonlocal global_step
-                global_step += 1
-                self._emit_step(layer, m, global_step, steps_total, train_start)
+                def on_step(m: StepMetrics, layer=block.index):
+                    nonlocal global_step
+                    global_step += 1
+                    self._emit_step(layer, m, global_step, steps_total, train_start)
 
-            try:
-                if self.config.distill:
-                    layer_result = distiller.train(on_step, self.stop.is_set)
-                else:
-                    loss = distiller.held_out_loss()
-                    layer_result = LayerResult(loss, loss, 0, float("nan"), float("nan"), 0)
-            except RunStopped:
-                return self._finish(result, start, "stopped")
+                try:
+                    if self.config.distill:
+                        layer_result = distiller.train(on_step, self.stop.is_set)
+                    else:
+                        loss = distiller.held_out_loss()
+                        layer_result = LayerResult(loss, loss, 0, float("nan"), float("nan"), 0)
+                except RunStopped:
+                    return self._finish(result, start, "stopped")
+                finished = self._layer_report(block, local_ranks, layer_result, time.time() - layer_start)
             self.throughput.pause()
             student_block.to(self.dtype)
             set_submodule(student, block.name, student_block)
@@ -241,19 +252,20 @@ class Compressor:
             teacher_x = teacher_y
             for local, rank in local_ranks.items():
                 result.applied.ranks[f"{block.name}.{local}"] = rank
-            layer_summary = summarize(RankPlan({f"{block.name}.{k}": r for k, r in local_ranks.items()}), self.shape)
-            finished = LayerFinished(
-                block.index, layer_result.init_loss, layer_result.best_loss,
-                layer_result.final_loss_teacher_input, layer_result.final_loss_student_input,
-                layer_result.best_step, time.time() - layer_start,
-                layer_summary.layers[block.index]["params_before"], layer_summary.layers[block.index]["params_after"],
-                layer_result.skipped_steps,
-            )
+            if self.checkpoints and restored is None:
+                self.checkpoints.save(block.index, student_block, local_ranks, finished)
             result.layers.append(finished)
             self.emit(finished)
             if self.stop.is_set():
                 return self._finish(result, start, "stopped")
         return self._finish(result, start, "completed")
+
+    def _layer_report(self, block: Block, local_ranks: dict[str, int], r: LayerResult, seconds: float):
+        summary = summarize(RankPlan({f"{block.name}.{k}": rank for k, rank in local_ranks.items()}), self.shape)
+        row = summary.layers[block.index]
+        return LayerFinished(block.index, r.init_loss, r.best_loss, r.final_loss_teacher_input,
+                             r.final_loss_student_input, r.best_step, seconds, row["params_before"],
+                             row["params_after"], r.skipped_steps)
 
     def _student_block(self, teacher_block: nn.Module, local_ranks: dict[str, int],
                        covariances: dict[str, torch.Tensor] | None, generator: torch.Generator) -> nn.Module:

@@ -23,6 +23,7 @@ from .events import Event, Phase, RunError, read_events
 from .models import lillama_home, resolve_device
 
 STUDENT_DIR = "student"
+LAYERS_DIR = "layers"
 
 
 def default_runs_root() -> Path:
@@ -119,8 +120,10 @@ class JobManager:
         with self._lock:
             return max(self.jobs.values(), key=lambda j: j.started, default=None)
 
-    def submit(self, kind: str, config: RunConfig, work: Callable[[Job], object], label: str = "") -> Job:
-        """Run `work(job)` in the background on the config's device; refused if that device is busy."""
+    def submit(self, kind: str, config: RunConfig, work: Callable[[Job], object], label: str = "",
+               run_dir: Path | None = None) -> Job:
+        """Run `work(job)` in the background on the config's device; refused if that device is busy.
+        A new run folder is made unless `run_dir` names one to continue."""
         device = str(resolve_device(config.model.device))
         with self._lock:
             busy = next((j for j in self.jobs.values() if j.running and j.device == device), None)
@@ -128,7 +131,7 @@ class JobManager:
                 raise JobBusyError(f"a {busy.kind} is already running on {device} ({busy.run_dir.name}); "
                                    "stop it or wait for it to finish")
             self._count += 1
-            run_dir = new_run_dir(self.runs_root, config, label)
+            run_dir = Path(run_dir) if run_dir else new_run_dir(self.runs_root, config, label)
             job = Job(f"{kind}-{self._count}", kind, device, run_dir)
             self.jobs[job.id] = job
         config.save(run_dir / "config.json")
@@ -215,13 +218,13 @@ def list_runs(root: Path | None = None, running: dict[str, Job] | None = None) -
 
 
 
-def save_run(run_dir: Path, config: RunConfig, result) -> None:
+def save_run(run_dir: Path, config: RunConfig, result, keep_student: bool = True) -> None:
     """Plan, metrics and (when any layer finished) the student, beside the run's config and events."""
     from .export import export_student
 
     write_json(run_dir / "plan.json", json.loads(result.plan.to_json()))
     write_json(run_dir / "metrics.json", result.metrics)
-    if result.run.applied.ranks:  # a run stopped before its first layer has nothing to keep
+    if keep_student and result.run.applied.ranks:  # a run stopped before its first layer has nothing to keep
         export_student(result.run.student, result.loaded.tokenizer, run_dir / STUDENT_DIR,
                        record={"config": config.to_dict(), "metrics": result.metrics})
 
@@ -233,11 +236,28 @@ def compression_work(config: RunConfig, loaded=None, plan=None, evaluate: bool =
 
     def work(job: Job):
         result = run_pipeline(config, loaded=loaded, plan=plan, on_event=job.record, stop=job.stop_event,
-                              evaluate=evaluate, teacher_ppl=teacher_ppl)
+                              evaluate=evaluate, teacher_ppl=teacher_ppl, checkpoint_dir=job.run_dir / LAYERS_DIR)
         save_run(job.run_dir, config, result)
         return result
 
     return work
+
+
+def resumable(run_dir: Path):
+    """(config, plan) of a run that can be continued in its own folder."""
+    from .pipeline import PLAN_FILE
+    from .ranks import RankPlan
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").exists() or not (run_dir / LAYERS_DIR / PLAN_FILE).exists():
+        raise LillamaError(f"{run_dir} has no run config and plan to resume from")
+    return RunConfig.load(run_dir / "config.json"), RankPlan.load(run_dir / LAYERS_DIR / PLAN_FILE)
+
+
+def resume_work(run_dir: Path, loaded=None, evaluate: bool = True) -> tuple[RunConfig, Callable[[Job], object]]:
+    """Continue an interrupted run in its own folder: finished layers are restored, not retrained."""
+    config, plan = resumable(run_dir)
+    return config, compression_work(config, loaded=loaded, plan=plan, evaluate=evaluate)
 
 
 def sweep_work(base: RunConfig, reductions: list[float], runs_root: Path, loaded=None,

@@ -7,13 +7,19 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from pathlib import Path
+
 from .calibration import load_calibration, read_eval_text
+from .checkpoints import LayerCheckpoints
 from .config import RunConfig
 from .engine import Compressor, RunResult, make_plan
 from .evaluate import eval_windows, perplexity
 from .events import EventSink, Phase
 from .models import LoadedModel, load_model
 from .ranks import ModelShape, RankPlan, summarize
+
+
+PLAN_FILE = "plan.json"
 
 
 @dataclass
@@ -31,9 +37,11 @@ def evaluate_perplexity(model, tokenizer, config: RunConfig) -> float:
 
 def run_pipeline(config: RunConfig, loaded: LoadedModel | None = None, plan: RankPlan | None = None,
                  on_event: EventSink | None = None, stop: threading.Event | None = None,
-                 evaluate: bool = True, teacher_ppl: float | None = None) -> PipelineResult:
+                 evaluate: bool = True, teacher_ppl: float | None = None,
+                 checkpoint_dir: Path | None = None) -> PipelineResult:
     """Compress the configured model. `plan` overrides the plan the config would build; a loaded
-    model and a known teacher perplexity can be passed in to skip that work."""
+    model and a known teacher perplexity can be passed in to skip that work. With a checkpoint
+    folder, every finished layer is saved there (with the plan) and layers already saved are reused."""
     config.validate()
     emit = on_event or (lambda event: None)
     start = time.time()
@@ -45,8 +53,13 @@ def run_pipeline(config: RunConfig, loaded: LoadedModel | None = None, plan: Ran
     if plan is None:
         emit(Phase("plan", f"{config.plan.strategy} plan"))
         plan = make_plan(loaded, config.plan, calibration, config.calibration.batch_size, emit)
+    checkpoints = None
+    if checkpoint_dir is not None:
+        checkpoints = LayerCheckpoints(checkpoint_dir)
+        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+        plan.save(Path(checkpoint_dir) / PLAN_FILE)
     run = Compressor(loaded, calibration, plan, config.distill, config.calibration.batch_size, emit, stop,
-                     config.seed).run()
+                     config.seed, checkpoints).run()
     applied = summarize(run.applied, ModelShape.of(loaded.model))
     metrics = {
         "model": config.model.name,

@@ -22,7 +22,8 @@ def texts(tmp_path):
 
 def _compress_args(model_dir, texts, out, *extra):
     calibration, evaluation = texts
-    return ["compress", "--model", str(model_dir), "--calibration", str(calibration), "--tokens", "512",
+    return ["compress", "--runs-dir", str(out.parent / "runs"), "--model", str(model_dir),
+            "--calibration", str(calibration), "--tokens", "512",
             "--seq-len", "32", "--batch-size", "4", "--eval-text", str(evaluation), "--eval-tokens", "256",
             "--eval-seq-len", "32", "--out", str(out), "--reduction", "0.1", "--strategy", "bottom", *extra]
 
@@ -51,7 +52,8 @@ def test_config_file_reproduces_a_run_and_flags_override_it(tiny_model_dir, text
     path = tmp_path / "run.json"
     config.save(path)
     out = tmp_path / "from-config"
-    assert main(["compress", "--config", str(path), "--lr", "0.001", "--out", str(out), "--json"]) == 0
+    assert main(["compress", "--config", str(path), "--lr", "0.001", "--out", str(out), "--json",
+                 "--runs-dir", str(tmp_path / "runs")]) == 0
     saved = RunConfig.from_dict(read_record(out)["config"])
     assert saved.plan.strategy == "uniform" and saved.calibration.tokens == 256
     assert saved.distill.lr == 0.001
@@ -65,14 +67,16 @@ def test_config_file_reproduces_a_run_and_flags_override_it(tiny_model_dir, text
     (["compress", "--lr", "-1", "--out", "x"], "above 0"),
     (["compress", "--tokens", "0", "--out", "x"], "positive"),
 ])
-def test_user_errors_exit_non_zero_with_one_line(args, message, capsys, tiny_model_dir):
+def test_user_errors_exit_non_zero_with_one_line(args, message, capsys, tiny_model_dir, tmp_path):
     if args[1] != "--model":
         args = [args[0], "--model", str(tiny_model_dir), *args[1:]]
+    args = [*args, "--runs-dir", str(tmp_path / "runs")]
     assert main(args) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    errors = [line for line in err if "error" in line.lower()]
+    errors = [line for line in err if line.startswith("lillama: error")]
     assert errors == [err[-1]] and err[-1].startswith("lillama: error:") and message in err[-1]
     assert not any("Traceback" in line for line in err)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # no clutter left behind
 
 
 def test_rank_too_large_for_the_model(tiny_model_dir, texts, tmp_path, capsys):
@@ -112,3 +116,35 @@ def test_eval_chat_export_and_plan_commands(tiny_model_dir, texts, tmp_path, cap
 def test_console_script_is_installed():
     result = subprocess.run([sys.executable, "-m", "lillama_core.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "compress" in result.stdout
+
+
+def test_interrupted_run_resumes_from_its_last_finished_layer(tiny_model_dir, texts, tmp_path, capsys, monkeypatch):
+    import lillama_core.engine as engine
+    from lillama_core.jobs import LAYERS_DIR
+
+    runs = tmp_path / "runs"
+    args = _compress_args(tiny_model_dir, texts, tmp_path / "first", "--no-eval", "--strategy", "uniform",
+                          "--reduction", "0.2")
+    real_save = engine.LayerCheckpoints.save
+    saved = []
+
+    def crash_after_first_layer(self, index, *rest):
+        real_save(self, index, *rest)
+        saved.append(index)
+        if len(saved) == 1:
+            raise KeyboardInterrupt  # as if the process were killed right after layer 0
+
+    monkeypatch.setattr(engine.LayerCheckpoints, "save", crash_after_first_layer)
+    assert main(args) == 130
+    (run_dir,) = runs.iterdir()
+    assert sorted(p.name for p in (run_dir / LAYERS_DIR).glob("*.json")) == ["layer_000.json", "plan.json"]
+    trained = []
+    monkeypatch.setattr(engine.LayerDistiller, "train",
+                        lambda self, *a, real=engine.LayerDistiller.train: trained.append(1) or real(self, *a))
+    out = tmp_path / "resumed"
+    assert main(["resume", str(run_dir), "--out", str(out), "--no-eval", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(trained) == 2  # layers 1 and 2 only: layer 0 came back from its checkpoint
+    assert 0.2 <= summary["reduction"] < 0.22
+    model, _ = load_compressed(out)
+    assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()

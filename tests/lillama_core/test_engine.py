@@ -167,3 +167,42 @@ def test_other_threads_using_the_teacher_do_not_disturb_a_run(tiny):
     Compressor(tiny, _calibration(), plan, DistillConfig(distill=False),
                on_event=lambda e: seen.append(list(tiny.model.model.layers))).run()
     assert all(layers == layers_before for layers in seen)  # blocks were never swapped out
+
+
+def test_out_of_memory_stops_cleanly_with_advice_and_the_next_run_works(tiny, monkeypatch):
+    import lillama_core.engine as engine
+    from lillama_core.errors import OutOfMemoryError
+
+    def boom(self, *args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    events = []
+    plan = RankPlan({"model.layers.1.mlp.up_proj": 8})
+    with monkeypatch.context() as patch:
+        patch.setattr(engine.LayerDistiller, "train", boom)
+        with pytest.raises(OutOfMemoryError, match="lower the batch size"):
+            Compressor(tiny, _calibration(), plan, DistillConfig(), on_event=events.append).run()
+    assert events[-1].kind == "run_error" and "out of memory" in events[-1].message
+    assert Compressor(tiny, _calibration(), plan, DistillConfig()).run().status == "completed"
+
+
+def test_non_finite_losses_skip_the_step_and_are_reported(tiny, monkeypatch):
+    import lillama_core.distill as distill
+
+    real = distill.feature_loss
+    calls = []
+
+    def sometimes_nan(prediction, target):
+        calls.append(1)
+        loss = real(prediction, target)
+        return loss * float("nan") if prediction.requires_grad and len(calls) % 5 == 0 else loss
+
+    monkeypatch.setattr(distill, "feature_loss", sometimes_nan)
+    events = []
+    plan = RankPlan({"model.layers.1.mlp.up_proj": 8})
+    result = Compressor(tiny, _calibration(48), plan, DistillConfig(), batch_size=4, on_event=events.append).run()
+    skipped = [e for e in events if isinstance(e, Step) and e.skipped]
+    finished = [e for e in events if e.kind == "layer_finished"]
+    assert skipped and finished[0].skipped_steps == len(skipped)
+    low = result.student.model.layers[1].mlp.up_proj
+    assert torch.isfinite(low.A.weight).all() and torch.isfinite(low.B.weight).all()

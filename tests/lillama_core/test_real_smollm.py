@@ -48,7 +48,8 @@ def test_distilled_student_beats_plain_svd_at_the_same_ranks(smollm, setting, tm
 def test_cli_compresses_the_built_in_model(tmp_path, capsys, smollm):
     out = tmp_path / "cli-student"
     code = main(["compress", "--tokens", "2048", "--seq-len", "128", "--strategy", "energy", "--reduction", "0.05",
-                 "--eval-tokens", "2048", "--eval-seq-len", "256", "--device", "cpu", "--out", str(out), "--json"])
+                 "--eval-tokens", "2048", "--eval-seq-len", "256", "--device", "cpu", "--out", str(out), "--json",
+                 "--runs-dir", str(tmp_path / "runs")])
     assert code == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["params_before"] == 134_515_008
