@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import pandas as pd
-import plotly.graph_objects as go
 
 from lillama_core.events import Event, LayerFinished, LayerStarted, RunFinished, RunStarted, Step
 
@@ -15,19 +14,34 @@ MUTED = "#cbd5e1"
 PALETTE = ["#7c3aed", "#0ea5e9", "#f97316", "#10b981", "#ef4444", "#eab308", "#ec4899", "#14b8a6", "#6366f1",
            "#84cc16"]
 MAX_POINTS_PER_SERIES = 600
+MAX_POINTS_PER_CHART = 6000  # all layers together: keeps each refresh small for the browser
 
 
-def _layout(fig: go.Figure, title: str, height: int = 300, **kw) -> go.Figure:
-    fig.update_layout(title=dict(text=title, x=0.01, font=dict(size=14)), height=height, template="plotly_white",
-                      margin=dict(l=50, r=20, t=40, b=40), legend=dict(orientation="h", y=-0.2), **kw)
-    return fig
+def figure(data: list[dict], title: str, height: int = 300, **layout) -> dict:
+    """A plotly figure as a plain dict: building it costs microseconds, unlike validated go.Figure
+    objects, which matters when the live panel redraws several times a second."""
+    axis = {"gridcolor": "#eef2f7", "zerolinecolor": "#e2e8f0"}
+    base = {"title": {"text": title, "x": 0.01, "font": {"size": 14}}, "height": height,
+            "margin": {"l": 50, "r": 20, "t": 40, "b": 40}, "legend": {"orientation": "h", "y": -0.25},
+            "paper_bgcolor": "white", "plot_bgcolor": "white", "font": {"family": "Inter, sans-serif", "size": 12},
+            "xaxis": dict(axis), "yaxis": dict(axis)}
+    for key, value in layout.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            base[key] = {**base[key], **value}
+        else:
+            base[key] = value
+    return {"data": data, "layout": base}
 
 
-def _thin(xs: list, ys: list) -> tuple[list, list]:
+def line(x: list, y: list, name: str, color: str, **extra) -> dict:
+    return {"type": "scatter", "mode": "lines", "x": x, "y": y, "name": name, "line": {"color": color}, **extra}
+
+
+def _thin(xs: list, ys: list, limit: int = MAX_POINTS_PER_SERIES) -> tuple[list, list]:
     """Every k-th point so long runs stay cheap to draw; the last point is always kept."""
-    if len(xs) <= MAX_POINTS_PER_SERIES:
+    if len(xs) <= limit:
         return xs, ys
-    k = math.ceil(len(xs) / MAX_POINTS_PER_SERIES)
+    k = math.ceil(len(xs) / limit)
     return xs[::k] + xs[-1:], ys[::k] + ys[-1:]
 
 
@@ -63,23 +77,26 @@ def duration(seconds: float | None) -> str:
 # ---- rank plan ----
 
 
-def plan_chart(layers: list[dict], budget_after: int | None = None) -> go.Figure:
+def plan_chart(layers: list[dict], budget_after: int | None = None) -> dict:
     """Parameters per layer before and after the plan; the budget as a per-layer average line."""
     x = [row["layer"] for row in layers]
-    fig = go.Figure()
-    fig.add_bar(x=x, y=[r["params_before"] for r in layers], name="teacher", marker_color=MUTED)
-    fig.add_bar(x=x, y=[r["params_after"] for r in layers], name="student (plan)", marker_color=ACCENT)
+    data = [{"type": "bar", "x": x, "y": [r["params_before"] for r in layers], "name": "teacher",
+             "marker": {"color": MUTED}},
+            {"type": "bar", "x": x, "y": [r["params_after"] for r in layers], "name": "student (plan)",
+             "marker": {"color": ACCENT}}]
+    shapes = []
     if budget_after is not None and layers:
-        fig.add_hline(y=budget_after / len(layers), line_dash="dot", line_color="#f97316",
-                      annotation_text="budget per layer", annotation_position="top left")
-    return _layout(fig, "Parameters per layer", barmode="overlay", xaxis_title="layer",
-                   yaxis_title="weights in linear modules")
+        level = budget_after / len(layers)
+        shapes.append({"type": "line", "xref": "paper", "x0": 0, "x1": 1, "y0": level, "y1": level,
+                       "line": {"dash": "dot", "color": "#f97316"}})
+    return figure(data, "Parameters per layer (dotted: budget per layer)", barmode="overlay", shapes=shapes,
+                  xaxis={"title": {"text": "layer"}}, yaxis={"title": {"text": "weights in linear modules"}})
 
 
 # ---- live distillation ----
 
 
-def loss_chart(events: list[Event]) -> go.Figure:
+def loss_chart(events: list[Event]) -> dict:
     """Loss per step for both paths and every layer, on a log scale."""
     series: dict[int, dict[str, list]] = {}
     for e in events:
@@ -88,49 +105,48 @@ def loss_chart(events: list[Event]) -> go.Figure:
             s["x"].append(e.global_step)
             s["t"].append(e.loss_teacher_input)
             s["s"].append(e.loss_student_input)
-    fig = go.Figure()
+    data = []
+    limit = max(50, min(MAX_POINTS_PER_SERIES, MAX_POINTS_PER_CHART // max(2 * len(series), 1)))
     for i, (layer, s) in enumerate(sorted(series.items())):
         color = PALETTE[i % len(PALETTE)]
-        x, t = _thin(s["x"], s["t"])
-        _, st = _thin(s["x"], s["s"])
-        fig.add_scatter(x=x, y=t, mode="lines", name=f"L{layer} teacher-input", line=dict(color=color),
-                        legendgroup=str(layer))
-        fig.add_scatter(x=x, y=st, mode="lines", name=f"L{layer} student-input",
-                        line=dict(color=color, dash="dot"), legendgroup=str(layer), showlegend=False)
-    fig.update_yaxes(type="log")
-    return _layout(fig, "Loss per step (solid: teacher input, dotted: student input)", height=340,
-                   xaxis_title="step", showlegend=len(series) <= 12)
+        x, t = _thin(s["x"], s["t"], limit)
+        _, st = _thin(s["x"], s["s"], limit)
+        data.append(line(x, t, f"L{layer} teacher-input", color, legendgroup=str(layer)))
+        data.append({**line(x, st, f"L{layer} student-input", color, legendgroup=str(layer), showlegend=False),
+                     "line": {"color": color, "dash": "dot"}})
+    return figure(data, "Loss per step (solid: teacher input, dotted: student input)", height=340,
+                  xaxis={"title": {"text": "step"}}, yaxis={"type": "log"}, showlegend=len(series) <= 12)
 
 
-def throughput_chart(events: list[Event]) -> go.Figure:
+def throughput_chart(events: list[Event]) -> dict:
     steps = [e for e in events if isinstance(e, Step)]
     x, y = _thin([e.global_step for e in steps], [e.tokens_per_s for e in steps])
-    fig = go.Figure(go.Scatter(x=x, y=y, mode="lines", line=dict(color=ACCENT_2), fill="tozeroy"))
-    return _layout(fig, "Calibration tokens / s", height=200, xaxis_title="step")
+    return figure([line(x, y, "tokens/s", ACCENT_2, fill="tozeroy")], "Calibration tokens / s", height=200,
+                  xaxis={"title": {"text": "step"}}, showlegend=False)
 
 
-def memory_chart(events: list[Event]) -> go.Figure:
+def memory_chart(events: list[Event]) -> dict:
     """Device memory used (NVML) and torch's peak allocation; on CPU, the process's peak RSS."""
     steps = [e for e in events if isinstance(e, Step)]
     x = [e.global_step for e in steps]
-    fig = go.Figure()
     gib = 2**30
+    data, shapes = [], []
     if any(e.vram_used_bytes for e in steps):
         for name, values, color in (
             ("device used (NVML)", [e.vram_used_bytes for e in steps], ACCENT),
             ("torch peak allocated", [e.torch_peak_allocated_bytes for e in steps], "#f97316"),
         ):
-            xs, ys = _thin(x, [(v or 0) / gib for v in values])
-            fig.add_scatter(x=xs, y=ys, mode="lines", name=name, line=dict(color=color))
+            data.append(line(*_thin(x, [(v or 0) / gib for v in values]), name, color))
         total = next((e.vram_total_bytes for e in reversed(steps) if e.vram_total_bytes), None)
         if total:
-            fig.add_hline(y=total / gib, line_dash="dot", annotation_text="device total")
-        title = "VRAM (GiB)"
+            shapes.append({"type": "line", "xref": "paper", "x0": 0, "x1": 1, "y0": total / gib, "y1": total / gib,
+                           "line": {"dash": "dot", "color": "#64748b"}})
+        title = "VRAM (GiB; dotted: device total)"
     else:
-        xs, ys = _thin(x, [(e.torch_peak_allocated_bytes or 0) / gib for e in steps])
-        fig.add_scatter(x=xs, y=ys, mode="lines", name="process peak RSS", line=dict(color=ACCENT))
+        data.append(line(*_thin(x, [(e.torch_peak_allocated_bytes or 0) / gib for e in steps]), "process peak RSS",
+                         ACCENT))
         title = "Memory (GiB, CPU: process peak resident)"
-    return _layout(fig, title, height=200, xaxis_title="step")
+    return figure(data, title, height=200, shapes=shapes, xaxis={"title": {"text": "step"}})
 
 
 def run_progress(events: list[Event]) -> dict:
@@ -183,18 +199,22 @@ def layer_table(events: list[Event]) -> pd.DataFrame:
 # ---- evaluation and exploration ----
 
 
-def comparison_chart(rows: list[dict]) -> go.Figure:
-    """Teacher vs student side by side, each metric relative to the teacher."""
-    from plotly.subplots import make_subplots
-
+def comparison_chart(rows: list[dict]) -> dict:
+    """Teacher vs student side by side, one small bar chart per metric."""
     metrics = [("perplexity", "perplexity ↓"), ("parameters", "parameters ↓"), ("weight_bytes", "weight memory ↓"),
                ("generate_tokens_per_s", "generation tokens/s ↑")]
     metrics = [(k, label) for k, label in metrics if all(k in r for r in rows)]
-    fig = make_subplots(rows=1, cols=max(len(metrics), 1), subplot_titles=[label for _, label in metrics])
-    for col, (key, _) in enumerate(metrics, 1):
-        fig.add_bar(x=[r["model"] for r in rows], y=[r[key] for r in rows], showlegend=False,
-                    marker_color=[MUTED if r["model"] == "teacher" else ACCENT for r in rows], row=1, col=col)
-    return _layout(fig, "Teacher vs student", height=280)
+    width = 1 / max(len(metrics), 1)
+    data, layout = [], {}
+    for i, (key, label) in enumerate(metrics, 1):
+        suffix = "" if i == 1 else str(i)
+        data.append({"type": "bar", "x": [r["model"] for r in rows], "y": [r[key] for r in rows], "showlegend": False,
+                     "xaxis": f"x{suffix}", "yaxis": f"y{suffix}",
+                     "marker": {"color": [MUTED if r["model"] == "teacher" else ACCENT for r in rows]}})
+        domain = [(i - 1) * width + 0.03, i * width - 0.03]
+        layout[f"xaxis{suffix}"] = {"domain": domain, "anchor": f"y{suffix}", "title": {"text": label}}
+        layout[f"yaxis{suffix}"] = {"anchor": f"x{suffix}", "gridcolor": "#eef2f7"}
+    return figure(data, "Teacher vs student", height=280, **layout)
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[int]:
@@ -206,19 +226,21 @@ def pareto_front(points: list[tuple[float, float]]) -> list[int]:
     return sorted(front, key=lambda i: points[i][0])
 
 
-def tradeoff_chart(records: list[dict], x_key: str = "params_after", x_title: str = "parameters") -> go.Figure:
+def tradeoff_chart(records: list[dict], x_key: str = "params_after", x_title: str = "parameters") -> dict:
     """Quality against size for every finished run, with the Pareto front drawn through the best."""
     records = [r for r in records if r.get("student_ppl") and r.get(x_key)]
-    fig = go.Figure()
+    data, shapes = [], []
     if records:
         points = [(r[x_key], r["student_ppl"]) for r in records]
-        fig.add_scatter(x=[p[0] for p in points], y=[p[1] for p in points], mode="markers", name="runs",
-                        text=[r.get("name", "") for r in records], marker=dict(size=9, color=ACCENT_2))
+        data.append({"type": "scatter", "mode": "markers", "x": [p[0] for p in points], "y": [p[1] for p in points],
+                     "name": "runs", "text": [r.get("name", "") for r in records],
+                     "marker": {"size": 9, "color": ACCENT_2}})
         front = pareto_front(points)
-        fig.add_scatter(x=[points[i][0] for i in front], y=[points[i][1] for i in front], mode="lines+markers",
-                        name="Pareto front", line=dict(color=ACCENT, width=2))
-        teacher = [r for r in records if r.get("teacher_ppl")]
+        data.append({**line([points[i][0] for i in front], [points[i][1] for i in front], "Pareto front", ACCENT),
+                     "mode": "lines+markers"})
+        teacher = next((r["teacher_ppl"] for r in records if r.get("teacher_ppl")), None)
         if teacher:
-            fig.add_hline(y=teacher[0]["teacher_ppl"], line_dash="dot", annotation_text="teacher")
-    fig.update_yaxes(type="log")
-    return _layout(fig, f"Perplexity vs {x_title}", height=320, xaxis_title=x_title, yaxis_title="perplexity")
+            shapes.append({"type": "line", "xref": "paper", "x0": 0, "x1": 1, "y0": teacher, "y1": teacher,
+                           "line": {"dash": "dot", "color": "#64748b"}})
+    return figure(data, f"Perplexity vs {x_title} (dotted: teacher)", height=320, shapes=shapes,
+                  xaxis={"title": {"text": x_title}}, yaxis={"type": "log", "title": {"text": "perplexity"}})

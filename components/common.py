@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import json
 
 import gradio as gr
 
@@ -45,3 +46,10 @@ def user_errors(fn):
 def facts_table(facts: dict) -> str:
     rows = "".join(f"<tr><th>{k.replace('_', ' ')}</th><td>{v}</td></tr>" for k, v in facts.items())
     return f"<table class='facts'>{rows}</table>"
+
+
+def plot(fig: dict):
+    """A figure dict from charts.py, in the form gr.Plot sends to the browser, without go.Figure."""
+    from gradio.components.plot import PlotData
+
+    return PlotData(type="plotly", plot=json.dumps(fig))

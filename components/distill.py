@@ -13,7 +13,7 @@ from lillama_core.config import INITS, LOSS_PATHS
 
 from .charts import duration, human, human_bytes, layer_table, loss_chart, memory_chart, run_progress, \
     throughput_chart
-from .common import user_errors
+from .common import plot, user_errors
 from .studio import Studio
 
 POLL_SECONDS = 0.4
@@ -94,8 +94,8 @@ def build(studio: Studio) -> dict:
         if key == state:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), state
         events = job.events_since(0)
-        return (progress_html(job), loss_chart(events), throughput_chart(events), memory_chart(events),
-                layer_table(events), key)
+        return (progress_html(job), plot(loss_chart(events)), plot(throughput_chart(events)),
+                plot(memory_chart(events)), layer_table(events), key)
 
     timer.tick(poll, seen, [progress, losses, speed, memory, table, seen], show_progress="hidden",
                concurrency_limit=None, api_visibility="private")

@@ -15,7 +15,7 @@ from lillama_core.evaluate import eval_windows, generation_speed, model_size, pe
 from lillama_core.export import export_student
 
 from .charts import comparison_chart, human, human_bytes
-from .common import user_errors
+from .common import plot, user_errors
 from .studio import Studio
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$")
@@ -92,7 +92,7 @@ def build(studio: Studio) -> dict:
         else:
             progress(0.5, desc="student")
             rows.append(measure(student.model, student.tokenizer, windows, "student", batches))
-        return table(rows), comparison_chart(rows)
+        return table(rows), plot(comparison_chart(rows))
 
     run.click(on_evaluate, [text, tokens, seq_len, batch16], [results, plot], concurrency_id="model",
               concurrency_limit=1, api_name="evaluate")

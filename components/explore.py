@@ -11,7 +11,7 @@ import pandas as pd
 from lillama_core.jobs import list_runs
 
 from .charts import duration, human, human_bytes, tradeoff_chart
-from .common import user_errors
+from .common import plot, user_errors
 from .studio import Studio
 
 LEVELS = [5, 10, 20, 30, 40, 50]
@@ -71,8 +71,8 @@ def build(studio: Studio) -> dict:
         rows = run_rows(studio)
         finished = [r for r in rows if r["student_ppl"]]
         names = [r["name"] for r in rows]
-        return (runs_table(rows), tradeoff_chart(finished, "params_after", "parameters"),
-                tradeoff_chart(finished, "weight_bytes_after", "weight memory (bytes)"),
+        return (runs_table(rows), plot(tradeoff_chart(finished, "params_after", "parameters")),
+                plot(tradeoff_chart(finished, "weight_bytes_after", "weight memory (bytes)")),
                 gr.update(choices=names, value=names[0] if names else None))
 
     outputs = [table, by_params, by_memory, pick]

@@ -13,7 +13,7 @@ from lillama_core.config import GROUPS, STRATEGIES, PlanConfig
 from lillama_core.ranks import ModuleShape
 
 from .charts import human, human_bytes, plan_chart
-from .common import user_errors
+from .common import plot, user_errors
 from .studio import Studio
 
 STRATEGY_LABELS = {"sensitivity": "Sensitivity (measured: spare the layers that hurt most)",
@@ -49,7 +49,7 @@ def chart(studio: Studio):
     budget = None
     if target and studio.plan.strategy != "custom":  # what the layers may keep for the target to hold
         budget = sum(r["params_before"] for r in summary.layers) - math.ceil(target * summary.params_before)
-    return plan_chart(summary.layers, budget)
+    return plot(plan_chart(summary.layers, budget))
 
 
 def group_keep(studio: Studio, modules: list[ModuleShape]) -> int:

@@ -21,15 +21,16 @@ def _events(layers=2, steps=3, finish=True):
 
 def test_loss_chart_has_both_paths_for_every_layer():
     fig = loss_chart(_events(layers=3))
-    assert len(fig.data) == 6
-    assert [len(t.x) for t in fig.data] == [3] * 6
-    assert fig.layout.yaxis.type == "log"
+    assert len(fig["data"]) == 6
+    assert [len(t["x"]) for t in fig["data"]] == [3] * 6
+    assert fig["layout"]["yaxis"]["type"] == "log"
+    assert fig["data"][1]["line"]["dash"] == "dot"  # the student-input path
 
 
 def test_long_series_are_thinned_but_keep_the_last_point():
     fig = loss_chart(_events(layers=1, steps=5000))
-    assert len(fig.data[0].x) <= MAX_POINTS_PER_SERIES + 1
-    assert fig.data[0].x[-1] == 5000
+    assert len(fig["data"][0]["x"]) <= MAX_POINTS_PER_SERIES + 1
+    assert fig["data"][0]["x"][-1] == 5000
 
 
 def test_progress_and_table_follow_the_events():
@@ -47,25 +48,39 @@ def test_progress_and_table_follow_the_events():
 
 
 def test_throughput_and_memory_charts():
-    assert list(throughput_chart(_events()).data[0].y) == [100.0, 200.0, 300.0] * 2
-    assert "CPU" in memory_chart(_events()).layout.title.text
+    assert throughput_chart(_events())["data"][0]["y"] == [100.0, 200.0, 300.0] * 2
+    assert "CPU" in memory_chart(_events())["layout"]["title"]["text"]
 
 
 def test_plan_chart_and_budget_line():
     layers = [{"layer": 0, "params_before": 10, "params_after": 6}, {"layer": 1, "params_before": 10, "params_after": 10}]
     fig = plan_chart(layers, budget_after=14)
-    assert [list(t.y) for t in fig.data] == [[10, 10], [6, 10]]
-    assert fig.layout.shapes[0].y0 == 7
+    assert [t["y"] for t in fig["data"]] == [[10, 10], [6, 10]]
+    assert fig["layout"]["shapes"][0]["y0"] == 7
 
 
 def test_pareto_front_keeps_only_unbeaten_points():
     points = [(10, 5.0), (8, 6.0), (9, 7.0), (12, 4.0), (8, 6.5)]
     assert pareto_front(points) == [1, 0, 3]
     fig = tradeoff_chart([{"params_after": x, "student_ppl": y, "teacher_ppl": 3.0} for x, y in points])
-    assert list(fig.data[1].x) == [8, 10, 12]
+    assert fig["data"][1]["x"] == [8, 10, 12]
 
 
 def test_formatting():
     assert human(134_515_008) == "134.5M" and human(None) == "–"
     assert human_bytes(3 * 2**30) == "3.0 GiB"
     assert duration(3725) == "1h02m" and duration(65) == "1m05s" and duration(float("nan")) == "–"
+
+
+def test_figures_are_plain_json_that_plotly_accepts():
+    import json
+
+    import plotly.graph_objects as go
+    from components.charts import comparison_chart
+
+    rows = [{"model": "teacher", "perplexity": 30.0, "parameters": 10, "weight_bytes": 40, "generate_tokens_per_s": 5.0},
+            {"model": "student", "perplexity": 35.0, "parameters": 8, "weight_bytes": 32, "generate_tokens_per_s": 6.0}]
+    events = _events()
+    for fig in (loss_chart(events), throughput_chart(events), memory_chart(events), comparison_chart(rows),
+                plan_chart([{"layer": 0, "params_before": 1, "params_after": 1}], 1), tradeoff_chart([])):
+        go.Figure(json.loads(json.dumps(fig)))  # raises on any property plotly does not know
