@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--rank", type=int, default=None, help="one fixed rank instead of a reduction target")
     c.add_argument("--strategy", choices=STRATEGIES, default=PlanConfig.strategy)
     c.add_argument("--layer-keep", type=float, default=PlanConfig.layer_keep)
-    c.add_argument("--groups", default="attention,mlp", help="comma-separated: attention, mlp, other")
+    c.add_argument("--groups", default="attention,mlp,ssm", help="comma-separated: attention, mlp, ssm, router, other")
     c.add_argument("--plan", help="a rank plan JSON file (overrides --reduction/--rank/--strategy)")
     c.add_argument("--init", choices=INITS, default=DistillConfig.init)
     c.add_argument("--lr", type=float, default=DistillConfig.lr)
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--rank", type=int, default=None)
     pl.add_argument("--strategy", choices=STRATEGIES, default=PlanConfig.strategy)
     pl.add_argument("--layer-keep", type=float, default=PlanConfig.layer_keep)
-    pl.add_argument("--groups", default="attention,mlp")
+    pl.add_argument("--groups", default="attention,mlp,ssm")
     pl.add_argument("--save", help="write the plan JSON here")
     return parser
 

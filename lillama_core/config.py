@@ -64,7 +64,7 @@ class CalibrationConfig:
 
 
 STRATEGIES = ("sensitivity", "energy", "uniform", "bottom", "top")
-GROUPS = ("attention", "mlp", "other")
+GROUPS = ("attention", "mlp", "ssm", "router", "other")
 
 
 @dataclass
@@ -81,7 +81,8 @@ class PlanConfig:
         "bottom/top: share of each compressed module's parameters kept in the layers chosen", 0.4
     )
     groups: list[str] = field(
-        default_factory=lambda: ["attention", "mlp"], metadata={"help": "module groups that may be compressed"}
+        default_factory=lambda: ["attention", "mlp", "ssm"],
+        metadata={"help": "module groups that may be compressed (attention, mlp, ssm, router, other)"}
     )
     whitened_energy: bool = _help("energy strategy: use activation-whitened spectra (needs a teacher pass)", True)
     overrides: dict[str, int | None] = field(

@@ -227,12 +227,21 @@ def find_linears(block: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in block.named_modules() if type(m) is nn.Linear}
 
 
+# The one small table the generic discovery needs: words in module names that tell their role.
+_ROUTER_WORDS = ("router", "block_sparse_moe.gate", "mlp.gate", "moe.gate", "shared_expert_gate")
+_SSM_WORDS = ("mixer.", "in_proj", "x_proj", "dt_proj")
 _ATTENTION_WORDS = ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj", "qkv", "query", "key", "value")
 _MLP_WORDS = ("mlp", "ffn", "feed_forward", "fc1", "fc2", "gate", "up_proj", "down_proj", "expert", "w1", "w2", "w3")
 
 
 def module_group(local_name: str) -> str:
+    """attention, mlp, ssm (Mamba mixers), router (MoE gates: tiny and fragile, never compressed by
+    default) or other."""
     lowered = local_name.lower()
+    if lowered.endswith(_ROUTER_WORDS) or "router" in lowered:
+        return "router"
+    if any(word in lowered for word in _SSM_WORDS):
+        return "ssm"
     if any(word in lowered for word in _ATTENTION_WORDS):
         return "attention"
     if any(word in lowered for word in _MLP_WORDS):

@@ -17,7 +17,8 @@ def test_blocks_and_linears_are_found_generically(tiny):
 
 @pytest.mark.parametrize("name, group", [
     ("self_attn.q_proj", "attention"), ("attention.wqkv", "attention"), ("mlp.down_proj", "mlp"),
-    ("block_sparse_moe.experts.3.w1", "mlp"), ("fc1", "mlp"), ("mixer.in_proj", "other"),
+    ("block_sparse_moe.experts.3.w1", "mlp"), ("fc1", "mlp"), ("mixer.in_proj", "ssm"), ("mixer.out_proj", "ssm"),
+    ("block_sparse_moe.gate", "router"), ("mlp.gate", "router"), ("mlp.gate_proj", "mlp"), ("norm_proj", "other"),
 ])
 def test_module_groups(name, group):
     assert module_group(name) == group
