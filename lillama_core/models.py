@@ -155,19 +155,15 @@ def load_model(config: ModelConfig | None = None, **overrides) -> LoadedModel:
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     source, extra = resolve_source(config.name)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     kwargs = dict(extra, trust_remote_code=config.trust_remote_code, revision=config.revision)
     try:
+        # The config first: it says most clearly what is wrong (unknown architecture, remote code).
+        AutoConfig.from_pretrained(source, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
-    except ValueError as exc:
-        if "trust_remote_code" in str(exc):
-            raise ModelLoadError(
-                f"{config.name} needs code from its repository; enable trust_remote_code only if you trust it"
-            ) from None
-        raise ModelLoadError(f"could not load {config.name}: {_first_line(exc)}") from None
-    except (OSError, KeyError, ImportError, RuntimeError) as exc:
+    except Exception as exc:  # transformers, hub and safetensors raise many types for one user error
         raise ModelLoadError(_explain_load_failure(config.name, exc)) from None
     model.eval().to(device)
     if not find_blocks(model):
@@ -179,6 +175,8 @@ def load_model(config: ModelConfig | None = None, **overrides) -> LoadedModel:
 
 def _explain_load_failure(name: str, exc: BaseException) -> str:
     detail = _first_line(exc)
+    if "trust_remote_code" in str(exc):
+        return f"{name} needs code from its repository; enable trust_remote_code only if you trust it"
     if any(k in detail.lower() for k in ("connection", "offline", "resolve", "couldn't connect", "network")):
         return (
             f"could not load {name!r}: it is not a built-in name or local path, and the Hugging Face Hub "

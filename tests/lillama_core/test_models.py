@@ -86,3 +86,32 @@ def test_built_in_smollm2_is_converted_once_then_read_from_the_cache(smollm, mon
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_gguf)
     again = load_model(ModelConfig(device="cpu"))
     assert again.source == smollm.source and again.model.config.num_hidden_layers == 30
+
+
+def test_corrupted_safetensors_is_a_clear_error(tiny_model_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"\x00\x10not really safetensors" * 10)
+    with pytest.raises(ModelLoadError, match="could not load"):
+        load_model(ModelConfig(name=str(broken), device="cpu"))
+
+
+def test_unknown_architecture_and_remote_code_need_opt_in(tmp_path):
+    import json
+
+    custom = tmp_path / "custom"
+    custom.mkdir()
+    (custom / "config.json").write_text(json.dumps({
+        "model_type": "lillama_made_up_arch",
+        "auto_map": {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM"}}))
+    with pytest.raises(ModelLoadError) as caught:
+        load_model(ModelConfig(name=str(custom), device="cpu"))
+    message = str(caught.value)
+    assert "trust_remote_code" in message or "not supported" in message
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "config.json").write_text(json.dumps({"model_type": "lillama_made_up_arch"}))
+    with pytest.raises(ModelLoadError, match="could not load|not supported"):
+        load_model(ModelConfig(name=str(plain), device="cpu"))
