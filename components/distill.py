@@ -4,7 +4,6 @@ panel only polls its events, so closing the tab changes nothing and reopening re
 from __future__ import annotations
 
 import html
-import time
 from dataclasses import replace
 
 import gradio as gr
@@ -36,7 +35,6 @@ def progress_html(job) -> str:
 
 
 def build(studio: Studio) -> dict:
-    device = "GPU" if str(studio.model_config.device).startswith("cuda") else None
     with gr.Row():
         init = gr.Dropdown(list(INITS), value=studio.distill.init, label="Initialisation")
         lr = gr.Number(value=studio.distill.lr, label="Learning rate", minimum=0)

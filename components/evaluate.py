@@ -32,7 +32,7 @@ def measure(model, tokenizer, windows, label: str, batch_sizes=(1,)) -> dict:
     row = {"model": label, "perplexity": perplexity(model, windows).perplexity}
     for batch in batch_sizes:
         speed = generation_speed(model, model.config.vocab_size, batch_size=batch, prompt_tokens=64, new_tokens=32)
-        row[f"generate_tokens_per_s" if batch == 1 else f"generate_tokens_per_s_b{batch}"] = speed.generate_tokens_per_s
+        row["generate_tokens_per_s" if batch == 1 else f"generate_tokens_per_s_b{batch}"] = speed.generate_tokens_per_s
         if batch == 1:
             row["prefill_tokens_per_s"] = speed.prefill_tokens_per_s
     size = model_size(model)
@@ -63,7 +63,7 @@ def build(studio: Studio) -> dict:
         batch16 = gr.Checkbox(value=False, label="Also time generation at batch 16")
         run = gr.Button("Evaluate teacher and student", variant="primary")
     results = gr.Dataframe(interactive=False, label="Teacher vs student")
-    plot = gr.Plot(show_label=False)
+    chart = gr.Plot(show_label=False)
     gr.Markdown("### Export the student")
     with gr.Row():
         name = gr.Textbox(label="Export name", placeholder="smollm2-20pct")
@@ -94,7 +94,7 @@ def build(studio: Studio) -> dict:
             rows.append(measure(student.model, student.tokenizer, windows, "student", batches))
         return table(rows), plot(comparison_chart(rows))
 
-    run.click(on_evaluate, [text, tokens, seq_len, batch16], [results, plot], concurrency_id="model",
+    run.click(on_evaluate, [text, tokens, seq_len, batch16], [results, chart], concurrency_id="model",
               concurrency_limit=1, api_name="evaluate")
 
     @user_errors

@@ -80,7 +80,7 @@ def build(studio: Studio) -> dict:
 
     @user_errors
     def on_sweep(chosen):
-        job = studio.start_sweep([level / 100 for level in chosen])
+        studio.start_sweep([level / 100 for level in chosen])
         return (f"Sweep started: {len(chosen)} runs, one after another. Follow it live in step 3; "
                 f"each run gets its own folder under `{studio.jobs.runs_root}`.")
 

@@ -5,7 +5,6 @@ so `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` rebuil
 without lillama_core installed. Keep it importing torch alone.
 """
 
-import torch
 from torch import nn
 
 

@@ -53,6 +53,13 @@ def test_end_to_end_compress_chat_export_reload(app):
     assert teacher_msgs[-1]["content"] and student_msgs[-1]["content"]
     assert "tokens/s" in teacher_speed and "tokens/s" in student_speed
 
+    table, _ = client.predict("default", 512, 128, False, api_name="/evaluate")
+    rows = {row[0]: row for row in table["data"]}
+    assert set(rows) == {"teacher", "student"}
+    headers = table["headers"]
+    assert float(rows["student"][headers.index("perplexity")]) > 1
+    assert rows["student"][headers.index("parameters")] != rows["teacher"][headers.index("parameters")]
+
     note, _ = client.predict("e2e-student", "compressed (low-rank, smallest)", False, api_name="/export")
     folder = tmp / "exports" / "e2e-student"
     assert str(folder) in note

@@ -1,7 +1,6 @@
 """A real headless Chromium clicks through all six panels and watches a live run."""
 
 import os
-import shutil
 import time
 from pathlib import Path
 
