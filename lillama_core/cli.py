@@ -119,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(e)
     _eval_args(e)
     e.add_argument("--no-speed", action="store_true")
+    e.add_argument("--quantize", choices=["int8"], help="evaluate an int8 (dynamic, CPU) copy of the model")
     e.add_argument("--json", action="store_true")
 
     ch = sub.add_parser("chat", help="chat with a model or an export, streamed")
@@ -277,14 +278,17 @@ def cmd_eval(args, parser) -> dict:
     from .evaluate import eval_windows, generation_speed, model_size, perplexity
     from .calibration import read_eval_text
 
+    from .quantize import quantize_weights, serialized_bytes
+
     loaded = _load_any(args)
+    model = quantize_weights(loaded.model, args.quantize) if args.quantize else loaded.model
     windows = eval_windows(loaded.tokenizer, read_eval_text(args.eval_text), args.eval_tokens, args.eval_seq_len)
-    ppl = perplexity(loaded.model, windows)
+    ppl = perplexity(model, windows)
     size = model_size(loaded.model)
-    summary = {"model": args.model, "perplexity": ppl.perplexity, "eval_tokens": ppl.tokens_scored,
-               "parameters": size.parameters, "weight_bytes": size.weight_bytes}
+    summary = {"model": args.model, "quantize": args.quantize, "perplexity": ppl.perplexity,
+               "eval_tokens": ppl.tokens_scored, "parameters": size.parameters, "weight_bytes": serialized_bytes(model)}
     if not args.no_speed:
-        speed = generation_speed(loaded.model, loaded.model.config.vocab_size)
+        speed = generation_speed(model, loaded.model.config.vocab_size)
         summary.update(prefill_tokens_per_s=speed.prefill_tokens_per_s,
                        generate_tokens_per_s=speed.generate_tokens_per_s)
     if not args.json:

@@ -100,6 +100,10 @@ def test_eval_chat_export_and_plan_commands(tiny_model_dir, texts, tmp_path, cap
                  "--eval-seq-len", "32", "--json"]) == 0
     record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert record["perplexity"] > 1 and record["generate_tokens_per_s"] > 0
+    assert main(["eval", "--model", str(out), "--eval-text", str(texts[1]), "--eval-tokens", "128",
+                 "--eval-seq-len", "32", "--json", "--quantize", "int8", "--no-speed"]) == 0
+    quantized = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert quantized["weight_bytes"] < record["weight_bytes"] and quantized["perplexity"] > 1
     assert main(["chat", "--model", str(out), "--prompt", "fox", "--max-new-tokens", "5"]) == 0
     assert "tokens/s" in capsys.readouterr().err
     merged = tmp_path / "merged"
