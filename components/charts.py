@@ -7,6 +7,7 @@ import math
 import pandas as pd
 
 from lillama_core.events import Event, LayerFinished, LayerStarted, RunFinished, RunStarted, Step
+from lillama_core.heal import HEAL_LAYER
 
 ACCENT = "#7c3aed"
 ACCENT_2 = "#0ea5e9"
@@ -111,6 +112,9 @@ def loss_chart(events: list[Event]) -> dict:
         color = PALETTE[i % len(PALETTE)]
         x, t = _thin(s["x"], s["t"], limit)
         _, st = _thin(s["x"], s["s"], limit)
+        if layer == HEAL_LAYER:  # end-to-end healing: one KL curve
+            data.append(line(x, t, "healing KL", "#111827", legendgroup="heal"))
+            continue
         data.append(line(x, t, f"L{layer} teacher-input", color, legendgroup=str(layer)))
         data.append({**line(x, st, f"L{layer} student-input", color, legendgroup=str(layer), showlegend=False),
                      "line": {"color": color, "dash": "dot"}})

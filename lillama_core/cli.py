@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--epochs", type=int, default=DistillConfig.epochs)
     c.add_argument("--loss", choices=LOSS_PATHS, default=DistillConfig.loss)
     c.add_argument("--no-distill", action="store_true", help="factorise only (training-free baseline)")
+    c.add_argument("--heal-tokens", type=int, default=0, help="end-to-end KL healing after distillation (0 = off)")
+    c.add_argument("--heal-lr", type=float, default=1e-4)
     c.add_argument("--seed", type=int, default=0)
     _eval_args(c)
     c.add_argument("--no-eval", action="store_true", help="skip perplexity")
@@ -168,6 +170,7 @@ COMPRESS_FLAGS = {
     "layer_keep": ("plan", "layer_keep", float), "groups": ("plan", "groups", _groups),
     "init": ("distill", "init", str), "lr": ("distill", "lr", float), "epochs": ("distill", "epochs", int),
     "loss": ("distill", "loss", str), "no_distill": ("distill", "distill", lambda v: not v),
+    "heal_tokens": ("heal", "tokens", int), "heal_lr": ("heal", "lr", float),
     "eval_text": ("eval", "text", str), "eval_tokens": ("eval", "tokens", int),
     "eval_seq_len": ("eval", "seq_len", int),
 }

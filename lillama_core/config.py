@@ -142,6 +142,22 @@ class DistillConfig:
 
 
 @dataclass
+class HealConfig:
+    tokens: int = _help("end-to-end healing after distillation: tokens of KL training (0 = off)", 0)
+    lr: float = _help("AdamW learning rate for healing", 1e-4)
+    batch_size: int = _help("sequences per healing step", 4)
+    warmup_steps: int = _help("linear warm-up steps", 4)
+    temperature: float = _help("softmax temperature of the KL", 1.0)
+    gradient_checkpointing: bool = _help("recompute activations in the backward pass to bound memory", True)
+
+    def validate(self) -> None:
+        if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 0:
+            raise ConfigError(f"healing tokens must be a whole number of at least 0, not {self.tokens!r}")
+        if not self.lr > 0 or not self.temperature > 0 or self.batch_size < 1:
+            raise ConfigError("healing needs lr > 0, temperature > 0 and a batch size of at least 1")
+
+
+@dataclass
 class EvalConfig:
     text: str = _help("held-out text file for perplexity; 'default' is WikiText-2 test", "default")
     tokens: int = _help("tokens of the text scored (non-overlapping windows)", 32_768)
@@ -159,10 +175,11 @@ class RunConfig:
     plan: PlanConfig = field(default_factory=PlanConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    heal: HealConfig = field(default_factory=HealConfig)
     seed: int = _help("seed for initialisation and sampling", 0)
 
     def validate(self) -> "RunConfig":
-        for part in (self.model, self.calibration, self.plan, self.distill, self.eval):
+        for part in (self.model, self.calibration, self.plan, self.distill, self.eval, self.heal):
             part.validate()
         return self
 

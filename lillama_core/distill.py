@@ -67,14 +67,14 @@ def batch_slices(start: int, stop: int, batch_size: int) -> list[slice]:
     return [slice(i, min(i + batch_size, stop)) for i in range(start, stop, batch_size)]
 
 
-def lr_at(step: int, steps: int, config: DistillConfig) -> float:
+def lr_at(step: int, steps: int, lr: float, warmup_steps: int, schedule: str) -> float:
     """Linear warm-up, then constant or cosine decay to a tenth of the peak."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / (config.warmup_steps + 1)
-    if config.schedule == "constant":
-        return config.lr
-    progress = (step - config.warmup_steps) / max(steps - config.warmup_steps, 1)
-    return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
+    if step < warmup_steps:
+        return lr * (step + 1) / (warmup_steps + 1)
+    if schedule == "constant":
+        return lr
+    progress = (step - warmup_steps) / max(steps - warmup_steps, 1)
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
 class LayerDistiller:
@@ -149,7 +149,7 @@ class LayerDistiller:
         self.student.train()
         for _ in range(config.epochs):
             for rows in self.train_batches:
-                lr = lr_at(step, self.steps, config)
+                lr = lr_at(step, self.steps, config.lr, config.warmup_steps, config.schedule)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 loss_t, loss_s = self._losses(rows)

@@ -13,6 +13,7 @@ from .calibration import load_calibration, read_eval_text
 from .checkpoints import LayerCheckpoints
 from .config import RunConfig
 from .engine import Compressor, RunResult, make_plan
+from .errors import RunStopped
 from .evaluate import eval_windows, perplexity
 from .events import EventSink, Phase
 from .models import LoadedModel, load_model
@@ -60,6 +61,14 @@ def run_pipeline(config: RunConfig, loaded: LoadedModel | None = None, plan: Ran
         plan.save(Path(checkpoint_dir) / PLAN_FILE)
     run = Compressor(loaded, calibration, plan, config.distill, config.calibration.batch_size, emit, stop,
                      config.seed, checkpoints).run()
+    heal_metrics = {}
+    if config.heal.tokens and run.status == "completed" and run.applied.ranks:
+        from .heal import heal
+
+        try:
+            heal_metrics = heal(run.student, loaded.model, calibration.sequences, config.heal, emit, stop)
+        except RunStopped:
+            run.status = "stopped"  # the distilled layers stand; only the healing was cut short
     applied = summarize(run.applied, ModelShape.of(loaded.model))
     metrics = {
         "model": config.model.name,
@@ -74,6 +83,7 @@ def run_pipeline(config: RunConfig, loaded: LoadedModel | None = None, plan: Ran
         "tokens": run.tokens,
         "compress_seconds": run.seconds,
         "layers_done": run.applied.layers(ModelShape.of(loaded.model)),
+        **heal_metrics,
     }
     if evaluate:
         emit(Phase("evaluate", "perplexity of teacher and student"))

@@ -30,7 +30,7 @@ def _compress_args(model_dir, texts, out, *extra):
 
 def test_compress_json_summary_and_export(tiny_model_dir, texts, tmp_path, capsys):
     out = tmp_path / "student"
-    assert main(_compress_args(tiny_model_dir, texts, out, "--json")) == 0
+    assert main(_compress_args(tiny_model_dir, texts, out, "--json", "--heal-tokens", "256")) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("params_before", "params_after", "teacher_ppl", "student_ppl", "seconds", "out"):
         assert key in summary
@@ -39,6 +39,7 @@ def test_compress_json_summary_and_export(tiny_model_dir, texts, tmp_path, capsy
     assert summary["out"] == str(out)
     record = read_record(out)
     assert RunConfig.from_dict(record["config"]).plan.strategy == "bottom"  # the run config travels with it
+    assert record["metrics"]["heal_tokens"] > 0 and record["metrics"]["heal_kl_after"] <= record["metrics"]["heal_kl_before"]
     model, _ = load_compressed(out)
     assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
 

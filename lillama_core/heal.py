@@ -1,0 +1,120 @@
+"""Global healing: a short end-to-end stage after the layer-local distillation.
+
+Layer-local training cannot see how small errors compound across layers; at high compression
+that compounding dominates. Healing trains only the low-rank factors so the student's next-token
+distribution matches the teacher's (KL on logits), with the teacher's logits computed batch by
+batch (never stored), gradient checkpointing, and a token budget.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import HealConfig
+from .distill import batch_slices, lr_at
+from .errors import RunStopped
+from .events import EventSink, Phase, Step
+from .lowrank import LowRankLinear
+from .telemetry import MemoryMonitor, Throughput, eta_seconds
+
+HEAL_LAYER = -1  # the layer index healing steps carry in events
+
+
+def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(teacher || student) per token, averaged; both softened by the same temperature."""
+    teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    student = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    return F.kl_div(student.flatten(0, -2), teacher.flatten(0, -2), log_target=True, reduction="batchmean") \
+        * temperature**2
+
+
+def factor_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for m in model.modules() if isinstance(m, LowRankLinear) for p in (m.A.weight, m.B.weight)]
+
+
+def heal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor, config: HealConfig,
+         on_event: EventSink | None = None, stop: threading.Event | None = None) -> dict:
+    """Train the student's low-rank factors on KL to the teacher; returns before/after held-out KL."""
+    config.validate()
+    emit = on_event or (lambda event: None)
+    stop = stop or threading.Event()
+    device = next(student.parameters()).device
+    factors = factor_parameters(student)
+    if not factors:
+        return {"heal_steps": 0}
+    held_out = max(1, min(8, sequences.shape[0] // 10))
+    train = sequences[:-held_out][: max(1, config.tokens // sequences.shape[1])]
+    train_batches = batch_slices(0, train.shape[0], config.batch_size)
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for p in factors:
+        p.requires_grad_(True)
+    checkpointing = hasattr(student, "gradient_checkpointing_enable") and config.gradient_checkpointing
+    if checkpointing:
+        student.gradient_checkpointing_enable()
+
+    @torch.no_grad()
+    def held_out_kl() -> float:
+        student.eval()
+        ids = sequences[-held_out:].to(device)
+        return kl_to_teacher(student(input_ids=ids).logits, teacher(input_ids=ids).logits).item()
+
+    before = held_out_kl()
+    initial = [p.detach().clone() for p in factors]
+    emit(Phase("heal", f"end-to-end healing on {train.numel():,} tokens; held-out KL {before:.4f}"))
+    optimizer = torch.optim.AdamW(factors, lr=config.lr, weight_decay=0.0)
+    memory, throughput = MemoryMonitor(device), Throughput()
+    start = time.time()
+    student.train()
+    try:
+        for step, rows in enumerate(train_batches, 1):
+            ids = train[rows].to(device)
+            with torch.no_grad():
+                target = teacher(input_ids=ids, use_cache=False).logits
+            loss = kl_to_teacher(student(input_ids=ids, use_cache=False).logits, target, config.temperature)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step - 1, len(train_batches), config.lr, config.warmup_steps, "cosine")
+            optimizer.zero_grad(set_to_none=True)
+            finite = bool(torch.isfinite(loss))
+            if finite:
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(factors, 1.0)
+                optimizer.step()
+            elapsed = time.time() - start
+            mem = memory.sample()
+            emit(Step(HEAL_LAYER, step, len(train_batches), step, len(train_batches), loss.item(), loss.item(),
+                      optimizer.param_groups[0]["lr"], throughput.update(ids.numel()), elapsed,
+                      eta_seconds(elapsed, step, len(train_batches)), mem.used_bytes, mem.total_bytes,
+                      mem.peak_allocated_bytes, mem.peak_reserved_bytes, not finite))
+            if stop.is_set():
+                raise RunStopped("stopped by request")
+    except RunStopped:
+        _restore(factors, initial)  # a half-healed student is not worth keeping over the distilled one
+        raise
+    finally:
+        student.eval()
+        if checkpointing:
+            student.gradient_checkpointing_disable()
+        for p in factors:
+            p.requires_grad_(False)
+    after = held_out_kl()
+    if not after <= before:  # healing must never leave the student worse than it found it
+        _restore(factors, initial)
+        emit(Phase("heal", f"held-out KL rose {before:.4f} -> {after:.4f}; kept the distilled factors"))
+        after = before
+    else:
+        emit(Phase("heal", f"held-out KL {before:.4f} -> {after:.4f}"))
+    return {"heal_steps": len(train_batches), "heal_tokens": train.numel(), "heal_kl_before": before,
+            "heal_kl_after": after, "heal_seconds": time.time() - start}
+
+
+
+@torch.no_grad()
+def _restore(factors: list[nn.Parameter], saved: list[torch.Tensor]) -> None:
+    for p, value in zip(factors, saved):
+        p.copy_(value)

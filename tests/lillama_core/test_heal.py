@@ -1,0 +1,54 @@
+import threading
+
+import pytest
+import torch
+
+from lillama_core.calibration import CalibrationData
+from lillama_core.config import DistillConfig, HealConfig, PlanConfig
+from lillama_core.engine import Compressor, make_plan
+from lillama_core.errors import ConfigError, RunStopped
+from lillama_core.heal import HEAL_LAYER, heal, kl_to_teacher
+from tiny import tiny_sequences
+
+
+@pytest.fixture
+def student(tiny):
+    plan = make_plan(tiny, PlanConfig(strategy="uniform", rank=6, reduction=None))
+    return Compressor(tiny, CalibrationData(tiny_sequences(16, 32), "r", 0), plan,
+                      DistillConfig(init="svd", distill=False), batch_size=4).run().student
+
+
+def test_kl_is_zero_for_identical_logits_and_positive_otherwise():
+    logits = torch.randn(2, 5, 30)
+    assert kl_to_teacher(logits, logits).abs() < 1e-6
+    assert kl_to_teacher(logits + torch.randn_like(logits), logits) > 0
+
+
+def test_healing_lowers_the_held_out_kl_and_touches_only_the_factors(tiny, student):
+    frozen = {n: p.detach().clone() for n, p in student.named_parameters() if not n.endswith(("A.weight", "B.weight"))}
+    events = []
+    metrics = heal(student, tiny.model, tiny_sequences(40, 32, seed=1), HealConfig(tokens=1024, lr=3e-3),
+                   on_event=events.append)
+    assert metrics["heal_kl_after"] < 0.9 * metrics["heal_kl_before"]
+    assert any(e.kind == "step" and e.layer == HEAL_LAYER for e in events)
+    for name, p in student.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), name
+        assert not p.requires_grad
+
+
+def test_stop_keeps_the_distilled_factors(tiny, student):
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(RunStopped):
+        heal(student, tiny.model, tiny_sequences(40, 32), HealConfig(tokens=512), stop=stop)
+    for name, p in student.named_parameters():
+        assert torch.equal(p, before[name])
+
+
+def test_heal_config_is_validated():
+    with pytest.raises(ConfigError):
+        HealConfig(tokens=-1).validate()
+    with pytest.raises(ConfigError):
+        HealConfig(tokens=10, lr=0).validate()
