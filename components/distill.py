@@ -40,6 +40,8 @@ def build(studio: Studio) -> dict:
         lr = gr.Number(value=studio.distill.lr, label="Learning rate", minimum=0)
         epochs = gr.Slider(1, 8, value=studio.distill.epochs, step=1, label="Epochs per layer")
         loss = gr.Dropdown(list(LOSS_PATHS), value=studio.distill.loss, label="Loss paths")
+        heal_tokens = gr.Number(value=studio.heal.tokens, precision=0, minimum=0,
+                                label="Healing tokens after (0 = off)")
         with gr.Column(min_width=200):
             start = gr.Button("▶ Start", variant="primary")
             stop = gr.Button("■ Stop", variant="stop")
@@ -63,15 +65,17 @@ def build(studio: Studio) -> dict:
         return "No GPU found: distillation runs on the **CPU** (expect minutes per 10K tokens on a small model)."
 
     @user_errors
-    def on_start(init_value, lr_value, epochs_value, loss_value):
+    def on_start(init_value, lr_value, epochs_value, loss_value, heal_value):
         studio.distill = replace(studio.distill, init=init_value, lr=float(lr_value or 0), epochs=int(epochs_value),
                                  loss=loss_value)
+        studio.heal = replace(studio.heal, tokens=int(heal_value or 0))
         studio.distill.validate()
+        studio.heal.validate()
         job = studio.start_distillation()
         gr.Info(f"started {job.run_dir.name}")
         return progress_html(job), device_text()
 
-    start.click(on_start, [init, lr, epochs, loss], [progress, device_note], concurrency_id="model",
+    start.click(on_start, [init, lr, epochs, loss, heal_tokens], [progress, device_note], concurrency_id="model",
                 concurrency_limit=1, api_name="start")
 
     def on_stop():

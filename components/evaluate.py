@@ -13,6 +13,7 @@ from lillama_core.calibration import read_eval_text
 from lillama_core.errors import ExportError
 from lillama_core.evaluate import eval_windows, generation_speed, model_size, perplexity
 from lillama_core.export import export_student
+from lillama_core.quantize import quantize_weights, serialized_bytes
 
 from .charts import comparison_chart, human, human_bytes
 from .common import plot, user_errors
@@ -36,7 +37,7 @@ def measure(model, tokenizer, windows, label: str, batch_sizes=(1,)) -> dict:
         if batch == 1:
             row["prefill_tokens_per_s"] = speed.prefill_tokens_per_s
     size = model_size(model)
-    row.update(parameters=size.parameters, weight_bytes=size.weight_bytes)
+    row.update(parameters=size.parameters, weight_bytes=serialized_bytes(model))
     if size.peak_memory_bytes is not None:
         row["peak_memory_bytes"] = size.peak_memory_bytes
     return row
@@ -61,6 +62,7 @@ def build(studio: Studio) -> dict:
         tokens = gr.Slider(512, 65536, value=studio.eval.tokens, step=512, label="Tokens scored")
         seq_len = gr.Dropdown([128, 256, 512, 1024], value=studio.eval.seq_len, label="Window")
         batch16 = gr.Checkbox(value=False, label="Also time generation at batch 16")
+        int8 = gr.Checkbox(value=False, label="Add int8-quantized copies (CPU)")
         run = gr.Button("Evaluate teacher and student", variant="primary")
     results = gr.Dataframe(interactive=False, label="Teacher vs student")
     chart = gr.Plot(show_label=False)
@@ -75,26 +77,32 @@ def build(studio: Studio) -> dict:
     download = gr.DownloadButton("Download export (.zip)", visible=False)
 
     @user_errors
-    def on_evaluate(text_value, tokens_value, seq_value, batch16_value, progress=gr.Progress()):
+    def on_evaluate(text_value, tokens_value, seq_value, batch16_value, int8_value, progress=gr.Progress()):
         loaded = studio.ensure_loaded()
         studio.eval = replace(studio.eval, text=text_value.strip() or "default", tokens=int(tokens_value),
                               seq_len=int(seq_value))
         windows = eval_windows(loaded.tokenizer, read_eval_text(studio.eval.text), studio.eval.tokens,
                                studio.eval.seq_len)
         batches = (1, 16) if batch16_value else (1,)
-        progress(0.05, desc="teacher")
-        rows = [measure(loaded.model, loaded.tokenizer, windows, "teacher", batches)]
         key = (studio.model_config.name, studio.eval.text, studio.eval.tokens, studio.eval.seq_len)
-        studio.teacher_ppl[key] = rows[0]["perplexity"]
+        models = [("teacher", loaded.model, loaded.tokenizer)]
         student = studio.current_student()
         if student is None:
             gr.Warning("no student yet: showing the teacher alone")
         else:
-            progress(0.5, desc="student")
-            rows.append(measure(student.model, student.tokenizer, windows, "student", batches))
+            models.append(("student", student.model, student.tokenizer))
+        if int8_value:
+            models += [(f"{label} int8", quantize_weights(model), tok) for label, model, tok in models]
+        rows = []
+        for i, (label, model, tok) in enumerate(models):
+            progress(i / len(models), desc=label)
+            rows.append(measure(model, tok, windows, label, batches))
+            if label.endswith(" int8"):  # packed int8 weights are not nn.Parameters: count the float model's
+                rows[-1]["parameters"] = next(r["parameters"] for r in rows if r["model"] == label[:-5])
+        studio.teacher_ppl[key] = rows[0]["perplexity"]
         return table(rows), plot(comparison_chart(rows))
 
-    run.click(on_evaluate, [text, tokens, seq_len, batch16], [results, chart], concurrency_id="model",
+    run.click(on_evaluate, [text, tokens, seq_len, batch16, int8], [results, chart], concurrency_id="model",
               concurrency_limit=1, api_name="evaluate")
 
     @user_errors

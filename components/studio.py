@@ -9,7 +9,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lillama_core.calibration import CalibrationData, load_calibration
-from lillama_core.config import CalibrationConfig, DistillConfig, EvalConfig, ModelConfig, PlanConfig, RunConfig
+from lillama_core.config import CalibrationConfig, DistillConfig, EvalConfig, HealConfig, ModelConfig, PlanConfig, \
+    RunConfig
 from lillama_core.engine import make_plan
 from lillama_core.errors import ConfigError, RankPlanError
 from lillama_core.export import load_compressed
@@ -39,6 +40,7 @@ class Studio:
         self.plan_config = PlanConfig()
         self.distill = DistillConfig()
         self.eval = EvalConfig(tokens=8192)
+        self.heal = HealConfig()
         self.loaded: LoadedModel | None = None
         self.shape: ModelShape | None = None
         self.plan: RankPlan | None = None
@@ -118,7 +120,7 @@ class Studio:
 
     def run_config(self) -> RunConfig:
         return RunConfig(model=self.model_config, calibration=self.calibration, plan=self.plan_config,
-                         distill=self.distill, eval=self.eval).validate()
+                         distill=self.distill, eval=self.eval, heal=self.heal).validate()
 
     def start_distillation(self) -> Job:
         loaded = self.ensure_loaded()

@@ -41,7 +41,7 @@ def test_end_to_end_compress_chat_export_reload(app):
     assert "16 sequences × 128 tokens = 2,048 tokens" in preview
     totals, _ = client.predict("bottom", 2, 30, 0, ["attention", "mlp"], 0, api_name="/apply_preset")
     assert "reduction" in totals and "2." in totals
-    client.predict("whitened", 3e-4, 1, "joint", api_name="/start")
+    client.predict("whitened", 3e-4, 1, "joint", 0, api_name="/start")
     status = wait_for(client, lambda s: s["status"] not in ("running", "queued"))
     assert status["status"] == "completed", status
     assert status["student"] and "fewer" in status["student"]
@@ -53,9 +53,9 @@ def test_end_to_end_compress_chat_export_reload(app):
     assert teacher_msgs[-1]["content"] and student_msgs[-1]["content"]
     assert "tokens/s" in teacher_speed and "tokens/s" in student_speed
 
-    table, _ = client.predict("default", 512, 128, False, api_name="/evaluate")
+    table, _ = client.predict("default", 512, 128, False, True, api_name="/evaluate")
     rows = {row[0]: row for row in table["data"]}
-    assert set(rows) == {"teacher", "student"}
+    assert set(rows) == {"teacher", "student", "teacher int8", "student int8"}
     headers = table["headers"]
     assert float(rows["student"][headers.index("perplexity")]) > 1
     assert rows["student"][headers.index("parameters")] != rows["teacher"][headers.index("parameters")]
@@ -74,10 +74,10 @@ def test_second_start_is_refused_and_stop_keeps_finished_layers(app):
     client, _ = app
     client.predict("Built-in", "", "", "", "train", 8192, 128, 4, api_name="/calibration")
     client.predict("uniform", 20, 30, 0, ["attention", "mlp"], 0, api_name="/apply_preset")
-    client.predict("whitened", 3e-4, 1, "joint", api_name="/start")
+    client.predict("whitened", 3e-4, 1, "joint", 0, api_name="/start")
     wait_for(client, lambda s: s["status"] == "running" and s["events"] > 5)
     with pytest.raises(Exception, match="already running"):
-        client.predict("whitened", 3e-4, 1, "joint", api_name="/start")
+        client.predict("whitened", 3e-4, 1, "joint", 0, api_name="/start")
     # a brand-new client is a new browser tab: it re-attaches to the same running job
     from gradio_client import Client
     other_tab = Client(client.src, verbose=False)
