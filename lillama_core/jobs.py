@@ -225,7 +225,8 @@ def save_run(run_dir: Path, config: RunConfig, result, keep_student: bool = True
     write_json(run_dir / "plan.json", json.loads(result.plan.to_json()))
     write_json(run_dir / "metrics.json", result.metrics)
     if keep_student and result.run.applied.ranks:  # a run stopped before its first layer has nothing to keep
-        export_student(result.run.student, result.loaded.tokenizer, run_dir / STUDENT_DIR,
+        # A resumed run holds more finished layers than the student saved when it stopped: replace it (atomically).
+        export_student(result.run.student, result.loaded.tokenizer, run_dir / STUDENT_DIR, overwrite=True,
                        record={"config": config.to_dict(), "metrics": result.metrics})
 
 

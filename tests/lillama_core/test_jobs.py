@@ -5,9 +5,9 @@ import pytest
 
 from lillama_core.config import RunConfig
 from lillama_core.errors import CalibrationError, JobBusyError
-from lillama_core.events import Phase
-from lillama_core.export import load_compressed
-from lillama_core.jobs import JobManager, compression_work, list_runs, read_run
+from lillama_core.events import LayerFinished, Phase
+from lillama_core.export import load_compressed, rank_map_of
+from lillama_core.jobs import JobManager, compression_work, list_runs, read_run, resume_work
 from tiny import SAMPLE_TEXT
 
 
@@ -52,6 +52,35 @@ def test_second_job_on_the_same_device_is_refused(manager, tiny_config):
     assert first.wait(30) and first.status == "completed"
     second = manager.submit("compression", tiny_config, lambda job: None)
     assert second.wait(30) and second.status == "completed"
+
+
+def _student_layers(run_dir) -> set[str]:
+    return {name.split(".")[2] for name in rank_map_of(load_compressed(run_dir / "student")[0])}
+
+
+def test_a_stopped_run_resumes_in_its_folder_and_replaces_its_student(manager, tiny, tiny_config):
+    tiny_config.plan.strategy, tiny_config.plan.reduction = "uniform", 0.2
+    compress = compression_work(tiny_config, loaded=tiny)
+
+    def stop_after_the_first_layer(job):
+        record = job.record
+
+        def record_and_stop(event):
+            record(event)
+            if isinstance(event, LayerFinished):
+                job.stop()
+
+        job.record = record_and_stop
+        return compress(job)
+
+    job = manager.submit("compression", tiny_config, stop_after_the_first_layer)
+    assert job.wait(120) and job.status == "stopped", job.message
+    assert _student_layers(job.run_dir) == {"0"}
+
+    config, work = resume_work(job.run_dir, loaded=tiny)
+    resumed = manager.submit("compression", config, work, run_dir=job.run_dir)
+    assert resumed.wait(120) and resumed.status == "completed", resumed.message
+    assert _student_layers(job.run_dir) == {"0", "1", "2"}
 
 
 def test_stop_marks_the_job_stopped(manager, tiny_config):
