@@ -16,6 +16,8 @@ __all__ = [
     "set_submodule",
     "svd_factors",
     "whitened_factors",
+    "WhitenedSVD",
+    "low_rank_from_factors",
     "random_factors",
     "cholesky_whitener",
     "spectrum",
@@ -48,16 +50,26 @@ def cholesky_whitener(cov: torch.Tensor, max_tries: int = 8) -> torch.Tensor:
     return torch.linalg.cholesky(cov + scale * eye)
 
 
+class WhitenedSVD:
+    """The SVD of W L (L L^T = X^T X), computed once and truncated to any rank: probing several ranks of
+    one matrix costs one decomposition."""
+
+    def __init__(self, weight: torch.Tensor, cov: torch.Tensor):
+        self.dtype = weight.dtype
+        self.lower = cholesky_whitener(cov)
+        self.u, self.s, self.vh = torch.linalg.svd(weight.double() @ self.lower, full_matrices=False)
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        root = self.s[:rank].sqrt()
+        # A = sqrt(S_r) V_r^T L^{-1}, computed as a triangular solve instead of an explicit inverse.
+        a = torch.linalg.solve_triangular(self.lower, (root[:, None] * self.vh[:rank]), upper=False, left=False)
+        b = self.u[:, :rank] * root
+        return b.to(self.dtype), a.to(self.dtype)
+
+
 def whitened_factors(weight: torch.Tensor, cov: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Truncated SVD of W L where L L^T = X^T X; A absorbs L^{-1} so B A approximates W on the data."""
-    w = weight.double()
-    lower = cholesky_whitener(cov)
-    u, s, vh = torch.linalg.svd(w @ lower, full_matrices=False)
-    root = s[:rank].sqrt()
-    # A = sqrt(S_r) V_r^T L^{-1}, computed as a triangular solve instead of an explicit inverse.
-    a = torch.linalg.solve_triangular(lower, (root[:, None] * vh[:rank]), upper=False, left=False)
-    b = u[:, :rank] * root
-    return b.to(weight.dtype), a.to(weight.dtype)
+    return WhitenedSVD(weight, cov).factors(rank)
 
 
 def random_factors(weight: torch.Tensor, rank: int, generator: torch.Generator | None = None):
@@ -112,8 +124,13 @@ def to_low_rank(
         b, a = random_factors(weight, rank, generator)
     else:
         raise ValueError(f"unknown init {init!r}")
-    low = LowRankLinear(dense.in_features, dense.out_features, rank, bias=dense.bias is not None,
-                        device=weight.device, dtype=torch.float32)
+    return low_rank_from_factors(dense, b, a)
+
+
+def low_rank_from_factors(dense: nn.Linear, b: torch.Tensor, a: torch.Tensor) -> LowRankLinear:
+    """A float32 LowRankLinear with weights B and A, carrying the dense layer's bias on the output side."""
+    low = LowRankLinear(dense.in_features, dense.out_features, a.shape[0], bias=dense.bias is not None,
+                        device=dense.weight.device, dtype=torch.float32)
     with torch.no_grad():
         low.A.weight.copy_(a)
         low.B.weight.copy_(b)

@@ -20,7 +20,7 @@ from .activations import InputCovariances, Passthrough, capture_block_inputs, ru
 from .calibration import CalibrationData
 from .distill import batch_slices
 from .events import EventSink, Phase
-from .lowrank import set_submodule, to_low_rank
+from .lowrank import WhitenedSVD, low_rank_from_factors, set_submodule
 from .models import LoadedModel, find_blocks, share_weights_copy
 from .ranks import ModelShape, ModuleShape
 
@@ -29,14 +29,14 @@ PROBE_SEQUENCES = 2
 
 
 def compressed_block(block: nn.Module, modules: list[ModuleShape], keep: float,
-                     covariances: dict[str, torch.Tensor]) -> nn.Module:
+                     decompositions: dict[str, WhitenedSVD]) -> nn.Module:
     """A copy of the block with each module whitened-factorised to keep about `keep` of its weights."""
     low = copy.deepcopy(block)
     for m in modules:
         rank = m.rank_for_keep(keep)
         if rank <= m.max_saving_rank:
             dense = low.get_submodule(m.local_name)
-            factor = to_low_rank(dense, rank, "whitened", covariances[m.local_name])
+            factor = low_rank_from_factors(dense, *decompositions[m.local_name].factors(rank))
             set_submodule(low, m.local_name, factor.to(dense.weight.dtype))
     return low
 
@@ -76,8 +76,11 @@ def measure_sensitivity(loaded: LoadedModel, calibration: CalibrationData, group
         if block.index > 0:  # blocks below replay the recorded input instead of recomputing it
             parent[block.index - 1] = Passthrough(blocks[block.index - 1].module, probe_input)
         result[block.index] = {}
+        covariances = covs.means()
+        decompositions = {m.local_name: WhitenedSVD(block.module.get_submodule(m.local_name).weight.detach().float(),
+                                                    covariances[m.local_name]) for m in modules}
         for keep in keeps:
-            parent[block.index] = compressed_block(block.module, modules, keep, covs.means())
+            parent[block.index] = compressed_block(block.module, modules, keep, decompositions)
             kl = F.kl_div(_log_probs(replay, probe_ids), reference, log_target=True, reduction="none").sum(-1)
             result[block.index][keep] = kl.mean().item()
         parent[block.index] = Passthrough(block.module)
