@@ -73,7 +73,7 @@ class PlanConfig:
         "sensitivity: layers kept where compressing them hurts the output most (measured); "
         "energy: ranks where the spectrum needs them; uniform: one rank everywhere; "
         "bottom/top: whole layers from the first/last until the target",
-        "energy",
+        "sensitivity",
     )
     reduction: float | None = _help("target share of all parameters to remove (0-1)", 0.2)
     rank: int | None = _help("fixed rank for every selected module instead of a reduction target", None)
@@ -113,7 +113,7 @@ LOSS_PATHS = ("joint", "teacher", "student")
 @dataclass
 class DistillConfig:
     init: str = _help("factor initialisation: whitened (activation-aware SVD), svd or random", "whitened")
-    lr: float = _help("AdamW learning rate of each layer's optimiser", 3e-4)
+    lr: float = _help("AdamW learning rate of each layer's optimiser", 1e-3)
     weight_decay: float = _help("AdamW weight decay", 0.0)
     schedule: str = _help("learning-rate schedule over the layer's steps: constant or cosine", "cosine")
     warmup_steps: int = _help("linear warm-up steps at the start of each layer", 4)

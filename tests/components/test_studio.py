@@ -34,6 +34,17 @@ def test_module_edits_are_validated_and_flagged(studio):
     assert studio.plan.ranks[q] == 40  # the bad edit left the plan as it was
 
 
+def test_the_default_sensitivity_preset_measures_on_calibration_data(studio, tmp_path):
+    from tiny import SAMPLE_TEXT
+
+    text = tmp_path / "calib.txt"
+    text.write_text(SAMPLE_TEXT * 20)
+    studio.calibration.source, studio.calibration.tokens, studio.calibration.seq_len = str(text), 512, 32
+    assert PlanConfig().strategy == "sensitivity"
+    plan = studio.apply_preset(PlanConfig(reduction=0.1))
+    assert plan.strategy == "sensitivity" and plan.ranks and studio.summary().reduction >= 0.1
+
+
 def test_plan_json_for_another_model_is_refused(studio):
     with pytest.raises(RankPlanError, match="does not have"):
         studio.load_plan_json('{"ranks": {"model.layers.99.mlp.up_proj": 4}}')
