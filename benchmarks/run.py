@@ -1,0 +1,219 @@
+"""Benchmark harness CLI (`make bench` runs it with no arguments: a small default suite).
+
+  python -m benchmarks.run quality  --model smollm2-135m-instruct --reductions 0.1,0.2,0.3,0.4 \\
+                                    --methods teacher,svd,whitened,paper,ours --tokens 16384 --eval-tokens 8192
+  python -m benchmarks.run ablation --what allocation|init|loss|lr|schedule|epochs|tokens|method \\
+                                    [--values ...] [--free] [--base tuned] [--reduction 0.2]
+  python -m benchmarks.run speed    --model smollm2-135m-instruct --variants teacher,tuned@0.2
+  python -m benchmarks.run report   # docs/benchmarks.md + charts from every record in benchmarks/results/
+
+Every command takes --device auto|cpu|cuda and --dtype auto|float32|bfloat16 (auto: bf16 on CUDA, fp32 on
+CPU), so a GPU session reruns the same suites with bigger --tokens / --eval-tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+from .methods import DEFAULT_METHODS, METHODS
+
+
+def _quiet() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
+        logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def _floats(text: str) -> list[float]:
+    return [float(x) for x in text.split(",") if x.strip()]
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _budget(args):
+    from .bench import Budget
+
+    return Budget(tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
+                  eval_tokens=args.eval_tokens, eval_seq_len=args.eval_seq_len)
+
+
+def _common(p: argparse.ArgumentParser, tokens: int = 16_384, eval_tokens: int = 8_192) -> None:
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
+    p.add_argument("--tokens", type=int, default=tokens, help="calibration tokens (same for every method)")
+    p.add_argument("--seq-len", type=int, default=256, help="calibration sequence length")
+    p.add_argument("--batch-size", type=int, default=8, help="distillation batch (sequences)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-tokens", type=int, default=eval_tokens, help="WikiText-2 test tokens scored")
+    p.add_argument("--eval-seq-len", type=int, default=512)
+    p.add_argument("--tag", default=None, help="free-form label stored in each record")
+    p.add_argument("--results", default=None, help="results folder (default benchmarks/results)")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("LILLAMA_BENCH_THREADS", 0)),
+                   help="torch CPU threads (0: torch's default). On a shared CPU 1 thread avoids OpenMP "
+                        "oversubscription, which can make float64 SVDs 100x slower")
+
+
+def _parse_sets(items: list[str] | None) -> dict:
+    """--set distill.lr=1e-3 --set plan.overrides='{"*.layers.0.*": null}' -> {"distill": {...}, "plan": {...}}"""
+    out: dict = {}
+    for item in items or []:
+        key, _, value = item.partition("=")
+        part, _, name = key.partition(".")
+        if part not in ("plan", "distill") or not name:
+            raise SystemExit(f"--set expects plan.NAME=VALUE or distill.NAME=VALUE, not {item!r}")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        out.setdefault(part, {})[name] = parsed
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command")
+
+    q = sub.add_parser("quality", help="perplexity of each method at each reduction")
+    q.add_argument("--model", "--models", dest="models", default="smollm2-135m-instruct",
+                   help="comma-separated: smollm2-135m-instruct, gemma3-270m, a hub id or folder")
+    q.add_argument("--reductions", default="0.1,0.2,0.3,0.4")
+    q.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated from {', '.join(METHODS)}")
+    _common(q)
+
+    a = sub.add_parser("ablation", help="one knob at a time around a base recipe")
+    a.add_argument("--model", default="smollm2-135m-instruct")
+    a.add_argument("--what", required=True,
+                   choices=["allocation", "init", "loss", "lr", "schedule", "epochs", "tokens", "method"])
+    a.add_argument("--values", default=None, help="comma-separated values for the axis (defaults per axis)")
+    a.add_argument("--reduction", type=float, default=0.2)
+    a.add_argument("--base", default="tuned", help="recipe the variants start from")
+    a.add_argument("--free", action="store_true", help="training-free variants (whitened/SVD init only)")
+    a.add_argument("--set", action="append", dest="sets", help="override the base: distill.lr=1e-3, plan.strategy=...")
+    _common(a)
+
+    s = sub.add_parser("speed", help="generation/prefill tokens/s and memory, teacher vs students")
+    s.add_argument("--model", "--models", dest="models", default="smollm2-135m-instruct")
+    s.add_argument("--variants", default="teacher,tuned@0.2", help="method@reduction, comma-separated")
+    s.add_argument("--new-tokens", type=int, default=64)
+    s.add_argument("--repeats", type=int, default=3)
+    _common(s, tokens=8_192)
+
+    w = sub.add_parser("_speed-worker", help=argparse.SUPPRESS)
+    w.add_argument("--model", required=True)
+    w.add_argument("--method", required=True)
+    w.add_argument("--reduction", type=float, default=0.0)
+    w.add_argument("--new-tokens", type=int, default=64)
+    w.add_argument("--repeats", type=int, default=3)
+    w.add_argument("--out", required=True)
+    _common(w, tokens=8_192)
+
+    t = sub.add_parser("throughput", help="distillation tokens/s, MFU and peak memory on random-weight Llamas")
+    t.add_argument("--shapes", default="llama-1b:4,llama-7b:3",
+                   help="shape:layers[:init], comma-separated (init defaults to --init)")
+    t.add_argument("--tokens", type=int, default=65_536, help="calibration tokens per layer")
+    t.add_argument("--seq-len", type=int, default=512)
+    t.add_argument("--batch-size", type=int, default=8)
+    t.add_argument("--init", default="whitened")
+    t.add_argument("--device", default="auto")
+    t.add_argument("--dtype", default="auto")
+    t.add_argument("--tag", default=None)
+    t.add_argument("--results", default=None)
+
+    r = sub.add_parser("report", help="regenerate docs/benchmarks.md and the charts from all records")
+    r.add_argument("--results", default=None)
+    r.add_argument("--doc", default=None, help="markdown file to write (default docs/benchmarks.md)")
+
+    d = sub.add_parser("default", help="the small suite `make bench` runs (also: no arguments)")
+    _common(d, tokens=8_192, eval_tokens=4_096)
+    d.add_argument("--model", default="smollm2-135m-instruct")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    args = parser.parse_args(argv or ["default"])
+    _quiet()
+    if getattr(args, "threads", 0):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    start = time.time()
+    results = Path(args.results) if getattr(args, "results", None) else None
+
+    if args.command == "report":
+        from .report import write_report
+
+        path = write_report(results, Path(args.doc) if args.doc else None)
+        print(f"wrote {path}")
+        return 0
+
+    from . import suites
+
+    if args.command == "quality":
+        suites.run_quality(_names(args.models), _floats(args.reductions), _names(args.methods), _budget(args),
+                           args.device, args.dtype, args.tag, results)
+    elif args.command == "ablation":
+        suites.run_ablation(args.model, args.what, args.reduction, args.base,
+                            _names(args.values) if args.values else None, args.free, _budget(args), args.device,
+                            args.dtype, _parse_sets(args.sets), args.tag, results)
+    elif args.command == "speed":
+        variants = []
+        for item in _names(args.variants):
+            method, _, reduction = item.partition("@")
+            variants.append((method, float(reduction or 0.0)))
+        suites.run_speed(_names(args.models), variants, _budget(args), args.device, args.dtype, args.new_tokens,
+                         args.repeats, args.tag, results)
+    elif args.command == "throughput":
+        from lillama_core.models import resolve_device, resolve_dtype
+
+        from .common import write_record
+        from .throughput import run_throughput
+
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
+        for item in _names(args.shapes):
+            shape, layers, init = (item.split(":") + ["3", args.init])[:3]
+            try:
+                record = run_throughput(shape, int(layers), args.tokens, args.seq_len, args.batch_size, init,
+                                        device, dtype)
+            except Exception as exc:  # one shape that does not fit must not lose the others
+                suites.log(f"  {shape} failed: {type(exc).__name__}: {exc}")
+                record = {"model": f"{shape} (random weights)", "error": f"{type(exc).__name__}: {exc}"}
+            if args.tag:
+                record["tag"] = args.tag
+            write_record("throughput", record, results)
+    elif args.command == "_speed-worker":
+        record = suites.speed_worker(args.model, args.method, args.reduction, _budget(args), args.device,
+                                     args.dtype, args.new_tokens, args.repeats)
+        Path(args.out).write_text(json.dumps(record))
+    elif args.command == "default":
+        # Small but meaningful: every method at 20% on SmolLM2, the speed of a 20% student, then the report.
+        budget = _budget(args)
+        tag = args.tag or "make-bench"
+        suites.run_quality([args.model], [0.2], list(DEFAULT_METHODS) + ["tuned"], budget, args.device, args.dtype,
+                           tag, results)
+        suites.run_speed([args.model], [("teacher", 0.0), ("tuned", 0.2)], budget, args.device, args.dtype,
+                         new_tokens=32, repeats=2, tag=tag, results_dir=results)
+        from .report import write_report
+
+        print(f"wrote {write_report(results)}")
+    print(f"done in {time.time() - start:.0f}s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,221 @@
+"""The suites: quality (methods x reductions), ablations (one knob at a time around a base recipe) and
+speed/memory (teacher vs students, each measured in its own process)."""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lillama_core.evaluate import generation_speed
+from lillama_core.models import count_parameters, weight_bytes
+from lillama_core.telemetry import synchronize
+
+from .bench import Bench, Budget, log
+from .common import ROOT, PeakMemory, environment, maxrss_bytes, rss_bytes, write_record
+from .methods import PROTECT_LAST, Recipe, recipe
+
+
+# ---- quality ----
+
+
+def run_quality(models: list[str], reductions: list[float], methods: list[str], budget: Budget,
+                device: str, dtype: str, tag: str | None = None, results_dir=None) -> list[dict]:
+    records = []
+    for model in models:
+        bench = Bench(model, budget, device, dtype)
+        for method in methods:
+            r = recipe(method)
+            for reduction in ([0.0] if r.teacher else reductions):
+                try:
+                    record = bench.run_recipe(r, reduction, extra={"tag": tag} if tag else None)
+                except Exception as exc:  # one infeasible point (e.g. 40% of Gemma) must not end the suite
+                    log(f"  {model} {method} @ {reduction:.0%} failed: {type(exc).__name__}: {exc}")
+                    record = {**bench.base_record(), "method": method, "target_reduction": reduction,
+                              "tokens": budget.tokens, "ppl": None, "error": f"{type(exc).__name__}: {exc}"}
+                write_record("quality", record, results_dir)
+                records.append(record)
+        del bench
+        gc.collect()
+    return records
+
+
+# ---- ablations ----
+
+def ablation_variants(what: str, base: Recipe, values: list[str] | None, free: bool,
+                      model: str) -> list[tuple[str, Recipe, int | None]]:
+    """(label, recipe, calibration tokens or None) for one ablation axis."""
+    out = []
+    if what == "allocation":
+        # Values: strategy[+L<n>...][+last], e.g. "energy+L0+last" = energy ranks, layers 0 and last kept dense.
+        specs = values or ["uniform", "uniform+L0", "bottom", "bottom+L0", "top", "top+L0", "energy", "energy+L0",
+                           "energy+L0+last"]
+        for spec in specs:
+            strategy, *protect = spec.split("+")
+            overrides = {}
+            for item in protect:
+                if item == "last":
+                    overrides.update(PROTECT_LAST)
+                elif item.startswith("L") and item[1:].isdigit():
+                    overrides[f"*.layers.{int(item[1:])}.*"] = None
+                else:
+                    raise SystemExit(f"allocation value {spec!r}: expected strategy[+L<n>][+last]")
+            label = spec + (" dense" if protect else "")
+            out.append((label, base.with_changes(label, plan={"strategy": strategy, "overrides": overrides}), None))
+    elif what == "init":
+        for init in values or ["svd", "whitened"]:
+            out.append((f"init={init}", base.with_changes(f"init={init}", distill={"init": init}), None))
+    elif what == "loss":
+        for loss in values or ["joint", "teacher", "student"]:
+            out.append((f"loss={loss}", base.with_changes(f"loss={loss}", distill={"loss": loss}), None))
+    elif what == "lr":
+        for lr in values or ["1e-4", "3e-4", "1e-3"]:
+            out.append((f"lr={lr}", base.with_changes(f"lr={lr}", distill={"lr": float(lr)}), None))
+    elif what == "schedule":
+        for schedule in values or ["cosine", "constant"]:
+            out.append((f"schedule={schedule}", base.with_changes(f"schedule={schedule}",
+                                                                  distill={"schedule": schedule}), None))
+    elif what == "epochs":
+        for epochs in values or ["1", "2"]:
+            out.append((f"epochs={epochs}", base.with_changes(f"epochs={epochs}", distill={"epochs": int(epochs)}),
+                        None))
+    elif what == "tokens":
+        for tokens in values or ["4096", "16384", "65536"]:
+            out.append((f"tokens={int(tokens)}", base.with_changes(f"tokens={tokens}"), int(tokens)))
+    elif what == "method":  # any named recipes side by side, e.g. --values svd,whitened,tuned
+        for name in values or []:
+            out.append((name, recipe(name), None))
+    else:
+        raise SystemExit(f"unknown ablation {what!r}")
+    if free:
+        out = [(label + " (no training)", r.with_changes(r.name, distill={"distill": False}), t) for label, r, t in out]
+    return out
+
+
+def run_ablation(model: str, what: str, reduction: float, base_name: str, values: list[str] | None, free: bool,
+                 budget: Budget, device: str, dtype: str, sets: dict | None = None, tag: str | None = None,
+                 results_dir=None) -> list[dict]:
+    base = recipe(base_name)
+    if sets:
+        base = base.with_changes(base.name, plan=sets.get("plan"), distill=sets.get("distill"))
+    variants = ablation_variants(what, base, values, free, model)
+    bench = Bench(model, budget, device, dtype)
+    records = []
+    teacher = bench.run_teacher()
+    for label, r, tokens in variants:
+        extra = {"ablation": what, "variant": label, "base": base_name, "training_free": free,
+                 "teacher_ppl": teacher["ppl"], **({"tag": tag} if tag else {}), **({"sets": sets} if sets else {})}
+        try:
+            record = bench.run_recipe(r, reduction, tokens=tokens, label=label, extra=extra)
+        except Exception as exc:
+            log(f"  {label} failed: {type(exc).__name__}: {exc}")
+            record = {**bench.base_record(), "method": label, "target_reduction": reduction, "ppl": None,
+                      "error": f"{type(exc).__name__}: {exc}", **extra}
+        write_record("ablation", record, results_dir)
+        records.append(record)
+    return records
+
+
+# ---- speed and memory ----
+
+
+def _median_speed(model, vocab: int, batch: int, prompt: int, new: int, repeats: int) -> dict:
+    runs = [generation_speed(model, vocab, batch, prompt, new, seed=i) for i in range(repeats)]
+    return {"batch_size": batch, "prompt_tokens": prompt, "new_tokens": runs[0].new_tokens,
+            "generate_tokens_per_s": statistics.median(r.generate_tokens_per_s for r in runs),
+            "prefill_tokens_per_s": statistics.median(r.prefill_tokens_per_s for r in runs)}
+
+
+@torch.no_grad()
+def _prefill(model, vocab: int, batch: int, seq: int, repeats: int) -> float:
+    device = next(model.parameters()).device
+    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
+    model(input_ids=ids[:, :16], use_cache=False)
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        model(input_ids=ids, use_cache=False)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return batch * seq / statistics.median(times)
+
+
+def speed_worker(model_name: str, method: str, reduction: float, budget: Budget, device: str, dtype: str,
+                 new_tokens: int, repeats: int) -> dict:
+    """Measure one model in this (fresh) process: the teacher, or a student of `method` at `reduction`.
+
+    A student is built training-free: distillation changes the factors' values, not their shapes,
+    so speed and memory are those of the distilled model. The teacher's dense copies of the
+    replaced weights are dropped before measuring, so memory is the student's alone."""
+    bench = Bench(model_name, budget, device, dtype)
+    r = recipe(method)
+    info = {}
+    if r.teacher:
+        model = bench.loaded.model
+    else:
+        model, summary = bench.build_student(r, reduction)
+        info = {"reduction": summary.reduction, "target_reduction": reduction}
+        bench.loaded.model = None  # the student keeps only the weights it shares
+        bench._calibration.clear()
+        bench._spectra.clear()
+    gc.collect()
+    vocab = model.config.vocab_size
+    device_ = next(model.parameters()).device
+    record = {"model": model_name, "method": method, "target_reduction": reduction if not r.teacher else 0.0,
+              "reduction": info.get("reduction", 0.0), "device": str(device_),
+              "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+              "params": count_parameters(model), "weight_bytes": weight_bytes(model), "env": environment(device_),
+              "rss_before_bytes": rss_bytes() if device_.type == "cpu" else None}
+    results = {}
+    with PeakMemory(device_) as mem1:
+        results["batch1"] = _median_speed(model, vocab, 1, 64, new_tokens, repeats)
+    with PeakMemory(device_) as mem16:
+        results["batch16"] = _median_speed(model, vocab, 16, 64, new_tokens, repeats)
+    with PeakMemory(device_) as mem_prefill:
+        results["prefill_tokens_per_s"] = _prefill(model, vocab, 4, 512, repeats)
+    record.update(
+        gen_b1_tokens_per_s=results["batch1"]["generate_tokens_per_s"],
+        gen_b16_tokens_per_s=results["batch16"]["generate_tokens_per_s"],
+        prefill_tokens_per_s=results["prefill_tokens_per_s"],
+        prefill_shape=[4, 512],
+        new_tokens=new_tokens, repeats=repeats, details=results,
+        **mem1.as_dict("gen_b1"), **mem16.as_dict("gen_b16"), **mem_prefill.as_dict("prefill"),
+        process_maxrss_bytes=maxrss_bytes() if device_.type == "cpu" else None,
+    )
+    return record
+
+
+def run_speed(models: list[str], variants: list[tuple[str, float]], budget: Budget, device: str, dtype: str,
+              new_tokens: int = 64, repeats: int = 3, tag: str | None = None, results_dir=None) -> list[dict]:
+    """Each (method, reduction) in its own process, so memory figures do not mix."""
+    records = []
+    for model in models:
+        for method, reduction in variants:
+            with tempfile.TemporaryDirectory() as tmp:
+                out = Path(tmp) / "speed.json"
+                cmd = [sys.executable, "-m", "benchmarks.run", "_speed-worker", "--model", model, "--method", method,
+                       "--reduction", str(reduction), "--device", device, "--dtype", dtype, "--tokens",
+                       str(budget.tokens), "--new-tokens", str(new_tokens), "--repeats", str(repeats),
+                       "--threads", str(torch.get_num_threads()), "--out", str(out)]
+                log(f"speed: {model} {method} @ {reduction:.0%}")
+                proc = subprocess.run(cmd, cwd=ROOT, env=os.environ.copy())
+                if proc.returncode != 0 or not out.exists():
+                    log(f"  speed worker failed with code {proc.returncode}")
+                    continue
+                record = json.loads(out.read_text())
+            if tag:
+                record["tag"] = tag
+            write_record("speed", record, results_dir)
+            records.append(record)
+            log(f"  b1 {record['gen_b1_tokens_per_s']:.1f} tok/s, b16 {record['gen_b16_tokens_per_s']:.1f} tok/s, "
+                f"prefill {record['prefill_tokens_per_s']:.0f} tok/s, weights {record['weight_bytes'] / 2**20:.0f} MiB")
+    return records

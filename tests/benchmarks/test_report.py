@@ -1,0 +1,62 @@
+"""The benchmark harness's own logic: recipes, ablation axes and the generated report."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks.methods import METHODS, recipe  # noqa: E402
+from benchmarks.report import generated_markdown  # noqa: E402
+from benchmarks.run import _parse_sets  # noqa: E402
+from benchmarks.suites import ablation_variants  # noqa: E402
+from lillama_core.config import DistillConfig, PlanConfig  # noqa: E402
+
+
+def _quality(method, reduction, ppl, tokens=16384, **extra):
+    return {"suite": "quality", "timestamp": f"2026-01-01T00:00:{int(reduction * 100):02d}", "model": "m",
+            "device": "cpu", "eval": {"tokens": 8192, "seq_len": 512}, "method": method,
+            "target_reduction": reduction, "reduction": reduction, "params_after": 100e6, "tokens": tokens,
+            "ppl": ppl, **extra}
+
+
+def test_ours_tracks_the_engine_defaults_and_the_paper_recipe_is_the_published_one():
+    assert recipe("ours").plan_config(0.2) == PlanConfig(reduction=0.2)
+    assert recipe("ours").distill_config() == DistillConfig()
+    paper = recipe("paper")
+    assert paper.plan_config(0.2).strategy == "bottom"
+    assert (paper.distill_config().init, paper.distill_config().lr, paper.distill_config().loss) == ("svd", 8.6e-5,
+                                                                                                    "joint")
+    assert all(not METHODS[m].distill_config().distill for m in ("svd", "whitened"))
+    with pytest.raises(SystemExit, match="unknown method"):
+        recipe("nope")
+
+
+def test_allocation_axis_parses_protected_layers_and_free_variants():
+    variants = ablation_variants("allocation", recipe("tuned"), ["energy+L0+last", "bottom"], True, "m")
+    (label, r, tokens), (label2, r2, _) = variants
+    assert label == "energy+L0+last dense (no training)" and tokens is None
+    assert r.plan["strategy"] == "energy" and set(r.plan["overrides"]) == {"*.layers.0.*", "*.layers.{last}.*"}
+    assert r.distill["distill"] is False and r2.plan["strategy"] == "bottom"
+    with pytest.raises(SystemExit):
+        ablation_variants("allocation", recipe("tuned"), ["uniform+X"], False, "m")
+    assert _parse_sets(["distill.lr=1e-3", "plan.strategy=top"]) == {"distill": {"lr": 1e-3},
+                                                                     "plan": {"strategy": "top"}}
+
+
+def test_report_tables_hold_every_measured_cell(tmp_path):
+    records = [_quality("teacher", 0.0, 29.6), _quality("whitened", 0.2, 120.2), _quality("ours", 0.2, 47.81),
+               _quality("ours", 0.4, 80.5),
+               {"suite": "throughput", "timestamp": "t", "model": "llama-7b (random weights)", "device": "cuda",
+                "dtype": "bfloat16", "params": 6.74e9, "weight_bytes": 12.6 * 2**30, "layers_compressed": 3,
+                "init": "random", "train_tokens_per_layer": 61440, "layer_seconds": [3.0, 1.5, 1.5],
+                "distill_tokens_per_s": 30720, "mfu": 0.033, "peak_allocated_bytes": 18.5 * 2**30,
+                "peak_over_weights": 1.47, "env": {"gpu": "NVIDIA H100"}}]
+    text = generated_markdown(records, tmp_path)
+    # One column per measured reduction; a method missing at one reduction leaves its cell empty.
+    assert "| method | 20% | 40% |" in text and "| ours | 47.81 | 80.50 |" in text
+    assert "| whitened | 120.20 |  |" in text
+    assert "teacher 29.60" in text
+    assert "| llama-7b (random weights) | NVIDIA H100, bfloat16 | 6.74B |" in text and "| 3.3% |" in text
+    assert (tmp_path / "benchmarks_ppl.svg").read_text().startswith("<svg")
