@@ -7,6 +7,7 @@ import inspect
 import json
 
 import gradio as gr
+import torch
 
 from lillama_core.errors import LillamaError
 
@@ -19,6 +20,10 @@ def friendly(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+# torch.OutOfMemoryError is a RuntimeError: without it here an out-of-memory in a panel would surface as a bug.
+USER_ERRORS = (LillamaError, MemoryError, torch.OutOfMemoryError, ValueError, OSError)
+
+
 def user_errors(fn):
     """Show engine errors as a gradio error toast; the app and its state stay as they were."""
     if inspect.isgeneratorfunction(fn):
@@ -28,7 +33,7 @@ def user_errors(fn):
                 yield from fn(*args, **kwargs)
             except gr.Error:
                 raise
-            except (LillamaError, MemoryError, ValueError, OSError) as exc:
+            except USER_ERRORS as exc:
                 raise gr.Error(friendly(exc)) from None
         return gen_wrapper
 
@@ -38,7 +43,7 @@ def user_errors(fn):
             return fn(*args, **kwargs)
         except gr.Error:
             raise
-        except (LillamaError, MemoryError, ValueError, OSError) as exc:
+        except USER_ERRORS as exc:
             raise gr.Error(friendly(exc)) from None
     return wrapper
 

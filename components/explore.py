@@ -106,9 +106,12 @@ def build(studio: Studio) -> dict:
 
     @user_errors
     def on_reload(name):
-        if not name or not (studio.jobs.runs_root / name / "student").exists():
+        if not name:
             raise gr.Error("pick a run with a saved student first")
-        student = studio.load_student(studio.jobs.runs_root / name)
+        run_dir = studio.jobs.run_folder(name)
+        if not (run_dir / "student").exists():
+            raise gr.Error(f"run {name} has no saved student (it stopped before its first layer finished)")
+        student = studio.load_student(run_dir)
         gr.Info(f"student of {student.label} loaded: Chat and Evaluate now use it")
 
     reload.click(on_reload, pick, None, concurrency_id="model", concurrency_limit=1, api_name="load_student")
@@ -117,7 +120,7 @@ def build(studio: Studio) -> dict:
     def on_resume(name):
         if not name:
             raise gr.Error("pick the run to resume first")
-        job = studio.resume(studio.jobs.runs_root / name)
+        job = studio.resume(studio.jobs.run_folder(name))
         return f"Resuming `{job.run_dir.name}` from its last finished layer; follow it in step 3."
 
     resume.click(on_resume, pick, sweep_note, concurrency_id="model", concurrency_limit=1, api_name="resume")

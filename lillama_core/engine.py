@@ -50,6 +50,18 @@ def _autocast_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype | N
     return dtype if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) else None
 
 
+OUT_OF_MEMORY_ADVICE = ("out of memory on the accelerator: lower the batch size, the sequence length or the "
+                        "token budget (activations are cached per layer), or run on CPU")
+
+
+def out_of_memory(emit: EventSink) -> OutOfMemoryError:
+    """Release what the failed work held, report it, and return the user error to raise."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    emit(RunError(OUT_OF_MEMORY_ADVICE, "OutOfMemoryError"))
+    return OutOfMemoryError(OUT_OF_MEMORY_ADVICE)
+
+
 @dataclass
 class RunResult:
     student: nn.Module
@@ -150,12 +162,7 @@ class Compressor:
             self.emit(RunError(str(exc), type(exc).__name__))
             raise
         except torch.OutOfMemoryError:
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
-            message = ("out of memory on the accelerator: lower the batch size, the sequence length or the "
-                       "token budget (activations are cached per layer), or run on CPU")
-            self.emit(RunError(message, "OutOfMemoryError"))
-            raise OutOfMemoryError(message) from None
+            raise out_of_memory(self.emit) from None
 
     def _run(self, start: float) -> RunResult:
         summarize(self.plan, self.shape)  # validates the plan against this model before any work

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import RunConfig
-from .errors import JobBusyError, LillamaError
+from .errors import ConfigError, JobBusyError, LillamaError
 from .events import Event, Phase, RunError, read_events
 from .models import lillama_home, resolve_device
 
@@ -108,6 +108,14 @@ class JobManager:
         self.jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
         self._count = 0
+
+    def run_folder(self, name: str) -> Path:
+        """The run folder called `name`; names come from the browser, so nothing outside the runs folder."""
+        name = (name or "").strip()
+        folder = self.runs_root / name
+        if not name or name in (".", "..") or Path(name).name != name or "\\" in name or not folder.is_dir():
+            raise ConfigError(f"no run called {name!r} in {self.runs_root}")
+        return folder
 
     def active(self, device: str | None = None) -> Job | None:
         with self._lock:

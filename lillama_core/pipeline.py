@@ -6,13 +6,14 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-
 from pathlib import Path
+
+import torch
 
 from .calibration import load_calibration, read_eval_text
 from .checkpoints import LayerCheckpoints
 from .config import RunConfig
-from .engine import Compressor, RunResult, make_plan
+from .engine import Compressor, RunResult, make_plan, out_of_memory
 from .errors import RunStopped
 from .evaluate import eval_windows, perplexity
 from .events import EventSink, Phase
@@ -42,9 +43,19 @@ def run_pipeline(config: RunConfig, loaded: LoadedModel | None = None, plan: Ran
                  checkpoint_dir: Path | None = None) -> PipelineResult:
     """Compress the configured model. `plan` overrides the plan the config would build; a loaded
     model and a known teacher perplexity can be passed in to skip that work. With a checkpoint
-    folder, every finished layer is saved there (with the plan) and layers already saved are reused."""
+    folder, every finished layer is saved there (with the plan) and layers already saved are reused.
+    Running out of accelerator memory at any stage (planning, healing, evaluation too) is a user error."""
     config.validate()
     emit = on_event or (lambda event: None)
+    try:
+        return _run_pipeline(config, loaded, plan, emit, stop, evaluate, teacher_ppl, checkpoint_dir)
+    except torch.OutOfMemoryError:
+        raise out_of_memory(emit) from None
+
+
+def _run_pipeline(config: RunConfig, loaded: LoadedModel | None, plan: RankPlan | None, emit: EventSink,
+                  stop: threading.Event | None, evaluate: bool, teacher_ppl: float | None,
+                  checkpoint_dir: Path | None) -> PipelineResult:
     start = time.time()
     if loaded is None:
         emit(Phase("load", f"loading {config.model.name}"))

@@ -4,7 +4,7 @@ import threading
 import pytest
 
 from lillama_core.config import RunConfig
-from lillama_core.errors import CalibrationError, JobBusyError
+from lillama_core.errors import CalibrationError, JobBusyError, LillamaError
 from lillama_core.events import LayerFinished, Phase
 from lillama_core.export import load_compressed, rank_map_of
 from lillama_core.jobs import JobManager, compression_work, list_runs, read_run, resume_work
@@ -81,6 +81,32 @@ def test_a_stopped_run_resumes_in_its_folder_and_replaces_its_student(manager, t
     resumed = manager.submit("compression", config, work, run_dir=job.run_dir)
     assert resumed.wait(120) and resumed.status == "completed", resumed.message
     assert _student_layers(job.run_dir) == {"0", "1", "2"}
+
+
+def test_out_of_memory_outside_the_layer_loop_fails_the_job_with_advice(manager, tiny, tiny_config, monkeypatch):
+    import torch
+
+    import lillama_core.pipeline as pipeline
+
+    def planning_runs_out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(pipeline, "make_plan", planning_runs_out_of_memory)
+    job = manager.submit("compression", tiny_config, compression_work(tiny_config, loaded=tiny))
+    assert job.wait(60) and job.status == "failed"
+    assert job.message.startswith("out of memory on the accelerator: lower the batch size")
+    monkeypatch.undo()
+    again = manager.submit("compression", tiny_config, compression_work(tiny_config, loaded=tiny))
+    assert again.wait(120) and again.status == "completed", again.message
+
+
+def test_run_names_from_the_browser_cannot_leave_the_runs_folder(manager, tmp_path):
+    (manager.runs_root / "run-1").mkdir()
+    (tmp_path / "secret").mkdir()
+    assert manager.run_folder("run-1") == manager.runs_root / "run-1"
+    for name in ["../secret", "..", "", "run-1/../../secret", str(tmp_path / "secret"), "missing"]:
+        with pytest.raises(LillamaError, match="no run called"):
+            manager.run_folder(name)
 
 
 def test_stop_marks_the_job_stopped(manager, tiny_config):
