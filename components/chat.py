@@ -87,29 +87,34 @@ def build(studio: Studio) -> dict:
         threads = [threading.Thread(target=produce, args=(side, *args), daemon=True) for side, args in sides.items()]
         for t in threads:
             t.start()
-        teacher_msgs = teacher_msgs + [{"role": "user", "content": message},
-                                       {"role": "assistant", "content": ""}]
-        student_msgs = student_msgs + [{"role": "user", "content": message},
-                                       {"role": "assistant", "content": "" if student else NO_STUDENT}]
-        latest = {"teacher": None, "student": None}
-        running = len(threads)
-        yield teacher_msgs, student_msgs, "", "", "", gr.update(interactive=False)
-        while running:
-            side, update, note = updates.get()
-            msgs = teacher_msgs if side == "teacher" else student_msgs
-            if note == "done":
-                running -= 1
-            elif note:
-                msgs[-1]["content"] = f"⚠ {note}"
-            else:
-                latest[side] = update
-                msgs[-1]["content"] = update.text
-            if updates.empty():  # coalesce bursts so the browser gets one update per batch of tokens
-                yield (teacher_msgs, student_msgs, _speed(latest["teacher"]), _speed(latest["student"]), gr.skip(),
-                       gr.skip())
-        stops.pop(request.session_hash, None)
-        yield (teacher_msgs, student_msgs, _speed(latest["teacher"]), _speed(latest["student"]), "",
-               gr.update(interactive=True))
+        try:
+            teacher_msgs = teacher_msgs + [{"role": "user", "content": message},
+                                           {"role": "assistant", "content": ""}]
+            student_msgs = student_msgs + [{"role": "user", "content": message},
+                                           {"role": "assistant", "content": "" if student else NO_STUDENT}]
+            latest = {"teacher": None, "student": None}
+            running = len(threads)
+            yield teacher_msgs, student_msgs, "", "", "", gr.update(interactive=False)
+            while running:
+                side, update, note = updates.get()
+                msgs = teacher_msgs if side == "teacher" else student_msgs
+                if note == "done":
+                    running -= 1
+                elif note:
+                    msgs[-1]["content"] = f"⚠ {note}"
+                else:
+                    latest[side] = update
+                    msgs[-1]["content"] = update.text
+                if updates.empty():  # coalesce bursts so the browser gets one update per batch of tokens
+                    yield (teacher_msgs, student_msgs, _speed(latest["teacher"]), _speed(latest["student"]),
+                           gr.skip(), gr.skip())
+            yield (teacher_msgs, student_msgs, _speed(latest["teacher"]), _speed(latest["student"]), "",
+                   gr.update(interactive=True))
+        finally:
+            # also when the browser goes away mid-answer and gradio closes this generator: no orphan decoding
+            stop.set()
+            if stops.get(request.session_hash) is stop:
+                stops.pop(request.session_hash)
 
     sampling_inputs = [max_new, temperature, top_p, top_k, penalty, seed]
     outputs = [teacher_box, student_box, teacher_speed, student_speed, prompt, send]

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import tempfile
 from dataclasses import replace
+from pathlib import Path
 
 import gradio as gr
 import pandas as pd
@@ -20,6 +23,16 @@ from .common import plot, user_errors
 from .studio import Studio
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$")
+
+
+def zip_atomically(folder: Path) -> str:
+    """folder.zip, written under a temporary name first so a half-written archive is never offered."""
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.zip-") as tmp:
+        partial = shutil.make_archive(str(Path(tmp) / folder.name), "zip", root_dir=folder.parent,
+                                      base_dir=folder.name)
+        final = folder.with_name(folder.name + ".zip")
+        os.replace(partial, final)
+    return str(final)
 
 
 def check_export_name(name: str) -> str:
@@ -116,7 +129,7 @@ def build(studio: Studio) -> dict:
         out = export_student(student.model, student.tokenizer, folder, merge=fmt_value.startswith("merged"),
                              overwrite=overwrite_value, record=record)
         progress(0.6, desc="zipping")
-        archive = shutil.make_archive(str(out), "zip", root_dir=out.parent, base_dir=out.name)
+        archive = zip_atomically(out)
         size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
         note = (f"Exported to `{out}` ({human_bytes(size)}). Load it with "
                 f"`AutoModelForCausalLM.from_pretrained('{out}'{', trust_remote_code=True' if not fmt_value.startswith('merged') else ''})`.")

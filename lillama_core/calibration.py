@@ -72,7 +72,14 @@ def _jsonl_file(path: Path) -> Iterator[dict]:
                     raise CalibrationError(f"{path}, line {number}: not valid JSON") from None
 
 
+JSON_MAX_BYTES = 256 * 2**20  # a .json file is parsed whole; bigger data belongs in streamed .jsonl
+
+
 def _json_file(path: Path) -> Iterator[dict]:
+    size = path.stat().st_size
+    if size > JSON_MAX_BYTES:
+        raise CalibrationError(f"{path} is {size / 2**20:,.0f} MiB; a .json file is read whole, so convert it to "
+                               ".jsonl (one record per line), which is streamed")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -90,8 +97,15 @@ def _json_file(path: Path) -> Iterator[dict]:
 
 
 def _csv_file(path: Path) -> Iterator[dict]:
-    with path.open(newline="", encoding="utf-8", errors="replace") as handle:
-        yield from csv.DictReader(handle)
+    with path.open("rb") as raw:
+        _check_text(raw.read(4096), path)
+    with path.open(newline="", encoding="utf-8", errors="strict") as handle:
+        try:
+            yield from csv.DictReader(handle)
+        except UnicodeDecodeError:
+            raise CalibrationError(f"{path} is not UTF-8 text") from None
+        except csv.Error as exc:
+            raise CalibrationError(f"{path} is not a readable CSV file: {exc}") from None
 
 
 def _parquet_file(path: Path) -> Iterator[dict]:

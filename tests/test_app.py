@@ -85,3 +85,25 @@ def test_second_start_is_refused_and_stop_keeps_finished_layers(app):
     other_tab.predict(api_name="/stop")
     stopped = wait_for(client, lambda s: s["status"] != "running", timeout=60)
     assert stopped["status"] == "stopped"
+
+
+def test_binds_to_this_machine_unless_told_and_sharing_warns(tmp_path, monkeypatch, capsys):
+    import app as studio_app
+
+    launches = []
+
+    class FakeDemo:
+        def queue(self, **kwargs):
+            return self
+
+        def launch(self, **kwargs):
+            launches.append(kwargs)
+
+    monkeypatch.setattr(studio_app, "build_app", lambda studio, uploads: FakeDemo())
+    base = ["--no-preload", "--runs-dir", str(tmp_path / "runs"), "--exports-dir", str(tmp_path / "exports")]
+    studio_app.main(base)
+    assert launches[-1]["server_name"] == "127.0.0.1" and launches[-1]["share"] is False
+    assert "WARNING" not in capsys.readouterr().err
+    studio_app.main(base + ["--share", "--host", "0.0.0.0"])
+    assert launches[-1]["server_name"] == "0.0.0.0" and launches[-1]["share"] is True
+    assert "WARNING: --share publishes this app on a public URL" in capsys.readouterr().err

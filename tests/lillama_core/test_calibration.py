@@ -76,6 +76,24 @@ def test_bad_files_give_clear_errors(tmp_path, tokenizer, content, message):
         load_calibration(_config(path), tokenizer)
 
 
+def test_csv_must_be_text_and_big_json_is_refused_before_it_is_read(tmp_path, tokenizer, monkeypatch):
+    import lillama_core.calibration as calibration
+
+    junk = tmp_path / "junk.csv"
+    junk.write_bytes(b"text\n" + bytes(range(256)) * 8)
+    with pytest.raises(CalibrationError, match="looks binary"):
+        load_calibration(_config(junk, text_field="text"), tokenizer)
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes(b"text\n" + "caf\u00e9 ".encode("latin-1") * 2000)
+    with pytest.raises(CalibrationError, match="not UTF-8"):
+        load_calibration(_config(latin, text_field="text"), tokenizer)
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps([{"text": SAMPLE_TEXT}] * 50))
+    monkeypatch.setattr(calibration, "JSON_MAX_BYTES", 1000)
+    with pytest.raises(CalibrationError, match="convert it to .jsonl"):
+        load_calibration(_config(big), tokenizer)
+
+
 def test_missing_file_and_unknown_type(tmp_path, tokenizer):
     with pytest.raises(CalibrationError, match="not found"):
         load_calibration(_config(tmp_path / "nope.txt"), tokenizer)

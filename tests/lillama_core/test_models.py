@@ -70,6 +70,13 @@ def test_device_and_dtype_defaults_follow_the_hardware():
             resolve_device("cuda")
 
 
+def test_one_gpu_has_one_name_so_the_busy_check_sees_it(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert str(resolve_device("auto")) == str(resolve_device("cuda")) == str(resolve_device("cuda:0")) == "cuda:0"
+    assert str(resolve_device("cuda:1")) == "cuda:1"
+
+
 @pytest.mark.real_model
 def test_built_in_smollm2_is_converted_once_then_read_from_the_cache(smollm, monkeypatch):
     assert describe(smollm)["layers"] == 30 and describe(smollm)["has_chat_template"]
