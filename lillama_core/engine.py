@@ -103,7 +103,8 @@ SENSITIVITY_TOKENS = 2048  # covariances for the probes; the KL itself is measur
 
 
 def make_plan(loaded: LoadedModel, config: PlanConfig, calibration: CalibrationData | None = None,
-              batch_size: int = 8, on_event: EventSink | None = None) -> RankPlan:
+              batch_size: int = 8, on_event: EventSink | None = None,
+              stop: threading.Event | None = None) -> RankPlan:
     shape = ModelShape.of(loaded.model)
     spectra = damage = None
     if config.strategy == "energy" and config.rank is None:
@@ -117,7 +118,7 @@ def make_plan(loaded: LoadedModel, config: PlanConfig, calibration: CalibrationD
         from .sensitivity import measure_sensitivity
 
         damage = measure_sensitivity(loaded, _first_tokens(calibration, SENSITIVITY_TOKENS), config.groups,
-                                     batch_size=batch_size, on_event=on_event)
+                                     batch_size=batch_size, on_event=on_event, stop=stop)
     return build_plan(shape, config, spectra, damage)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import RunConfig
-from .errors import ConfigError, JobBusyError, LillamaError
+from .errors import ConfigError, JobBusyError, LillamaError, RunStopped
 from .events import Event, Phase, RunError, read_events
 from .models import lillama_home, resolve_device
 
@@ -154,6 +154,8 @@ class JobManager:
         try:
             job.result = work(job)
             job.status = "stopped" if job.stop_event.is_set() else "completed"
+        except RunStopped as exc:  # stopped before distillation began: nothing to keep, nothing wrong
+            job.status, job.message = "stopped", str(exc)
         except LillamaError as exc:
             job.status, job.message = "failed", str(exc)
             if not any(isinstance(e, RunError) for e in job.events):
@@ -297,7 +299,8 @@ def sweep_work(base: RunConfig, reductions: list[float], runs_root: Path, loaded
                 result = run_pipeline(config, loaded=loaded, on_event=on_event, stop=job.stop_event,
                                       teacher_ppl=ppl)
             except LillamaError as exc:
-                write_json(run_dir / "status.json", {"status": "failed", "message": str(exc), "sweep": job.id})
+                status = "stopped" if isinstance(exc, RunStopped) else "failed"
+                write_json(run_dir / "status.json", {"status": status, "message": str(exc), "sweep": job.id})
                 raise
             ppl = result.metrics.get("teacher_ppl", ppl)
             save_run(run_dir, config, result)

@@ -37,6 +37,12 @@ def evaluate_perplexity(model, tokenizer, config: RunConfig) -> float:
     return perplexity(model, windows).perplexity
 
 
+def stop_point(stop: threading.Event, stage: str) -> None:
+    """Between stages that cannot be interrupted inside, a stop ends the run before the next one starts."""
+    if stop.is_set():
+        raise RunStopped(f"stopped by request after {stage}; nothing was compressed")
+
+
 def run_pipeline(config: RunConfig, loaded: LoadedModel | None = None, plan: RankPlan | None = None,
                  on_event: EventSink | None = None, stop: threading.Event | None = None,
                  evaluate: bool = True, teacher_ppl: float | None = None,
@@ -57,14 +63,18 @@ def _run_pipeline(config: RunConfig, loaded: LoadedModel | None, plan: RankPlan 
                   stop: threading.Event | None, evaluate: bool, teacher_ppl: float | None,
                   checkpoint_dir: Path | None) -> PipelineResult:
     start = time.time()
+    stop = stop or threading.Event()
     if loaded is None:
         emit(Phase("load", f"loading {config.model.name}"))
         loaded = load_model(config.model)
+    stop_point(stop, "loading the model")
     emit(Phase("calibration", f"tokenising {config.calibration.tokens} tokens from {config.calibration.source}"))
     calibration = load_calibration(config.calibration, loaded.tokenizer)
+    stop_point(stop, "reading the calibration data")
     if plan is None:
         emit(Phase("plan", f"{config.plan.strategy} plan"))
-        plan = make_plan(loaded, config.plan, calibration, config.calibration.batch_size, emit)
+        plan = make_plan(loaded, config.plan, calibration, config.calibration.batch_size, emit, stop)
+        stop_point(stop, "planning")
     checkpoints = None
     if checkpoint_dir is not None:
         checkpoints = LayerCheckpoints(checkpoint_dir)
@@ -96,7 +106,7 @@ def _run_pipeline(config: RunConfig, loaded: LoadedModel | None, plan: RankPlan 
         "layers_done": run.applied.layers(ModelShape.of(loaded.model)),
         **heal_metrics,
     }
-    if evaluate:
+    if evaluate and not stop.is_set():  # a stop ends the job now; the partial student can be evaluated later
         emit(Phase("evaluate", "perplexity of teacher and student"))
         if teacher_ppl is None:
             teacher_ppl = evaluate_perplexity(loaded.model, loaded.tokenizer, config)

@@ -11,6 +11,7 @@ from the probed one to the top, through the model's own forward (norms, heads, s
 from __future__ import annotations
 
 import copy
+import threading
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from torch import nn
 from .activations import InputCovariances, Passthrough, capture_block_inputs, run_block_over
 from .calibration import CalibrationData
 from .distill import batch_slices
+from .errors import RunStopped
 from .events import EventSink, Phase
 from .lowrank import WhitenedSVD, low_rank_from_factors, set_submodule
 from .models import LoadedModel, find_blocks, share_weights_copy
@@ -49,8 +51,10 @@ def _log_probs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def measure_sensitivity(loaded: LoadedModel, calibration: CalibrationData, groups: list[str],
                         keeps: tuple[float, ...] = KEEP_LEVELS, batch_size: int = 8,
-                        on_event: EventSink | None = None) -> dict[int, dict[float, float]]:
-    """{layer: {keep: KL(teacher || model with that layer compressed)}} in nats per token."""
+                        on_event: EventSink | None = None,
+                        stop: threading.Event | None = None) -> dict[int, dict[float, float]]:
+    """{layer: {keep: KL(teacher || model with that layer compressed)}} in nats per token. A stop request
+    is honoured between layers (a few seconds on a CPU)."""
     model, device = loaded.model, loaded.device
     shape = ModelShape.of(model)
     blocks = find_blocks(model)
@@ -64,6 +68,8 @@ def measure_sensitivity(loaded: LoadedModel, calibration: CalibrationData, group
     parent = replay.get_submodule(blocks[0].name.rpartition(".")[0])
     result: dict[int, dict[float, float]] = {}
     for block in blocks:
+        if stop is not None and stop.is_set():
+            raise RunStopped("stopped by request while measuring layer sensitivity; nothing was compressed")
         modules = [m for m in shape.modules if m.layer == block.index and m.group in groups]
         probe_input = hidden[:probe].clone()
         covs = InputCovariances(block.module, [m.local_name for m in modules], device)

@@ -76,6 +76,7 @@ def test_a_stopped_run_resumes_in_its_folder_and_replaces_its_student(manager, t
     job = manager.submit("compression", tiny_config, stop_after_the_first_layer)
     assert job.wait(120) and job.status == "stopped", job.message
     assert _student_layers(job.run_dir) == {"0"}
+    assert "student_ppl" not in json.loads((job.run_dir / "metrics.json").read_text())  # stop means stop now
 
     config, work = resume_work(job.run_dir, loaded=tiny)
     resumed = manager.submit("compression", config, work, run_dir=job.run_dir)
@@ -107,6 +108,28 @@ def test_run_names_from_the_browser_cannot_leave_the_runs_folder(manager, tmp_pa
     for name in ["../secret", "..", "", "run-1/../../secret", str(tmp_path / "secret"), "missing"]:
         with pytest.raises(LillamaError, match="no run called"):
             manager.run_folder(name)
+
+
+def test_stop_during_planning_ends_the_job_before_any_distillation(manager, tiny, tiny_config, monkeypatch):
+    import lillama_core.sensitivity as sensitivity
+
+    tiny_config.plan.strategy = "sensitivity"
+    real_probe = sensitivity.compressed_block
+    probed = []
+
+    def probe_then_stop(block, modules, keep, decompositions):
+        probed.append(keep)
+        jobs_now[0].stop()  # the user presses Stop while the first layer is being probed
+        return real_probe(block, modules, keep, decompositions)
+
+    jobs_now = []
+    monkeypatch.setattr(sensitivity, "compressed_block", probe_then_stop)
+    compress = compression_work(tiny_config, loaded=tiny)
+    job = manager.submit("compression", tiny_config, lambda j: jobs_now.append(j) or compress(j))
+    assert job.wait(60) and job.status == "stopped"
+    assert "while measuring layer sensitivity" in job.message
+    assert len(probed) == 3  # the three probes of layer 0, then no other layer
+    assert not (job.run_dir / "student").exists()
 
 
 def test_stop_marks_the_job_stopped(manager, tiny_config):
