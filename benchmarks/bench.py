@@ -19,6 +19,7 @@ from lillama_core.config import CalibrationConfig, ModelConfig, PlanConfig
 from lillama_core.engine import PLANNING_TOKENS, SENSITIVITY_TOKENS, Compressor, compute_spectra
 from lillama_core.evaluate import eval_windows, perplexity
 from lillama_core.events import LayerFinished, Step
+from lillama_core.heal import heal
 from lillama_core.models import load_model
 from lillama_core.ranks import ModelShape, RankPlan, build_plan, summarize
 
@@ -202,8 +203,9 @@ class Bench:
                 "params_after": self.shape.total_params, "tokens": 0, **ppl, "compress_seconds": 0.0}
 
     def run_recipe(self, recipe: Recipe, reduction: float, tokens: int | None = None, label: str | None = None,
-                   extra: dict | None = None) -> dict:
-        """Plan, compress and evaluate one recipe at one target reduction; returns the record."""
+                   extra: dict | None = None, inspect=None) -> dict:
+        """Plan, compress (then heal, if the recipe says so) and evaluate one recipe at one target reduction;
+        returns the record. `inspect(student)` may add fields measured on the student before it is freed."""
         if recipe.teacher:
             record = self.run_teacher()
             record.update(extra or {})
@@ -233,6 +235,13 @@ class Bench:
             compressor = Compressor(self.loaded, calibration, plan, distill_config, self.budget.batch_size,
                                     on_event, seed=self.budget.seed)
             result = compressor.run()
+            heal_config = recipe.heal_config()
+            heal_metrics, heal_seconds = {}, 0.0
+            if heal_config.tokens and result.applied.ranks:
+                log(f"  healing on {heal_config.tokens} tokens")
+                heal_start = time.time()
+                heal_metrics = heal(result.student, self.loaded.model, calibration.sequences, heal_config)
+                heal_seconds = time.time() - heal_start
         applied = summarize(result.applied, self.shape)
         layers = [e.layer for e in events["layers"]]
         n = calibration.sequences.shape[0]
@@ -267,7 +276,9 @@ class Bench:
             "eval_seconds": ppl.seconds,
             "plan_seconds": plan_seconds,
             "compress_seconds": result.seconds,
-            "total_seconds": plan_seconds + result.seconds,
+            "heal_seconds": heal_seconds,
+            "heal": heal_metrics,
+            "total_seconds": plan_seconds + result.seconds + heal_seconds,
             "distill_tokens_per_s": layer_tokens / result.seconds if layer_tokens and result.seconds else None,
             "step_tokens_per_s_median": statistics.median(events["rates"]) if events["rates"] else None,
             **memory.as_dict("compress"),
@@ -279,6 +290,8 @@ class Bench:
         record["plan_config"] = {**record.get("plan_config", {}), "reduction": notes["strategy_reduction"],
                                  "overrides": notes["overrides"]}
         record.update(extra or {})
+        if inspect is not None:
+            record.update(inspect(result.student))
         log(f"  {name} @ {applied.reduction:.1%}: ppl {ppl.perplexity:.2f} "
             f"(compress {result.seconds:.0f}s, eval {ppl.seconds:.0f}s)")
         del result, compressor

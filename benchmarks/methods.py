@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-from lillama_core.config import DistillConfig, PlanConfig
+from lillama_core.config import DistillConfig, HealConfig, PlanConfig
 
 
 @dataclass
@@ -32,6 +32,7 @@ class Recipe:
     description: str = ""
     exact: bool = True  # re-target so overrides do not lower the real reduction
     teacher: bool = False
+    heal: dict = field(default_factory=dict)  # HealConfig fields; tokens 0 = no healing stage
 
     def plan_config(self, reduction: float) -> PlanConfig:
         return PlanConfig(reduction=reduction, **copy.deepcopy(self.plan))
@@ -39,11 +40,15 @@ class Recipe:
     def distill_config(self) -> DistillConfig:
         return DistillConfig(**copy.deepcopy(self.distill))
 
+    def heal_config(self) -> HealConfig:
+        return HealConfig(**copy.deepcopy(self.heal))
+
     def with_changes(self, name: str, plan: dict | None = None, distill: dict | None = None,
-                     description: str = "") -> "Recipe":
+                     description: str = "", heal: dict | None = None) -> "Recipe":
         return Recipe(name, {**copy.deepcopy(self.plan), **(plan or {})},
                       {**copy.deepcopy(self.distill), **(distill or {})},
-                      description or self.description, self.exact, self.teacher)
+                      description or self.description, self.exact, self.teacher,
+                      {**copy.deepcopy(self.heal), **(heal or {})})
 
 
 # Layer 0 of SmolLM2 is by far the most sensitive block (alone at 30% kept weights: ppl 36 -> 214).
@@ -89,4 +94,5 @@ def describe_recipe(r: Recipe) -> dict:
         return {}
     plan = dataclasses.asdict(r.plan_config(0.2))
     plan.pop("reduction")
-    return {"plan_config": plan, "distill_config": dataclasses.asdict(r.distill_config())}
+    return {"plan_config": plan, "distill_config": dataclasses.asdict(r.distill_config()),
+            "heal_config": dataclasses.asdict(r.heal_config())}

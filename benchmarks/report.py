@@ -283,6 +283,20 @@ def write_plotly(groups: list[dict], path: Path) -> Path | None:
     return path
 
 
+def _quantize_table(records: list[dict]) -> list[str]:
+    lines = []
+    for r in _latest([r for r in records if r.get("suite") == "quantize" and r.get("ppl")],
+                     lambda r: (r["model"], r["method"], round(r["target_reduction"], 4))).values():
+        lines += [f"**{_title(r['model'])}**, `{r['method']}` at {r['reduction']:.1%}, {r['tokens']:,} calibration "
+                  f"tokens, eval {r['eval']['tokens']:,} test tokens, {r['device']}", "",
+                  "| model | saved MiB | ppl |", "|---|---:|---:|",
+                  f"| teacher | {_mib(r['teacher_bytes'])} | {_fmt_ppl(r['teacher_ppl'])} |",
+                  f"| teacher int8 | {_mib(r['teacher_int8_bytes'])} | {_fmt_ppl(r['teacher_int8_ppl'])} |",
+                  f"| student | {_mib(r['student_bytes'])} | {_fmt_ppl(r['ppl'])} |",
+                  f"| student int8 | {_mib(r['student_int8_bytes'])} | {_fmt_ppl(r['student_int8_ppl'])} |", ""]
+    return lines
+
+
 def _throughput_table(records: list[dict]) -> list[str]:
     rows = _latest([r for r in records if r.get("suite") == "throughput" and not r.get("error")],
                    lambda r: (r["model"], r.get("device"), r.get("env", {}).get("gpu")))
@@ -432,6 +446,11 @@ def generated_markdown(records: list[dict], docs: Path) -> str:
         for g in sgroups:
             lines += [f"**{_title(g['model'])}**, {g['device']}, {g['dtype']}", ""]
             lines += _speed_table(g) + [""]
+    quantized = _quantize_table(records)
+    if quantized:
+        lines += ["### Quantization on top (int8 dynamic, every linear including both low-rank factors)", "",
+                  "Saved MiB: the size of the model's state as `torch.save` writes it (int8 weights packed).", ""]
+        lines += quantized
     throughput = _throughput_table(records)
     if throughput:
         lines += ["### Distillation throughput on large random-weight Llamas", "",

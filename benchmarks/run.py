@@ -96,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("ablation", help="one knob at a time around a base recipe")
     a.add_argument("--model", default="smollm2-135m-instruct")
     a.add_argument("--what", required=True,
-                   choices=["allocation", "init", "loss", "lr", "schedule", "epochs", "tokens", "method"])
+                   choices=["allocation", "init", "loss", "lr", "schedule", "epochs", "tokens", "heal", "method"])
     a.add_argument("--values", default=None, help="comma-separated values for the axis (defaults per axis)")
     a.add_argument("--reduction", type=float, default=0.2)
     a.add_argument("--base", default="tuned", help="recipe the variants start from")
@@ -119,6 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--repeats", type=int, default=3)
     w.add_argument("--out", required=True)
     _common(w, tokens=8_192)
+
+    qz = sub.add_parser("quantize", help="int8 on top: teacher, int8 teacher, student, int8 student (CPU)")
+    qz.add_argument("--model", default="smollm2-135m-instruct")
+    qz.add_argument("--method", default="ours")
+    qz.add_argument("--reduction", type=float, default=0.2)
+    _common(qz)
 
     t = sub.add_parser("throughput", help="distillation tokens/s, MFU and peak memory on random-weight Llamas")
     t.add_argument("--shapes", default="llama-1b:4,llama-7b:3",
@@ -177,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             variants.append((method, float(reduction or 0.0)))
         suites.run_speed(_names(args.models), variants, _budget(args), args.device, args.dtype, args.new_tokens,
                          args.repeats, args.tag, results)
+    elif args.command == "quantize":
+        suites.run_quantize(args.model, args.method, args.reduction, _budget(args), args.tag, results)
     elif args.command == "throughput":
         from lillama_core.models import resolve_device, resolve_dtype
 

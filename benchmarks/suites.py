@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from lillama_core.evaluate import generation_speed
+from lillama_core.evaluate import generation_speed, perplexity
 from lillama_core.models import count_parameters, weight_bytes
 from lillama_core.telemetry import synchronize
 
@@ -87,6 +87,10 @@ def ablation_variants(what: str, base: Recipe, values: list[str] | None, free: b
         for epochs in values or ["1", "2"]:
             out.append((f"epochs={epochs}", base.with_changes(f"epochs={epochs}", distill={"epochs": int(epochs)}),
                         None))
+    elif what == "heal":  # healing tokens after distillation (0 = none), on the same calibration tokens
+        for tokens in values or ["0", "16384"]:
+            out.append((f"heal={int(tokens)}", base.with_changes(f"heal={tokens}", heal={"tokens": int(tokens)}),
+                        None))
     elif what == "tokens":
         for tokens in values or ["4096", "16384", "65536"]:
             out.append((f"tokens={int(tokens)}", base.with_changes(f"tokens={tokens}"), int(tokens)))
@@ -122,6 +126,33 @@ def run_ablation(model: str, what: str, reduction: float, base_name: str, values
         write_record("ablation", record, results_dir)
         records.append(record)
     return records
+
+
+# ---- quantization on top ----
+
+
+def _int8_facts(model, bench: Bench, prefix: str) -> dict:
+    from lillama_core.quantize import quantize_weights, serialized_bytes
+
+    start = time.time()
+    quantized = quantize_weights(model, "int8")
+    ppl = perplexity(quantized, bench.windows(), bench.budget.eval_batch)
+    return {f"{prefix}_bytes": serialized_bytes(model), f"{prefix}_int8_bytes": serialized_bytes(quantized),
+            f"{prefix}_int8_ppl": ppl.perplexity, f"{prefix}_int8_seconds": time.time() - start}
+
+
+def run_quantize(model: str, method: str, reduction: float, budget: Budget, tag: str | None = None,
+                 results_dir=None) -> dict:
+    """Teacher, int8 teacher, student, int8 student: size and perplexity on the same test tokens (CPU)."""
+    bench = Bench(model, budget, "cpu", "float32")
+    teacher = bench.run_teacher()
+    extra = {"teacher_ppl": teacher["ppl"], **_int8_facts(bench.loaded.model, bench, "teacher"),
+             **({"tag": tag} if tag else {})}
+    record = bench.run_recipe(recipe(method), reduction, extra=extra,
+                              inspect=lambda student: _int8_facts(student, bench, "student"))
+    write_record("quantize", record, results_dir)
+    log(f"  int8: teacher {record['teacher_int8_ppl']:.2f}, student {record['student_int8_ppl']:.2f}")
+    return record
 
 
 # ---- speed and memory ----

@@ -41,6 +41,8 @@ def test_allocation_axis_parses_protected_layers_and_free_variants():
     assert r.distill["distill"] is False and r2.plan["strategy"] == "bottom"
     with pytest.raises(SystemExit):
         ablation_variants("allocation", recipe("tuned"), ["uniform+X"], False, "m")
+    (label, healed, _), = ablation_variants("heal", recipe("ours"), ["16384"], False, "m")
+    assert label == "heal=16384" and healed.heal_config().tokens == 16384 and recipe("ours").heal_config().tokens == 0
     assert _parse_sets(["distill.lr=1e-3", "plan.strategy=top"]) == {"distill": {"lr": 1e-3},
                                                                      "plan": {"strategy": "top"}}
 
@@ -60,3 +62,13 @@ def test_report_tables_hold_every_measured_cell(tmp_path):
     assert "teacher 29.60" in text
     assert "| llama-7b (random weights) | NVIDIA H100, bfloat16 | 6.74B |" in text and "| 3.3% |" in text
     assert (tmp_path / "benchmarks_ppl.svg").read_text().startswith("<svg")
+
+
+def test_quantization_table_has_the_four_models(tmp_path):
+    record = _quality("ours", 0.2, 47.81, teacher_ppl=29.6, teacher_bytes=538 * 2**20,
+                      teacher_int8_bytes=231 * 2**20, teacher_int8_ppl=30.4, student_bytes=430 * 2**20,
+                      student_int8_bytes=190 * 2**20, student_int8_ppl=49.0)
+    record["suite"] = "quantize"
+    text = generated_markdown([record], tmp_path)
+    assert "| teacher | 538 | 29.60 |" in text and "| teacher int8 | 231 | 30.40 |" in text
+    assert "| student | 430 | 47.81 |" in text and "| student int8 | 190 | 49.00 |" in text
