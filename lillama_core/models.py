@@ -132,6 +132,9 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0]
 
 
+WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
+
+
 def resolve_source(name: str) -> tuple[str, dict]:
     """Map a user's model name to (folder or hub id, extra from_pretrained kwargs)."""
     if name in BUILTIN_MODELS:
@@ -165,6 +168,12 @@ def load_model(config: ModelConfig | None = None, **overrides) -> LoadedModel:
     try:
         # The config first: it says most clearly what is wrong (unknown architecture, remote code).
         AutoConfig.from_pretrained(source, **kwargs)
+    except Exception as exc:  # transformers and the hub raise many types for one user error
+        raise ModelLoadError(_explain_load_failure(config.name, exc)) from None
+    folder = Path(source)
+    if folder.is_dir() and not any(next(folder.glob(pattern), None) for pattern in WEIGHT_FILES):
+        raise ModelLoadError(f"folder {folder} has a config.json but no weights ({', '.join(WEIGHT_FILES)})")
+    try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except Exception as exc:  # transformers, hub and safetensors raise many types for one user error

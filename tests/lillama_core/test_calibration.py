@@ -55,6 +55,10 @@ def test_text_field_is_used_and_a_wrong_one_named(tmp_path, tokenizer):
     assert list(iter_texts(_config(path, text_field="body"), tokenizer))[0].startswith("alpha")
     with pytest.raises(CalibrationError, match="field 'content' not found; records have: body, title"):
         list(iter_texts(_config(path, text_field="content"), tokenizer))
+    numbers = tmp_path / "n.jsonl"
+    numbers.write_text(json.dumps({"id": 1, "scores": [0.5, 0.7]}) + "\n")
+    with pytest.raises(CalibrationError, match="no text field in records with fields id, scores; choose one"):
+        list(iter_texts(_config(numbers), tokenizer))
 
 
 def test_messages_records_go_through_the_chat_template(tmp_path, tokenizer):

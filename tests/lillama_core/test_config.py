@@ -34,6 +34,7 @@ def test_malformed_json_is_a_config_error():
     (PlanConfig(reduction=1.5), "between 0 and 1"),
     (PlanConfig(reduction=0.0), "between 0 and 1"),
     (PlanConfig(rank=0, reduction=None), "at least 1"),
+    (PlanConfig(rank=-3, reduction=None), "at least 1"),
     (PlanConfig(rank=2.5, reduction=None), "whole number"),
     (PlanConfig(strategy="random"), "strategy"),
     (PlanConfig(groups=["attn"]), "groups"),

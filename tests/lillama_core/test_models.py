@@ -52,6 +52,42 @@ def test_folder_without_config_and_non_model_file(tmp_path):
         load_model(ModelConfig(name=str(stray)))
 
 
+def test_folder_with_a_config_but_no_weights_and_a_model_without_blocks(tmp_path, tiny):
+    from transformers import LlamaForCausalLM
+
+    config_only = tmp_path / "config-only"
+    tiny.model.config.save_pretrained(config_only)
+    with pytest.raises(ModelLoadError, match="has a config.json but no weights"):
+        load_model(ModelConfig(name=str(config_only), device="cpu"))
+    blockless = tmp_path / "blockless"
+    config = tiny.model.config.__class__.from_dict({**tiny.model.config.to_dict(), "num_hidden_layers": 0})
+    LlamaForCausalLM(config).save_pretrained(blockless)
+    tiny.tokenizer.save_pretrained(blockless)
+    with pytest.raises(ModelLoadError, match="found no repeated blocks with linear layers to compress"):
+        load_model(ModelConfig(name=str(blockless), device="cpu"))
+
+
+@pytest.mark.parametrize("error, message", [
+    (OSError("We couldn't connect to 'https://huggingface.co' to load the files, and couldn't find them in the "
+             "cached files."), "the Hugging Face Hub cannot be reached"),
+    (OSError("someone/typo is not a local folder and is not a valid model identifier listed on "
+             "'https://huggingface.co/models'"), "could not load 'someone/typo': someone/typo is not a local folder"),
+    (ValueError("The repository someone/typo contains custom code which must be executed to correctly load the "
+                "model. Please pass the argument `trust_remote_code=True` to allow custom code to be run."),
+     "someone/typo needs code from its repository; enable trust_remote_code only if you trust it"),
+])
+def test_hub_failures_are_explained(monkeypatch, error, message):
+    import transformers
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", fail)
+    with pytest.raises(ModelLoadError) as caught:
+        load_model(ModelConfig(name="someone/typo", device="cpu"))
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
 def test_corrupted_gguf_is_a_clear_error(tmp_path):
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + b"\x00" * 64)
