@@ -47,6 +47,27 @@ def test_stop_keeps_the_distilled_factors(tiny, student):
         assert torch.equal(p, before[name])
 
 
+def test_non_finite_losses_are_skipped_and_reported_and_leave_the_factors(tiny, student, monkeypatch):
+    import lillama_core.heal as healing
+
+    real_kl = healing.kl_to_teacher
+
+    def nan_while_training(student_logits, teacher_logits, *rest):
+        loss = real_kl(student_logits, teacher_logits, *rest)
+        return loss * float("nan") if student_logits.requires_grad else loss
+
+    monkeypatch.setattr(healing, "kl_to_teacher", nan_while_training)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    events = []
+    metrics = heal(student, tiny.model, tiny_sequences(40, 32, seed=1), HealConfig(tokens=512, lr=3e-3),
+                   on_event=events.append)
+    steps = [e for e in events if e.kind == "step"]
+    assert steps and all(e.skipped for e in steps)
+    assert metrics["heal_kl_after"] == metrics["heal_kl_before"]
+    for name, p in student.named_parameters():
+        assert torch.equal(p, before[name]), name
+
+
 def test_heal_config_is_validated():
     with pytest.raises(ConfigError):
         HealConfig(tokens=-1).validate()
