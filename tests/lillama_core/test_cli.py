@@ -153,3 +153,44 @@ def test_interrupted_run_resumes_from_its_last_finished_layer(tiny_model_dir, te
     assert 0.2 <= summary["reduction"] < 0.22
     model, _ = load_compressed(out)
     assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
+
+
+def test_a_killed_process_resumes_from_its_last_finished_layer(tiny_model_dir, texts, tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import lillama_core.engine as engine
+    from lillama_core.jobs import LAYERS_DIR
+
+    calibration, evaluation = texts
+    calibration.write_text(SAMPLE_TEXT * 100)
+    runs = tmp_path / "runs"
+    # Enough steps per layer (two epochs over 4k tokens) that the kill lands while a later layer trains.
+    args = _compress_args(tiny_model_dir, texts, tmp_path / "first", "--no-eval", "--strategy", "uniform",
+                          "--reduction", "0.2", "--tokens", "4096", "--epochs", "2")
+    process = subprocess.Popen([sys.executable, "-c", "import sys; from lillama_core.cli import main; "
+                                                      "sys.exit(main(sys.argv[1:]))", *args],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not list(runs.glob(f"*/{LAYERS_DIR}/layer_000.json")) and time.time() < deadline:
+        assert process.poll() is None, "the run ended before it could be killed"
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait(30) == -signal.SIGKILL
+    (run_dir,) = runs.iterdir()
+    finished = sorted(p.name for p in (run_dir / LAYERS_DIR).glob("layer_*.json"))
+    assert finished and "layer_002.json" not in finished
+
+    trained = []
+    monkeypatch.setattr(engine.LayerDistiller, "train",
+                        lambda self, *a, real=engine.LayerDistiller.train: trained.append(1) or real(self, *a))
+    out = tmp_path / "resumed"
+    assert main(["resume", str(run_dir), "--out", str(out), "--no-eval", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(trained) == 3 - len(finished) and summary["status"] == "completed"
+    model, _ = load_compressed(out)
+    assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
+
