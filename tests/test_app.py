@@ -1,6 +1,8 @@
 """The launched app, driven through its API with gradio_client, on the real SmolLM2."""
 
+import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -70,21 +72,64 @@ def test_end_to_end_compress_chat_export_reload(app):
         assert torch.isfinite(model(input_ids=ids).logits).all()
 
 
-def test_second_start_is_refused_and_stop_keeps_finished_layers(app):
+def _events(run_dir, kind):
+    out = []
+    for line in (Path(run_dir) / "events.jsonl").read_text().splitlines():
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:  # the line being written right now
+            continue
+        if event["kind"] == kind:
+            out.append(event)
+    return out
+
+
+def _wait_until(predicate, timeout=300):
+    deadline = time.time() + timeout
+    while not predicate():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.5)
+
+
+def test_second_start_is_refused_many_tabs_follow_stop_keeps_layers_and_resume_continues(app):
+    from gradio_client import Client
+
     client, _ = app
     client.predict("Built-in", "", "", "", "train", 8192, 128, 4, api_name="/calibration")
     client.predict("uniform", 20, 30, 0, ["attention", "mlp"], 0, api_name="/apply_preset")
     client.predict("whitened", 3e-4, 1, "joint", 0, api_name="/start")
-    wait_for(client, lambda s: s["status"] == "running" and s["events"] > 5)
+    first = wait_for(client, lambda s: s["status"] == "running" and s["events"] > 5)
     with pytest.raises(Exception, match="already running"):
         client.predict("whitened", 3e-4, 1, "joint", 0, api_name="/start")
-    # a brand-new client is a new browser tab: it re-attaches to the same running job
-    from gradio_client import Client
-    other_tab = Client(client.src, verbose=False)
-    assert other_tab.predict(api_name="/status")["id"] == client.predict(api_name="/status")["id"]
-    other_tab.predict(api_name="/stop")
+
+    # Brand-new clients are new browser tabs: each re-attaches to the same job and sees it advance,
+    # and a chat answered meanwhile neither waits for the run nor stops it.
+    tabs = [Client(client.src, verbose=False) for _ in range(3)]
+    seen = [tab.predict(api_name="/status") for tab in tabs]
+    assert {s["id"] for s in seen} == {first["id"]}
+    answer = tabs[0].submit("Name a fruit.", [], [], 8, 0, 0.9, 50, 1.1, 0, api_name="/chat")
+    teacher_msgs = answer.result(timeout=180)[0]
+    assert teacher_msgs[-1]["content"]
+    _wait_until(lambda: all(tab.predict(api_name="/status")["events"] > s["events"] for tab, s in zip(tabs, seen)))
+    assert client.predict(api_name="/status")["status"] == "running"
+
+    run_dir = first["run_dir"]
+    _wait_until(lambda: _events(run_dir, "layer_finished"))
+    tabs[1].predict(api_name="/stop")
     stopped = wait_for(client, lambda s: s["status"] != "running", timeout=60)
     assert stopped["status"] == "stopped"
+    kept = len(_events(run_dir, "layer_finished"))
+
+    # Explore's "Resume it" continues in the same folder, restoring the finished layers instead of retraining them.
+    client.predict(api_name="/runs")  # the Explore list, as a click on its Refresh button fills it
+    note = client.predict(Path(run_dir).name, api_name="/resume")
+    assert "Resuming" in note
+    resumed = wait_for(client, lambda s: s["id"] != first["id"] and s["status"] == "running")
+    assert resumed["run_dir"] == run_dir
+    _wait_until(lambda: len([e for e in _events(run_dir, "phase") if "restored from its checkpoint" in e["detail"]])
+                == kept)
+    client.predict(api_name="/stop")
+    assert wait_for(client, lambda s: s["status"] != "running", timeout=60)["status"] == "stopped"
 
 
 def test_binds_to_this_machine_unless_told_and_sharing_warns(tmp_path, monkeypatch, capsys):
