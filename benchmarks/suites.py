@@ -131,27 +131,31 @@ def run_ablation(model: str, what: str, reduction: float, base_name: str, values
 # ---- quantization on top ----
 
 
-def _int8_facts(model, bench: Bench, prefix: str) -> dict:
-    from lillama_core.quantize import quantize_weights, serialized_bytes
+def _quantized_facts(model, bench: Bench, prefix: str) -> dict:
+    from lillama_core.quantize import MODES, quantize_weights, serialized_bytes
 
-    start = time.time()
-    quantized = quantize_weights(model, "int8")
-    ppl = perplexity(quantized, bench.windows(), bench.budget.eval_batch)
-    return {f"{prefix}_bytes": serialized_bytes(model), f"{prefix}_int8_bytes": serialized_bytes(quantized),
-            f"{prefix}_int8_ppl": ppl.perplexity, f"{prefix}_int8_seconds": time.time() - start}
+    facts = {f"{prefix}_bytes": serialized_bytes(model)}
+    for mode in MODES:
+        start = time.time()
+        quantized = quantize_weights(model, mode)
+        facts.update({f"{prefix}_{mode}_bytes": serialized_bytes(quantized),
+                      f"{prefix}_{mode}_ppl": perplexity(quantized, bench.windows(), bench.budget.eval_batch).perplexity,
+                      f"{prefix}_{mode}_seconds": time.time() - start})
+    return facts
 
 
 def run_quantize(model: str, method: str, reduction: float, budget: Budget, tag: str | None = None,
                  results_dir=None) -> dict:
-    """Teacher, int8 teacher, student, int8 student: size and perplexity on the same test tokens (CPU)."""
+    """Teacher and student, each also weight-only int8 and int4: size and perplexity on the same test tokens."""
     bench = Bench(model, budget, "cpu", "float32")
     teacher = bench.run_teacher()
-    extra = {"teacher_ppl": teacher["ppl"], **_int8_facts(bench.loaded.model, bench, "teacher"),
+    extra = {"teacher_ppl": teacher["ppl"], **_quantized_facts(bench.loaded.model, bench, "teacher"),
              **({"tag": tag} if tag else {})}
     record = bench.run_recipe(recipe(method), reduction, extra=extra,
-                              inspect=lambda student: _int8_facts(student, bench, "student"))
+                              inspect=lambda student: _quantized_facts(student, bench, "student"))
     write_record("quantize", record, results_dir)
-    log(f"  int8: teacher {record['teacher_int8_ppl']:.2f}, student {record['student_int8_ppl']:.2f}")
+    log(f"  int8: teacher {record['teacher_int8_ppl']:.2f}, student {record['student_int8_ppl']:.2f}; "
+        f"int4: teacher {record['teacher_int4_ppl']:.2f}, student {record['student_int4_ppl']:.2f}")
     return record
 
 

@@ -16,7 +16,7 @@ from lillama_core.calibration import read_eval_text
 from lillama_core.errors import ExportError
 from lillama_core.evaluate import eval_windows, generation_speed, model_size, perplexity
 from lillama_core.export import export_student
-from lillama_core.quantize import quantize_weights, serialized_bytes
+from lillama_core.quantize import MODES, quantize_weights, serialized_bytes
 
 from .charts import comparison_chart, human, human_bytes
 from .common import plot, user_errors
@@ -75,7 +75,7 @@ def build(studio: Studio) -> dict:
         tokens = gr.Slider(512, 65536, value=studio.eval.tokens, step=512, label="Tokens scored")
         seq_len = gr.Dropdown([128, 256, 512, 1024], value=studio.eval.seq_len, label="Window")
         batch16 = gr.Checkbox(value=False, label="Also time generation at batch 16")
-        int8 = gr.Checkbox(value=False, label="Add int8-quantized copies (CPU)")
+        int8 = gr.Checkbox(value=False, label="Add weight-only int8 and int4 copies")
         run = gr.Button("Evaluate teacher and student", variant="primary")
     results = gr.Dataframe(interactive=False, label="Teacher vs student")
     chart = gr.Plot(show_label=False)
@@ -105,13 +105,15 @@ def build(studio: Studio) -> dict:
         else:
             models.append(("student", student.model, student.tokenizer))
         if int8_value:
-            models += [(f"{label} int8", quantize_weights(model), tok) for label, model, tok in models]
+            models += [(f"{label} {mode}", quantize_weights(model, mode), tok)
+                       for label, model, tok in models for mode in MODES]
         rows = []
         for i, (label, model, tok) in enumerate(models):
             progress(i / len(models), desc=label)
             rows.append(measure(model, tok, windows, label, batches))
-            if label.endswith(" int8"):  # packed int8 weights are not nn.Parameters: count the float model's
-                rows[-1]["parameters"] = next(r["parameters"] for r in rows if r["model"] == label[:-5])
+            base, _, mode = label.partition(" ")
+            if mode:  # integer weights are buffers, not nn.Parameters: the count is the float model's
+                rows[-1]["parameters"] = next(r["parameters"] for r in rows if r["model"] == base)
         studio.teacher_ppl[key] = rows[0]["perplexity"]
         return table(rows), plot(comparison_chart(rows))
 

@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(e)
     _eval_args(e)
     e.add_argument("--no-speed", action="store_true")
-    e.add_argument("--quantize", choices=["int8"], help="evaluate an int8 (dynamic, CPU) copy of the model")
+    e.add_argument("--quantize", choices=["int8", "int4"],
+                   help="evaluate a weight-only quantized copy: int8 per channel, or int4 in groups of 64")
     e.add_argument("--json", action="store_true")
 
     ch = sub.add_parser("chat", help="chat with a model or an export, streamed")

@@ -57,7 +57,7 @@ def test_end_to_end_compress_chat_export_reload(app):
 
     table, _ = client.predict("default", 512, 128, False, True, api_name="/evaluate")
     rows = {row[0]: row for row in table["data"]}
-    assert set(rows) == {"teacher", "student", "teacher int8", "student int8"}
+    assert set(rows) == {"teacher", "student", "teacher int8", "student int8", "teacher int4", "student int4"}
     headers = table["headers"]
     assert float(rows["student"][headers.index("perplexity")]) > 1
     assert rows["student"][headers.index("parameters")] != rows["teacher"][headers.index("parameters")]
