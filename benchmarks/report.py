@@ -360,7 +360,8 @@ def write_svg(groups: list[dict], path: Path) -> Path:
             decade *= 10
         for x in range(0, int(xmax) + 1, 10):
             parts.append(f'<text x="{X(x):.1f}" y="{top + ph + 16}" text-anchor="middle">{x}%</text>')
-        parts.append(f'<text x="{ox + left + pw / 2}" y="{top + ph + 34}" text-anchor="middle">parameters removed</text>')
+        parts.append(f'<text x="{ox + left + pw / 2}" y="{top + ph + 34}" '
+                     'text-anchor="middle">parameters removed</text>')
         parts.append(f'<text x="{ox + 14}" y="{top + ph / 2}" text-anchor="middle" '
                      f'transform="rotate(-90 {ox + 14} {top + ph / 2})">WikiText-2 test perplexity (log)</text>')
         if g["teacher"]:
@@ -407,7 +408,8 @@ def generated_markdown(records: list[dict], docs: Path) -> str:
         lines += ["### Chart: perplexity vs reduction", "",
                   f"![perplexity vs reduction per method]({svg.name})", ""]
         if html_path:
-            lines += [f"Interactive version: [{html_path.name}]({html_path.name}) (plotly, loads plotly.js from its CDN).",
+            lines += [f"Interactive version: [{html_path.name}]({html_path.name}) "
+                      "(plotly, loads plotly.js from its CDN).",
                       ""]
     lines += ["### Quality: WikiText-2 test perplexity", ""]
     for g in qgroups:
@@ -418,8 +420,9 @@ def generated_markdown(records: list[dict], docs: Path) -> str:
         lines += _quality_table(g) + [""]
     if qgroups:
         lines += ["### Compression cost per run", "",
-                  "Plan s: whitened spectra for the energy plan, or the per-layer KL probes of the sensitivity plan. Compress s: capture, "
-                  "factorisation and distillation of every layer. Distill tok/s: training tokens × layers trained ÷ "
+                  "Plan s: whitened spectra for the energy plan, or the per-layer KL probes of the sensitivity "
+                  "plan. Compress s: capture, factorisation and distillation of every layer. "
+                  "Distill tok/s: training tokens × layers trained ÷ "
                   "compress s. Peak: resident memory sampled every 20 ms on CPU (CUDA: allocator peak); Δ is the "
                   "growth over the level when the run started (the teacher and cached data are already loaded).", ""]
         for g in qgroups:

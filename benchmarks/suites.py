@@ -138,8 +138,8 @@ def _quantized_facts(model, bench: Bench, prefix: str) -> dict:
     for mode in MODES:
         start = time.time()
         quantized = quantize_weights(model, mode)
-        facts.update({f"{prefix}_{mode}_bytes": serialized_bytes(quantized),
-                      f"{prefix}_{mode}_ppl": perplexity(quantized, bench.windows(), bench.budget.eval_batch).perplexity,
+        ppl = perplexity(quantized, bench.windows(), bench.budget.eval_batch).perplexity
+        facts.update({f"{prefix}_{mode}_bytes": serialized_bytes(quantized), f"{prefix}_{mode}_ppl": ppl,
                       f"{prefix}_{mode}_seconds": time.time() - start})
     return facts
 

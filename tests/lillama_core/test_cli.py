@@ -39,7 +39,8 @@ def test_compress_json_summary_and_export(tiny_model_dir, texts, tmp_path, capsy
     assert summary["out"] == str(out)
     record = read_record(out)
     assert RunConfig.from_dict(record["config"]).plan.strategy == "bottom"  # the run config travels with it
-    assert record["metrics"]["heal_tokens"] > 0 and record["metrics"]["heal_kl_after"] <= record["metrics"]["heal_kl_before"]
+    metrics = record["metrics"]
+    assert metrics["heal_tokens"] > 0 and metrics["heal_kl_after"] <= metrics["heal_kl_before"]
     model, _ = load_compressed(out)
     assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
 
@@ -123,6 +124,17 @@ def test_console_script_is_installed():
     assert result.returncode == 0 and "compress" in result.stdout
 
 
+def _resume_counting_trained_layers(run_dir, out, capsys, monkeypatch) -> tuple[list, dict]:
+    """`lillama resume RUN`; returns one entry per layer it trained (not restored) and the JSON summary."""
+    import lillama_core.engine as engine
+
+    trained = []
+    monkeypatch.setattr(engine.LayerDistiller, "train",
+                        lambda self, *a, real=engine.LayerDistiller.train: trained.append(1) or real(self, *a))
+    assert main(["resume", str(run_dir), "--out", str(out), "--no-eval", "--json"]) == 0
+    return trained, json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
 def test_interrupted_run_resumes_from_its_last_finished_layer(tiny_model_dir, texts, tmp_path, capsys, monkeypatch):
     import lillama_core.engine as engine
     from lillama_core.jobs import LAYERS_DIR
@@ -143,12 +155,8 @@ def test_interrupted_run_resumes_from_its_last_finished_layer(tiny_model_dir, te
     assert main(args) == 130
     (run_dir,) = runs.iterdir()
     assert sorted(p.name for p in (run_dir / LAYERS_DIR).glob("*.json")) == ["layer_000.json", "plan.json"]
-    trained = []
-    monkeypatch.setattr(engine.LayerDistiller, "train",
-                        lambda self, *a, real=engine.LayerDistiller.train: trained.append(1) or real(self, *a))
     out = tmp_path / "resumed"
-    assert main(["resume", str(run_dir), "--out", str(out), "--no-eval", "--json"]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    trained, summary = _resume_counting_trained_layers(run_dir, out, capsys, monkeypatch)
     assert len(trained) == 2  # layers 1 and 2 only: layer 0 came back from its checkpoint
     assert 0.2 <= summary["reduction"] < 0.22
     model, _ = load_compressed(out)
@@ -162,7 +170,6 @@ def test_a_killed_process_resumes_from_its_last_finished_layer(tiny_model_dir, t
     import sys
     import time
 
-    import lillama_core.engine as engine
     from lillama_core.jobs import LAYERS_DIR
 
     calibration, evaluation = texts
@@ -184,12 +191,8 @@ def test_a_killed_process_resumes_from_its_last_finished_layer(tiny_model_dir, t
     finished = sorted(p.name for p in (run_dir / LAYERS_DIR).glob("layer_*.json"))
     assert finished and "layer_002.json" not in finished
 
-    trained = []
-    monkeypatch.setattr(engine.LayerDistiller, "train",
-                        lambda self, *a, real=engine.LayerDistiller.train: trained.append(1) or real(self, *a))
     out = tmp_path / "resumed"
-    assert main(["resume", str(run_dir), "--out", str(out), "--no-eval", "--json"]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    trained, summary = _resume_counting_trained_layers(run_dir, out, capsys, monkeypatch)
     assert len(trained) == 3 - len(finished) and summary["status"] == "completed"
     model, _ = load_compressed(out)
     assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
