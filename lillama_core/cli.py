@@ -196,8 +196,10 @@ def _run_config(args, parser) -> RunConfig:
 
 def _compress_in(run_dir: Path, config: RunConfig, plan, args) -> dict:
     """Run the pipeline with the run folder's log and layer checkpoints, then export to --out."""
+    from .devicelock import DeviceLock
     from .export import export_student
     from .jobs import LAYERS_DIR, append_event, save_run
+    from .models import resolve_device
     from .pipeline import run_pipeline
 
     progress = ProgressPrinter()
@@ -207,8 +209,9 @@ def _compress_in(run_dir: Path, config: RunConfig, plan, args) -> dict:
         progress(event)
 
     tqdm_note(f"run folder: {run_dir} (resume with `lillama resume {run_dir} --out ...`)")
-    result = run_pipeline(config, plan=plan, on_event=on_event, evaluate=not args.no_eval,
-                          checkpoint_dir=run_dir / LAYERS_DIR)
+    with DeviceLock(str(resolve_device(config.model.device))).acquire(f"`lillama compress` into {run_dir.name}"):
+        result = run_pipeline(config, plan=plan, on_event=on_event, evaluate=not args.no_eval,
+                              checkpoint_dir=run_dir / LAYERS_DIR)
     save_run(run_dir, config, result, keep_student=False)
     record = {"config": config.to_dict(), "metrics": result.metrics, "plan": json.loads(result.run.applied.to_json()),
               "layers": [e.to_dict() for e in result.run.layers], "run_dir": str(run_dir)}

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from .config import RunConfig
+from .devicelock import DeviceLock
 from .errors import ConfigError, JobBusyError, LillamaError, RunStopped
 from .events import Event, Phase, RunError, read_events
 from .models import lillama_home, resolve_device
@@ -102,9 +103,10 @@ class Job:
 class JobManager:
     """Starts jobs on worker threads, refuses a second job on a busy device, keeps the history."""
 
-    def __init__(self, runs_root: Path | None = None):
+    def __init__(self, runs_root: Path | None = None, locks_root: Path | None = None):
         self.runs_root = Path(runs_root or default_runs_root())
         self.runs_root.mkdir(parents=True, exist_ok=True)
+        self.locks_root = locks_root  # None: the shared one under $LILLAMA_HOME
         self.jobs: dict[str, Job] = {}
         self._lock = threading.Lock()
         self._count = 0
@@ -139,17 +141,22 @@ class JobManager:
                 raise JobBusyError(f"a {busy.kind} is already running on {device} ({busy.run_dir.name}); "
                                    "stop it or wait for it to finish")
             self._count += 1
-            run_dir = Path(run_dir) if run_dir else new_run_dir(self.runs_root, config, label)
-            job = Job(f"{kind}-{self._count}", kind, device, run_dir)
+            device_lock = DeviceLock(device, self.locks_root).acquire(f"a {kind} started by the app")
+            try:
+                run_dir = Path(run_dir) if run_dir else new_run_dir(self.runs_root, config, label)
+                job = Job(f"{kind}-{self._count}", kind, device, run_dir)
+                config.save(run_dir / "config.json")
+            except BaseException:
+                device_lock.release()
+                raise
             self.jobs[job.id] = job
-        config.save(run_dir / "config.json")
         self._write_status(job)
-        job.thread = threading.Thread(target=self._run, args=(job, work), name=job.id, daemon=True)
+        job.thread = threading.Thread(target=self._run, args=(job, work, device_lock), name=job.id, daemon=True)
         job.status = "running"
         job.thread.start()
         return job
 
-    def _run(self, job: Job, work: Callable[[Job], object]) -> None:
+    def _run(self, job: Job, work: Callable[[Job], object], device_lock: DeviceLock) -> None:
         self._write_status(job)
         try:
             job.result = work(job)
@@ -165,6 +172,7 @@ class JobManager:
             (job.run_dir / "traceback.txt").write_text(traceback.format_exc())
             job.record(RunError(job.message, type(exc).__name__))
         finally:
+            device_lock.release()
             job.finished = time.time()
             self._write_status(job)
 
