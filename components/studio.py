@@ -80,10 +80,8 @@ class Studio:
 
     def apply_preset(self, plan_config: PlanConfig) -> RankPlan:
         loaded = self.ensure_loaded()
-        needs_data = plan_config.rank is None and (
-            plan_config.strategy == "sensitivity" or (plan_config.strategy == "energy" and plan_config.whitened_energy))
         with self._plan_lock:
-            plan = make_plan(loaded, plan_config, self.planning_calibration() if needs_data else None,
+            plan = make_plan(loaded, plan_config, self.planning_calibration() if plan_config.uses_calibration else None,
                              self.calibration.batch_size)
             self.plan_config, self.plan = plan_config, plan
         return plan

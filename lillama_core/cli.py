@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--strategy", choices=STRATEGIES, default=PlanConfig.strategy)
     pl.add_argument("--layer-keep", type=float, default=PlanConfig.layer_keep)
     pl.add_argument("--groups", default="attention,mlp,ssm")
+    pl.add_argument("--calibration", default="default", help="data the sensitivity and whitened energy plans measure")
+    pl.add_argument("--text-field", default=None)
     pl.add_argument("--save", help="write the plan JSON here")
     return parser
 
@@ -333,12 +335,19 @@ def cmd_export(args, parser) -> None:
 
 
 def cmd_plan(args, parser) -> None:
-    from .engine import make_plan
+    from .calibration import load_calibration
+    from .engine import PLANNING_TOKENS, SENSITIVITY_TOKENS, make_plan
     from .models import load_model
     from .ranks import ModelShape, summarize
 
     loaded = load_model(_model_config(args))
-    plan = make_plan(loaded, _plan_config(args))
+    config = _plan_config(args)
+    calibration = None
+    if config.uses_calibration:
+        tokens = SENSITIVITY_TOKENS if config.strategy == "sensitivity" else PLANNING_TOKENS  # all make_plan reads
+        calibration = load_calibration(CalibrationConfig(source=args.calibration, text_field=args.text_field,
+                                                         tokens=tokens), loaded.tokenizer)
+    plan = make_plan(loaded, config, calibration)
     summary = summarize(plan, ModelShape.of(loaded.model))
     for row in summary.layers:
         kept = row["params_after"] / row["params_before"]

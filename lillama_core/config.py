@@ -90,6 +90,12 @@ class PlanConfig:
         metadata={"help": "glob on module names -> rank, or null to keep dense; applied last"},
     )
 
+    @property
+    def uses_calibration(self) -> bool:
+        """Whether building this plan measures the model on calibration data (whitened energy, sensitivity)."""
+        return self.rank is None and (self.strategy == "sensitivity"
+                                      or (self.strategy == "energy" and self.whitened_energy))
+
     def validate(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}")

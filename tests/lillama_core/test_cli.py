@@ -115,6 +115,9 @@ def test_eval_chat_export_and_plan_commands(tiny_model_dir, texts, tmp_path, cap
     assert main(["plan", "--model", str(tiny_model_dir), "--strategy", "top", "--reduction", "0.1",
                  "--save", str(plan_file)]) == 0
     assert "fewer" in capsys.readouterr().out
+    # the default (sensitivity) plan measures the model, so `plan` reads calibration data for it
+    assert main(["plan", "--model", str(tiny_model_dir), "--calibration", str(texts[0]), "--reduction", "0.1"]) == 0
+    assert "fewer" in capsys.readouterr().out
     assert main(_compress_args(tiny_model_dir, texts, tmp_path / "planned", "--no-eval", "--plan",
                                str(plan_file))) == 0
 
