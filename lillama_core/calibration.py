@@ -182,7 +182,8 @@ def to_record(item, text_field: str | None) -> Record:
 
 def _instruction_chat(item: dict) -> list[dict]:
     """Alpaca-style records (instruction, input, output or instances) -> user/assistant messages."""
-    instances = item.get("instances") or [{"input": item.get("input", ""), "output": item.get("output", item.get("response", ""))}]
+    single = {"input": item.get("input", ""), "output": item.get("output", item.get("response", ""))}
+    instances = item.get("instances") or [single]
     first = instances[0]
     prompt = item["instruction"] + (f"\n\n{first['input']}" if first.get("input") else "")
     chat = [{"role": "user", "content": prompt}]

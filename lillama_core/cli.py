@@ -9,8 +9,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from .config import INITS, LOSS_PATHS, STRATEGIES, CalibrationConfig, DistillConfig, EvalConfig, ModelConfig, \
-    PlanConfig, RunConfig
+from .config import DEFAULT_GROUPS, GROUPS, INITS, LOSS_PATHS, STRATEGIES, CalibrationConfig, DistillConfig, \
+    EvalConfig, ModelConfig, PlanConfig, RunConfig
 from .errors import LillamaError
 from .events import Event, LayerFinished, Phase, RunFinished, RunStarted, Step
 
@@ -55,7 +55,8 @@ class ProgressPrinter:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m-instruct", help=ModelConfig.__dataclass_fields__["name"].metadata["help"])
+    p.add_argument("--model", default="smollm2-135m-instruct",
+                   help=ModelConfig.__dataclass_fields__["name"].metadata["help"])
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with a hub model")
@@ -79,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(subparser=c)
     _add_model_args(c)
     c.add_argument("--config", help="a saved run config JSON; flags given explicitly override it")
-    c.add_argument("--calibration", default="default", help=CalibrationConfig.__dataclass_fields__["source"].metadata["help"])
+    c.add_argument("--calibration", default="default",
+                   help=CalibrationConfig.__dataclass_fields__["source"].metadata["help"])
     c.add_argument("--text-field", default=None)
     c.add_argument("--dataset-config", default=None)
     c.add_argument("--split", default="train")
@@ -90,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--rank", type=int, default=None, help="one fixed rank instead of a reduction target")
     c.add_argument("--strategy", choices=STRATEGIES, default=PlanConfig.strategy)
     c.add_argument("--layer-keep", type=float, default=PlanConfig.layer_keep)
-    c.add_argument("--groups", default="attention,mlp,ssm", help="comma-separated: attention, mlp, ssm, router, other")
+    c.add_argument("--groups", default=",".join(DEFAULT_GROUPS), help=f"comma-separated: {', '.join(GROUPS)}")
     c.add_argument("--plan", help="a rank plan JSON file (overrides --reduction/--rank/--strategy)")
     c.add_argument("--init", choices=INITS, default=DistillConfig.init)
     c.add_argument("--lr", type=float, default=DistillConfig.lr)
@@ -145,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--rank", type=int, default=None)
     pl.add_argument("--strategy", choices=STRATEGIES, default=PlanConfig.strategy)
     pl.add_argument("--layer-keep", type=float, default=PlanConfig.layer_keep)
-    pl.add_argument("--groups", default="attention,mlp,ssm")
+    pl.add_argument("--groups", default=",".join(DEFAULT_GROUPS))
     pl.add_argument("--calibration", default="default", help="data the sensitivity and whitened energy plans measure")
     pl.add_argument("--text-field", default=None)
     pl.add_argument("--save", help="write the plan JSON here")
@@ -359,7 +361,8 @@ def cmd_plan(args, parser) -> None:
         plan.save(args.save)
 
 
-COMMANDS = {"compress": cmd_compress, "resume": cmd_resume, "eval": cmd_eval, "chat": cmd_chat, "export": cmd_export, "plan": cmd_plan}
+COMMANDS = {"compress": cmd_compress, "resume": cmd_resume, "eval": cmd_eval, "chat": cmd_chat, "export": cmd_export,
+            "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,7 +64,8 @@ class CalibrationConfig:
 
 
 STRATEGIES = ("sensitivity", "energy", "uniform", "bottom", "top")
-GROUPS = ("attention", "mlp", "ssm", "router", "other")
+GROUPS = ("attention", "mlp", "experts", "ssm", "router", "other")
+DEFAULT_GROUPS = ["attention", "mlp", "experts", "ssm"]
 
 
 @dataclass
@@ -81,8 +82,8 @@ class PlanConfig:
         "bottom/top: share of each compressed module's parameters kept in the layers chosen", 0.4
     )
     groups: list[str] = field(
-        default_factory=lambda: ["attention", "mlp", "ssm"],
-        metadata={"help": "module groups that may be compressed (attention, mlp, ssm, router, other)"}
+        default_factory=lambda: list(DEFAULT_GROUPS),
+        metadata={"help": f"module groups that may be compressed ({', '.join(GROUPS)})"}
     )
     whitened_energy: bool = _help("energy strategy: use activation-whitened spectra (needs a teacher pass)", True)
     overrides: dict[str, int | None] = field(

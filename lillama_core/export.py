@@ -46,13 +46,20 @@ def _base_class(model: nn.Module) -> type:
     return cls.__mro__[1] if cls.__name__ == "Lillama" + cls.__mro__[1].__name__ else cls
 
 
+def _dense_weight(linear: nn.Module) -> torch.Tensor:
+    return merge_low_rank(linear).weight if isinstance(linear, LowRankLinear) else linear.weight
+
+
 def merged_copy(model: nn.Module) -> nn.Module:
-    """A dense copy: every LowRankLinear multiplied back into an nn.Linear (float32 product)."""
+    """A dense copy in the original layout: every LowRankLinear multiplied back into an nn.Linear (float32
+    product), and unfused MoE experts stacked back into their fused 3-D weights."""
     dense = share_weights_copy(model)
-    for name, module in list(dense.named_modules()):
-        if isinstance(module, LowRankLinear):
-            set_submodule(dense, name, merge_low_rank(module))
-    for key in ("lillama_rank_map", "auto_map"):
+    for kind, replace in ((hf_modeling.UnfusedExperts, lambda m: m.to_fused(_dense_weight)),
+                          (LowRankLinear, merge_low_rank)):
+        for name, module in list(dense.named_modules()):
+            if isinstance(module, kind):
+                set_submodule(dense, name, replace(module))
+    for key in ("lillama_rank_map", "auto_map", "lillama_unfused_experts"):
         dense.config.__dict__.pop(key, None)
     return dense
 
@@ -85,6 +92,8 @@ def export_student(student: nn.Module, tokenizer, folder: str | os.PathLike, mer
             base = _base_class(student)
             model = share_weights_copy(student)
             model.config.lillama_rank_map = ranks
+            model.config.lillama_unfused_experts = any(
+                isinstance(m, hf_modeling.UnfusedExperts) for m in model.modules())
             model.config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.Lillama{base.__name__}"}
             model.save_pretrained(staging)
             (staging / MODELING_FILE).write_text(_modeling_source(base))

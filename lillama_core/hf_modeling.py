@@ -5,6 +5,9 @@ so `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` rebuil
 without lillama_core installed. Keep it importing torch alone.
 """
 
+import copy
+
+import torch
 from torch import nn
 
 
@@ -55,6 +58,107 @@ def apply_rank_map(model, rank_map):
     return model
 
 
+class Expert(nn.Module):
+    """One expert of a fused MoE bank as two ordinary linears, so it is factorised like any other module."""
+
+    def __init__(self, hidden, intermediate, device=None, dtype=None):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False, device=device, dtype=dtype)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False, device=device, dtype=dtype)
+
+
+class UnfusedExperts(nn.Module):
+    """Drop-in for transformers' fused experts (`gate_up_proj` (E, 2I, H) and `down_proj` (E, H, I) as 3-D
+    parameters, called as `experts(hidden, top_k_index, top_k_weights)`), holding each expert as `Expert`
+    children named 0..E-1. The fused original is kept with empty weights, to rebuild it for dense exports."""
+
+    def __init__(self, fused):
+        super().__init__()
+        experts, intermediate2, hidden = fused.gate_up_proj.shape
+        device, dtype = fused.gate_up_proj.device, fused.gate_up_proj.dtype
+        for index in range(experts):
+            expert = Expert(hidden, intermediate2 // 2, device=device, dtype=dtype)
+            if device.type != "meta":
+                with torch.no_grad():
+                    expert.gate_up_proj.weight.copy_(fused.gate_up_proj[index])
+                    expert.down_proj.weight.copy_(fused.down_proj[index])
+            self.add_module(str(index), expert)
+        # Plain attributes, not submodules: the activation has no weights, and the template must stay out of
+        # the state dict.
+        self.__dict__["act_fn"] = fused.act_fn
+        template = copy.copy(fused)
+        template._parameters = {name: nn.Parameter(torch.empty(0, device="meta"), requires_grad=False)
+                                for name in fused._parameters}
+        self.__dict__["template"] = template
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for index, expert in enumerate(self.children()):
+            token, slot = torch.where(top_k_index == index)
+            if token.numel() == 0:
+                continue
+            gate, up = expert.gate_up_proj(hidden_states[token]).chunk(2, dim=-1)
+            routed = expert.down_proj(self.act_fn(gate) * up) * top_k_weights[token, slot, None]
+            out.index_add_(0, token, routed.to(out.dtype))
+        return out
+
+    def to_fused(self, dense_weight):
+        """The original fused module, its 3-D weights stacked from `dense_weight(linear)` of each expert."""
+        fused = copy.copy(self.template)
+        fused._parameters = dict(fused._parameters)
+        experts = list(self.children())
+        for name in ("gate_up_proj", "down_proj"):
+            stacked = torch.stack([dense_weight(getattr(e, name)) for e in experts])
+            fused._parameters[name] = nn.Parameter(stacked, requires_grad=False)
+        return fused
+
+
+def is_fused_experts(module):
+    """Whether `module` follows transformers' default fused-experts layout (gate and up concatenated, not
+    transposed, no biases), the only one UnfusedExperts reproduces."""
+    gate_up, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    if not (isinstance(gate_up, nn.Parameter) and isinstance(down, nn.Parameter)):
+        return False
+    if gate_up.dim() != 3 or down.dim() != 3 or not hasattr(module, "act_fn"):
+        return False
+    layout = dict(has_gate=True, has_bias=False, is_transposed=False, is_concatenated=True,
+                  has_post_expert_norm=False)
+    if any(getattr(module, flag, default) != default for flag, default in layout.items()):
+        return False
+    experts, intermediate2, hidden = gate_up.shape
+    return intermediate2 % 2 == 0 and tuple(down.shape) == (experts, hidden, intermediate2 // 2) and \
+        set(module._parameters) == {"gate_up_proj", "down_proj"}
+
+
+def _same_output(fused, unfused, top_k=2, tokens_per_expert=4):
+    experts, _, hidden = fused.gate_up_proj.shape
+    generator = torch.Generator().manual_seed(0)
+    tokens = tokens_per_expert * experts
+    x = torch.randn(tokens, hidden, generator=generator).to(fused.gate_up_proj)
+    index = torch.stack([torch.randperm(experts, generator=generator)[:min(top_k, experts)] for _ in range(tokens)])
+    weights = torch.rand(index.shape, generator=generator).to(x)
+    with torch.no_grad():
+        expected, got = fused(x, index.to(x.device), weights), unfused(x, index.to(x.device), weights)
+    scale = expected.float().norm().clamp_min(1e-6)
+    return bool(((expected.float() - got.float()).norm() / scale) < 1e-2)
+
+
+def unfuse_experts(model, check=True):
+    """Replace every fused experts module by UnfusedExperts, in place; returns how many were replaced.
+    With `check`, each replacement must reproduce the original's output on random routing, or the module
+    is left fused (its experts are then simply not compressible)."""
+    replaced = 0
+    for name, module in list(model.named_modules()):
+        if not is_fused_experts(module):
+            continue
+        unfused = UnfusedExperts(module)
+        if check and module.gate_up_proj.device.type != "meta" and not _same_output(module, unfused):
+            continue
+        set_submodule(model, name, unfused)
+        replaced += 1
+    return replaced
+
+
 def lowrank_subclass(base):
     """A subclass of a transformers model class whose constructor applies `config.lillama_rank_map`,
     so `from_pretrained` builds the low-rank modules before it loads their weights."""
@@ -62,6 +166,8 @@ def lowrank_subclass(base):
     class LowRankModel(base):
         def __init__(self, config, *args, **kwargs):
             super().__init__(config, *args, **kwargs)
+            if getattr(config, "lillama_unfused_experts", False):
+                unfuse_experts(self, check=False)
             apply_rank_map(self, getattr(config, "lillama_rank_map", None) or {})
 
     LowRankModel.__name__ = LowRankModel.__qualname__ = "Lillama" + base.__name__

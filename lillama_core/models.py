@@ -21,6 +21,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .errors import ModelLoadError
+from .hf_modeling import unfuse_experts
 
 
 def lillama_home() -> Path:
@@ -69,6 +70,11 @@ class LoadedModel:
     source: str  # where the weights came from, for display and run records
     device: torch.device
     dtype: torch.dtype
+
+    def __post_init__(self):
+        # Fused MoE experts (3-D tensors) become per-expert nn.Linear modules, checked to give the same
+        # output, so every step after this sees the experts as ordinary linear layers.
+        unfuse_experts(self.model)
 
     @property
     def num_layers(self) -> int:
@@ -242,12 +248,13 @@ def find_linears(block: nn.Module) -> dict[str, nn.Linear]:
 _ROUTER_WORDS = ("router", "block_sparse_moe.gate", "mlp.gate", "moe.gate", "shared_expert_gate")
 _SSM_WORDS = ("mixer.", "in_proj", "x_proj", "dt_proj")
 _ATTENTION_WORDS = ("attn", "attention", "q_proj", "k_proj", "v_proj", "o_proj", "qkv", "query", "key", "value")
+_EXPERT_WORDS = ("experts.",)
 _MLP_WORDS = ("mlp", "ffn", "feed_forward", "fc1", "fc2", "gate", "up_proj", "down_proj", "expert", "w1", "w2", "w3")
 
 
 def module_group(local_name: str) -> str:
-    """attention, mlp, ssm (Mamba mixers), router (MoE gates: tiny and fragile, never compressed by
-    default) or other."""
+    """attention, mlp, experts (MoE experts), ssm (Mamba mixers), router (MoE gates: tiny and fragile, never
+    compressed by default) or other."""
     lowered = local_name.lower()
     if lowered.endswith(_ROUTER_WORDS) or "router" in lowered:
         return "router"
@@ -255,6 +262,8 @@ def module_group(local_name: str) -> str:
         return "ssm"
     if any(word in lowered for word in _ATTENTION_WORDS):
         return "attention"
+    if any(word in lowered for word in _EXPERT_WORDS):
+        return "experts"
     if any(word in lowered for word in _MLP_WORDS):
         return "mlp"
     return "other"

@@ -132,7 +132,8 @@ def validate_plan(plan: RankPlan, shape: ModelShape) -> list[str]:
             raise RankPlanError(f"rank {rank} of {name} exceeds the matrix's full rank {module.full_rank}")
         if rank > module.max_saving_rank:
             warnings.append(
-                f"{name}: rank {rank} stores more weights than the dense matrix (saves only below {module.max_saving_rank + 1})"
+                f"{name}: rank {rank} stores more weights than the dense matrix "
+                f"(saves only below {module.max_saving_rank + 1})"
             )
     return warnings
 
@@ -182,7 +183,8 @@ def summarize(plan: RankPlan, shape: ModelShape) -> PlanSummary:
             "max_saving_rank": m.max_saving_rank, "params_before": m.dense_params, "params_after": after,
             "saves": rank is None or rank <= m.max_saving_rank,
         })
-        layer = per_layer.setdefault(m.layer, {"layer": m.layer, "params_before": 0, "params_after": 0, "compressed": 0})
+        layer = per_layer.setdefault(m.layer, {"layer": m.layer, "params_before": 0, "params_after": 0,
+                                               "compressed": 0})
         layer["params_before"] += m.dense_params
         layer["params_after"] += after
         layer["compressed"] += rank is not None

@@ -23,10 +23,11 @@ ARCHITECTURES = {
     "phi3": (T.Phi3Config, T.Phi3ForCausalLM, dict(COMMON, pad_token_id=0, partial_rotary_factor=0.5)),  # fused qkv
     "gemma3": (T.Gemma3TextConfig, T.Gemma3ForCausalLM, dict(COMMON, head_dim=16, sliding_window=8)),
     "mixtral": (T.MixtralConfig, T.MixtralForCausalLM, dict(COMMON, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen3_moe": (T.Qwen3MoeConfig, T.Qwen3MoeForCausalLM, dict(COMMON, head_dim=16, num_experts=4,
+                                                                num_experts_per_tok=2, moe_intermediate_size=32)),
     "mamba": (T.MambaConfig, T.MambaForCausalLM, dict(hidden_size=64, num_hidden_layers=2, state_size=8)),
 }
-# Mixtral keeps its experts as fused 3-D tensors in transformers 5, not nn.Linear: only attention is touched.
-EXPECTED_GROUPS = {"mixtral": {"attention"}, "mamba": {"ssm"}}
+EXPECTED_GROUPS = {"mixtral": {"attention", "experts"}, "qwen3_moe": {"attention", "experts"}, "mamba": {"ssm"}}
 
 
 def build(name):
@@ -47,7 +48,8 @@ def test_compress_export_reload(name, tmp_path):
     vocab = len(loaded.tokenizer) - 2
     calibration = CalibrationData(tiny_sequences(12, 32, vocab=vocab), "random", 0)
     plan = make_plan(loaded, PlanConfig(strategy="uniform", rank=8, reduction=None))
-    assert plan.ranks and {module_group(n.split(".", 3)[-1]) for n in plan.ranks} <= {"attention", "mlp", "ssm"}
+    assert plan.ranks and {module_group(n.split(".", 3)[-1]) for n in plan.ranks} == EXPECTED_GROUPS.get(
+        name, {"attention", "mlp"})
     student = Compressor(loaded, calibration, plan, DistillConfig(), batch_size=4).run().student
     assert sum(isinstance(m, LowRankLinear) for m in student.modules()) == len(plan.ranks)
 

@@ -17,7 +17,7 @@ def test_blocks_and_linears_are_found_generically(tiny):
 
 @pytest.mark.parametrize("name, group", [
     ("self_attn.q_proj", "attention"), ("attention.wqkv", "attention"), ("mlp.down_proj", "mlp"),
-    ("block_sparse_moe.experts.3.w1", "mlp"), ("fc1", "mlp"), ("mixer.in_proj", "ssm"), ("mixer.out_proj", "ssm"),
+    ("block_sparse_moe.experts.3.w1", "experts"), ("mlp.experts.0.gate_up_proj", "experts"), ("fc1", "mlp"), ("mixer.in_proj", "ssm"), ("mixer.out_proj", "ssm"),
     ("block_sparse_moe.gate", "router"), ("mlp.gate", "router"), ("mlp.gate_proj", "mlp"), ("norm_proj", "other"),
 ])
 def test_module_groups(name, group):
