@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .distill import run_block
+from .distributed import SINGLE, Parallel
 from .errors import ModelLoadError
 from .lowrank import CovarianceAccumulator
 from .models import Block, share_weights_copy
@@ -96,6 +97,8 @@ def capture_block_inputs(model: nn.Module, blocks: list[Block], sequences: torch
         parent, idx = _parent_list(model, block)
         parent[idx] = _StandIn(block.module, block.index, recorder, last=block is blocks[-1])
     for rows in batches:
+        if rows.stop == rows.start:  # this process's share of a small batch can be empty
+            continue
         try:
             model(input_ids=sequences[rows].to(device), use_cache=False)
         except _StopForward:
@@ -111,6 +114,8 @@ def run_block_over(block: nn.Module, source: torch.Tensor, target: torch.Tensor,
     """target[i] = block(source[i]) batch by batch; target may be source itself (in-place update).
     The batches must be those the block inputs were captured with (kwargs are per batch size)."""
     for rows in batches:
+        if rows.stop == rows.start:
+            continue
         out = run_block(block, source[rows].to(device), kwargs_for(rows.stop - rows.start))
         target[rows] = out.to(target.device, target.dtype)
     return target
@@ -129,10 +134,10 @@ class InputCovariances:
         self._seen_this_batch: dict[int, tuple[torch.Tensor, CovarianceAccumulator]] = {}
         self._device = device
         self._thread = threading.get_ident()
+        self._features = {name: block.get_submodule(name).in_features for name in module_names}
         self._handles = [block.register_forward_pre_hook(self._new_batch)]
         for name in module_names:
-            module = block.get_submodule(name)
-            self._handles.append(module.register_forward_hook(self._hook_for(name)))
+            self._handles.append(block.get_submodule(name).register_forward_hook(self._hook_for(name)))
 
     def _new_batch(self, *_):
         if threading.get_ident() == self._thread:
@@ -153,8 +158,17 @@ class InputCovariances:
 
         return hook
 
-    def means(self) -> dict[str, torch.Tensor]:
-        return {name: acc.mean() for name, acc in self.accumulators.items()}
+    def means(self, parallel: Parallel = SINGLE) -> dict[str, torch.Tensor]:
+        """X^T X / tokens of every module, over all processes' data. A module that saw no token (an MoE
+        expert no calibration token was routed to) gets zeros, which whitening turns into a plain SVD."""
+        out = {}
+        for name, features in self._features.items():  # the same order in every process
+            acc = self.accumulators.get(name)
+            total = acc.sum.clone() if acc else torch.zeros(features, features, dtype=torch.float64,
+                                                             device=self._device)
+            tokens, = parallel.sum_values(acc.tokens if acc else 0, device=self._device)
+            out[name] = parallel.all_reduce(total) / max(tokens, 1)
+        return out
 
     def close(self) -> None:
         for handle in self._handles:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .config import DEFAULT_GROUPS, GROUPS, INITS, LOSS_PATHS, STRATEGIES, CalibrationConfig, DistillConfig, \
     EvalConfig, ModelConfig, PlanConfig, RunConfig
+from .distributed import Parallel, device_for, from_environment
 from .errors import LillamaError
 from .events import Event, LayerFinished, Phase, RunFinished, RunStarted, Step
 
@@ -198,7 +199,7 @@ def _run_config(args, parser) -> RunConfig:
     return RunConfig.from_dict(data).validate()
 
 
-def _compress_in(run_dir: Path, config: RunConfig, plan, args) -> dict:
+def _compress_in(run_dir: Path, config: RunConfig, plan, args, parallel: Parallel) -> dict | None:
     """Run the pipeline with the run folder's log and layer checkpoints, then export to --out."""
     from .devicelock import DeviceLock
     from .export import export_student
@@ -212,10 +213,14 @@ def _compress_in(run_dir: Path, config: RunConfig, plan, args) -> dict:
         append_event(run_dir, event)
         progress(event)
 
-    tqdm_note(f"run folder: {run_dir} (resume with `lillama resume {run_dir} --out ...`)")
-    with DeviceLock(str(resolve_device(config.model.device))).acquire(f"`lillama compress` into {run_dir.name}"):
-        result = run_pipeline(config, plan=plan, on_event=on_event, evaluate=not args.no_eval,
-                              checkpoint_dir=run_dir / LAYERS_DIR)
+    if parallel.is_main:
+        tqdm_note(f"run folder: {run_dir} (resume with `lillama resume {run_dir} --out ...`)")
+    device = resolve_device(device_for(parallel, config.model.device))
+    with DeviceLock(str(device)).acquire(f"`lillama compress` into {run_dir.name}"):
+        result = run_pipeline(config, plan=plan, on_event=on_event if parallel.is_main else None,
+                              evaluate=not args.no_eval, checkpoint_dir=run_dir / LAYERS_DIR, parallel=parallel)
+    if not parallel.is_main:  # the other processes only lent their share of the work
+        return None
     save_run(run_dir, config, result, keep_student=False)
     record = {"config": config.to_dict(), "metrics": result.metrics, "plan": json.loads(result.run.applied.to_json()),
               "layers": [e.to_dict() for e in result.run.layers], "run_dir": str(run_dir)}
@@ -240,17 +245,22 @@ def cmd_compress(args, parser) -> dict:
     from .jobs import default_runs_root, new_run_dir
     from .ranks import RankPlan
 
+    parallel = from_environment()
     config = _run_config(args, parser)
     plan = RankPlan.load(args.plan) if args.plan else None
-    _check_out(args)
-    run_dir = new_run_dir(Path(args.runs_dir) if args.runs_dir else default_runs_root(), config)
-    config.save(run_dir / "config.json")
+    run_dir = None
+    if parallel.is_main:
+        _check_out(args)
+        run_dir = new_run_dir(Path(args.runs_dir) if args.runs_dir else default_runs_root(), config)
+        config.save(run_dir / "config.json")
+    run_dir = Path(parallel.broadcast_object(run_dir and str(run_dir)))
     try:
-        return _compress_in(run_dir, config, plan, args)
+        return _compress_in(run_dir, config, plan, args, parallel)
     except LillamaError:
         from .jobs import LAYERS_DIR
 
-        if not list((run_dir / LAYERS_DIR).glob("layer_*.json")):  # nothing worth resuming: leave no clutter
+        no_layers = not list((run_dir / LAYERS_DIR).glob("layer_*.json"))
+        if parallel.is_main and no_layers:  # nothing worth resuming: leave no clutter
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
@@ -258,9 +268,11 @@ def cmd_compress(args, parser) -> dict:
 def cmd_resume(args, parser) -> dict:
     from .jobs import resumable
 
+    parallel = from_environment()
     config, plan = resumable(Path(args.run_dir))
-    _check_out(args)
-    return _compress_in(Path(args.run_dir), config, plan, args)
+    if parallel.is_main:
+        _check_out(args)
+    return _compress_in(Path(args.run_dir), config, plan, args, parallel)
 
 
 def _check_out(args) -> None:

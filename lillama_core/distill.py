@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import DistillConfig
+from .distributed import SINGLE, Parallel
 from .errors import RunStopped
 
 
@@ -77,19 +78,30 @@ def lr_at(step: int, steps: int, lr: float, warmup_steps: int, schedule: str) ->
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
+def _rows(batch: slice) -> int:
+    return batch.stop - batch.start
+
+
 class LayerDistiller:
-    """Trains the low-rank factors of one student block; everything else in the block stays frozen."""
+    """Trains the low-rank factors of one student block; everything else in the block stays frozen.
+
+    Under data parallelism the batches are this process's parts of the global batches, `train_rows`
+    the global row count of each, and every step's gradient is summed over processes."""
 
     def __init__(self, student: nn.Module, data: LayerData, config: DistillConfig, device: torch.device,
-                 train_batches: list[slice], eval_batches: list[slice], autocast_dtype: torch.dtype | None):
+                 train_batches: list[slice], eval_batches: list[slice], autocast_dtype: torch.dtype | None,
+                 parallel: Parallel = SINGLE, train_rows: list[int] | None = None):
         self.student, self.data, self.config, self.device = student, data, config, device
         self.train_batches, self.eval_batches = train_batches, eval_batches
+        self.train_rows = train_rows or [_rows(b) for b in train_batches]
         self.autocast_dtype = autocast_dtype
+        self.parallel = parallel
         self.factors = [p for name, p in student.named_parameters() if name.endswith(("A.weight", "B.weight"))]
         for p in student.parameters():
             p.requires_grad_(False)
         for p in self.factors:
             p.requires_grad_(True)
+        parallel.broadcast_(self.factors)  # identical starting factors, whatever each process's SVD gave
 
     @property
     def steps(self) -> int:
@@ -123,13 +135,22 @@ class LayerDistiller:
 
     @torch.no_grad()
     def held_out_loss(self) -> float:
-        total = 0.0
+        total, count = 0.0, 0
         for rows in self.eval_batches:
-            loss_t, loss_s = self._losses(rows)
-            paths = 2 if self.config.loss == "joint" else 1  # report a per-path mean, comparable to step losses
-            total += self._objective(loss_t, loss_s).item() / paths * (rows.stop - rows.start)
-        count = sum(r.stop - r.start for r in self.eval_batches)
+            if _rows(rows):
+                loss_t, loss_s = self._losses(rows)
+                paths = 2 if self.config.loss == "joint" else 1  # a per-path mean, comparable to step losses
+                total += self._objective(loss_t, loss_s).item() / paths * _rows(rows)
+                count += _rows(rows)
+        total, count = self.parallel.sum_values(total, count, device=self.device)
         return total / max(count, 1)
+
+    def _sum_gradients(self) -> None:
+        """All-reduce the factor gradients as one flat tensor (one collective per step)."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.factors]
+        flat = self.parallel.all_reduce(torch.cat([g.reshape(-1) for g in grads]))
+        for p, chunk in zip(self.factors, flat.split([g.numel() for g in grads])):
+            p.grad = chunk.view_as(p)
 
     def _snapshot(self) -> list[torch.Tensor]:
         return [p.detach().clone() for p in self.factors]
@@ -145,28 +166,39 @@ class LayerDistiller:
         init_loss = best_loss = self.held_out_loss()
         best_state, best_step = self._snapshot() if config.keep_best else None, 0
         step, skipped = 0, 0
-        loss_t = loss_s = torch.tensor(float("nan"))
+        sum_t = sum_s = float("nan")
+        total_rows = 1
         self.student.train()
         for _ in range(config.epochs):
-            for rows in self.train_batches:
+            for rows, total_rows in zip(self.train_batches, self.train_rows):
                 lr = lr_at(step, self.steps, config.lr, config.warmup_steps, config.schedule)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                loss_t, loss_s = self._losses(rows)
-                objective = self._objective(loss_t, loss_s)
-                finite = bool(torch.isfinite(objective))
+                here = _rows(rows)
+                loss_t = loss_s = objective = torch.zeros((), device=self.device)
+                if here:
+                    loss_t, loss_s = self._losses(rows)
+                    objective = self._objective(loss_t, loss_s)
+                # Every process must agree on the step's mean losses and on skipping it.
+                sum_t, sum_s, bad = self.parallel.sum_values(
+                    loss_t.item() * here, loss_s.item() * here, float(not torch.isfinite(objective)),
+                    device=self.device)
+                finite = bad == 0
                 optimizer.zero_grad(set_to_none=True)
                 if finite:
-                    objective.backward()
+                    if here:
+                        (objective * (here / total_rows)).backward()
+                    if self.parallel.enabled:
+                        self._sum_gradients()
                     if config.grad_clip:
                         torch.nn.utils.clip_grad_norm_(self.factors, config.grad_clip)
                     optimizer.step()
                 else:
                     skipped += 1
                 step += 1
-                on_step(StepMetrics(step, self.steps, loss_t.item(), loss_s.item(), lr,
-                                    (rows.stop - rows.start) * self.data.teacher_in.shape[1], not finite))
-                if should_stop():
+                on_step(StepMetrics(step, self.steps, sum_t / total_rows, sum_s / total_rows, lr,
+                                    total_rows * self.data.teacher_in.shape[1], not finite))
+                if self.parallel.any(should_stop(), device=self.device):
                     raise RunStopped("stopped by request")
                 if config.keep_best and (step % config.eval_every == 0 or step == self.steps):
                     current = self.held_out_loss()
@@ -180,4 +212,4 @@ class LayerDistiller:
             best_step = step
         for p in self.factors:
             p.requires_grad_(False)
-        return LayerResult(init_loss, best_loss, best_step, loss_t.item(), loss_s.item(), skipped)
+        return LayerResult(init_loss, best_loss, best_step, sum_t / total_rows, sum_s / total_rows, skipped)

@@ -21,7 +21,8 @@ from .calibration import CalibrationData
 from .checkpoints import LayerCheckpoints
 from .config import DistillConfig, PlanConfig
 from .distill import LayerData, LayerDistiller, LayerResult, StepMetrics, batch_slices
-from .errors import CalibrationError, LillamaError, OutOfMemoryError, RankPlanError, RunStopped
+from .distributed import SINGLE, Parallel
+from .errors import CalibrationError, ConfigError, LillamaError, OutOfMemoryError, RankPlanError, RunStopped
 from .events import Event, EventSink, LayerFinished, LayerStarted, Phase, RunError, RunFinished, RunStarted, Step
 from .lowrank import set_submodule, spectrum, to_low_rank, whitened_spectrum
 from .models import Block, LoadedModel, find_blocks, find_linears, share_weights_copy
@@ -132,9 +133,10 @@ class Compressor:
 
     def __init__(self, loaded: LoadedModel, calibration: CalibrationData, plan: RankPlan, config: DistillConfig,
                  batch_size: int = 8, on_event: EventSink | None = None, stop: threading.Event | None = None,
-                 seed: int = 0, checkpoints: LayerCheckpoints | None = None):
+                 seed: int = 0, checkpoints: LayerCheckpoints | None = None, parallel: Parallel = SINGLE):
         config.validate()
         self.checkpoints = checkpoints  # saved after each layer; layers already saved are restored, not retrained
+        self.parallel = parallel  # this process's place among data-parallel processes (see distributed.py)
         self.loaded, self.calibration, self.plan, self.config = loaded, calibration, plan, config
         self.batch_size, self.seed = batch_size, seed
         self.on_event = on_event or (lambda event: None)
@@ -172,9 +174,15 @@ class Compressor:
         sequences = self.calibration.sequences
         n = sequences.shape[0]
         held_out = held_out_count(n)
-        train_batches = batch_slices(0, n - held_out, self.batch_size)
-        eval_batches = batch_slices(n - held_out, n, self.batch_size)
-        batches = train_batches + eval_batches
+        global_train = batch_slices(0, n - held_out, self.batch_size)
+        global_eval = batch_slices(n - held_out, n, self.batch_size)
+        if self.parallel.enabled and min(self.batch_size, n - held_out) < self.parallel.world_size:
+            raise ConfigError(f"each of the {self.parallel.world_size} processes needs a share of every batch: "
+                              f"raise the batch size ({self.batch_size}) and the calibration tokens")
+        # This process's rows of every batch; with one process, all of them in their order.
+        mine, batches, rows_per_batch = self.parallel.shard(global_train + global_eval)
+        sequences = sequences[mine]
+        train_batches, eval_batches = batches[:len(global_train)], batches[len(global_train):]
         steps_per_layer = len(train_batches) * self.config.epochs
         if not self.config.distill:
             steps_per_layer = 0
@@ -231,10 +239,12 @@ class Compressor:
                 self.emit(Phase("resume", f"layer {block.index} restored from its checkpoint"))
             else:
                 student_block = self._student_block(block.module, local_ranks,
-                                                    covariances.means() if covariances else None, generator)
+                                                    covariances.means(self.parallel) if covariances else None,
+                                                    generator)
                 data = LayerData(teacher_x, teacher_y, student_x, kwargs_for)
                 distiller = LayerDistiller(student_block, data, self.config, self.device, train_batches,
-                                           eval_batches, _autocast_dtype(self.device, self.dtype))
+                                           eval_batches, _autocast_dtype(self.device, self.dtype), self.parallel,
+                                           rows_per_batch[:len(global_train)])
 
                 def on_step(m: StepMetrics, layer=block.index):
                     nonlocal global_step
@@ -260,7 +270,7 @@ class Compressor:
             teacher_x = teacher_y
             for local, rank in local_ranks.items():
                 result.applied.ranks[f"{block.name}.{local}"] = rank
-            if self.checkpoints and restored is None:
+            if self.checkpoints and restored is None and self.parallel.is_main:
                 self.checkpoints.save(block.index, student_block, local_ranks, finished)
             result.layers.append(finished)
             self.emit(finished)

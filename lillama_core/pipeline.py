@@ -3,6 +3,7 @@ load -> calibrate -> plan -> distill -> evaluate, with every stage reported as e
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ import torch
 from .calibration import load_calibration, read_eval_text
 from .checkpoints import LayerCheckpoints
 from .config import RunConfig
+from .distributed import SINGLE, Parallel, device_for
 from .engine import Compressor, RunResult, make_plan, out_of_memory
 from .errors import RunStopped
 from .evaluate import eval_windows, perplexity
@@ -46,44 +48,49 @@ def stop_point(stop: threading.Event, stage: str) -> None:
 def run_pipeline(config: RunConfig, loaded: LoadedModel | None = None, plan: RankPlan | None = None,
                  on_event: EventSink | None = None, stop: threading.Event | None = None,
                  evaluate: bool = True, teacher_ppl: float | None = None,
-                 checkpoint_dir: Path | None = None) -> PipelineResult:
+                 checkpoint_dir: Path | None = None, parallel: Parallel = SINGLE) -> PipelineResult:
     """Compress the configured model. `plan` overrides the plan the config would build; a loaded
     model and a known teacher perplexity can be passed in to skip that work. With a checkpoint
     folder, every finished layer is saved there (with the plan) and layers already saved are reused.
-    Running out of accelerator memory at any stage (planning, healing, evaluation too) is a user error."""
+    Running out of accelerator memory at any stage (planning, healing, evaluation too) is a user error.
+    Under data parallelism every process calls this; only the first plans, heals, evaluates and writes."""
     config.validate()
     emit = on_event or (lambda event: None)
     try:
-        return _run_pipeline(config, loaded, plan, emit, stop, evaluate, teacher_ppl, checkpoint_dir)
+        return _run_pipeline(config, loaded, plan, emit, stop, evaluate, teacher_ppl, checkpoint_dir, parallel)
     except torch.OutOfMemoryError:
         raise out_of_memory(emit) from None
 
 
 def _run_pipeline(config: RunConfig, loaded: LoadedModel | None, plan: RankPlan | None, emit: EventSink,
                   stop: threading.Event | None, evaluate: bool, teacher_ppl: float | None,
-                  checkpoint_dir: Path | None) -> PipelineResult:
+                  checkpoint_dir: Path | None, parallel: Parallel) -> PipelineResult:
     start = time.time()
     stop = stop or threading.Event()
     if loaded is None:
         emit(Phase("load", f"loading {config.model.name}"))
-        loaded = load_model(config.model)
+        loaded = load_model(dataclasses.replace(config.model, device=device_for(parallel, config.model.device)))
     stop_point(stop, "loading the model")
     emit(Phase("calibration", f"tokenising {config.calibration.tokens} tokens from {config.calibration.source}"))
     calibration = load_calibration(config.calibration, loaded.tokenizer)
     stop_point(stop, "reading the calibration data")
     if plan is None:
         emit(Phase("plan", f"{config.plan.strategy} plan"))
-        plan = make_plan(loaded, config.plan, calibration, config.calibration.batch_size, emit, stop)
+        if parallel.is_main:
+            plan = make_plan(loaded, config.plan, calibration, config.calibration.batch_size, emit, stop)
+        plan = parallel.broadcast_object(plan)
         stop_point(stop, "planning")
     checkpoints = None
     if checkpoint_dir is not None:
         checkpoints = LayerCheckpoints(checkpoint_dir)
-        Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
-        plan.save(Path(checkpoint_dir) / PLAN_FILE)
+        if parallel.is_main:
+            Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+            plan.save(Path(checkpoint_dir) / PLAN_FILE)
     run = Compressor(loaded, calibration, plan, config.distill, config.calibration.batch_size, emit, stop,
-                     config.seed, checkpoints).run()
+                     config.seed, checkpoints, parallel).run()
     heal_metrics = {}
-    if config.heal.tokens and run.status == "completed" and run.applied.ranks:
+    # Healing is not data-parallel: the first process heals the student it will export.
+    if config.heal.tokens and run.status == "completed" and run.applied.ranks and parallel.is_main:
         from .heal import heal
 
         try:
@@ -106,7 +113,7 @@ def _run_pipeline(config: RunConfig, loaded: LoadedModel | None, plan: RankPlan 
         "layers_done": run.applied.layers(ModelShape.of(loaded.model)),
         **heal_metrics,
     }
-    if evaluate and not stop.is_set():  # a stop ends the job now; the partial student can be evaluated later
+    if evaluate and not stop.is_set() and parallel.is_main:  # after a stop the partial student is evaluated later
         emit(Phase("evaluate", "perplexity of teacher and student"))
         if teacher_ppl is None:
             teacher_ppl = evaluate_perplexity(loaded.model, loaded.tokenizer, config)
