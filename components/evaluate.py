@@ -15,7 +15,7 @@ import pandas as pd
 from lillama_core.calibration import read_eval_text
 from lillama_core.errors import ExportError
 from lillama_core.evaluate import eval_windows, generation_speed, model_size, perplexity
-from lillama_core.export import export_student
+from lillama_core.export import MODELING_FILE, export_student
 from lillama_core.quantize import MODES, quantize_weights, serialized_bytes
 
 from .charts import comparison_chart, human, human_bytes
@@ -33,6 +33,9 @@ def zip_atomically(folder: Path) -> str:
         final = folder.with_name(folder.name + ".zip")
         os.replace(partial, final)
     return str(final)
+
+
+EXPORT_WEIGHTS = {"float": None, **{mode: mode for mode in MODES}}
 
 
 def check_export_name(name: str) -> str:
@@ -84,6 +87,8 @@ def build(studio: Studio) -> dict:
         name = gr.Textbox(label="Export name", placeholder="smollm2-20pct")
         fmt = gr.Radio(["compressed (low-rank, smallest)", "merged dense (plain transformers)"],
                        value="compressed (low-rank, smallest)", label="Format")
+        weights = gr.Radio(list(EXPORT_WEIGHTS), value="float", label="Weights",
+                           info="int8/int4: integer weights, smaller files; loads with trust_remote_code")
         overwrite = gr.Checkbox(value=False, label="Replace an existing export of that name")
         export = gr.Button("Export", variant="primary")
     export_note = gr.Markdown()
@@ -121,21 +126,23 @@ def build(studio: Studio) -> dict:
               concurrency_limit=1, api_name="evaluate")
 
     @user_errors
-    def on_export(name_value, fmt_value, overwrite_value, progress=gr.Progress()):
+    def on_export(name_value, fmt_value, overwrite_value, weights_value="float", progress=gr.Progress()):
         student = studio.current_student()
         if student is None:
             raise gr.Error("no student to export yet: run a distillation or load a run in step 6")
         folder = studio.exports_root / check_export_name(name_value)
         progress(0.1, desc="writing safetensors")
         record = {"source_run": str(student.run_dir) if student.run_dir else None}
-        out = export_student(student.model, student.tokenizer, folder, merge=fmt_value.startswith("merged"),
-                             overwrite=overwrite_value, record=record)
+        merge = fmt_value.startswith("merged")
+        out = export_student(student.model, student.tokenizer, folder, merge=merge, overwrite=overwrite_value,
+                             record=record, quantize=EXPORT_WEIGHTS[weights_value])
         progress(0.6, desc="zipping")
         archive = zip_atomically(out)
         size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+        remote = ", trust_remote_code=True" if (out / MODELING_FILE).exists() else ""
         note = (f"Exported to `{out}` ({human_bytes(size)}). Load it with "
-                f"`AutoModelForCausalLM.from_pretrained('{out}'{', trust_remote_code=True' if not fmt_value.startswith('merged') else ''})`.")
+                f"`AutoModelForCausalLM.from_pretrained('{out}'{remote})`.")
         return note, gr.update(value=archive, visible=True)
 
-    export.click(on_export, [name, fmt, overwrite], [export_note, download], api_name="export")
+    export.click(on_export, [name, fmt, overwrite, weights], [export_note, download], api_name="export")
     return {}

@@ -14,6 +14,9 @@ from .config import DEFAULT_GROUPS, GROUPS, INITS, LOSS_PATHS, STRATEGIES, Calib
 from .distributed import Parallel, device_for, from_environment
 from .errors import LillamaError
 from .events import Event, LayerFinished, Phase, RunFinished, RunStarted, Step
+from .quantize import MODES as QUANTIZE_MODES
+
+QUANTIZE_EXPORT_HELP = "store the exported linear weights as int8 (per channel) or int4 (groups of 64)"
 
 
 def _quiet_transformers() -> None:
@@ -107,6 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-eval", action="store_true", help="skip perplexity")
     c.add_argument("--out", required=True, help="export folder")
     c.add_argument("--merge", action="store_true", help="export dense merged weights (no custom code needed)")
+    c.add_argument("--quantize", choices=list(QUANTIZE_MODES), help=QUANTIZE_EXPORT_HELP)
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
 
@@ -116,6 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run_dir")
     r.add_argument("--out", required=True, help="export folder")
     r.add_argument("--merge", action="store_true")
+    r.add_argument("--quantize", choices=list(QUANTIZE_MODES), help=QUANTIZE_EXPORT_HELP)
     r.add_argument("--overwrite", action="store_true")
     r.add_argument("--no-eval", action="store_true")
     r.add_argument("--json", action="store_true")
@@ -124,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(e)
     _eval_args(e)
     e.add_argument("--no-speed", action="store_true")
-    e.add_argument("--quantize", choices=["int8", "int4"],
+    e.add_argument("--quantize", choices=list(QUANTIZE_MODES),
                    help="evaluate a weight-only quantized copy: int8 per channel, or int4 in groups of 64")
     e.add_argument("--json", action="store_true")
 
@@ -140,6 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("source")
     x.add_argument("--out", required=True)
     x.add_argument("--merge", action="store_true")
+    x.add_argument("--quantize", choices=list(QUANTIZE_MODES), help=QUANTIZE_EXPORT_HELP)
     x.add_argument("--overwrite", action="store_true")
 
     pl = sub.add_parser("plan", help="print the rank plan and parameter accounting without compressing")
@@ -225,7 +231,7 @@ def _compress_in(run_dir: Path, config: RunConfig, plan, args, parallel: Paralle
     record = {"config": config.to_dict(), "metrics": result.metrics, "plan": json.loads(result.run.applied.to_json()),
               "layers": [e.to_dict() for e in result.run.layers], "run_dir": str(run_dir)}
     out = export_student(result.run.student, result.loaded.tokenizer, args.out, merge=args.merge,
-                         overwrite=args.overwrite, record=record)
+                         overwrite=args.overwrite, record=record, quantize=args.quantize)
     summary = {k: result.metrics.get(k) for k in ("params_before", "params_after", "reduction", "teacher_ppl",
                                                    "student_ppl", "seconds", "status", "tokens")}
     summary["out"] = str(out)
@@ -339,12 +345,17 @@ def cmd_chat(args, parser) -> None:
 
 
 def cmd_export(args, parser) -> None:
+    from .errors import ExportError
     from .export import export_student, load_compressed, read_record
 
     model, tokenizer = load_compressed(args.source)
+    record = read_record(args.source)
+    if record.get("quantize"):
+        raise ExportError(f"{args.source} is already quantized ({record['quantize']}); export from the float student")
     out = export_student(model, tokenizer, args.out, merge=args.merge, overwrite=args.overwrite,
-                         record={k: v for k, v in read_record(args.source).items()
-                                 if k not in ("format_version", "merged", "rank_map")})
+                         quantize=args.quantize, record={k: v for k, v in record.items()
+                                                         if k not in ("format_version", "merged", "rank_map",
+                                                                      "quantize")})
     print(f"exported to {out}")
 
 

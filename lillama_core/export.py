@@ -22,6 +22,7 @@ from . import hf_modeling
 from .models import share_weights_copy
 from .errors import ExportError
 from .lowrank import LowRankLinear, merge_low_rank, set_submodule
+from .quantize import quantize_weights, quantized_modules
 
 FORMAT_VERSION = 1
 MODELING_FILE = "modeling_lillama.py"
@@ -59,7 +60,7 @@ def merged_copy(model: nn.Module) -> nn.Module:
         for name, module in list(dense.named_modules()):
             if isinstance(module, kind):
                 set_submodule(dense, name, replace(module))
-    for key in ("lillama_rank_map", "auto_map", "lillama_unfused_experts"):
+    for key in ("lillama_rank_map", "auto_map", "lillama_unfused_experts", "lillama_quantization"):
         dense.config.__dict__.pop(key, None)
     return dense
 
@@ -79,27 +80,32 @@ def _check_target(folder: Path, overwrite: bool) -> None:
 
 
 def export_student(student: nn.Module, tokenizer, folder: str | os.PathLike, merge: bool = False,
-                   overwrite: bool = False, record: dict | None = None) -> Path:
-    """Write the student (compressed, or merged dense) with its tokenizer and run record."""
+                   overwrite: bool = False, record: dict | None = None, quantize: str | None = None) -> Path:
+    """Write the student (compressed, or merged dense; with `quantize` "int8"/"int4", its linear weights
+    stored as integers) with its tokenizer and run record."""
     folder = Path(folder).expanduser()
     _check_target(folder, overwrite)
-    ranks = rank_map_of(student)
+    ranks = {} if merge else rank_map_of(student)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
     try:
-        if merge:
-            merged_copy(student).save_pretrained(staging)
-        else:
-            base = _base_class(student)
-            model = share_weights_copy(student)
+        base = _base_class(student)
+        model = merged_copy(student) if merge else share_weights_copy(student)
+        quantized = {}
+        if quantize:
+            model = quantize_weights(model, quantize)
+            quantized = quantized_modules(model)
+        unfused = any(isinstance(m, hf_modeling.UnfusedExperts) for m in model.modules())
+        if ranks or quantized or unfused:  # layers stock transformers does not have: shipped code rebuilds them
             model.config.lillama_rank_map = ranks
-            model.config.lillama_unfused_experts = any(
-                isinstance(m, hf_modeling.UnfusedExperts) for m in model.modules())
+            model.config.lillama_quantization = quantized
+            model.config.lillama_unfused_experts = unfused
             model.config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.Lillama{base.__name__}"}
-            model.save_pretrained(staging)
             (staging / MODELING_FILE).write_text(_modeling_source(base))
+        model.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
-        meta = {"format_version": FORMAT_VERSION, "merged": merge, "rank_map": ranks, **(record or {})}
+        meta = {"format_version": FORMAT_VERSION, "merged": merge, "rank_map": ranks, "quantize": quantize,
+                **(record or {})}
         (staging / RECORD_FILE).write_text(json.dumps(meta, indent=2, default=str))
         if folder.exists():
             trash = folder.with_name(f".{folder.name}.old-{os.getpid()}")
@@ -128,7 +134,7 @@ def load_compressed(folder: str | os.PathLike, device: str | torch.device = "cpu
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
         kwargs = {"dtype": dtype} if dtype is not None else {}
-        if getattr(config, "lillama_rank_map", None):
+        if (getattr(config, "auto_map", None) or {}).get("AutoModelForCausalLM", "").startswith(MODELING_FILE[:-3]):
             cls = hf_modeling.lowrank_subclass(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)])
             model = cls.from_pretrained(folder, config=config, **kwargs)
         else:

@@ -8,6 +8,7 @@ without lillama_core installed. Keep it importing torch alone.
 import copy
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -55,6 +56,69 @@ def apply_rank_map(model, rank_map):
             dtype=dense.weight.dtype,
         )
         set_submodule(model, name, low)
+    return model
+
+
+INT4_GROUP = 64
+
+
+class QuantizedLinear(nn.Module):
+    """A linear layer with symmetric integer weights: int8 per output channel, or int4 per group of input
+    columns, packed two to a byte. Built empty (to load saved buffers into) or by `from_linear`."""
+
+    def __init__(self, in_features, out_features, bits, group_size=INT4_GROUP, bias=True, device=None):
+        super().__init__()
+        self.out_features, self.in_features, self.bits = out_features, in_features, bits
+        # Narrow inputs (the B factor of a small rank) get one group, not one padded to group_size.
+        self.group = in_features if bits == 8 else min(group_size, in_features + in_features % 2)
+        columns = in_features + (-in_features % self.group)
+        packed = columns // 2 if bits == 4 else columns
+        self.register_buffer("qweight", torch.zeros(out_features, packed, device=device,
+                                                    dtype=torch.uint8 if bits == 4 else torch.int8))
+        self.register_buffer("scale", torch.ones(out_features, columns // self.group, device=device,
+                                                 dtype=torch.float16))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
+
+    @classmethod
+    def from_linear(cls, linear, bits, group_size=INT4_GROUP):
+        weight = linear.weight.detach().float()
+        out_features, in_features = weight.shape
+        layer = cls(in_features, out_features, bits, group_size, bias=linear.bias is not None, device=weight.device)
+        padded = F.pad(weight, (0, -in_features % layer.group)).view(out_features, -1, layer.group)
+        qmax = 2 ** (bits - 1) - 1
+        # The scale is rounded to its stored precision before use, so dequantizing is exact to half a step.
+        scale = (padded.abs().amax(-1, keepdim=True) / qmax).to(torch.float16).float().clamp_min(2**-24)
+        q = torch.clamp(torch.round(padded / scale), -qmax - 1, qmax).to(torch.int16).view(out_features, -1)
+        if bits == 4:  # two signed nibbles per byte, offset to 0..15
+            q = (q[:, 0::2] + 8) | ((q[:, 1::2] + 8) << 4)
+        layer.qweight.copy_(q.to(layer.qweight.dtype))
+        layer.scale.copy_(scale.squeeze(-1))
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return layer
+
+    def dequantized(self):
+        q = self.qweight
+        if self.bits == 4:
+            q = torch.stack(((q & 0xF).to(torch.int8) - 8, (q >> 4).to(torch.int8) - 8), dim=-1)
+        w = q.view(self.out_features, -1, self.group).float() * self.scale.float().unsqueeze(-1)
+        return w.view(self.out_features, -1)[:, : self.in_features]
+
+    def forward(self, x):
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized().to(x.dtype), bias)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}, group={self.group}"
+
+
+def apply_quantization(model, spec):
+    """Replace the linears `spec["modules"]` names by empty QuantizedLinear layers of `spec["bits"]`."""
+    for name in (spec or {}).get("modules", []):
+        dense = model.get_submodule(name)
+        set_submodule(model, name, QuantizedLinear(dense.in_features, dense.out_features, spec["bits"],
+                                                   spec.get("group", INT4_GROUP), bias=dense.bias is not None,
+                                                   device=dense.weight.device))
     return model
 
 
@@ -169,6 +233,7 @@ def lowrank_subclass(base):
             if getattr(config, "lillama_unfused_experts", False):
                 unfuse_experts(self, check=False)
             apply_rank_map(self, getattr(config, "lillama_rank_map", None) or {})
+            apply_quantization(self, getattr(config, "lillama_quantization", None))
 
     LowRankModel.__name__ = LowRankModel.__qualname__ = "Lillama" + base.__name__
     return LowRankModel

@@ -62,11 +62,15 @@ def test_end_to_end_compress_chat_export_reload(app):
     assert float(rows["student"][headers.index("perplexity")]) > 1
     assert rows["student"][headers.index("parameters")] != rows["teacher"][headers.index("parameters")]
 
-    note, _ = client.predict("e2e-student", "compressed (low-rank, smallest)", False, api_name="/export")
+    note, _ = client.predict("e2e-student", "compressed (low-rank, smallest)", False, "float", api_name="/export")
     folder = tmp / "exports" / "e2e-student"
     assert str(folder) in note
     model, tokenizer = load_compressed(folder)
     assert any(isinstance(m, LowRankLinear) for m in model.modules())
+    note, _ = client.predict("e2e-int4", "compressed (low-rank, smallest)", False, "int4", api_name="/export")
+    int4 = tmp / "exports" / "e2e-int4"
+    size = lambda f: (f / "model.safetensors").stat().st_size  # noqa: E731
+    assert str(int4) in note and "trust_remote_code=True" in note and size(int4) < size(folder) / 2
     ids = tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=ids).logits).all()

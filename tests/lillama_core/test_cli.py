@@ -111,6 +111,14 @@ def test_eval_chat_export_and_plan_commands(tiny_model_dir, texts, tmp_path, cap
     merged = tmp_path / "merged"
     assert main(["export", str(out), "--out", str(merged), "--merge"]) == 0
     assert read_record(merged)["merged"] is True
+    int4 = tmp_path / "int4"
+    assert main(["export", str(out), "--out", str(int4), "--quantize", "int4"]) == 0
+    assert read_record(int4)["quantize"] == "int4"
+    assert main(["eval", "--model", str(int4), "--eval-text", str(texts[1]), "--eval-tokens", "128",
+                 "--eval-seq-len", "32", "--json", "--no-speed"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["perplexity"] > 1
+    assert main(["export", str(int4), "--out", str(tmp_path / "again"), "--quantize", "int8"]) == 2
+    assert "already quantized" in capsys.readouterr().err
     plan_file = tmp_path / "plan.json"
     assert main(["plan", "--model", str(tiny_model_dir), "--strategy", "top", "--reduction", "0.1",
                  "--save", str(plan_file)]) == 0

@@ -92,3 +92,24 @@ def test_unwritable_target_is_a_clear_error(student, tiny, tmp_path):
 def test_loading_a_folder_that_is_not_an_export_is_an_error(tmp_path):
     with pytest.raises(ExportError, match="not a Lillama export"):
         load_compressed(tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("merge", [False, True])
+def test_quantized_export_reloads_to_the_quantized_model_and_is_smaller(student, tiny, tmp_path, mode, merge):
+    from transformers import AutoModelForCausalLM
+
+    from lillama_core.quantize import QuantizedLinear, quantize_weights
+
+    ids = tiny_sequences(2, 20, seed=10)
+    plain = export_student(student, tiny.tokenizer, tmp_path / "plain", merge=merge)
+    folder = export_student(student, tiny.tokenizer, tmp_path / mode, merge=merge, quantize=mode)
+    expected = _logits(quantize_weights(export_student.__globals__["merged_copy"](student) if merge else student,
+                                        mode), ids)
+    for model in (load_compressed(folder)[0], AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)):
+        assert any(isinstance(m, torch.nn.Module) and type(m).__name__ == "QuantizedLinear" for m in model.modules())
+        torch.testing.assert_close(_logits(model, ids), expected)
+    assert sum(isinstance(m, QuantizedLinear) for m in load_compressed(folder)[0].modules()) > 0
+    weights = lambda f: (f / "model.safetensors").stat().st_size  # noqa: E731
+    assert weights(folder) < 0.8 * weights(plain)
+    assert json.loads((folder / RECORD_FILE).read_text())["quantize"] == mode

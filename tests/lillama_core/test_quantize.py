@@ -16,16 +16,19 @@ def _sqnr(reference: torch.Tensor, approx: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-def test_weights_round_trip_within_half_a_step(bits):
-    linear = nn.Linear(200, 48)  # 200 columns: int4 groups of 64 need padding
-    q = QuantizedLinear(linear, bits)
+@pytest.mark.parametrize("columns, int4_bytes_per_row", [(200, 256 // 2), (9, 10 // 2)])
+def test_weights_round_trip_within_half_a_step(bits, columns, int4_bytes_per_row):
+    # 200 columns: int4 groups of 64 need padding; 9 (a low-rank B factor): one group, not one padded to 64
+    linear = nn.Linear(columns, 48)
+    q = QuantizedLinear.from_linear(linear, bits)
     error = (q.dequantized() - linear.weight).abs()
-    steps = q.scale.float().repeat_interleave(q.group, dim=1)[:, :200]
+    steps = q.scale.float().repeat_interleave(q.group, dim=1)[:, :columns]
     assert (error <= steps / 2 + 1e-6).all()
-    x = torch.randn(3, 200)
+    x = torch.randn(3, columns)
     assert _sqnr(linear(x), q(x)) > (35 if bits == 8 else 15)
-    assert q.qweight.element_size() * q.qweight.numel() == 48 * (200 if bits == 8 else 256 // 2)
-    assert serialized_bytes(nn.Sequential(q)) < serialized_bytes(nn.Sequential(linear)) / (3 if bits == 8 else 4)
+    assert q.qweight.element_size() * q.qweight.numel() == 48 * (columns if bits == 8 else int4_bytes_per_row)
+    if columns > 64:
+        assert serialized_bytes(nn.Sequential(q)) < serialized_bytes(nn.Sequential(linear)) / (3 if bits == 8 else 4)
 
 
 def test_quantized_student_is_smaller_close_and_keeps_tied_heads(tiny):
