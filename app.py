@@ -23,6 +23,8 @@ from lillama_core.errors import LillamaError  # noqa: E402
 from lillama_core.jobs import JobManager  # noqa: E402
 from lillama_core.models import lillama_home  # noqa: E402
 
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
 STEPS = ["1 · Model & data", "2 · Ranks", "3 · Distill (live)", "4 · Chat", "5 · Evaluate & export", "6 · Explore"]
 
 
@@ -98,15 +100,29 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--exports-dir", default="exports", help="where exports are written")
     parser.add_argument("--allow-remote-code", action="store_true",
                         help="allow models that need code from their repository (off by default)")
+    parser.add_argument("--data-dir", action="append", default=[],
+                        help="a folder whose files typed paths may name when the app is reachable from other "
+                             "machines (--share or a --host other than this machine); repeatable")
+    parser.add_argument("--max-upload", default="512mb", help="largest file a browser may upload, e.g. 512mb")
     parser.add_argument("--no-preload", action="store_true", help="do not load the model before serving")
     parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens scored after each run")
     return parser.parse_args(argv)
 
 
+def path_roots(args: argparse.Namespace, uploads: Path) -> list[Path] | None:
+    """Where typed paths may point. On this machine only: anywhere the user can read. Reachable from others:
+    only uploads, exports and the --data-dir folders, so a visitor cannot read the host's files."""
+    if not args.share and args.host in LOOPBACK:
+        return None
+    return [uploads, Path(args.exports_dir), *(Path(d) for d in args.data_dir)]
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    uploads = lillama_home() / "uploads"
     studio = Studio(JobManager(Path(args.runs_dir) if args.runs_dir else None), Path(args.exports_dir).resolve(),
-                    ModelConfig(name=args.model, device=args.device), allow_remote_code=args.allow_remote_code)
+                    ModelConfig(name=args.model, device=args.device), allow_remote_code=args.allow_remote_code,
+                    path_roots=path_roots(args, uploads))
     studio.eval = replace(studio.eval, tokens=args.eval_tokens, seq_len=min(studio.eval.seq_len, args.eval_tokens))
     if not args.no_preload:
         print(f"loading {args.model} …", flush=True)
@@ -119,11 +135,12 @@ def main(argv=None) -> None:
     if args.share:
         print("WARNING: --share publishes this app on a public URL; anyone with the link can run jobs on this "
               "machine and read its exports.", file=sys.stderr)
-    uploads = lillama_home() / "uploads"
+    if studio.path_roots is not None:
+        print("typed paths are limited to: " + ", ".join(str(p) for p in studio.path_roots), file=sys.stderr)
     demo = build_app(studio, uploads)
     demo.queue(default_concurrency_limit=4)
     demo.launch(server_name=args.host, server_port=args.port, share=args.share, theme=theme(), css=css(),
-                ssr_mode=False, max_file_size="512mb", allowed_paths=[str(studio.exports_root)],
+                ssr_mode=False, max_file_size=args.max_upload, allowed_paths=[str(studio.exports_root)],
                 show_error=True)
 
 

@@ -97,7 +97,7 @@ def build(studio: Studio) -> dict:
     @user_errors
     def on_evaluate(text_value, tokens_value, seq_value, batch16_value, int8_value, progress=gr.Progress()):
         loaded = studio.ensure_loaded()
-        studio.eval = replace(studio.eval, text=text_value.strip() or "default", tokens=int(tokens_value),
+        studio.eval = replace(studio.eval, text=studio.confine(text_value) or "default", tokens=int(tokens_value),
                               seq_len=int(seq_value))
         windows = eval_windows(loaded.tokenizer, read_eval_text(studio.eval.text), studio.eval.tokens,
                                studio.eval.seq_len)

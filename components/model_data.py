@@ -35,7 +35,7 @@ def model_card(studio: Studio) -> str:
 
 def calibration_from_inputs(studio: Studio, kind, path, text_field, dataset_config, split, tokens, seq_len,
                             batch) -> CalibrationConfig:
-    source = "default" if kind == SOURCE_KINDS[0] else (path or "").strip()
+    source = "default" if kind == SOURCE_KINDS[0] else studio.confine(path or "")
     if not source:
         raise gr.Error("give a file path or a dataset id for the calibration data")
     config = replace(studio.calibration, source=source, text_field=(text_field or "").strip() or None,

@@ -19,6 +19,24 @@ from lillama_core.models import LoadedModel, describe, load_model
 from lillama_core.ranks import ModelShape, RankPlan, summarize
 
 PLANNING_TOKENS = 4096
+LOCAL_SUFFIXES = (".gguf", ".txt", ".jsonl", ".json", ".parquet", ".csv", ".safetensors")
+
+
+def confined_path(text: str, roots: list[Path] | None) -> str:
+    """`text` unchanged, unless it names a local file or folder outside every root (roots None: anywhere).
+    Hub model ids and dataset ids are not local paths and pass; symbolic links are followed first."""
+    text = text.strip()
+    if roots is None or not text or text == "default":
+        return text
+    path = Path(text).expanduser()
+    if not (path.exists() or text.startswith(("/", "~", ".")) or text.lower().endswith(LOCAL_SUFFIXES)):
+        return text
+    resolved = path.resolve()
+    if not any(resolved.is_relative_to(root.resolve()) for root in roots):
+        allowed = ", ".join(str(root) for root in roots)
+        raise ConfigError(f"{text}: this app is reachable from other machines, so local paths must be inside "
+                          f"{allowed} (upload the file instead)")
+    return text
 
 
 @dataclass
@@ -31,8 +49,9 @@ class Student:
 
 class Studio:
     def __init__(self, jobs: JobManager, exports_root: Path, model: ModelConfig | None = None,
-                 allow_remote_code: bool = False):
+                 allow_remote_code: bool = False, path_roots: list[Path] | None = None):
         self.jobs = jobs
+        self.path_roots = path_roots  # None: typed paths may name any local file (an app on this machine only)
         self.exports_root = Path(exports_root)
         self.model_config = model or ModelConfig()
         self.allow_remote_code = allow_remote_code
@@ -55,13 +74,16 @@ class Studio:
     def load(self, name: str, trust_remote_code: bool = False) -> LoadedModel:
         if trust_remote_code and not self.allow_remote_code:
             raise ConfigError("remote code is disabled; start the app with --allow-remote-code to enable it")
-        config = replace(self.model_config, name=name.strip(), trust_remote_code=trust_remote_code)
+        config = replace(self.model_config, name=self.confine(name), trust_remote_code=trust_remote_code)
         with self._load_lock:
             loaded = load_model(config)
             self.model_config, self.loaded = config, loaded
             self.shape = ModelShape.of(loaded.model)
             self.plan, self.student, self._student_job = None, None, None
         return loaded
+
+    def confine(self, text: str) -> str:
+        return confined_path(text, self.path_roots)
 
     def ensure_loaded(self) -> LoadedModel:
         if self.loaded is None:

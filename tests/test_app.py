@@ -155,4 +155,26 @@ def test_binds_to_this_machine_unless_told_and_sharing_warns(tmp_path, monkeypat
     assert "WARNING" not in capsys.readouterr().err
     studio_app.main(base + ["--share", "--host", "0.0.0.0"])
     assert launches[-1]["server_name"] == "0.0.0.0" and launches[-1]["share"] is True
-    assert "WARNING: --share publishes this app on a public URL" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "WARNING: --share publishes this app on a public URL" in err and "typed paths are limited to" in err
+
+
+def test_typed_paths_are_confined_only_when_others_can_reach_the_app(tmp_path):
+    import app as studio_app
+
+    uploads = tmp_path / "uploads"
+    local = studio_app.parse_args(["--exports-dir", str(tmp_path / "exports")])
+    assert studio_app.path_roots(local, uploads) is None
+    for flags in (["--share"], ["--host", "0.0.0.0"]):
+        shared = studio_app.parse_args(flags + ["--exports-dir", str(tmp_path / "e"), "--data-dir", str(tmp_path)])
+        assert studio_app.path_roots(shared, uploads) == [uploads, tmp_path / "e", tmp_path]
+
+
+def test_uploads_over_the_size_limit_are_refused(tmp_path):
+    import httpx
+
+    with running_app(tmp_path, "--no-preload", "--max-upload", "2kb") as url:
+        small = httpx.post(url + "gradio_api/upload", files={"files": ("c.txt", b"x" * 1000)}, timeout=30)
+        large = httpx.post(url + "gradio_api/upload", files={"files": ("c.txt", b"x" * 5000)}, timeout=30)
+    assert small.status_code == 200
+    assert large.status_code == 413 and "maximum allowed size" in large.text

@@ -65,3 +65,25 @@ def test_export_names_cannot_escape_the_exports_folder(name):
 
 def test_good_export_name():
     assert check_export_name(" smollm2-20pct.v1 ") == "smollm2-20pct.v1"
+
+
+def test_typed_paths_outside_the_allowed_folders_are_refused(tmp_path):
+    from components.model_data import SOURCE_KINDS, calibration_from_inputs
+
+    data, secret = tmp_path / "data", tmp_path / "private"
+    data.mkdir(), secret.mkdir()
+    (data / "corpus.txt").write_text("fine")
+    (secret / "notes.txt").write_text("not for visitors")
+    (data / "link.txt").symlink_to(secret / "notes.txt")
+    studio = Studio(JobManager(tmp_path / "runs"), tmp_path / "exports", path_roots=[data])
+    assert studio.confine(str(data / "corpus.txt")) == str(data / "corpus.txt")
+    assert studio.confine("HuggingFaceTB/SmolLM2-360M") == "HuggingFaceTB/SmolLM2-360M"  # a hub id, not a path
+    for typed in (str(secret / "notes.txt"), str(data / "link.txt"), str(data / ".." / "private"), "/etc/passwd"):
+        with pytest.raises(ConfigError, match="must be inside"):
+            studio.confine(typed)
+    with pytest.raises(ConfigError, match="must be inside"):
+        calibration_from_inputs(studio, SOURCE_KINDS[1], str(secret / "notes.txt"), "", "", "train", 4096, 256, 8)
+    with pytest.raises(ConfigError, match="must be inside"):
+        studio.load(str(secret))
+    open_studio = Studio(JobManager(tmp_path / "runs"), tmp_path / "exports")  # on this machine only: anywhere
+    assert open_studio.confine(str(secret / "notes.txt")) == str(secret / "notes.txt")

@@ -141,20 +141,27 @@ def test_corrupted_safetensors_is_a_clear_error(tiny_model_dir, tmp_path):
         load_model(ModelConfig(name=str(broken), device="cpu"))
 
 
-def test_unknown_architecture_and_remote_code_need_opt_in(tmp_path):
+def test_unknown_architecture_and_remote_code_need_opt_in(tmp_path, tiny):
     import json
 
-    custom = tmp_path / "custom"
-    custom.mkdir()
-    (custom / "config.json").write_text(json.dumps({
-        "model_type": "lillama_made_up_arch",
-        "auto_map": {"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM"}}))
-    with pytest.raises(ModelLoadError) as caught:
+    custom = tmp_path / "custom"  # a real model whose classes live in the folder, as on the Hub
+    tiny.model.save_pretrained(custom)
+    tiny.tokenizer.save_pretrained(custom)
+    (custom / "configuration_x.py").write_text(
+        "from transformers import LlamaConfig\n\nclass XConfig(LlamaConfig):\n    model_type = 'lillama_made_up_arch'\n")
+    (custom / "modeling_x.py").write_text(
+        "from transformers import LlamaForCausalLM\nfrom .configuration_x import XConfig\n\n"
+        "class XForCausalLM(LlamaForCausalLM):\n    config_class = XConfig\n")
+    config = json.loads((custom / "config.json").read_text())
+    config.update(model_type="lillama_made_up_arch", architectures=["XForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_x.XConfig", "AutoModelForCausalLM": "modeling_x.XForCausalLM"})
+    (custom / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ModelLoadError, match="needs code from its repository; enable trust_remote_code"):
         load_model(ModelConfig(name=str(custom), device="cpu"))
-    message = str(caught.value)
-    assert "trust_remote_code" in message or "not supported" in message
+    opted_in = load_model(ModelConfig(name=str(custom), device="cpu", trust_remote_code=True))
+    assert type(opted_in.model).__name__ == "XForCausalLM" and opted_in.num_layers == tiny.num_layers
     plain = tmp_path / "plain"
     plain.mkdir()
     (plain / "config.json").write_text(json.dumps({"model_type": "lillama_made_up_arch"}))
-    with pytest.raises(ModelLoadError, match="could not load|not supported"):
+    with pytest.raises(ModelLoadError, match="not supported by the installed transformers"):
         load_model(ModelConfig(name=str(plain), device="cpu"))
