@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seq-len", type=int, default=512)
     t.add_argument("--batch-size", type=int, default=8)
     t.add_argument("--init", default="whitened")
+    t.add_argument("--offload", action="store_true",
+                   help="blocks in host memory, streamed to the GPU one at a time (peak VRAM vs model size)")
     t.add_argument("--device", default="auto")
     t.add_argument("--dtype", default="auto")
     t.add_argument("--tag", default=None)
@@ -194,10 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
         for item in _names(args.shapes):
-            shape, layers, init = (item.split(":") + ["3", args.init])[:3]
+            shape, *rest = item.split(":")
+            layers, init = (rest + ["3", args.init][len(rest):])[:2]  # shape[:layers[:init]]
             try:
                 record = run_throughput(shape, int(layers), args.tokens, args.seq_len, args.batch_size, init,
-                                        device, dtype)
+                                        device, dtype, offload=args.offload)
             except Exception as exc:  # one shape that does not fit must not lose the others
                 suites.log(f"  {shape} failed: {type(exc).__name__}: {exc}")
                 record = {"model": f"{shape} (random weights)", "error": f"{type(exc).__name__}: {exc}"}

@@ -16,7 +16,8 @@ from lillama_core.calibration import CalibrationData
 from lillama_core.config import DistillConfig
 from lillama_core.engine import Compressor, held_out_count
 from lillama_core.events import LayerFinished, Step
-from lillama_core.models import LoadedModel, count_parameters, weight_bytes
+from lillama_core.models import LoadedModel, count_parameters, find_blocks, weight_bytes
+from lillama_core.offload import stream_blocks
 from lillama_core.ranks import ModelShape, RankPlan
 
 from .bench import log
@@ -33,13 +34,16 @@ SHAPES = {
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def random_llama(shape: str, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+def random_llama(shape: str, device: torch.device, dtype: torch.dtype, offload: bool = False) -> LoadedModel:
+    """With `offload`, built in host memory with its blocks streamed to `device` (as ModelConfig.offload)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096)
-    with torch.device(device):
+    with torch.device("cpu" if offload else device):
         model = LlamaForCausalLM(config)
     model.to(dtype).eval()
+    if offload:
+        stream_blocks(model, [block.module for block in find_blocks(model)], device)
     return LoadedModel(model, None, shape, "random weights", device, dtype)
 
 
@@ -58,9 +62,9 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def run_throughput(shape_name: str, layers: int, tokens: int, seq_len: int, batch_size: int, init: str,
-                   device: torch.device, dtype: torch.dtype, keep: float = 0.4) -> dict:
+                   device: torch.device, dtype: torch.dtype, keep: float = 0.4, offload: bool = False) -> dict:
     start = time.time()
-    loaded = random_llama(shape_name, device, dtype)
+    loaded = random_llama(shape_name, device, dtype, offload)
     build_seconds = time.time() - start
     shape = ModelShape.of(loaded.model)
     plan = bottom_plan(shape, layers, keep)
@@ -98,7 +102,7 @@ def run_throughput(shape_name: str, layers: int, tokens: int, seq_len: int, batc
     record = {
         "model": f"{shape_name} (random weights)", "shape": SHAPES[shape_name], "device": str(device),
         "dtype": str(dtype).replace("torch.", ""), "env": environment(device), "params": count_parameters(loaded.model),
-        "weight_bytes": weights, "layers_compressed": layers, "keep": keep, "init": init, "loss": config.loss,
+        "weight_bytes": weights, "offload": offload, "layers_compressed": layers, "keep": keep, "init": init, "loss": config.loss,
         "tokens": n * seq_len, "train_tokens_per_layer": train_tokens, "seq_len": seq_len, "batch_size": batch_size,
         "build_seconds": build_seconds, "compress_seconds": result.seconds, "layer_seconds": layer_seconds,
         "distill_tokens_per_s": train_tokens / mean_layer,

@@ -64,10 +64,11 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with a hub model")
+    p.add_argument("--offload", action="store_true", help=ModelConfig.__dataclass_fields__["offload"].metadata["help"])
 
 
 def _model_config(args) -> ModelConfig:
-    return ModelConfig(args.model, args.device, args.dtype, args.trust_remote_code)
+    return ModelConfig(args.model, args.device, args.dtype, args.trust_remote_code, offload=args.offload)
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -173,7 +174,7 @@ def _groups(text: str) -> list[str]:
 # compress flag -> (config section, key, conversion)
 COMPRESS_FLAGS = {
     "model": ("model", "name", str), "device": ("model", "device", str), "dtype": ("model", "dtype", str),
-    "trust_remote_code": ("model", "trust_remote_code", bool),
+    "trust_remote_code": ("model", "trust_remote_code", bool), "offload": ("model", "offload", bool),
     "calibration": ("calibration", "source", str), "text_field": ("calibration", "text_field", str),
     "dataset_config": ("calibration", "dataset_config", str), "split": ("calibration", "split", str),
     "tokens": ("calibration", "tokens", int), "seq_len": ("calibration", "seq_len", int),

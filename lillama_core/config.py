@@ -28,6 +28,9 @@ class ModelConfig:
     dtype: str = _help("'auto' (bf16 on CUDA, fp32 on CPU), 'float32', 'bfloat16' or 'float16'", "auto")
     trust_remote_code: bool = _help("run code shipped with a hub model; off unless you trust it", False)
     revision: str | None = _help("hub revision (branch, tag or commit)", None)
+    offload: bool = _help(
+        "keep the decoder blocks in host memory and move each to the GPU only while it runs: compresses "
+        "models larger than GPU memory, more slowly", False)
 
     def validate(self) -> None:
         if not self.name.strip():
@@ -188,6 +191,9 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         for part in (self.model, self.calibration, self.plan, self.distill, self.eval, self.heal):
             part.validate()
+        if self.model.offload and self.heal.tokens:
+            raise ConfigError("healing trains the whole student at once and cannot run with offloaded blocks; "
+                              "set the healing tokens to 0 or turn offloading off")
         return self
 
     def to_dict(self) -> dict:

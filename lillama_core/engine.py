@@ -26,6 +26,7 @@ from .errors import CalibrationError, ConfigError, LillamaError, OutOfMemoryErro
 from .events import Event, EventSink, LayerFinished, LayerStarted, Phase, RunError, RunFinished, RunStarted, Step
 from .lowrank import set_submodule, spectrum, to_low_rank, whitened_spectrum
 from .models import Block, LoadedModel, find_blocks, find_linears, share_weights_copy
+from .offload import is_streamed, resident, stream_block
 from .ranks import ModelShape, RankPlan, build_plan, summarize
 from .telemetry import MemoryMonitor, Throughput, eta_seconds
 
@@ -86,14 +87,15 @@ def compute_spectra(loaded: LoadedModel, shape: ModelShape, calibration: Calibra
     spectra = {}
     for block in blocks:
         names = list(find_linears(block.module))
-        covs = InputCovariances(block.module, names, device)
-        try:
-            run_block_over(block.module, hidden, hidden, inputs.kwargs_for(block.index), batches, device)
-        finally:
-            covs.close()
-        for local, cov in covs.means().items():
-            weight = block.module.get_submodule(local).weight.detach()
-            spectra[f"{block.name}.{local}"] = whitened_spectrum(weight.float(), cov)
+        with resident(block.module):
+            covs = InputCovariances(block.module, names, device)
+            try:
+                run_block_over(block.module, hidden, hidden, inputs.kwargs_for(block.index), batches, device)
+            finally:
+                covs.close()
+            for local, cov in covs.means().items():
+                weight = block.module.get_submodule(local).weight.detach()
+                spectra[f"{block.name}.{local}"] = whitened_spectrum(weight.float(), cov)
         if on_event:
             on_event(Phase("spectra", f"layer {block.index + 1}/{len(blocks)}"))
     return spectra
@@ -210,72 +212,77 @@ class Compressor:
         train_start = time.time()
 
         for block in blocks[: layers[-1] + 1]:
-            kwargs_for = inputs.kwargs_for(block.index)
-            local_ranks = ranks_by_layer.get(block.index, {})
-            restored = self.checkpoints.restore(block.index, block.module) if local_ranks and self.checkpoints else None
-            covariances = None
-            if local_ranks and self.config.init == "whitened" and restored is None:
-                covariances = InputCovariances(block.module, list(local_ranks), self.device)
-            try:
-                teacher_y = run_block_over(block.module, teacher_x, torch.empty_like(teacher_x), kwargs_for,
-                                           batches, self.device)
-            finally:
-                if covariances:
-                    covariances.close()
-            if not local_ranks:
-                if student_x is not None:
-                    run_block_over(block.module, student_x, student_x, kwargs_for, batches, self.device)
-                teacher_x = teacher_y
-                continue
-
-            position = layers.index(block.index) + 1
-            self.emit(LayerStarted(block.index, position, len(layers), local_ranks, steps_per_layer))
-            layer_start = time.time()
-            if restored is not None:
-                if restored[1] != local_ranks:
-                    raise RankPlanError(f"the checkpoint of layer {block.index} has other ranks than the plan")
-                student_block, _, finished = restored
-                global_step += steps_per_layer
-                self.emit(Phase("resume", f"layer {block.index} restored from its checkpoint"))
-            else:
-                student_block = self._student_block(block.module, local_ranks,
-                                                    covariances.means(self.parallel) if covariances else None,
-                                                    generator)
-                data = LayerData(teacher_x, teacher_y, student_x, kwargs_for)
-                distiller = LayerDistiller(student_block, data, self.config, self.device, train_batches,
-                                           eval_batches, _autocast_dtype(self.device, self.dtype), self.parallel,
-                                           rows_per_batch[:len(global_train)])
-
-                def on_step(m: StepMetrics, layer=block.index):
-                    nonlocal global_step
-                    global_step += 1
-                    self._emit_step(layer, m, global_step, steps_total, train_start)
-
+            with resident(block.module):  # a streamed teacher block stays on the accelerator for its layer
+                kwargs_for = inputs.kwargs_for(block.index)
+                local_ranks = ranks_by_layer.get(block.index, {})
+                restored = None
+                if local_ranks and self.checkpoints:
+                    restored = self.checkpoints.restore(block.index, block.module)
+                covariances = None
+                if local_ranks and self.config.init == "whitened" and restored is None:
+                    covariances = InputCovariances(block.module, list(local_ranks), self.device)
                 try:
-                    if self.config.distill:
-                        layer_result = distiller.train(on_step, self.stop.is_set)
-                    else:
-                        loss = distiller.held_out_loss()
-                        layer_result = LayerResult(loss, loss, 0, float("nan"), float("nan"), 0)
-                except RunStopped:
+                    teacher_y = run_block_over(block.module, teacher_x, torch.empty_like(teacher_x), kwargs_for,
+                                               batches, self.device)
+                finally:
+                    if covariances:
+                        covariances.close()
+                if not local_ranks:
+                    if student_x is not None:
+                        run_block_over(block.module, student_x, student_x, kwargs_for, batches, self.device)
+                    teacher_x = teacher_y
+                    continue
+
+                position = layers.index(block.index) + 1
+                self.emit(LayerStarted(block.index, position, len(layers), local_ranks, steps_per_layer))
+                layer_start = time.time()
+                if restored is not None:
+                    if restored[1] != local_ranks:
+                        raise RankPlanError(f"the checkpoint of layer {block.index} has other ranks than the plan")
+                    student_block, _, finished = restored
+                    global_step += steps_per_layer
+                    self.emit(Phase("resume", f"layer {block.index} restored from its checkpoint"))
+                else:
+                    student_block = self._student_block(block.module, local_ranks,
+                                                        covariances.means(self.parallel) if covariances else None,
+                                                        generator)
+                    data = LayerData(teacher_x, teacher_y, student_x, kwargs_for)
+                    distiller = LayerDistiller(student_block, data, self.config, self.device, train_batches,
+                                               eval_batches, _autocast_dtype(self.device, self.dtype), self.parallel,
+                                               rows_per_batch[:len(global_train)])
+
+                    def on_step(m: StepMetrics, layer=block.index):
+                        nonlocal global_step
+                        global_step += 1
+                        self._emit_step(layer, m, global_step, steps_total, train_start)
+
+                    try:
+                        if self.config.distill:
+                            layer_result = distiller.train(on_step, self.stop.is_set)
+                        else:
+                            loss = distiller.held_out_loss()
+                            layer_result = LayerResult(loss, loss, 0, float("nan"), float("nan"), 0)
+                    except RunStopped:
+                        return self._finish(result, start, "stopped")
+                    finished = self._layer_report(block, local_ranks, layer_result, time.time() - layer_start)
+                self.throughput.pause()
+                student_block.to(self.dtype)
+                set_submodule(student, block.name, student_block)
+                source = student_x if student_x is not None else teacher_x
+                student_x = run_block_over(student_block, source,
+                                           source if student_x is not None else torch.empty_like(source),
+                                           kwargs_for, batches, self.device)
+                if is_streamed(block.module):  # the finished student block joins the teacher's in host memory
+                    stream_block(student_block, self.device)
+                teacher_x = teacher_y
+                for local, rank in local_ranks.items():
+                    result.applied.ranks[f"{block.name}.{local}"] = rank
+                if self.checkpoints and restored is None and self.parallel.is_main:
+                    self.checkpoints.save(block.index, student_block, local_ranks, finished)
+                result.layers.append(finished)
+                self.emit(finished)
+                if self.stop.is_set():
                     return self._finish(result, start, "stopped")
-                finished = self._layer_report(block, local_ranks, layer_result, time.time() - layer_start)
-            self.throughput.pause()
-            student_block.to(self.dtype)
-            set_submodule(student, block.name, student_block)
-            source = student_x if student_x is not None else teacher_x
-            student_x = run_block_over(student_block, source,
-                                       source if student_x is not None else torch.empty_like(source),
-                                       kwargs_for, batches, self.device)
-            teacher_x = teacher_y
-            for local, rank in local_ranks.items():
-                result.applied.ranks[f"{block.name}.{local}"] = rank
-            if self.checkpoints and restored is None and self.parallel.is_main:
-                self.checkpoints.save(block.index, student_block, local_ranks, finished)
-            result.layers.append(finished)
-            self.emit(finished)
-            if self.stop.is_set():
-                return self._finish(result, start, "stopped")
         return self._finish(result, start, "completed")
 
     def _layer_report(self, block: Block, local_ranks: dict[str, int], r: LayerResult, seconds: float):

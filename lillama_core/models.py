@@ -22,6 +22,7 @@ from torch import nn
 from .config import ModelConfig
 from .errors import ModelLoadError
 from .hf_modeling import unfuse_experts
+from .offload import stream_blocks
 
 
 def lillama_home() -> Path:
@@ -184,9 +185,14 @@ def load_model(config: ModelConfig | None = None, **overrides) -> LoadedModel:
         model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except Exception as exc:  # transformers, hub and safetensors raise many types for one user error
         raise ModelLoadError(_explain_load_failure(config.name, exc)) from None
-    model.eval().to(device)
-    if not find_blocks(model):
+    blocks = find_blocks(model)
+    if not blocks:
         raise ModelLoadError(f"{config.name}: found no repeated blocks with linear layers to compress")
+    model.eval()
+    if config.offload and device.type != "cpu":
+        stream_blocks(model, [block.module for block in blocks], device)
+    else:
+        model.to(device)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(model, tokenizer, config.name, source, device, dtype)

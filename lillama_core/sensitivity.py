@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .activations import InputCovariances, Passthrough, capture_block_inputs, run_block_over
+from .offload import resident
 from .calibration import CalibrationData
 from .distill import batch_slices
 from .errors import RunStopped
@@ -70,27 +71,28 @@ def measure_sensitivity(loaded: LoadedModel, calibration: CalibrationData, group
     for block in blocks:
         if stop is not None and stop.is_set():
             raise RunStopped("stopped by request while measuring layer sensitivity; nothing was compressed")
-        modules = [m for m in shape.modules if m.layer == block.index and m.group in groups]
-        probe_input = hidden[:probe].clone()
-        covs = InputCovariances(block.module, [m.local_name for m in modules], device)
-        try:
-            run_block_over(block.module, hidden, hidden, inputs.kwargs_for(block.index), batches, device)
-        finally:
-            covs.close()
-        if not modules:
-            continue
-        if block.index > 0:  # blocks below replay the recorded input instead of recomputing it
-            parent[block.index - 1] = Passthrough(blocks[block.index - 1].module, probe_input)
-        result[block.index] = {}
-        covariances = covs.means()
-        decompositions = {m.local_name: WhitenedSVD(block.module.get_submodule(m.local_name).weight.detach().float(),
-                                                    covariances[m.local_name]) for m in modules}
-        for keep in keeps:
-            parent[block.index] = compressed_block(block.module, modules, keep, decompositions)
-            kl = F.kl_div(_log_probs(replay, probe_ids), reference, log_target=True, reduction="none").sum(-1)
-            result[block.index][keep] = kl.mean().item()
-        parent[block.index] = Passthrough(block.module)
-        if on_event:
-            on_event(Phase("sensitivity", f"layer {block.index + 1}/{len(blocks)}: KL at keep "
-                                          + ", ".join(f"{k:.0%}={v:.3f}" for k, v in result[block.index].items())))
+        with resident(block.module):  # a streamed block stays on the accelerator for its probes
+            modules = [m for m in shape.modules if m.layer == block.index and m.group in groups]
+            probe_input = hidden[:probe].clone()
+            covs = InputCovariances(block.module, [m.local_name for m in modules], device)
+            try:
+                run_block_over(block.module, hidden, hidden, inputs.kwargs_for(block.index), batches, device)
+            finally:
+                covs.close()
+            if not modules:
+                continue
+            if block.index > 0:  # blocks below replay the recorded input instead of recomputing it
+                parent[block.index - 1] = Passthrough(blocks[block.index - 1].module, probe_input)
+            result[block.index] = {}
+            covariances = covs.means()
+            weights = {m.local_name: block.module.get_submodule(m.local_name).weight.detach().float() for m in modules}
+            decompositions = {name: WhitenedSVD(weight, covariances[name]) for name, weight in weights.items()}
+            for keep in keeps:
+                parent[block.index] = compressed_block(block.module, modules, keep, decompositions)
+                kl = F.kl_div(_log_probs(replay, probe_ids), reference, log_target=True, reduction="none").sum(-1)
+                result[block.index][keep] = kl.mean().item()
+            parent[block.index] = Passthrough(block.module)
+            if on_event:
+                on_event(Phase("sensitivity", f"layer {block.index + 1}/{len(blocks)}: KL at keep "
+                                              + ", ".join(f"{k:.0%}={v:.3f}" for k, v in result[block.index].items())))
     return result

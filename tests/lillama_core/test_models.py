@@ -17,7 +17,8 @@ def test_blocks_and_linears_are_found_generically(tiny):
 
 @pytest.mark.parametrize("name, group", [
     ("self_attn.q_proj", "attention"), ("attention.wqkv", "attention"), ("mlp.down_proj", "mlp"),
-    ("block_sparse_moe.experts.3.w1", "experts"), ("mlp.experts.0.gate_up_proj", "experts"), ("fc1", "mlp"), ("mixer.in_proj", "ssm"), ("mixer.out_proj", "ssm"),
+    ("block_sparse_moe.experts.3.w1", "experts"), ("mlp.experts.0.gate_up_proj", "experts"), ("fc1", "mlp"),
+    ("mixer.in_proj", "ssm"), ("mixer.out_proj", "ssm"),
     ("block_sparse_moe.gate", "router"), ("mlp.gate", "router"), ("mlp.gate_proj", "mlp"), ("norm_proj", "other"),
 ])
 def test_module_groups(name, group):
@@ -148,7 +149,8 @@ def test_unknown_architecture_and_remote_code_need_opt_in(tmp_path, tiny):
     tiny.model.save_pretrained(custom)
     tiny.tokenizer.save_pretrained(custom)
     (custom / "configuration_x.py").write_text(
-        "from transformers import LlamaConfig\n\nclass XConfig(LlamaConfig):\n    model_type = 'lillama_made_up_arch'\n")
+        "from transformers import LlamaConfig\n\n"
+        "class XConfig(LlamaConfig):\n    model_type = 'lillama_made_up_arch'\n")
     (custom / "modeling_x.py").write_text(
         "from transformers import LlamaForCausalLM\nfrom .configuration_x import XConfig\n\n"
         "class XForCausalLM(LlamaForCausalLM):\n    config_class = XConfig\n")
