@@ -16,6 +16,7 @@ from .errors import LillamaError
 from .events import Event, LayerFinished, Phase, RunFinished, RunStarted, Step
 from .quantize import MODES as QUANTIZE_MODES
 
+RANK_MULTIPLE_HELP = PlanConfig.__dataclass_fields__["rank_multiple"].metadata["help"]
 QUANTIZE_EXPORT_HELP = "store the exported linear weights as int8 (per channel) or int4 (groups of 64)"
 
 
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--rank", type=int, default=None, help="one fixed rank instead of a reduction target")
     c.add_argument("--strategy", choices=STRATEGIES, default=PlanConfig.strategy)
     c.add_argument("--layer-keep", type=float, default=PlanConfig.layer_keep)
+    c.add_argument("--rank-multiple", type=int, default=PlanConfig.rank_multiple, help=RANK_MULTIPLE_HELP)
     c.add_argument("--groups", default=",".join(DEFAULT_GROUPS), help=f"comma-separated: {', '.join(GROUPS)}")
     c.add_argument("--plan", help="a rank plan JSON file (overrides --reduction/--rank/--strategy)")
     c.add_argument("--init", choices=INITS, default=DistillConfig.init)
@@ -155,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--rank", type=int, default=None)
     pl.add_argument("--strategy", choices=STRATEGIES, default=PlanConfig.strategy)
     pl.add_argument("--layer-keep", type=float, default=PlanConfig.layer_keep)
+    pl.add_argument("--rank-multiple", type=int, default=PlanConfig.rank_multiple, help=RANK_MULTIPLE_HELP)
     pl.add_argument("--groups", default=",".join(DEFAULT_GROUPS))
     pl.add_argument("--calibration", default="default", help="data the sensitivity and whitened energy plans measure")
     pl.add_argument("--text-field", default=None)
@@ -164,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _plan_config(args) -> PlanConfig:
     return PlanConfig(strategy=args.strategy, reduction=None if args.rank else args.reduction, rank=args.rank,
-                      layer_keep=args.layer_keep, groups=_groups(args.groups))
+                      layer_keep=args.layer_keep, groups=_groups(args.groups), rank_multiple=args.rank_multiple)
 
 
 def _groups(text: str) -> list[str]:
@@ -181,6 +184,7 @@ COMPRESS_FLAGS = {
     "batch_size": ("calibration", "batch_size", int),
     "reduction": ("plan", "reduction", float), "rank": ("plan", "rank", int), "strategy": ("plan", "strategy", str),
     "layer_keep": ("plan", "layer_keep", float), "groups": ("plan", "groups", _groups),
+    "rank_multiple": ("plan", "rank_multiple", int),
     "init": ("distill", "init", str), "lr": ("distill", "lr", float), "epochs": ("distill", "epochs", int),
     "loss": ("distill", "loss", str), "no_distill": ("distill", "distill", lambda v: not v),
     "heal_tokens": ("heal", "tokens", int), "heal_lr": ("heal", "lr", float),

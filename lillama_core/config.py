@@ -89,6 +89,9 @@ class PlanConfig:
         metadata={"help": f"module groups that may be compressed ({', '.join(GROUPS)})"}
     )
     whitened_energy: bool = _help("energy strategy: use activation-whitened spectra (needs a teacher pass)", True)
+    rank_multiple: int = _help(
+        "target-driven plans round every rank to a multiple of this (8 or 64 suit GPU matrix units), then "
+        "step ranks back up to land on the target; 1 keeps exact ranks", 1)
     overrides: dict[str, int | None] = field(
         default_factory=dict,
         metadata={"help": "glob on module names -> rank, or null to keep dense; applied last"},
@@ -111,6 +114,8 @@ class PlanConfig:
             raise ConfigError(f"rank must be a whole number of at least 1, not {self.rank!r}")
         if not (0.0 < self.layer_keep < 1.0):
             raise ConfigError(f"layer_keep must be between 0 and 1, not {self.layer_keep!r}")
+        if isinstance(self.rank_multiple, bool) or not isinstance(self.rank_multiple, int) or self.rank_multiple < 1:
+            raise ConfigError(f"rank_multiple must be a whole number of at least 1, not {self.rank_multiple!r}")
         unknown = [g for g in self.groups if g not in GROUPS]
         if unknown or not self.groups:
             raise ConfigError(f"groups must be a non-empty subset of {', '.join(GROUPS)}, not {self.groups!r}")

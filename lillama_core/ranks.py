@@ -350,6 +350,25 @@ def sensitivity_plan(shape: ModelShape, target_saving: int, modules: list[Module
     return ranks_now()
 
 
+def align_ranks(shape: ModelShape, ranks: dict[str, int], target_saving: int, multiple: int) -> dict[str, int]:
+    """Every rank rounded down to a multiple of `multiple` (at least one multiple), then, while the saving
+    stays at or above the target, the modules that lost most to rounding step back up by one multiple, so
+    the plan keeps its allocation and lands just past the target."""
+    if multiple <= 1:
+        return dict(ranks)
+    by_name = shape.by_name()
+    aligned = {name: max(multiple, rank - rank % multiple) for name, rank in ranks.items()}
+    aligned = {name: rank for name, rank in aligned.items() if rank <= by_name[name].max_saving_rank}
+    lost = sorted(aligned, key=lambda name: (aligned[name] - ranks[name], name))  # most rounded away first
+    for name in lost:
+        step = multiple * (by_name[name].in_features + by_name[name].out_features)
+        grown = aligned[name] + multiple
+        if grown <= min(ranks[name] + multiple - 1, by_name[name].max_saving_rank) and \
+                _saving(shape, aligned) - step >= target_saving:
+            aligned[name] = grown
+    return aligned
+
+
 def apply_overrides(ranks: dict[str, int], shape: ModelShape, overrides: dict[str, int | None]) -> dict[str, int]:
     ranks = dict(ranks)
     for pattern, rank in overrides.items():
@@ -400,6 +419,7 @@ def build_plan(shape: ModelShape, config: PlanConfig, spectra: dict[str, torch.T
             if spectra is None:
                 raise RankPlanError("the energy strategy needs the spectra of the weights")
             ranks = energy_plan(shape, target, modules, spectra)
+        ranks = align_ranks(shape, ranks, target, config.rank_multiple)
     ranks = apply_overrides(ranks, shape, config.overrides)
     plan = RankPlan(ranks, config.strategy, config.reduction if config.rank is None else None, shape.model_type)
     plan.notes = validate_plan(plan, shape)

@@ -117,3 +117,16 @@ def test_plan_json_round_trip_and_malformed_json(tmp_path, shape):
         RankPlan.load(path)
     with pytest.raises(RankPlanError, match="cannot read"):
         RankPlan.load(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize("strategy", ["energy", "uniform", "bottom"])
+def test_rank_multiples_keep_the_allocation_and_the_target(tiny, shape, strategy):
+    spectra = compute_spectra(tiny, shape, None, 8, whitened=False)
+    exact = build_plan(shape, PlanConfig(strategy=strategy, reduction=0.2), spectra)
+    aligned = build_plan(shape, PlanConfig(strategy=strategy, reduction=0.2, rank_multiple=8), spectra)
+    assert aligned.ranks and all(rank % 8 == 0 for rank in aligned.ranks.values())
+    assert set(aligned.ranks) <= set(exact.ranks)
+    assert all(abs(aligned.ranks[n] - exact.ranks[n]) < 8 for n in aligned.ranks)  # the nearest multiples
+    summary = summarize(aligned, shape)
+    assert summary.params_before - summary.params_after >= math.ceil(0.2 * shape.total_params)
+    assert summary.reduction < summarize(exact, shape).reduction + 0.02
