@@ -102,7 +102,8 @@ def run_throughput(shape_name: str, layers: int, tokens: int, seq_len: int, batc
     record = {
         "model": f"{shape_name} (random weights)", "shape": SHAPES[shape_name], "device": str(device),
         "dtype": str(dtype).replace("torch.", ""), "env": environment(device), "params": count_parameters(loaded.model),
-        "weight_bytes": weights, "offload": offload, "layers_compressed": layers, "keep": keep, "init": init, "loss": config.loss,
+        "weight_bytes": weights, "offload": offload, "layers_compressed": layers, "keep": keep, "init": init,
+        "loss": config.loss,
         "tokens": n * seq_len, "train_tokens_per_layer": train_tokens, "seq_len": seq_len, "batch_size": batch_size,
         "build_seconds": build_seconds, "compress_seconds": result.seconds, "layer_seconds": layer_seconds,
         "distill_tokens_per_s": train_tokens / mean_layer,
