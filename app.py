@@ -93,9 +93,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Lillama Studio")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
     parser.add_argument("--port", type=int, default=7860)
-    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link (anyone with it can use the app)")
+    parser.add_argument("--share", action="store_true",
+                        help="also open a public gradio.live link (anyone with it can use the app)")
     parser.add_argument("--model", default="smollm2-135m-instruct", help="model loaded at start")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--offload", action="store_true",
+                        help="keep the model's blocks in host memory, one at a time on the GPU (models bigger than it)")
     parser.add_argument("--runs-dir", default=None, help=f"run folders (default {lillama_home() / 'runs'})")
     parser.add_argument("--exports-dir", default="exports", help="where exports are written")
     parser.add_argument("--allow-remote-code", action="store_true",
@@ -121,7 +124,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     uploads = lillama_home() / "uploads"
     studio = Studio(JobManager(Path(args.runs_dir) if args.runs_dir else None), Path(args.exports_dir).resolve(),
-                    ModelConfig(name=args.model, device=args.device), allow_remote_code=args.allow_remote_code,
+                    ModelConfig(name=args.model, device=args.device, offload=args.offload),
+                    allow_remote_code=args.allow_remote_code,
                     path_roots=path_roots(args, uploads))
     studio.eval = replace(studio.eval, tokens=args.eval_tokens, seq_len=min(studio.eval.seq_len, args.eval_tokens))
     if not args.no_preload:

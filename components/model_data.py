@@ -60,6 +60,9 @@ def build(studio: Studio, uploads_root: Path) -> dict:
                                 visible=current not in BUILTIN_MODELS)
             remote = gr.Checkbox(label="Trust remote code for this model (runs code from its repository)",
                                  value=False, visible=studio.allow_remote_code)
+            offload = gr.Checkbox(label="Offload: keep the blocks in host memory, one at a time on the GPU",
+                                  info="for models bigger than the GPU; slower; no effect on CPU",
+                                  value=studio.model_config.offload)
             load_button = gr.Button("Load model", variant="primary")
             card = gr.HTML(model_card(studio))
         with gr.Column(scale=1):
@@ -89,15 +92,15 @@ def build(studio: Studio, uploads_root: Path) -> dict:
     kind.change(lambda k: gr.update(visible=k != SOURCE_KINDS[0]), kind, custom_source, api_visibility="private")
 
     @user_errors
-    def on_load(selected, typed, trust):
+    def on_load(selected, typed, trust, offload_value):
         name = typed.strip() if selected == OTHER else selected
         if not name:
             raise gr.Error("type a Hugging Face id, a local folder or a .gguf path")
         gr.Info(f"loading {name}: the first load of a GGUF model converts it once, which can take a minute")
-        studio.load(name, trust)
+        studio.load(name, trust, offload=offload_value)
         return model_card(studio)
 
-    load_button.click(on_load, [choice, custom, remote], card, concurrency_id="model", concurrency_limit=1,
+    load_button.click(on_load, [choice, custom, remote, offload], card, concurrency_id="model", concurrency_limit=1,
                       api_name="load_model")
 
     @user_errors

@@ -71,10 +71,12 @@ class Studio:
 
     # ---- model ----
 
-    def load(self, name: str, trust_remote_code: bool = False) -> LoadedModel:
+    def load(self, name: str, trust_remote_code: bool = False, offload: bool | None = None) -> LoadedModel:
         if trust_remote_code and not self.allow_remote_code:
             raise ConfigError("remote code is disabled; start the app with --allow-remote-code to enable it")
-        config = replace(self.model_config, name=self.confine(name), trust_remote_code=trust_remote_code)
+        offload = self.model_config.offload if offload is None else offload
+        config = replace(self.model_config, name=self.confine(name), trust_remote_code=trust_remote_code,
+                         offload=offload)
         with self._load_lock:
             loaded = load_model(config)
             self.model_config, self.loaded = config, loaded

@@ -37,7 +37,7 @@ def wait_for(client, predicate, timeout=300):
 
 def test_end_to_end_compress_chat_export_reload(app):
     client, tmp = app
-    card = client.predict("smollm2-135m-instruct", "", False, api_name="/load_model")
+    card = client.predict("smollm2-135m-instruct", "", False, False, api_name="/load_model")
     assert "LlamaForCausalLM" in card and "134,515,008" in card
     preview = client.predict(*CALIBRATION, api_name="/calibration")
     assert "16 sequences × 128 tokens = 2,048 tokens" in preview

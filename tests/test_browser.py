@@ -53,7 +53,7 @@ def test_click_through_all_panels_and_watch_a_live_run(browser, shots, tmp_path,
 
     with running_app(tmp_path, "--no-preload") as url:
         client = Client(url, verbose=False)
-        client.predict("smollm2-135m-instruct", "", False, api_name="/load_model")
+        client.predict("smollm2-135m-instruct", "", False, False, api_name="/load_model")
         client.predict("Built-in", "", "", "", "train", 8192, 128, 4, api_name="/calibration")
         client.predict("bottom", 3, 30, 0, ["attention", "mlp"], 0, api_name="/apply_preset")
 
