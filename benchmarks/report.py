@@ -317,6 +317,20 @@ def _throughput_table(records: list[dict]) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
+def _parallel_table(records: list[dict]) -> list[str]:
+    rows = _latest([r for r in records if r.get("suite") == "parallel"],
+                   lambda r: (r["model"], r["device"], r["processes"], r["threads_per_process"], r["tokens"],
+                              r.get("env", {}).get("cpu_count")))
+    lines = ["| model | device | processes × threads | tokens | wall s | speed-up | max layer-loss difference |",
+             "|---|---|---|---:|---:|---:|---:|"]
+    for r in rows.values():
+        device = r.get("env", {}).get("gpu") or r["device"]
+        lines.append(f"| {_title(r['model'])} | {device} | {r['processes']} × {r['threads_per_process']} | "
+                     f"{r['tokens']:,} | {r['wall_seconds']:.0f} | {r['speedup']:.2f}× | "
+                     f"{r['max_layer_loss_rel_diff']:.1e} |")
+    return lines if len(lines) > 2 else []
+
+
 def write_svg(groups: list[dict], path: Path) -> Path:
     """A dependency-free log-scale line chart, one panel per model, readable inline on GitHub."""
     panel_w, panel_h, left, top, bottom, right = 460, 340, 70, 40, 50, 20
@@ -466,6 +480,13 @@ def generated_markdown(records: list[dict], docs: Path) -> str:
                   "(forward + backward of both loss paths) against the card's dense bf16 datasheet rate, so it is "
                   "a floor. Peak alloc includes the whole teacher, which stays on the accelerator.", ""]
         lines += throughput + [""]
+    parallel = _parallel_table(records)
+    if parallel:
+        lines += ["### Data-parallel processes (torchrun)", "",
+                  "One `lillama compress` (uniform 20%, no evaluation) with N processes sharing every batch; wall "
+                  "time includes start-up and export. Speed-up is against the first row of the same model; the "
+                  "last column is the largest relative difference of a layer's held-out loss from that row.", ""]
+        lines += parallel + [""]
     return "\n".join(lines)
 
 

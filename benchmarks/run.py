@@ -140,6 +140,18 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--tag", default=None)
     t.add_argument("--results", default=None)
 
+    pp = sub.add_parser("parallel", help="wall time with 1, 2, ... data-parallel processes (torchrun)")
+    pp.add_argument("--model", default="smollm2-135m-instruct")
+    pp.add_argument("--settings", default="1x1,2x1,1x2",
+                    help="processes x CPU threads per process, comma-separated; the first is the baseline")
+    pp.add_argument("--tokens", type=int, default=8_192)
+    pp.add_argument("--seq-len", type=int, default=256)
+    pp.add_argument("--batch-size", type=int, default=8)
+    pp.add_argument("--reduction", type=float, default=0.2)
+    pp.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (one GPU per process, NCCL)")
+    pp.add_argument("--tag", default=None)
+    pp.add_argument("--results", default=None)
+
     r = sub.add_parser("report", help="regenerate docs/benchmarks.md and the charts from all records")
     r.add_argument("--results", default=None)
     r.add_argument("--doc", default=None, help="markdown file to write (default docs/benchmarks.md)")
@@ -187,6 +199,14 @@ def main(argv: list[str] | None = None) -> int:
                          args.repeats, args.tag, results)
     elif args.command == "quantize":
         suites.run_quantize(args.model, args.method, args.reduction, _budget(args), args.tag, results)
+    elif args.command == "parallel":
+        from .common import write_record
+        from .parallel import run_parallel
+
+        settings = [tuple(int(n) for n in item.split("x")) for item in _names(args.settings)]
+        for record in run_parallel(args.model, settings, args.tokens, args.seq_len, args.batch_size, args.reduction,
+                                   args.device):
+            write_record("parallel", {**record, **({"tag": args.tag} if args.tag else {})}, results)
     elif args.command == "throughput":
         from lillama_core.models import resolve_device, resolve_dtype
 

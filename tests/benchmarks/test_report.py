@@ -74,3 +74,18 @@ def test_quantization_table_has_the_four_models(tmp_path):
     assert "| teacher | 538 | 29.60 |" in text and "| teacher int8 | 231 | 30.40 |" in text
     assert "| student | 430 | 47.81 |" in text and "| student int8 | 190 | 49.00 |" in text
     assert "| teacher int4 | 140 | 33.10 |" in text and "| student int4 | 120 | 55.20 |" in text
+
+
+def test_parallel_table_and_command_line(tmp_path):
+    from benchmarks.parallel import compress_command
+
+    command = compress_command(2, "smollm2-135m-instruct", 8192, 256, 8, 0.2, "cpu", tmp_path / "out")
+    assert command[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    assert command[command.index("-m", 2):][:3] == ["-m", "lillama_core.cli", "compress"]
+    rows = [{"suite": "parallel", "timestamp": f"2026-01-01T00:00:0{i}", "model": "smollm2-135m-instruct",
+             "device": "cpu", "processes": p, "threads_per_process": t, "tokens": 8192, "wall_seconds": wall,
+             "speedup": 217 / wall, "max_layer_loss_rel_diff": diff}
+            for i, (p, t, wall, diff) in enumerate([(1, 1, 217, 0.0), (2, 1, 145, 1.1e-4)])]
+    text = generated_markdown(rows, tmp_path)
+    assert "| 1 × 1 | 8,192 | 217 | 1.00× | 0.0e+00 |" in text
+    assert "| 2 × 1 | 8,192 | 145 | 1.50× | 1.1e-04 |" in text
