@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import gradio as gr
@@ -52,6 +53,18 @@ def chart(studio: Studio):
     return plot(plan_chart(summary.layers, budget))
 
 
+def group_picker(studio: Studio) -> dict:
+    """Choices and value of the groups checkbox: the module groups this model has, each labelled with how
+    many linear layers it holds (what the rank editor can touch), ticked where the plan compresses them."""
+    if studio.shape is None:
+        choices = [(group, group) for group in GROUPS]
+    else:
+        counts = Counter(m.group for m in studio.shape.modules)
+        choices = [(f"{group} ({counts[group]})", group) for group in GROUPS if counts[group]]
+    offered = {value for _, value in choices}
+    return {"choices": choices, "value": [g for g in studio.plan_config.groups if g in offered]}
+
+
 def group_keep(studio: Studio, modules: list[ModuleShape]) -> int:
     """Percent of the group's dense weights the plan keeps (100 = dense)."""
     ranks = studio.current_plan().ranks
@@ -82,7 +95,7 @@ def build(studio: Studio) -> dict:
                 layer_keep = gr.Slider(5, 95, value=round(100 * studio.plan_config.layer_keep), step=5,
                                        label="Bottom/top: % of weights kept in each chosen layer")
                 fixed_rank = gr.Number(value=None, precision=0, label="Fixed rank (0 = use the target)")
-                groups = gr.CheckboxGroup(list(GROUPS), value=studio.plan_config.groups, label="Module groups")
+                groups = gr.CheckboxGroup(**group_picker(studio), label="Module groups (linear layers each)")
             with gr.Row():
                 apply = gr.Button("Apply preset", variant="primary")
                 save = gr.DownloadButton("Save plan JSON")
@@ -170,7 +183,7 @@ def build(studio: Studio) -> dict:
         studio.current_plan()
         config = studio.plan_config
         return (*refresh(), current_version + 1, config.strategy, round(100 * (config.reduction or 0.2)),
-                round(100 * config.layer_keep), config.rank or 0, config.groups)
+                round(100 * config.layer_keep), config.rank or 0, gr.update(**group_picker(studio)))
 
     return {"on_show": (on_show, [version],
                         [totals, plot, version, strategy, reduction, layer_keep, fixed_rank, groups])}

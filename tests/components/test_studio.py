@@ -1,7 +1,7 @@
 import pytest
 
 from components.evaluate import check_export_name
-from components.ranks import group_keep, ranks_for_keep
+from components.ranks import group_keep, group_picker, ranks_for_keep
 from components.studio import Studio
 from lillama_core.config import PlanConfig
 from lillama_core.errors import ConfigError, ExportError, RankPlanError
@@ -87,3 +87,9 @@ def test_typed_paths_outside_the_allowed_folders_are_refused(tmp_path):
         studio.load(str(secret))
     open_studio = Studio(JobManager(tmp_path / "runs"), tmp_path / "exports")  # on this machine only: anywhere
     assert open_studio.confine(str(secret / "notes.txt")) == str(secret / "notes.txt")
+
+
+def test_the_group_picker_offers_what_the_model_has(studio):
+    picker = group_picker(studio)
+    assert picker["choices"] == [("attention (12)", "attention"), ("mlp (9)", "mlp")]  # 3 layers of a tiny Llama
+    assert picker["value"] == ["attention", "mlp"]  # the default also names experts and ssm, absent here
