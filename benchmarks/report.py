@@ -289,12 +289,13 @@ def _quantize_table(records: list[dict]) -> list[str]:
                      lambda r: (r["model"], r["method"], round(r["target_reduction"], 4))).values():
         lines += [f"**{_title(r['model'])}**, `{r['method']}` at {r['reduction']:.1%}, {r['tokens']:,} calibration "
                   f"tokens, eval {r['eval']['tokens']:,} test tokens, {r['device']}", "",
-                  "| model | saved MiB | ppl |", "|---|---:|---:|",
-                  f"| teacher | {_mib(r['teacher_bytes'])} | {_fmt_ppl(r['teacher_ppl'])} |"]
+                  "| model | saved MiB | ppl | generate tok/s (batch 1) |", "|---|---:|---:|---:|"]
         for model in ("teacher", "student"):
-            if model == "student":
-                lines.append(f"| student | {_mib(r['student_bytes'])} | {_fmt_ppl(r['ppl'])} |")
-            lines += [f"| {model} {mode} | {_mib(r[f'{model}_{mode}_bytes'])} | {_fmt_ppl(r[f'{model}_{mode}_ppl'])} |"
+            ppl = r["teacher_ppl"] if model == "teacher" else r["ppl"]
+            lines.append(f"| {model} | {_mib(r[f'{model}_bytes'])} | {_fmt_ppl(ppl)} | "
+                         f"{_fmt(r.get(f'{model}_generate_tokens_per_s'), ',.1f')} |")
+            lines += [f"| {model} {mode} | {_mib(r[f'{model}_{mode}_bytes'])} | {_fmt_ppl(r[f'{model}_{mode}_ppl'])} | "
+                      f"{_fmt(r.get(f'{model}_{mode}_generate_tokens_per_s'), ',.1f')} |"
                       for mode in ("int8", "int4") if f"{model}_{mode}_ppl" in r]
         lines.append("")
     return lines

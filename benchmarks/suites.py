@@ -131,16 +131,24 @@ def run_ablation(model: str, what: str, reduction: float, base_name: str, values
 # ---- quantization on top ----
 
 
+QUANT_SPEED = dict(batch=1, prompt=64, new=32, repeats=3)  # greedy decoding, median of the repeats
+
+
 def _quantized_facts(model, bench: Bench, prefix: str) -> dict:
     from lillama_core.quantize import MODES, quantize_weights, serialized_bytes
 
-    facts = {f"{prefix}_bytes": serialized_bytes(model)}
+    vocab = model.get_input_embeddings().num_embeddings
+    speed = dict(QUANT_SPEED, vocab=vocab)
+    facts = {f"{prefix}_bytes": serialized_bytes(model),
+             f"{prefix}_generate_tokens_per_s": _median_speed(model, **speed)["generate_tokens_per_s"]}
     for mode in MODES:
         start = time.time()
         quantized = quantize_weights(model, mode)
         ppl = perplexity(quantized, bench.windows(), bench.budget.eval_batch).perplexity
         facts.update({f"{prefix}_{mode}_bytes": serialized_bytes(quantized), f"{prefix}_{mode}_ppl": ppl,
-                      f"{prefix}_{mode}_seconds": time.time() - start})
+                      f"{prefix}_{mode}_seconds": time.time() - start,
+                      f"{prefix}_{mode}_generate_tokens_per_s": _median_speed(quantized, **speed)[
+                          "generate_tokens_per_s"]})
     return facts
 
 
