@@ -281,7 +281,7 @@ class Compressor:
                     self.checkpoints.save(block.index, student_block, local_ranks, finished)
                 result.layers.append(finished)
                 self.emit(finished)
-                if self.stop.is_set():
+                if self.parallel.any(self.stop.is_set(), device=self.device):  # every process stops together
                     return self._finish(result, start, "stopped")
         return self._finish(result, start, "completed")
 
