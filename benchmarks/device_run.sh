@@ -32,5 +32,8 @@ else
     { timeout 230 $q --methods teacher,ours,paper,whitened,svd --reductions 0.2
       timeout 150 $q --methods ours,whitened --reductions 0.4,0.3,0.1
       timeout 60 $q --methods paper --reductions 0.4
+      # does rounding ranks to multiples of 64 make the student faster than the teacher at batch 16?
+      timeout 200 python3 -m benchmarks.run speed --variants teacher,ours@0.2,ours-r64@0.2 --tokens 65536 \
+          --results $results --tag gpu
     } 2>&1 | tee "$results/quality.log"
 fi

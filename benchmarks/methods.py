@@ -70,6 +70,8 @@ METHODS: dict[str, Recipe] = {
                     {"init": "svd", "lr": 8.6e-5, "schedule": "constant", "warmup_steps": 0, "loss": "joint"},
                     "published Lillama recipe: SVD init, AdamW 8.6e-5, batch 8, Teacher+Student loss, bottom-first"),
     "ours": Recipe("ours", {}, {}, "the engine's shipped defaults (PlanConfig(), DistillConfig())"),
+    "ours-r64": Recipe("ours-r64", {"rank_multiple": 64}, {},
+                       "the defaults with every rank a multiple of 64, for GPU matrix units (speed runs)"),
     "tuned": Recipe("tuned", {"strategy": "uniform", "overrides": {**PROTECT_FIRST, **PROTECT_LAST}},
                     {"init": "whitened", "lr": 1e-3, "schedule": "constant", "loss": "student"},
                     "best hand-made CPU recipe: uniform rank with the first and last layers dense, whitened init, "
