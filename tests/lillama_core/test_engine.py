@@ -92,6 +92,19 @@ def test_plan_for_another_model_is_refused_before_any_work(tiny):
         Compressor(tiny, _calibration(), plan, DistillConfig()).run()
 
 
+def test_a_module_that_sees_no_token_gets_a_zero_covariance(tiny):
+    # an MoE expert no calibration token is routed to: whitening must still get a matrix for it
+    block = tiny.model.model.layers[0]
+    covs = InputCovariances(block, ["self_attn.q_proj", "mlp.down_proj"], torch.device("cpu"))
+    x = torch.randn(10, block.self_attn.q_proj.in_features)
+    block.self_attn.q_proj(x)
+    covs.close()
+    means = covs.means()
+    torch.testing.assert_close(means["self_attn.q_proj"], (x.T @ x / 10).double())
+    down = block.mlp.down_proj.in_features
+    assert means["mlp.down_proj"].shape == (down, down) and not means["mlp.down_proj"].any()
+
+
 def test_shared_input_covariances_are_computed_once_and_never_mixed_up(tiny):
     block = tiny.model.model.layers[0]
     names = ["self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
