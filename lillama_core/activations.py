@@ -164,10 +164,12 @@ class InputCovariances:
         out = {}
         for name, features in self._features.items():  # the same order in every process
             acc = self.accumulators.get(name)
-            total = acc.sum.clone() if acc else torch.zeros(features, features, dtype=torch.float64,
-                                                             device=self._device)
-            tokens, = parallel.sum_values(acc.tokens if acc else 0, device=self._device)
-            out[name] = parallel.all_reduce(total) / max(tokens, 1)
+            total = acc.sum if acc else torch.zeros(features, features, dtype=torch.float64, device=self._device)
+            tokens = acc.tokens if acc else 0
+            if parallel.enabled:  # a copy, so an accumulator shared by several modules is summed only once
+                total = parallel.all_reduce(total.clone())
+                tokens, = parallel.sum_values(tokens, device=self._device)
+            out[name] = total / max(tokens, 1)
         return out
 
     def close(self) -> None:

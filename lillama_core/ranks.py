@@ -359,13 +359,13 @@ def align_ranks(shape: ModelShape, ranks: dict[str, int], target_saving: int, mu
     by_name = shape.by_name()
     aligned = {name: max(multiple, rank - rank % multiple) for name, rank in ranks.items()}
     aligned = {name: rank for name, rank in aligned.items() if rank <= by_name[name].max_saving_rank}
+    saving = _saving(shape, aligned)
     lost = sorted(aligned, key=lambda name: (aligned[name] - ranks[name], name))  # most rounded away first
     for name in lost:
-        step = multiple * (by_name[name].in_features + by_name[name].out_features)
+        step = multiple * (by_name[name].in_features + by_name[name].out_features)  # weights one step adds
         grown = aligned[name] + multiple
-        if grown <= min(ranks[name] + multiple - 1, by_name[name].max_saving_rank) and \
-                _saving(shape, aligned) - step >= target_saving:
-            aligned[name] = grown
+        if grown <= min(ranks[name] + multiple - 1, by_name[name].max_saving_rank) and saving - step >= target_saving:
+            aligned[name], saving = grown, saving - step
     return aligned
 
 
