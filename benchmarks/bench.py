@@ -108,8 +108,7 @@ class Bench:
         tokens = tokens or self.budget.tokens
         if tokens not in self._spectra:
             calibration = self.calibration(tokens)
-            n = max(2, PLANNING_TOKENS // calibration.sequences.shape[1])
-            subset = CalibrationData(calibration.sequences[:n], calibration.source, calibration.pool_tokens)
+            subset = calibration.first_tokens(PLANNING_TOKENS)
             start = time.time()
             spectra = compute_spectra(self.loaded, self.shape, subset, self.budget.batch_size, True)
             self._spectra[tokens] = (spectra, time.time() - start)
@@ -122,8 +121,7 @@ class Bench:
         key = (tokens or self.budget.tokens, tuple(groups))
         if key not in self._damage:
             calibration = self.calibration(key[0])
-            n = max(2, SENSITIVITY_TOKENS // calibration.sequences.shape[1])
-            subset = CalibrationData(calibration.sequences[:n], calibration.source, calibration.pool_tokens)
+            subset = calibration.first_tokens(SENSITIVITY_TOKENS)
             start = time.time()
             damage = measure_sensitivity(self.loaded, subset, list(groups), batch_size=self.budget.batch_size)
             self._damage[key] = (damage, time.time() - start)
@@ -240,7 +238,7 @@ class Bench:
             if heal_config.tokens and result.applied.ranks:
                 log(f"  healing on {heal_config.tokens} tokens")
                 heal_start = time.time()
-                heal_metrics = heal(result.student, self.loaded.model, calibration.sequences, heal_config)
+                heal_metrics = heal(result.student, self.loaded.model, calibration, heal_config)
                 heal_seconds = time.time() - heal_start
         applied = summarize(result.applied, self.shape)
         layers = [e.layer for e in events["layers"]]

@@ -7,17 +7,19 @@ embeddings, per-layer attention types), recorded once per batch size by stand-in
 
 from __future__ import annotations
 
+import inspect
 import threading
 from typing import Callable
 
 import torch
 from torch import nn
 
+from .calibration import CalibrationData
 from .distill import run_block
 from .distributed import SINGLE, Parallel
 from .errors import ModelLoadError
 from .lowrank import CovarianceAccumulator
-from .models import Block, share_weights_copy
+from .models import Block, share_weights_copy, stack_of, stack_starts
 
 
 class _StopForward(Exception):
@@ -47,76 +49,112 @@ class _StandIn(Passthrough):
     def __init__(self, block: nn.Module, index: int, recorder: "BlockInputs", last: bool):
         super().__init__(block)
         self.index, self.recorder, self.last = index, recorder, last
+        # Some models pass masks and cross-attention states positionally (Whisper): record them by name.
+        self.positional = [p.name for p in inspect.signature(block.forward).parameters.values()
+                           if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
     def forward(self, *args, **kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        self.recorder.record(self.index, hidden, {k: v for k, v in kwargs.items()})
+        named = dict(zip(self.positional, args), **kwargs)
+        hidden = named.pop(self.positional[0]) if args else named.pop("hidden_states")
+        self.recorder.record(self.index, hidden, named)
         if self.last:
             raise _StopForward
         return hidden
 
 
-def _parent_list(model: nn.Module, block: Block) -> tuple[nn.ModuleList, int]:
+def block_slot(model: nn.Module, block: Block) -> tuple[nn.ModuleList, int]:
+    """(the list holding the block in this model or a copy of it, its position there)."""
     parent_name, _, idx = block.name.rpartition(".")
     return model.get_submodule(parent_name), int(idx)
 
 
+def _same(a, b) -> bool:
+    if a is b:
+        return True
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
+                and a.dtype == b.dtype and torch.equal(a, b.to(a.device)))
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and isinstance(a, (int, float, str, bool)) and a == b
+
+
+_UNUSED_KWARGS = ("past_key_values", "past_key_value", "cache", "use_cache")
+
+
 class BlockInputs:
-    """First-block hidden states for every sequence, and each block's keyword arguments."""
+    """Each stack's first-block hidden states for every sequence, and each block's keyword arguments.
+
+    Arguments that are the same for every batch of a size (masks, rotary tables) are kept once per
+    batch size; those that change with the data (a decoder's cross-attention states) once per batch."""
 
     def __init__(self, num_blocks: int):
-        self.kwargs: list[dict[int, dict]] = [dict() for _ in range(num_blocks)]
+        self.by_size: list[dict[int, dict]] = [dict() for _ in range(num_blocks)]
+        self.by_batch: list[dict[int, dict]] = [dict() for _ in range(num_blocks)]
+        self.first: set[int] = set()  # blocks whose hidden inputs are kept: the first of each stack
         self.hidden: list[torch.Tensor] = []
+        self.rows = slice(0, 0)  # the batch now running
         self._expected_shape = None
 
     def record(self, index: int, hidden: torch.Tensor, kwargs: dict) -> None:
-        if index == 0:
+        if index in self.first:
             self.hidden.append(hidden.detach())
             self._expected_shape = hidden.shape
         elif hidden.shape != self._expected_shape:
             raise ModelLoadError("this architecture passes block outputs in a form the engine does not understand")
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
-        self.kwargs[index].setdefault(hidden.shape[0], kwargs)
+        kwargs = {k: v for k, v in kwargs.items() if k not in _UNUSED_KWARGS}
+        shared = self.by_size[index].setdefault(hidden.shape[0], kwargs)
+        changed = {k: v for k, v in kwargs.items() if not _same(v, shared.get(k))}
+        if changed:
+            self.by_batch[index][self.rows.start] = changed
 
-    def kwargs_for(self, index: int) -> Callable[[int], dict]:
-        table = self.kwargs[index]
-        return lambda batch_size: table[batch_size]
+    def kwargs_for(self, index: int) -> Callable[[slice], dict]:
+        """The keyword arguments block `index` was called with for a batch (given by its rows)."""
+        by_size, by_batch = self.by_size[index], self.by_batch[index]
+        return lambda rows: {**by_size[rows.stop - rows.start], **by_batch.get(rows.start, {})}
 
 
 @torch.no_grad()
-def capture_block_inputs(model: nn.Module, blocks: list[Block], sequences: torch.Tensor, batches: list[slice],
-                         device: torch.device, storage: torch.device) -> tuple[torch.Tensor, BlockInputs]:
-    """Run the model's own forward with stand-ins for every block, so no block does any work.
+def capture_block_inputs(model: nn.Module, blocks: list[Block], calibration: CalibrationData, batches: list[slice],
+                         device: torch.device, storage: torch.device) -> tuple[dict[int, torch.Tensor], BlockInputs]:
+    """Run the model's own forward with stand-ins for the blocks of one stack at a time, so those blocks
+    do no work; the stacks before it (an encoder) run for real and give the later ones their inputs.
 
-    The stand-ins go into a weight-sharing copy, so the model itself is never altered and other
-    threads (the app's chat) can keep using it meanwhile.
+    Returns the hidden inputs of the first block of every stack, by block index, and every block's
+    keyword arguments. The stand-ins go into a weight-sharing copy, so the model itself is never
+    altered and other threads (the app's chat) can keep using it meanwhile.
     """
     recorder = BlockInputs(len(blocks))
-    model = share_weights_copy(model)
-    for block in blocks:
-        parent, idx = _parent_list(model, block)
-        parent[idx] = _StandIn(block.module, block.index, recorder, last=block is blocks[-1])
-    for rows in batches:
-        if rows.stop == rows.start:  # this process's share of a small batch can be empty
-            continue
-        try:
-            model(input_ids=sequences[rows].to(device), use_cache=False)
-        except _StopForward:
-            pass
-    hidden = torch.cat([h.to(storage) for h in recorder.hidden])
-    recorder.hidden = []
-    return hidden, recorder
+    firsts = {}
+    for start in stack_starts(blocks):
+        stack = [b for b in blocks if stack_of(b) == stack_of(start)]
+        copy_ = share_weights_copy(model)
+        for block in stack:
+            parent, idx = block_slot(copy_, block)
+            parent[idx] = _StandIn(block.module, block.index, recorder, last=block is stack[-1])
+        recorder.first = {start.index}
+        for rows in batches:
+            if rows.stop == rows.start:  # this process's share of a small batch can be empty
+                continue
+            recorder.rows = rows
+            try:
+                copy_(**calibration.model_inputs(rows, device), use_cache=False)
+            except _StopForward:
+                pass
+        firsts[start.index] = torch.cat([h.to(storage) for h in recorder.hidden])
+        recorder.hidden = []
+    return firsts, recorder
 
 
 @torch.no_grad()
-def run_block_over(block: nn.Module, source: torch.Tensor, target: torch.Tensor, kwargs_for: Callable[[int], dict],
+def run_block_over(block: nn.Module, source: torch.Tensor, target: torch.Tensor, kwargs_for: Callable[[slice], dict],
                    batches: list[slice], device: torch.device) -> torch.Tensor:
     """target[i] = block(source[i]) batch by batch; target may be source itself (in-place update).
-    The batches must be those the block inputs were captured with (kwargs are per batch size)."""
+    The batches must be those the block inputs were captured with."""
     for rows in batches:
         if rows.stop == rows.start:
             continue
-        out = run_block(block, source[rows].to(device), kwargs_for(rows.stop - rows.start))
+        out = run_block(block, source[rows].to(device), kwargs_for(rows))
         target[rows] = out.to(target.device, target.dtype)
     return target
 

@@ -216,17 +216,30 @@ def preview(config: CalibrationConfig, tokenizer, count: int = 3, chars: int = 4
 
 @dataclass
 class CalibrationData:
-    sequences: torch.Tensor  # [n, seq_len] token ids
+    sequences: torch.Tensor  # [n, seq_len] token ids (the decoder's, for speech models)
     source: str
     pool_tokens: int  # tokens read before sampling
+    features: torch.Tensor | None = None  # [n, mel bins, frames] audio features of speech models, else None
 
     @property
     def tokens(self) -> int:
         return self.sequences.numel()
 
-    def split(self, held_out: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(training sequences, held-out sequences) with `held_out` taken from the end."""
-        return self.sequences[:-held_out], self.sequences[-held_out:]
+    def select(self, rows) -> "CalibrationData":
+        """The chosen sequences (a slice or index tensor), with their audio features if any."""
+        features = None if self.features is None else self.features[rows]
+        return CalibrationData(self.sequences[rows], self.source, self.pool_tokens, features)
+
+    def first_tokens(self, tokens: int) -> "CalibrationData":
+        """A prefix of about `tokens` tokens, at least two sequences."""
+        return self.select(slice(0, max(2, tokens // self.sequences.shape[1])))
+
+    def model_inputs(self, rows, device: torch.device) -> dict:
+        """Keyword arguments of the model's forward for these sequences."""
+        ids = self.sequences[rows].to(device)
+        if self.features is None:
+            return {"input_ids": ids}
+        return {"input_features": self.features[rows].to(device), "decoder_input_ids": ids}
 
 
 def token_stream(texts: Iterable[str], tokenizer, separator: int | None) -> Iterator[int]:

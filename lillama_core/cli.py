@@ -12,7 +12,7 @@ from pathlib import Path
 from .config import DEFAULT_GROUPS, GROUPS, INITS, LOSS_PATHS, STRATEGIES, CalibrationConfig, DistillConfig, \
     EvalConfig, ModelConfig, PlanConfig, RunConfig
 from .distributed import Parallel, device_for, from_environment
-from .errors import LillamaError
+from .errors import ConfigError, LillamaError
 from .events import Event, LayerFinished, Phase, RunFinished, RunStarted, Step
 from .quantize import MODES as QUANTIZE_MODES
 
@@ -236,15 +236,20 @@ def _compress_in(run_dir: Path, config: RunConfig, plan, args, parallel: Paralle
     record = {"config": config.to_dict(), "metrics": result.metrics, "plan": json.loads(result.run.applied.to_json()),
               "layers": [e.to_dict() for e in result.run.layers], "run_dir": str(run_dir)}
     out = export_student(result.run.student, result.loaded.tokenizer, args.out, merge=args.merge,
-                         overwrite=args.overwrite, record=record, quantize=args.quantize)
+                         overwrite=args.overwrite, record=record, quantize=args.quantize,
+                         feature_extractor=result.loaded.feature_extractor)
     summary = {k: result.metrics.get(k) for k in ("params_before", "params_after", "reduction", "teacher_ppl",
                                                    "student_ppl", "seconds", "status", "tokens")}
+    if "student_wer" in result.metrics:  # speech models: word error rate against the teacher's transcripts
+        summary["student_wer"] = result.metrics["student_wer"]
     summary["out"] = str(out)
     if not args.json:
         print(f"{summary['params_before']:,} -> {summary['params_after']:,} parameters "
               f"({summary['reduction']:.1%} fewer); exported to {out}")
         if "teacher_ppl" in result.metrics:
             print(f"perplexity: teacher {summary['teacher_ppl']:.2f}, student {summary['student_ppl']:.2f}")
+        if "student_wer" in summary:
+            print(f"word error rate against the teacher's transcripts: {summary['student_wer']:.1%}")
     return summary
 
 
@@ -297,14 +302,15 @@ def _check_out(args) -> None:
 
 def _load_any(args):
     """A model name/path, or a Lillama export folder."""
-    from .export import RECORD_FILE, load_compressed
+    from .export import RECORD_FILE, load_compressed, load_feature_extractor
     from .models import LoadedModel, load_model, resolve_device, resolve_dtype
 
     path = Path(args.model).expanduser()
     if (path / RECORD_FILE).exists():
         device = resolve_device(args.device)
         model, tokenizer = load_compressed(path, device, resolve_dtype(args.dtype, device))
-        return LoadedModel(model, tokenizer, str(path), str(path), device, next(model.parameters()).dtype)
+        return LoadedModel(model, tokenizer, str(path), str(path), device, next(model.parameters()).dtype,
+                           load_feature_extractor(path))
     return load_model(_model_config(args))
 
 
@@ -315,6 +321,9 @@ def cmd_eval(args, parser) -> dict:
     from .quantize import quantize_weights, serialized_bytes
 
     loaded = _load_any(args)
+    if loaded.feature_extractor is not None:
+        raise ConfigError("`lillama eval` scores text perplexity; a speech model is scored against its teacher's "
+                          "transcripts by `lillama compress` (teacher_ppl, student_ppl, student_wer)")
     model = quantize_weights(loaded.model, args.quantize) if args.quantize else loaded.model
     windows = eval_windows(loaded.tokenizer, read_eval_text(args.eval_text), args.eval_tokens, args.eval_seq_len)
     ppl = perplexity(model, windows)
@@ -351,23 +360,22 @@ def cmd_chat(args, parser) -> None:
 
 def cmd_export(args, parser) -> None:
     from .errors import ExportError
-    from .export import export_student, load_compressed, read_record
+    from .export import export_student, load_compressed, load_feature_extractor, read_record
 
     model, tokenizer = load_compressed(args.source)
     record = read_record(args.source)
     if record.get("quantize"):
         raise ExportError(f"{args.source} is already quantized ({record['quantize']}); export from the float student")
+    kept = {k: v for k, v in record.items() if k not in ("format_version", "merged", "rank_map", "quantize")}
     out = export_student(model, tokenizer, args.out, merge=args.merge, overwrite=args.overwrite,
-                         quantize=args.quantize, record={k: v for k, v in record.items()
-                                                         if k not in ("format_version", "merged", "rank_map",
-                                                                      "quantize")})
+                         quantize=args.quantize, feature_extractor=load_feature_extractor(args.source), record=kept)
     print(f"exported to {out}")
 
 
 def cmd_plan(args, parser) -> None:
-    from .calibration import load_calibration
     from .engine import PLANNING_TOKENS, SENSITIVITY_TOKENS, make_plan
     from .models import load_model
+    from .pipeline import calibrate
     from .ranks import ModelShape, summarize
 
     loaded = load_model(_model_config(args))
@@ -375,8 +383,8 @@ def cmd_plan(args, parser) -> None:
     calibration = None
     if config.uses_calibration:
         tokens = SENSITIVITY_TOKENS if config.strategy == "sensitivity" else PLANNING_TOKENS  # all make_plan reads
-        calibration = load_calibration(CalibrationConfig(source=args.calibration, text_field=args.text_field,
-                                                         tokens=tokens), loaded.tokenizer)
+        calibration = calibrate(loaded, RunConfig(calibration=CalibrationConfig(
+            source=args.calibration, text_field=args.text_field, tokens=tokens)))
     plan = make_plan(loaded, config, calibration)
     summary = summarize(plan, ModelShape.of(loaded.model))
     for row in summary.layers:

@@ -35,7 +35,7 @@ class LayerData:
     teacher_in: torch.Tensor
     teacher_out: torch.Tensor
     student_in: torch.Tensor | None  # None while no layer below is compressed: same as teacher_in
-    kwargs_for: Callable[[int], dict]  # block keyword arguments (masks, rotary) for a batch size
+    kwargs_for: Callable[[slice], dict]  # block keyword arguments (masks, rotary, cross-attention) for a batch
 
 
 @dataclass
@@ -114,7 +114,7 @@ class LayerDistiller:
         """(loss on teacher inputs, loss on student inputs); the second equals the first while the
         inputs have not diverged, and a path the config leaves out is not computed."""
         target = self._fetch(self.data.teacher_out, rows)
-        kwargs = self.data.kwargs_for(rows.stop - rows.start)
+        kwargs = self.data.kwargs_for(rows)
         wanted = {"joint": ("teacher", "student"), "teacher": ("teacher",), "student": ("student",)}[self.config.loss]
         student_in = self._fetch(self.data.student_in, rows)
         losses = {}

@@ -83,9 +83,11 @@ def compute_spectra(loaded: LoadedModel, shape: ModelShape, calibration: Calibra
         return {m.name: spectrum(loaded.model.get_submodule(m.name).weight.detach()) for m in shape.modules}
     device = loaded.device
     batches = batch_slices(0, calibration.sequences.shape[0], batch_size)
-    hidden, inputs = capture_block_inputs(loaded.model, blocks, calibration.sequences, batches, device, device)
+    starts, inputs = capture_block_inputs(loaded.model, blocks, calibration, batches, device, device)
     spectra = {}
     for block in blocks:
+        if block.index in starts:
+            hidden = starts.pop(block.index)
         names = list(find_linears(block.module))
         with resident(block.module):
             covs = InputCovariances(block.module, names, device)
@@ -113,21 +115,16 @@ def make_plan(loaded: LoadedModel, config: PlanConfig, calibration: CalibrationD
     if config.strategy == "energy" and config.rank is None:
         subset = None
         if config.whitened_energy and calibration is not None:
-            subset = _first_tokens(calibration, PLANNING_TOKENS)
+            subset = calibration.first_tokens(PLANNING_TOKENS)
         spectra = compute_spectra(loaded, shape, subset, batch_size, config.whitened_energy, on_event)
     if config.strategy == "sensitivity" and config.rank is None:
         if calibration is None:
             raise CalibrationError("the sensitivity strategy measures the model on calibration data; give some")
         from .sensitivity import measure_sensitivity
 
-        damage = measure_sensitivity(loaded, _first_tokens(calibration, SENSITIVITY_TOKENS), config.groups,
+        damage = measure_sensitivity(loaded, calibration.first_tokens(SENSITIVITY_TOKENS), config.groups,
                                      batch_size=batch_size, on_event=on_event, stop=stop)
     return build_plan(shape, config, spectra, damage)
-
-
-def _first_tokens(calibration: CalibrationData, tokens: int) -> CalibrationData:
-    n = max(2, tokens // calibration.sequences.shape[1])
-    return CalibrationData(calibration.sequences[:n], calibration.source, calibration.pool_tokens)
 
 
 class Compressor:
@@ -173,8 +170,7 @@ class Compressor:
         summarize(self.plan, self.shape)  # validates the plan against this model before any work
         blocks = find_blocks(self.loaded.model)
         ranks_by_layer = self._ranks_by_layer(blocks)
-        sequences = self.calibration.sequences
-        n = sequences.shape[0]
+        n = self.calibration.sequences.shape[0]
         held_out = held_out_count(n)
         global_train = batch_slices(0, n - held_out, self.batch_size)
         global_eval = batch_slices(n - held_out, n, self.batch_size)
@@ -183,7 +179,7 @@ class Compressor:
                               f"raise the batch size ({self.batch_size}) and the calibration tokens")
         # This process's rows of every batch; with one process, all of them in their order.
         mine, batches, rows_per_batch = self.parallel.shard(global_train + global_eval)
-        sequences = sequences[mine]
+        calibration = self.calibration.select(mine)
         train_batches, eval_batches = batches[:len(global_train)], batches[len(global_train):]
         steps_per_layer = len(train_batches) * self.config.epochs
         if not self.config.distill:
@@ -203,15 +199,19 @@ class Compressor:
         self.memory.reset_peak()
         self.emit(Phase("capture", "recording the inputs of the first block"))
         hidden = getattr(self.loaded.model.config, "hidden_size", 0) or 0
-        bytes_needed = 3 * sequences.numel() * hidden * torch.finfo(self.dtype).bits // 8
+        bytes_needed = 3 * calibration.sequences.numel() * hidden * torch.finfo(self.dtype).bits // 8
         storage = storage_device(self.device, bytes_needed)
-        teacher_x, inputs = capture_block_inputs(self.loaded.model, blocks, sequences, batches, self.device, storage)
-        student_x = None  # equal to teacher_x until a layer below is compressed
+        starts, inputs = capture_block_inputs(self.loaded.model, blocks, calibration, batches, self.device, storage)
+        teacher_x = student_x = None
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
         global_step = 0
         train_start = time.time()
 
         for block in blocks[: layers[-1] + 1]:
+            if block.index in starts:
+                # A new stack (the decoder after the encoder) starts from the model's own inputs, the same
+                # for teacher and student; its cross-attention reads the teacher's encoder states.
+                teacher_x, student_x = starts.pop(block.index), None  # student_x: None while equal to teacher_x
             with resident(block.module):  # a streamed teacher block stays on the accelerator for its layer
                 kwargs_for = inputs.kwargs_for(block.index)
                 local_ranks = ranks_by_layer.get(block.index, {})

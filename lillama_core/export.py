@@ -2,7 +2,8 @@
 
 A compressed export is an ordinary transformers folder (safetensors, config.json, tokenizer) whose
 config carries the rank map and an `auto_map` to a shipped `modeling_lillama.py`, so stock
-`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` loads it. A merged export
+`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` loads it
+(`AutoModelForSpeechSeq2Seq` for Whisper). A merged export
 multiplies the factors back into dense weights and needs no custom code at all. Exports are
 written to a hidden staging folder and renamed into place, so a half-written export never exists.
 """
@@ -19,7 +20,7 @@ import torch
 from torch import nn
 
 from . import hf_modeling
-from .models import share_weights_copy
+from .models import is_speech_seq2seq, share_weights_copy
 from .errors import ExportError
 from .lowrank import LowRankLinear, merge_low_rank, set_submodule
 from .quantize import quantize_weights, quantized_modules
@@ -79,10 +80,20 @@ def _check_target(folder: Path, overwrite: bool) -> None:
         raise ExportError(f"cannot write to {parent}: permission denied")
 
 
+def _auto_class(config) -> tuple[str, object]:
+    """(the transformers Auto class name that builds this config, its config -> model class mapping)."""
+    from transformers.models.auto import modeling_auto
+
+    if is_speech_seq2seq(config):
+        return "AutoModelForSpeechSeq2Seq", modeling_auto.MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING
+    return "AutoModelForCausalLM", modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING
+
+
 def export_student(student: nn.Module, tokenizer, folder: str | os.PathLike, merge: bool = False,
-                   overwrite: bool = False, record: dict | None = None, quantize: str | None = None) -> Path:
+                   overwrite: bool = False, record: dict | None = None, quantize: str | None = None,
+                   feature_extractor=None) -> Path:
     """Write the student (compressed, or merged dense; with `quantize` "int8"/"int4", its linear weights
-    stored as integers) with its tokenizer and run record."""
+    stored as integers) with its tokenizer, its audio feature extractor (speech models) and run record."""
     folder = Path(folder).expanduser()
     _check_target(folder, overwrite)
     ranks = {} if merge else rank_map_of(student)
@@ -99,11 +110,12 @@ def export_student(student: nn.Module, tokenizer, folder: str | os.PathLike, mer
             model.config.lillama_rank_map = ranks
             model.config.lillama_quantization = quantized
             model.config.lillama_unfused_experts = unfused
-            model.config.auto_map = {"AutoModelForCausalLM": f"{MODELING_FILE[:-3]}.Lillama{base.__name__}"}
+            model.config.auto_map = {_auto_class(model.config)[0]: f"{MODELING_FILE[:-3]}.Lillama{base.__name__}"}
             (staging / MODELING_FILE).write_text(_modeling_source(base))
         model.save_pretrained(staging)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
+        for preprocessor in (tokenizer, feature_extractor):
+            if preprocessor is not None:
+                preprocessor.save_pretrained(staging)
         meta = {"format_version": FORMAT_VERSION, "merged": merge, "rank_map": ranks, "quantize": quantize,
                 **(record or {})}
         (staging / RECORD_FILE).write_text(json.dumps(meta, indent=2, default=str))
@@ -125,8 +137,7 @@ def export_student(student: nn.Module, tokenizer, folder: str | os.PathLike, mer
 
 def load_compressed(folder: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
     """(student model, tokenizer) from an export folder, compressed or merged, without remote code."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers import AutoConfig, AutoTokenizer
 
     folder = Path(folder).expanduser()
     if not (folder / RECORD_FILE).exists():
@@ -134,15 +145,24 @@ def load_compressed(folder: str | os.PathLike, device: str | torch.device = "cpu
     try:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
         kwargs = {"dtype": dtype} if dtype is not None else {}
-        if (getattr(config, "auto_map", None) or {}).get("AutoModelForCausalLM", "").startswith(MODELING_FILE[:-3]):
-            cls = hf_modeling.lowrank_subclass(MODEL_FOR_CAUSAL_LM_MAPPING[type(config)])
-            model = cls.from_pretrained(folder, config=config, **kwargs)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False, **kwargs)
+        auto_class, mapping = _auto_class(config)
+        cls = mapping[type(config)]
+        if (getattr(config, "auto_map", None) or {}).get(auto_class, "").startswith(MODELING_FILE[:-3]):
+            cls = hf_modeling.lowrank_subclass(cls)
+        model = cls.from_pretrained(folder, config=config, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, KeyError) as exc:
         raise ExportError(f"could not load {folder}: {str(exc).splitlines()[0]}") from None
     return model.to(device).eval(), tokenizer
+
+
+def load_feature_extractor(folder: str | os.PathLike):
+    """The audio feature extractor saved with a speech model's export, or None for text models."""
+    if not (Path(folder) / "preprocessor_config.json").exists():
+        return None
+    from transformers import AutoFeatureExtractor
+
+    return AutoFeatureExtractor.from_pretrained(folder)
 
 
 def read_record(folder: str | os.PathLike) -> dict:

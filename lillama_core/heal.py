@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .calibration import CalibrationData
 from .config import HealConfig
 from .distill import batch_slices, lr_at
 from .errors import RunStopped
@@ -37,7 +38,7 @@ def factor_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for m in model.modules() if isinstance(m, LowRankLinear) for p in (m.A.weight, m.B.weight)]
 
 
-def heal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor, config: HealConfig,
+def heal(student: nn.Module, teacher: nn.Module, calibration: CalibrationData, config: HealConfig,
          on_event: EventSink | None = None, stop: threading.Event | None = None) -> dict:
     """Train the student's low-rank factors on KL to the teacher; returns before/after held-out KL."""
     config.validate()
@@ -47,36 +48,39 @@ def heal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor, config
     factors = factor_parameters(student)
     if not factors:
         return {"heal_steps": 0}
-    held_out = max(1, min(8, sequences.shape[0] // 10))
-    train = sequences[:-held_out][: max(1, config.tokens // sequences.shape[1])]
-    train_batches = batch_slices(0, train.shape[0], config.batch_size)
+    n, seq_len = calibration.sequences.shape
+    held_out = slice(n - max(1, min(8, n // 10)), n)
+    train_rows = min(held_out.start, max(1, config.tokens // seq_len))
+    train_batches = batch_slices(0, train_rows, config.batch_size)
     for p in student.parameters():
         p.requires_grad_(False)
     for p in factors:
         p.requires_grad_(True)
-    checkpointing = hasattr(student, "gradient_checkpointing_enable") and config.gradient_checkpointing
+    # transformers 5.24 renamed gradient_* to activation_checkpointing_*; older 5.x only has the first.
+    prefix = "activation" if hasattr(student, "activation_checkpointing_enable") else "gradient"
+    checkpointing = hasattr(student, f"{prefix}_checkpointing_enable") and config.gradient_checkpointing
     if checkpointing:
-        student.gradient_checkpointing_enable()
+        getattr(student, f"{prefix}_checkpointing_enable")()
 
     @torch.no_grad()
     def held_out_kl() -> float:
         student.eval()
-        ids = sequences[-held_out:].to(device)
-        return kl_to_teacher(student(input_ids=ids).logits, teacher(input_ids=ids).logits).item()
+        inputs = calibration.model_inputs(held_out, device)
+        return kl_to_teacher(student(**inputs).logits, teacher(**inputs).logits).item()
 
     before = held_out_kl()
     initial = [p.detach().clone() for p in factors]
-    emit(Phase("heal", f"end-to-end healing on {train.numel():,} tokens; held-out KL {before:.4f}"))
+    emit(Phase("heal", f"end-to-end healing on {train_rows * seq_len:,} tokens; held-out KL {before:.4f}"))
     optimizer = torch.optim.AdamW(factors, lr=config.lr, weight_decay=0.0)
     memory, throughput = MemoryMonitor(device), Throughput()
     start = time.time()
     student.train()
     try:
         for step, rows in enumerate(train_batches, 1):
-            ids = train[rows].to(device)
+            inputs = calibration.model_inputs(rows, device)
             with torch.no_grad():
-                target = teacher(input_ids=ids, use_cache=False).logits
-            loss = kl_to_teacher(student(input_ids=ids, use_cache=False).logits, target, config.temperature)
+                target = teacher(**inputs, use_cache=False).logits
+            loss = kl_to_teacher(student(**inputs, use_cache=False).logits, target, config.temperature)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step - 1, len(train_batches), config.lr, config.warmup_steps, "cosine")
             optimizer.zero_grad(set_to_none=True)
@@ -88,7 +92,7 @@ def heal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor, config
             elapsed = time.time() - start
             mem = memory.sample()
             emit(Step(HEAL_LAYER, step, len(train_batches), step, len(train_batches), loss.item(), loss.item(),
-                      optimizer.param_groups[0]["lr"], throughput.update(ids.numel()), elapsed,
+                      optimizer.param_groups[0]["lr"], throughput.update((rows.stop - rows.start) * seq_len), elapsed,
                       eta_seconds(elapsed, step, len(train_batches)), mem.used_bytes, mem.total_bytes,
                       mem.peak_allocated_bytes, mem.peak_reserved_bytes, not finite))
             if stop.is_set():
@@ -99,7 +103,7 @@ def heal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor, config
     finally:
         student.eval()
         if checkpointing:
-            student.gradient_checkpointing_disable()
+            getattr(student, f"{prefix}_checkpointing_disable")()
         for p in factors:
             p.requires_grad_(False)
     after = held_out_kl()
@@ -109,7 +113,7 @@ def heal(student: nn.Module, teacher: nn.Module, sequences: torch.Tensor, config
         after = before
     else:
         emit(Phase("heal", f"held-out KL {before:.4f} -> {after:.4f}"))
-    return {"heal_steps": len(train_batches), "heal_tokens": train.numel(), "heal_kl_before": before,
+    return {"heal_steps": len(train_batches), "heal_tokens": train_rows * seq_len, "heal_kl_before": before,
             "heal_kl_after": after, "heal_seconds": time.time() - start}
 
 

@@ -245,7 +245,8 @@ def save_run(run_dir: Path, config: RunConfig, result, keep_student: bool = True
     if keep_student and result.run.applied.ranks:  # a run stopped before its first layer has nothing to keep
         # A resumed run holds more finished layers than the student saved when it stopped: replace it (atomically).
         export_student(result.run.student, result.loaded.tokenizer, run_dir / STUDENT_DIR, overwrite=True,
-                       record={"config": config.to_dict(), "metrics": result.metrics})
+                       record={"config": config.to_dict(), "metrics": result.metrics},
+                       feature_extractor=result.loaded.feature_extractor)
 
 
 def compression_work(config: RunConfig, loaded=None, plan=None, evaluate: bool = True,

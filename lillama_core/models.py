@@ -71,6 +71,7 @@ class LoadedModel:
     source: str  # where the weights came from, for display and run records
     device: torch.device
     dtype: torch.dtype
+    feature_extractor: object | None = None  # audio features of speech models (Whisper); None for text models
 
     def __post_init__(self):
         # Fused MoE experts (3-D tensors) become per-expert nn.Linear modules, checked to give the same
@@ -174,15 +175,22 @@ def load_model(config: ModelConfig | None = None, **overrides) -> LoadedModel:
     kwargs = dict(extra, trust_remote_code=config.trust_remote_code, revision=config.revision)
     try:
         # The config first: it says most clearly what is wrong (unknown architecture, remote code).
-        AutoConfig.from_pretrained(source, **kwargs)
+        model_config = AutoConfig.from_pretrained(source, **kwargs)
     except Exception as exc:  # transformers and the hub raise many types for one user error
         raise ModelLoadError(_explain_load_failure(config.name, exc)) from None
     folder = Path(source)
     if folder.is_dir() and not any(next(folder.glob(pattern), None) for pattern in WEIGHT_FILES):
         raise ModelLoadError(f"folder {folder} has a config.json but no weights ({', '.join(WEIGHT_FILES)})")
+    feature_extractor = None
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        if is_speech_seq2seq(model_config):
+            from transformers import AutoFeatureExtractor, AutoModelForSpeechSeq2Seq
+
+            feature_extractor = AutoFeatureExtractor.from_pretrained(source, **kwargs)
+            model = AutoModelForSpeechSeq2Seq.from_pretrained(source, dtype=dtype, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
     except Exception as exc:  # transformers, hub and safetensors raise many types for one user error
         raise ModelLoadError(_explain_load_failure(config.name, exc)) from None
     blocks = find_blocks(model)
@@ -195,7 +203,14 @@ def load_model(config: ModelConfig | None = None, **overrides) -> LoadedModel:
         model.to(device)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model, tokenizer, config.name, source, device, dtype)
+    return LoadedModel(model, tokenizer, config.name, source, device, dtype, feature_extractor)
+
+
+def is_speech_seq2seq(model_config) -> bool:
+    """Whether transformers builds this config as a speech-to-text encoder-decoder (Whisper and kin)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING
+
+    return type(model_config) in MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING
 
 
 def _explain_load_failure(name: str, exc: BaseException) -> str:
@@ -236,13 +251,27 @@ def find_block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
 
 
 def find_blocks(model: nn.Module) -> list[Block]:
-    """The decoder blocks in the order the model runs them."""
+    """The blocks in the order the model runs them: one stack for a causal LM, the encoder's then the
+    decoder's for an encoder-decoder model, numbered across both."""
     lists = find_block_lists(model)
     if not lists:
         return []
-    # Encoder-decoder models get two lists; causal LMs have one. The longest list is the main stack.
-    name, layers = max(lists, key=lambda item: len(item[1]))
-    return [Block(i, f"{name}.{i}", layer) for i, layer in enumerate(layers)]
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        lists = [max(lists, key=lambda item: len(item[1]))]  # other lists (e.g. a vision tower) stay untouched
+    blocks = []
+    for name, layers in lists:  # named_modules order: the encoder is defined, and runs, first
+        blocks.extend(Block(len(blocks), f"{name}.{i}", layer) for i, layer in enumerate(layers))
+    return blocks
+
+
+def stack_of(block: Block) -> str:
+    """The dotted name of the block list a block belongs to, e.g. "model.decoder.layers"."""
+    return block.name.rpartition(".")[0]
+
+
+def stack_starts(blocks: list[Block]) -> list[Block]:
+    """The first block of every stack: where the hidden states start afresh from the model's own inputs."""
+    return [b for i, b in enumerate(blocks) if i == 0 or stack_of(b) != stack_of(blocks[i - 1])]
 
 
 def find_linears(block: nn.Module) -> dict[str, nn.Linear]:

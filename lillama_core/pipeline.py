@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .calibration import load_calibration, read_eval_text
+from .calibration import CalibrationData, load_calibration, read_eval_text
 from .checkpoints import LayerCheckpoints
 from .config import RunConfig
 from .distributed import SINGLE, Parallel, device_for
@@ -37,6 +37,29 @@ class PipelineResult:
 def evaluate_perplexity(model, tokenizer, config: RunConfig) -> float:
     windows = eval_windows(tokenizer, read_eval_text(config.eval.text), config.eval.tokens, config.eval.seq_len)
     return perplexity(model, windows).perplexity
+
+
+def calibrate(loaded: LoadedModel, config: RunConfig) -> CalibrationData:
+    """Token sequences for a text model; audio clips with the teacher's transcripts for a speech model."""
+    if loaded.feature_extractor is None:
+        return load_calibration(config.calibration, loaded.tokenizer)
+    from .speech import speech_calibration
+
+    return speech_calibration(loaded.model, loaded.tokenizer, loaded.feature_extractor, config.calibration)
+
+
+def evaluate_speech(teacher: LoadedModel, student, config: RunConfig) -> dict:
+    """Speech models have no text to score: the teacher's transcripts of held-out clips are the reference."""
+    from .speech import reference_transcripts, speech_metrics, transcript_prompt
+
+    reference = reference_transcripts(teacher.model, teacher.tokenizer, teacher.feature_extractor, config.calibration)
+    prompt = len(transcript_prompt(teacher.model, teacher.tokenizer))
+    metrics = {}
+    for name, model in (("teacher", teacher.model), ("student", student)):
+        result = speech_metrics(model, reference, teacher.tokenizer, prompt, config.calibration.batch_size)
+        metrics.update({f"{name}_ppl": result["perplexity"], f"{name}_wer": result["wer"]})
+    metrics["eval_clips"] = reference.sequences.shape[0]
+    return metrics
 
 
 def stop_point(stop: threading.Event, stage: str) -> None:
@@ -72,7 +95,7 @@ def _run_pipeline(config: RunConfig, loaded: LoadedModel | None, plan: RankPlan 
         loaded = load_model(dataclasses.replace(config.model, device=device_for(parallel, config.model.device)))
     stop_point(stop, "loading the model")
     emit(Phase("calibration", f"tokenising {config.calibration.tokens} tokens from {config.calibration.source}"))
-    calibration = load_calibration(config.calibration, loaded.tokenizer)
+    calibration = calibrate(loaded, config)
     stop_point(stop, "reading the calibration data")
     if plan is None:
         emit(Phase("plan", f"{config.plan.strategy} plan"))
@@ -94,7 +117,7 @@ def _run_pipeline(config: RunConfig, loaded: LoadedModel | None, plan: RankPlan 
         from .heal import heal
 
         try:
-            heal_metrics = heal(run.student, loaded.model, calibration.sequences, config.heal, emit, stop)
+            heal_metrics = heal(run.student, loaded.model, calibration, config.heal, emit, stop)
         except RunStopped:
             run.status = "stopped"  # the distilled layers stand; only the healing was cut short
     applied = summarize(run.applied, ModelShape.of(loaded.model))
@@ -115,9 +138,12 @@ def _run_pipeline(config: RunConfig, loaded: LoadedModel | None, plan: RankPlan 
     }
     if evaluate and not stop.is_set() and parallel.is_main:  # after a stop the partial student is evaluated later
         emit(Phase("evaluate", "perplexity of teacher and student"))
-        if teacher_ppl is None:
-            teacher_ppl = evaluate_perplexity(loaded.model, loaded.tokenizer, config)
-        metrics["teacher_ppl"] = teacher_ppl
-        metrics["student_ppl"] = evaluate_perplexity(run.student, loaded.tokenizer, config)
+        if loaded.feature_extractor is not None:
+            metrics.update(evaluate_speech(loaded, run.student, config))
+        else:
+            if teacher_ppl is None:
+                teacher_ppl = evaluate_perplexity(loaded.model, loaded.tokenizer, config)
+            metrics["teacher_ppl"] = teacher_ppl
+            metrics["student_ppl"] = evaluate_perplexity(run.student, loaded.tokenizer, config)
     metrics["seconds"] = time.time() - start
     return PipelineResult(run, loaded, plan, metrics)

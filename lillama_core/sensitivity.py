@@ -17,14 +17,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .activations import InputCovariances, Passthrough, capture_block_inputs, run_block_over
+from .activations import InputCovariances, Passthrough, block_slot, capture_block_inputs, run_block_over
 from .offload import resident
 from .calibration import CalibrationData
 from .distill import batch_slices
 from .errors import RunStopped
 from .events import EventSink, Phase
 from .lowrank import WhitenedSVD, low_rank_from_factors, set_submodule
-from .models import LoadedModel, find_blocks, share_weights_copy
+from .models import Block, LoadedModel, find_blocks, share_weights_copy
 from .ranks import ModelShape, ModuleShape
 
 KEEP_LEVELS = (0.6, 0.4, 0.2)
@@ -45,8 +45,8 @@ def compressed_block(block: nn.Module, modules: list[ModuleShape], keep: float,
 
 
 @torch.no_grad()
-def _log_probs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    return F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), dim=-1)
+def _log_probs(model: nn.Module, inputs: dict) -> torch.Tensor:
+    return F.log_softmax(model(**inputs, use_cache=False).logits.float(), dim=-1)
 
 
 @torch.no_grad()
@@ -59,18 +59,21 @@ def measure_sensitivity(loaded: LoadedModel, calibration: CalibrationData, group
     model, device = loaded.model, loaded.device
     shape = ModelShape.of(model)
     blocks = find_blocks(model)
-    sequences = calibration.sequences
-    probe = min(PROBE_SEQUENCES, sequences.shape[0])
-    batches = [slice(0, probe)] + batch_slices(probe, sequences.shape[0], batch_size)
-    hidden, inputs = capture_block_inputs(model, blocks, sequences, batches, device, device)
-    probe_ids = sequences[:probe].to(device)
-    reference = _log_probs(model, probe_ids)
+    probe = min(PROBE_SEQUENCES, calibration.sequences.shape[0])
+    batches = [slice(0, probe)] + batch_slices(probe, calibration.sequences.shape[0], batch_size)
+    starts, inputs = capture_block_inputs(model, blocks, calibration, batches, device, device)
+    probe_inputs = calibration.model_inputs(slice(0, probe), device)
+    reference = _log_probs(model, probe_inputs)
     replay = share_weights_copy(model)
-    parent = replay.get_submodule(blocks[0].name.rpartition(".")[0])
     result: dict[int, dict[float, float]] = {}
     for block in blocks:
         if stop is not None and stop.is_set():
             raise RunStopped("stopped by request while measuring layer sensitivity; nothing was compressed")
+        first_of_stack = block.index in starts
+        if first_of_stack:
+            hidden = starts.pop(block.index)
+            for below in blocks[:block.index]:  # an earlier stack (the encoder) runs in full for this one
+                _put(replay, below, below.module)
         with resident(block.module):  # a streamed block stays on the accelerator for its probes
             modules = [m for m in shape.modules if m.layer == block.index and m.group in groups]
             probe_input = hidden[:probe].clone()
@@ -81,18 +84,24 @@ def measure_sensitivity(loaded: LoadedModel, calibration: CalibrationData, group
                 covs.close()
             if not modules:
                 continue
-            if block.index > 0:  # blocks below replay the recorded input instead of recomputing it
-                parent[block.index - 1] = Passthrough(blocks[block.index - 1].module, probe_input)
+            if not first_of_stack:  # blocks below replay the recorded input instead of recomputing it
+                below = blocks[block.index - 1]
+                _put(replay, below, Passthrough(below.module, probe_input))
             result[block.index] = {}
             covariances = covs.means()
             weights = {m.local_name: block.module.get_submodule(m.local_name).weight.detach().float() for m in modules}
             decompositions = {name: WhitenedSVD(weight, covariances[name]) for name, weight in weights.items()}
             for keep in keeps:
-                parent[block.index] = compressed_block(block.module, modules, keep, decompositions)
-                kl = F.kl_div(_log_probs(replay, probe_ids), reference, log_target=True, reduction="none").sum(-1)
+                _put(replay, block, compressed_block(block.module, modules, keep, decompositions))
+                kl = F.kl_div(_log_probs(replay, probe_inputs), reference, log_target=True, reduction="none").sum(-1)
                 result[block.index][keep] = kl.mean().item()
-            parent[block.index] = Passthrough(block.module)
+            _put(replay, block, Passthrough(block.module))
             if on_event:
                 on_event(Phase("sensitivity", f"layer {block.index + 1}/{len(blocks)}: KL at keep "
                                               + ", ".join(f"{k:.0%}={v:.3f}" for k, v in result[block.index].items())))
     return result
+
+
+def _put(model: nn.Module, block: Block, module: nn.Module) -> None:
+    parent, position = block_slot(model, block)
+    parent[position] = module

@@ -50,3 +50,21 @@ def tiny_llama(layers: int = 2, hidden: int = 64, seed: int = 0, **overrides) ->
 
 def tiny_sequences(n: int = 12, seq_len: int = 32, vocab: int = 300, seed: int = 0) -> torch.Tensor:
     return torch.randint(2, vocab, (n, seq_len), generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_whisper(layers: int = 2, hidden: int = 64, seed: int = 0) -> LoadedModel:
+    """A random Whisper (encoder and decoder, `layers` blocks each) over 1-second clips of 16 mel bins; weights
+    large enough (init_std) that its greedy transcripts differ from clip to clip."""
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer()
+    config = WhisperConfig(vocab_size=len(tokenizer), d_model=hidden, encoder_layers=layers, decoder_layers=layers,
+                           encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=2 * hidden,
+                           decoder_ffn_dim=2 * hidden, num_mel_bins=16, max_source_positions=50,
+                           max_target_positions=64, pad_token_id=tokenizer.pad_token_id,
+                           eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
+                           decoder_start_token_id=tokenizer.eos_token_id, init_std=0.3)
+    model = WhisperForConditionalGeneration(config).eval()
+    features = WhisperFeatureExtractor(feature_size=16, chunk_length=1)
+    return LoadedModel(model, tokenizer, "tiny-whisper", "random", torch.device("cpu"), torch.float32, features)

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from lillama_core.calibration import (CalibrationData, build_sequences, iter_texts, load_calibration, preview,
                                       raw_records, read_eval_text)
@@ -148,12 +149,18 @@ def test_huge_files_are_read_only_as_far_as_the_budget_needs(tmp_path, tokenizer
     assert sum(chunks) < path.stat().st_size / 10
 
 
-def test_preview_and_split(tokenizer):
+def test_preview_selection_and_model_inputs(tokenizer):
     shown = preview(CalibrationConfig(), tokenizer, count=2, chars=50)
     assert len(shown) == 2 and all(len(s) <= 50 for s in shown)
     data = CalibrationData(build_sequences([SAMPLE_TEXT] * 4, tokenizer, 64, 16, 0).sequences, "x", 0)
-    train, held = data.split(1)
-    assert train.shape[0] == 3 and held.shape[0] == 1
+    assert data.first_tokens(40).sequences.shape == (2, 16) and data.first_tokens(1).sequences.shape[0] == 2
+    assert torch.equal(data.select(torch.tensor([3, 1])).sequences, data.sequences[[3, 1]])
+    assert data.model_inputs(slice(1, 3), torch.device("cpu")).keys() == {"input_ids"}
+    # Speech models get their audio features with the decoder's token ids, row for row.
+    speech = CalibrationData(data.sequences, "clips", 0, features=torch.arange(4.0).view(4, 1, 1).expand(4, 2, 3))
+    inputs = speech.select(slice(2, 4)).model_inputs(slice(0, 2), torch.device("cpu"))
+    assert torch.equal(inputs["decoder_input_ids"], data.sequences[2:4])
+    assert inputs["input_features"][:, 0, 0].tolist() == [2.0, 3.0]
 
 
 def test_eval_text_is_wikitext_test():

@@ -119,10 +119,10 @@ def test_shared_input_covariances_are_computed_once_and_never_mixed_up(tiny):
     hooks = [block.get_submodule(n).register_forward_hook(keep_input(n)) for n in names]
     from lillama_core.activations import capture_block_inputs
     from lillama_core.models import find_blocks
-    seqs = tiny_sequences(2, 16)
-    hidden, recorded = capture_block_inputs(tiny.model, find_blocks(tiny.model), seqs, [slice(0, 2)],
+    data = CalibrationData(tiny_sequences(2, 16), "random", 0)
+    starts, recorded = capture_block_inputs(tiny.model, find_blocks(tiny.model), data, [slice(0, 2)],
                                             torch.device("cpu"), torch.device("cpu"))
-    block(hidden, **recorded.kwargs_for(0)(2))
+    block(starts[0], **recorded.kwargs_for(0)(slice(0, 2)))
     for h in hooks:
         h.remove()
     covs.close()
@@ -156,8 +156,9 @@ def test_models_with_different_layer_kwargs_still_match_the_full_forward():
     seqs = tiny_sequences(4, 16)
     blocks = find_blocks(loaded.model)
     batches = [slice(0, 3), slice(3, 4)]
-    hidden, recorded = capture_block_inputs(loaded.model, blocks, seqs, batches, torch.device("cpu"),
-                                            torch.device("cpu"))
+    starts, recorded = capture_block_inputs(loaded.model, blocks, CalibrationData(seqs, "random", 0), batches,
+                                            torch.device("cpu"), torch.device("cpu"))
+    hidden = starts[0]
     for block in blocks:
         run_block_over(block.module, hidden, hidden, recorded.kwargs_for(block.index), batches, torch.device("cpu"))
     with torch.no_grad():

@@ -11,6 +11,10 @@ from lillama_core.heal import HEAL_LAYER, heal, kl_to_teacher
 from tiny import tiny_sequences
 
 
+def _data(seed: int = 0) -> CalibrationData:
+    return CalibrationData(tiny_sequences(40, 32, seed=seed), "random", 0)
+
+
 @pytest.fixture
 def student(tiny):
     plan = make_plan(tiny, PlanConfig(strategy="uniform", rank=6, reduction=None))
@@ -27,7 +31,7 @@ def test_kl_is_zero_for_identical_logits_and_positive_otherwise():
 def test_healing_lowers_the_held_out_kl_and_touches_only_the_factors(tiny, student):
     frozen = {n: p.detach().clone() for n, p in student.named_parameters() if not n.endswith(("A.weight", "B.weight"))}
     events = []
-    metrics = heal(student, tiny.model, tiny_sequences(40, 32, seed=1), HealConfig(tokens=1024, lr=3e-3),
+    metrics = heal(student, tiny.model, _data(seed=1), HealConfig(tokens=1024, lr=3e-3),
                    on_event=events.append)
     assert metrics["heal_kl_after"] < 0.9 * metrics["heal_kl_before"]
     assert any(e.kind == "step" and e.layer == HEAL_LAYER for e in events)
@@ -42,7 +46,7 @@ def test_stop_keeps_the_distilled_factors(tiny, student):
     stop = threading.Event()
     stop.set()
     with pytest.raises(RunStopped):
-        heal(student, tiny.model, tiny_sequences(40, 32), HealConfig(tokens=512), stop=stop)
+        heal(student, tiny.model, _data(), HealConfig(tokens=512), stop=stop)
     for name, p in student.named_parameters():
         assert torch.equal(p, before[name])
 
@@ -59,7 +63,7 @@ def test_non_finite_losses_are_skipped_and_reported_and_leave_the_factors(tiny, 
     monkeypatch.setattr(healing, "kl_to_teacher", nan_while_training)
     before = {n: p.detach().clone() for n, p in student.named_parameters()}
     events = []
-    metrics = heal(student, tiny.model, tiny_sequences(40, 32, seed=1), HealConfig(tokens=512, lr=3e-3),
+    metrics = heal(student, tiny.model, _data(seed=1), HealConfig(tokens=512, lr=3e-3),
                    on_event=events.append)
     steps = [e for e in events if e.kind == "step"]
     assert steps and all(e.skipped for e in steps)

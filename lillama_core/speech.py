@@ -1,0 +1,202 @@
+"""Speech-to-text models (Whisper): audio calibration clips and the metrics that stand in for perplexity.
+
+A speech model's calibration sequence is an audio clip's features plus decoder tokens. The tokens are
+the teacher's own greedy transcript of the clip, so every block sees the activations it sees at
+inference. Clips come from `.wav` files (a file or a folder) or, offline and by default, from a
+seeded synthesiser of speech-like sounds: voiced harmonics with gliding pitch, formant-like
+resonances, syllable envelopes, fricative noise and pauses. Synthetic clips carry no words, so
+quality is measured against the teacher: the student's perplexity of the teacher's transcripts of
+held-out clips, and the word error rate of the student's transcript taking the teacher's as reference.
+"""
+
+from __future__ import annotations
+
+import math
+import wave
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .calibration import CalibrationData
+from .config import CalibrationConfig
+from .errors import CalibrationError
+
+SAMPLING_RATE = 16_000
+CLIP_SECONDS = (2.0, 6.0)
+EVAL_CLIPS = 8
+EVAL_SEED_OFFSET = 10_000  # held-out clips never share a seed with calibration clips
+
+
+def synthetic_clip(seconds: float, rng: np.random.Generator, sampling_rate: int = SAMPLING_RATE) -> np.ndarray:
+    """A speech-like clip: syllables of voiced harmonics (gliding pitch, two resonances) or noise, with pauses."""
+    samples = int(seconds * sampling_rate)
+    clip = np.zeros(samples, dtype=np.float64)
+    position = int(rng.uniform(0.05, 0.3) * sampling_rate)
+    pitch = rng.uniform(90, 260)  # a speaker's base pitch, Hz
+    while position < samples:
+        length = min(int(rng.uniform(0.08, 0.35) * sampling_rate), samples - position)
+        t = np.arange(length) / sampling_rate
+        envelope = np.sin(np.pi * np.arange(length) / max(length - 1, 1)) ** 2
+        if rng.random() < 0.75:  # voiced: harmonics of a gliding pitch, weighted by two formant peaks
+            glide = pitch * (1 + rng.uniform(-0.15, 0.15) * t / max(t[-1], 1e-3))
+            phase = 2 * np.pi * np.cumsum(glide) / sampling_rate
+            formants = rng.uniform(300, 900), rng.uniform(900, 2500)
+            syllable = np.zeros(length)
+            for harmonic in range(1, 30):
+                frequency = harmonic * pitch
+                if frequency > sampling_rate / 2 - 500:
+                    break
+                weight = sum(math.exp(-((frequency - f) / 150) ** 2) for f in formants) + 0.05 / harmonic
+                syllable += weight * np.sin(harmonic * phase)
+        else:  # unvoiced: high-passed noise, like a fricative
+            noise = rng.standard_normal(length)
+            syllable = np.diff(noise, prepend=0.0)
+        syllable *= envelope / (np.abs(syllable).max() + 1e-9)
+        clip[position: position + length] += syllable * rng.uniform(0.2, 0.8)
+        position += length + int(rng.uniform(0.0, 0.25) * sampling_rate)
+    clip += 0.003 * rng.standard_normal(samples)  # room noise
+    return clip.astype(np.float32)
+
+
+def synthetic_clips(count: int, seed: int, seconds: tuple[float, float] = CLIP_SECONDS) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return [synthetic_clip(rng.uniform(*seconds), rng) for _ in range(count)]
+
+
+def read_wav(path: Path, sampling_rate: int = SAMPLING_RATE) -> np.ndarray:
+    """A PCM .wav file as mono float32 at `sampling_rate` (linear resampling)."""
+    try:
+        with wave.open(str(path), "rb") as f:
+            width, channels, rate = f.getsampwidth(), f.getnchannels(), f.getframerate()
+            raw = f.readframes(f.getnframes())
+    except (wave.Error, EOFError) as exc:
+        raise CalibrationError(f"{path}: not a PCM .wav file ({exc})") from None
+    if width not in (1, 2, 4):
+        raise CalibrationError(f"{path}: {8 * width}-bit samples are not supported; use 8, 16 or 32-bit PCM")
+    dtype = {1: np.uint8, 2: np.int16, 4: np.int32}[width]
+    audio = np.frombuffer(raw, dtype=dtype).astype(np.float64)
+    audio = (audio - 128) / 128 if width == 1 else audio / float(np.iinfo(dtype).max)
+    audio = audio.reshape(-1, channels).mean(axis=1)
+    if rate != sampling_rate and audio.size:
+        positions = np.arange(0, audio.size * sampling_rate / rate) * rate / sampling_rate
+        audio = np.interp(positions, np.arange(audio.size), audio)
+    return audio.astype(np.float32)
+
+
+def audio_clips(source: str, count: int, seed: int) -> list[np.ndarray]:
+    """`count` clips: synthetic ones for "default"/"synthetic", else from a .wav file or a folder of them
+    (sorted, cycled if there are fewer files than clips wanted, skipped if silent)."""
+    if source in ("default", "synthetic"):
+        return synthetic_clips(count, seed)
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise CalibrationError(f"audio calibration not found: {path} (give a .wav file, a folder of them, "
+                               "or 'synthetic')")
+    if path.is_file() and path.suffix.lower() != ".wav":
+        raise CalibrationError(f"{path}: speech models calibrate on .wav audio, not {path.suffix or 'this file'}")
+    files = sorted(path.glob("*.wav")) if path.is_dir() else [path]
+    clips = [clip for clip in (read_wav(f) for f in files) if clip.size and np.abs(clip).max() > 0]
+    if not clips:
+        raise CalibrationError(f"{path}: no audio found (no non-silent .wav files)")
+    return [clips[i % len(clips)] for i in range(count)]
+
+
+def transcript_prompt(model: nn.Module, tokenizer) -> list[int]:
+    """The tokens a transcript starts with: the tokenizer's task prefix (Whisper's start-of-transcript,
+    language and task tokens) when it has one, else the model's decoder start token."""
+    prefix = list(getattr(tokenizer, "prefix_tokens", None) or [])
+    return prefix or [model.config.decoder_start_token_id]
+
+
+@torch.no_grad()
+def greedy_transcripts(model: nn.Module, features: torch.Tensor, prompt: list[int], length: int,
+                       end_token: int | None = None, batch_size: int = 16) -> torch.Tensor:
+    """[n, length] token ids: the prompt, then greedy tokens. The end token is never chosen, so every
+    transcript fills its length the way the model would go on (fixed-length calibration sequences)."""
+    device = next(model.parameters()).device
+    rows = []
+    for i in range(0, features.shape[0], batch_size):
+        batch = features[i: i + batch_size].to(device, next(model.parameters()).dtype)
+        encoded = model.get_encoder()(batch)
+        ids = torch.tensor([prompt] * batch.shape[0], device=device)
+        while ids.shape[1] < length:
+            logits = model(encoder_outputs=encoded, decoder_input_ids=ids, use_cache=False).logits[:, -1].float()
+            if end_token is not None:
+                logits[:, end_token] = -math.inf
+            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+        rows.append(ids[:, :length].cpu())
+    return torch.cat(rows)
+
+
+def clip_features(feature_extractor, clips: list[np.ndarray]) -> torch.Tensor:
+    """[n, mel bins, frames] log-mel features, padded or cut to the extractor's fixed window."""
+    rate = getattr(feature_extractor, "sampling_rate", SAMPLING_RATE)
+    return feature_extractor(clips, sampling_rate=rate, return_tensors="pt")["input_features"]
+
+
+def speech_calibration(model: nn.Module, tokenizer, feature_extractor, config: CalibrationConfig,
+                       clips: list[np.ndarray] | None = None) -> CalibrationData:
+    """Calibration for a speech model: ceil(tokens / seq_len) clips, each with the teacher's transcript."""
+    config.validate()
+    count = -(-config.tokens // config.seq_len)
+    clips = clips if clips is not None else audio_clips(config.source, count, config.seed)
+    prompt = transcript_prompt(model, tokenizer)
+    limit = getattr(model.config, "max_target_positions", config.seq_len)
+    if not len(prompt) < config.seq_len <= limit:
+        raise CalibrationError(f"speech calibration seq_len must be between {len(prompt) + 1} and {limit} "
+                               f"decoder tokens, not {config.seq_len}")
+    features = clip_features(feature_extractor, clips)
+    ids = greedy_transcripts(model, features, prompt, config.seq_len, tokenizer.eos_token_id, config.batch_size)
+    return CalibrationData(ids, f"{config.source} audio ({len(clips)} clips)", ids.numel(), features)
+
+
+def word_error_rate(reference: list[str], hypothesis: list[str]) -> float:
+    """Word-level edit distance over the reference length (1.0 per word for an empty reference)."""
+    previous = list(range(len(hypothesis) + 1))
+    for i, ref in enumerate(reference, 1):
+        current = [i]
+        for j, hyp in enumerate(hypothesis, 1):
+            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref != hyp)))
+        previous = current
+    return previous[-1] / max(len(reference), 1)
+
+
+def _words(tokenizer, ids: torch.Tensor, skip: int) -> list[str]:
+    """The transcript's words, or its token ids as words when it decodes to no text (e.g. a random model)."""
+    text = tokenizer.decode(ids[skip:].tolist(), skip_special_tokens=True).split()
+    return text or [str(t) for t in ids[skip:].tolist()]
+
+
+@torch.no_grad()
+def speech_metrics(model: nn.Module, reference: CalibrationData, tokenizer, prompt_length: int,
+                   batch_size: int = 8) -> dict:
+    """Against reference transcripts (the teacher's, of held-out clips): the model's perplexity of them,
+    teacher-forced, and the word error rate of its own greedy transcripts."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, reference.sequences.shape[0], batch_size):
+        rows = slice(i, i + batch_size)
+        inputs = reference.model_inputs(rows, device)
+        inputs["input_features"] = inputs["input_features"].to(next(model.parameters()).dtype)
+        logits = model(**inputs, use_cache=False).logits[:, prompt_length - 1: -1].float()
+        targets = inputs["decoder_input_ids"][:, prompt_length:]
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
+        count += targets.numel()
+    own = greedy_transcripts(model, reference.features, reference.sequences[0, :prompt_length].tolist(),
+                             reference.sequences.shape[1], tokenizer.eos_token_id, batch_size)
+    errors = [word_error_rate(_words(tokenizer, ref, prompt_length), _words(tokenizer, hyp, prompt_length))
+              for ref, hyp in zip(reference.sequences, own)]
+    nll = total / max(count, 1)
+    return {"perplexity": math.exp(min(nll, 700)), "nll": nll, "wer": sum(errors) / len(errors),
+            "clips": len(errors), "tokens_scored": count}
+
+
+def reference_transcripts(teacher: nn.Module, tokenizer, feature_extractor, config: CalibrationConfig,
+                          clips: int = EVAL_CLIPS) -> CalibrationData:
+    """Held-out clips (synthetic, with a seed calibration never uses) and the teacher's transcripts."""
+    held_out = CalibrationConfig(source="synthetic", tokens=clips * config.seq_len, seq_len=config.seq_len,
+                                 batch_size=config.batch_size, seed=config.seed + EVAL_SEED_OFFSET)
+    return speech_calibration(teacher, tokenizer, feature_extractor, held_out)

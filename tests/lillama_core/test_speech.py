@@ -1,0 +1,181 @@
+"""Speech-to-text (Whisper): encoder and decoder stacks, audio calibration, transcript metrics, export."""
+
+import json
+import wave
+
+import numpy as np
+import pytest
+import torch
+import transformers as T
+
+from lillama_core.activations import capture_block_inputs, run_block_over
+from lillama_core.calibration import CalibrationData
+from lillama_core.cli import main
+from lillama_core.config import CalibrationConfig, DistillConfig, PlanConfig
+from lillama_core.engine import Compressor, make_plan
+from lillama_core.errors import CalibrationError
+from lillama_core.export import export_student, load_compressed, load_feature_extractor
+from lillama_core.lowrank import LowRankLinear
+from lillama_core.models import find_blocks, stack_starts
+from lillama_core.speech import (audio_clips, read_wav, reference_transcripts, speech_calibration, speech_metrics,
+                                 synthetic_clips, word_error_rate)
+from tiny import tiny_whisper
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def whisper():
+    return tiny_whisper()
+
+
+@pytest.fixture(scope="module")
+def calibration(whisper):
+    config = CalibrationConfig(source="synthetic", tokens=48 * 16, seq_len=16, batch_size=4)
+    return speech_calibration(whisper.model, whisper.tokenizer, whisper.feature_extractor, config)
+
+
+def test_encoder_and_decoder_blocks_run_in_order_as_two_stacks(whisper):
+    blocks = find_blocks(whisper.model)
+    assert [b.name for b in blocks] == ["model.encoder.layers.0", "model.encoder.layers.1",
+                                        "model.decoder.layers.0", "model.decoder.layers.1"]
+    assert [b.index for b in stack_starts(blocks)] == [0, 2]
+
+
+def test_block_by_block_replay_reproduces_encoder_and_decoder(whisper, calibration):
+    """The decoder's blocks get masks positionally and cross-attention states that differ per batch:
+    replaying them from the recorded arguments must give the model's own outputs."""
+    model, blocks = whisper.model, find_blocks(whisper.model)
+    data = calibration.select(slice(0, 4))
+    batches = [slice(0, 2), slice(2, 4)]  # equal sizes: per-size arguments alone would mix the batches up
+    starts, recorded = capture_block_inputs(model, blocks, data, batches, CPU, CPU)
+    assert set(starts) == {0, 2}
+    outputs = {}
+    for start, stack in ((0, blocks[:2]), (2, blocks[2:])):
+        hidden = starts[start]
+        for block in stack:
+            run_block_over(block.module, hidden, hidden, recorded.kwargs_for(block.index), batches, CPU)
+        outputs[start] = hidden
+    with torch.no_grad():
+        reference = model.model(**data.model_inputs(slice(0, 4), CPU), use_cache=False)
+    torch.testing.assert_close(model.model.encoder.layer_norm(outputs[0]), reference.encoder_last_hidden_state,
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model.model.decoder.layer_norm(outputs[2]), reference.last_hidden_state,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_calibration_pairs_each_clip_with_the_teachers_transcript(whisper, calibration):
+    assert calibration.features.shape == (48, 16, 100) and calibration.sequences.shape == (48, 16)
+    assert (calibration.sequences[:, 0] == whisper.model.config.decoder_start_token_id).all()
+    assert len({tuple(row) for row in calibration.sequences.tolist()}) > 24  # transcripts follow the audio
+    with torch.no_grad():  # each token is the teacher's greedy choice given the clip and the tokens before
+        logits = whisper.model(**calibration.model_inputs(slice(0, 4), CPU)).logits
+    assert torch.equal(logits[:, :-1].argmax(-1), calibration.sequences[:4, 1:])
+    with pytest.raises(CalibrationError, match="seq_len"):
+        speech_calibration(whisper.model, whisper.tokenizer, whisper.feature_extractor,
+                           CalibrationConfig(source="synthetic", tokens=200, seq_len=100))
+
+
+def test_compress_evaluate_export_reload(whisper, calibration, tmp_path):
+    plan = make_plan(whisper, PlanConfig(strategy="uniform", rank=8, reduction=None))
+    assert any(".encoder." in n for n in plan.ranks) and any(".encoder_attn." in n for n in plan.ranks)
+    run = Compressor(whisper, calibration, plan, DistillConfig(lr=3e-3), batch_size=4).run()
+    assert run.status == "completed" and [e.layer for e in run.layers] == [0, 1, 2, 3]
+    assert all(e.best_loss < e.init_loss for e in run.layers)
+    student = run.student
+    assert sum(isinstance(m, LowRankLinear) for m in student.modules()) == len(plan.ranks)
+
+    reference = reference_transcripts(whisper.model, whisper.tokenizer, whisper.feature_extractor,
+                                      CalibrationConfig(seq_len=16, batch_size=4))
+    teacher_metrics = speech_metrics(whisper.model, reference, whisper.tokenizer, 1)
+    student_metrics = speech_metrics(student, reference, whisper.tokenizer, 1)
+    # The teacher agrees with its own transcripts; a student that decodes differently does not.
+    assert teacher_metrics["wer"] == 0 and student_metrics["wer"] > 0
+    assert student_metrics["perplexity"] > teacher_metrics["perplexity"]
+    crushed = Compressor(whisper, calibration, make_plan(whisper, PlanConfig(strategy="uniform", rank=1,
+                                                                                reduction=None)),
+                         DistillConfig(distill=False), batch_size=4).run().student
+    assert speech_metrics(crushed, reference, whisper.tokenizer, 1)["perplexity"] > student_metrics["perplexity"]
+
+    inputs = calibration.model_inputs(slice(0, 2), CPU)
+    with torch.no_grad():
+        expected = student(**inputs).logits
+    folder = export_student(student, whisper.tokenizer, tmp_path / "compressed",
+                            feature_extractor=whisper.feature_extractor)
+    assert load_feature_extractor(folder).to_dict() == whisper.feature_extractor.to_dict()
+    reloaded, _ = load_compressed(folder)
+    remote = T.AutoModelForSpeechSeq2Seq.from_pretrained(folder, trust_remote_code=True)
+    merged = T.AutoModelForSpeechSeq2Seq.from_pretrained(export_student(student, whisper.tokenizer,
+                                                                        tmp_path / "dense", merge=True))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, expected)
+        torch.testing.assert_close(remote(**inputs).logits, expected)
+        torch.testing.assert_close(merged(**inputs).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_synthetic_clips_are_seeded_speech_like_audio():
+    first, again, other = synthetic_clips(3, seed=1), synthetic_clips(3, seed=1), synthetic_clips(3, seed=2)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not np.array_equal(first[0][:16000], other[0][:16000])
+    for clip in first:
+        assert clip.dtype == np.float32 and 2 * 16000 <= clip.size <= 6 * 16000
+        assert 0.05 < np.abs(clip).max() <= 1.0
+        frames = np.abs(clip[: clip.size // 800 * 800]).reshape(-1, 800).max(axis=1)
+        assert (frames < 0.02).any() and (frames > 0.1).any()  # pauses between syllables
+
+
+def _write_wav(path, samples: np.ndarray, rate: int, channels: int = 1):
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(channels)
+        f.setsampwidth(2)
+        f.setframerate(rate)
+        f.writeframes((np.repeat(samples, channels) * 32767).astype("<i2").tobytes())
+
+
+def test_wav_files_are_read_as_16khz_mono(tmp_path):
+    tone = 0.5 * np.sin(2 * np.pi * 440 * np.arange(8000) / 8000)  # one second at 8 kHz, stereo
+    _write_wav(tmp_path / "b.wav", tone, 8000, channels=2)
+    audio = read_wav(tmp_path / "b.wav")
+    assert audio.size == 16000 and abs(np.abs(audio).max() - 0.5) < 0.01
+    _write_wav(tmp_path / "a.wav", np.zeros(100), 16000)  # silent files are skipped
+    clips = audio_clips(str(tmp_path), 3, seed=0)
+    assert len(clips) == 3 and all(np.array_equal(c, audio) for c in clips)
+
+
+def test_bad_audio_sources_give_clear_errors(tmp_path):
+    with pytest.raises(CalibrationError, match="not found"):
+        audio_clips(str(tmp_path / "missing"), 2, 0)
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(CalibrationError, match=".wav audio"):
+        audio_clips(str(tmp_path / "notes.txt"), 2, 0)
+    with pytest.raises(CalibrationError, match="no audio"):
+        audio_clips(str(tmp_path), 2, 0)
+    (tmp_path / "broken.wav").write_bytes(b"RIFF0000WAVEjunk")
+    with pytest.raises(CalibrationError, match="not a PCM .wav"):
+        read_wav(tmp_path / "broken.wav")
+
+
+def test_word_error_rate():
+    assert word_error_rate("a b c".split(), "a b c".split()) == 0
+    assert word_error_rate("a b c d".split(), "a x c".split()) == 0.5  # one substitution, one deletion
+    assert word_error_rate([], ["a"]) == 1
+
+
+def test_cli_compresses_a_whisper_folder_and_reports_word_error_rate(whisper, tmp_path, capsys):
+    folder = tmp_path / "tiny-whisper"
+    for part in (whisper.model, whisper.tokenizer, whisper.feature_extractor):
+        part.save_pretrained(folder)
+    out = tmp_path / "student"
+    assert main(["compress", "--model", str(folder), "--device", "cpu", "--calibration", "synthetic",
+                 "--tokens", "256", "--seq-len", "16", "--batch-size", "4", "--reduction", "0.1",
+                 "--runs-dir", str(tmp_path / "runs"), "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["reduction"] >= 0.1 and summary["student_wer"] >= 0
+    assert summary["student_ppl"] > 0 and summary["teacher_ppl"] > 0
+    assert (out / "preprocessor_config.json").exists()
+    model, _ = load_compressed(out)
+    assert any(isinstance(m, LowRankLinear) for m in model.modules())
+    assert main(["export", str(out), "--out", str(tmp_path / "merged"), "--merge"]) == 0
+    assert isinstance(T.AutoModelForSpeechSeq2Seq.from_pretrained(tmp_path / "merged"),
+                      T.WhisperForConditionalGeneration)
+    assert load_feature_extractor(tmp_path / "merged") is not None
