@@ -189,7 +189,8 @@ def layer_table(events: list[Event]) -> pd.DataFrame:
                 "params kept": f"{e.params_after / e.params_before:.0%}",
                 "init loss": f"{e.init_loss:.4f}", "best loss": f"{e.best_loss:.4f}",
                 "loss T-in": f"{e.final_loss_teacher_input:.4f}", "loss S-in": f"{e.final_loss_student_input:.4f}",
-                "time": duration(e.seconds), "state": "done" + (f" ({e.skipped_steps} skipped)" if e.skipped_steps else ""),
+                "time": duration(e.seconds),
+                "state": "done" + (f" ({e.skipped_steps} skipped)" if e.skipped_steps else ""),
             })
         elif isinstance(e, RunFinished):
             for row in rows.values():

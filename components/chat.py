@@ -67,6 +67,9 @@ def build(studio: Studio) -> dict:
             loaded = studio.ensure_loaded()
         except Exception as exc:
             raise gr.Error(friendly(exc)) from None
+        if loaded.feature_extractor is not None:
+            raise gr.Error("this is a speech model: it transcribes audio rather than chats. Compare the teacher's and "
+                           "the student's transcripts in step 5 (perplexity and word error rate on held-out clips)")
         student = studio.current_student()
         sampling = SamplingConfig(int(max_new_v), float(temp_v), float(top_p_v), int(top_k_v), float(penalty_v),
                                   int(seed_v or 0))

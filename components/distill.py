@@ -26,7 +26,8 @@ def progress_html(job) -> str:
     vram = (f"VRAM {human_bytes(p['vram_used'])} / {human_bytes(p['vram_total'])} (torch peak {human_bytes(p['peak'])})"
             if p["vram_total"] else f"CPU · peak memory {human_bytes(p['peak'])}")
     message = f"<div class='warn'>{html.escape(job.message)}</div>" if job.message else ""
-    return (f"<div class='progress-wrap'><b>{html.escape(state)}</b> · layer {p['layer'] if p['layer'] is not None else '–'}"
+    layer = p["layer"] if p["layer"] is not None else "–"
+    return (f"<div class='progress-wrap'><b>{html.escape(state)}</b> · layer {layer}"
             f" ({p['position']}) · run folder <code>{html.escape(str(job.run_dir))}</code>"
             f"<div class='progress-bar'><div style='width:{100 * p['fraction']:.1f}%'></div></div>"
             f"<div class='progress-meta'><span>{100 * p['fraction']:.0f}%</span><span>ETA {duration(p['eta_s'])}</span>"

@@ -1,4 +1,5 @@
-"""Panel 5: teacher vs student on held-out text (perplexity), speed, size and memory; export."""
+"""Panel 5: teacher vs student on held-out text (perplexity; for speech models, the teacher's transcripts of
+held-out clips), speed, size and memory; export."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from lillama_core.errors import ExportError
 from lillama_core.evaluate import eval_windows, generation_speed, model_size, perplexity
 from lillama_core.export import MODELING_FILE, export_student
 from lillama_core.quantize import MODES, quantize_weights, serialized_bytes
+from lillama_core.speech import reference_transcripts, speech_metrics, transcript_prompt
 
 from .charts import comparison_chart, human, human_bytes
 from .common import plot, user_errors
@@ -59,15 +61,30 @@ def measure(model, tokenizer, windows, label: str, batch_sizes=(1,)) -> dict:
     return row
 
 
+def measure_speech(model, tokenizer, reference, prompt_length: int, label: str, batch_size: int) -> dict:
+    """A speech model against the teacher's transcripts of held-out clips (there is no text to score)."""
+    metrics = speech_metrics(model, reference, tokenizer, prompt_length, batch_size)
+    size = model_size(model)
+    return {"model": label, "perplexity": metrics["perplexity"], "wer": metrics["wer"],
+            "generate_tokens_per_s": metrics["transcribe_tokens_per_s"], "parameters": size.parameters,
+            "weight_bytes": serialized_bytes(model)}
+
+
 def table(rows: list[dict]) -> pd.DataFrame:
+    """One row per model; speed columns as measured (text: prefill and generation, speech: transcription)."""
     shown = []
     for r in rows:
-        shown.append({"model": r["model"], "perplexity": f"{r['perplexity']:.2f}",
-                      "parameters": human(r["parameters"]), "weight memory": human_bytes(r["weight_bytes"]),
-                      "prefill tok/s": f"{r['prefill_tokens_per_s']:.0f}",
-                      "generate tok/s (batch 1)": f"{r['generate_tokens_per_s']:.1f}",
-                      **({"generate tok/s (batch 16)": f"{r['generate_tokens_per_s_b16']:.1f}"}
-                         if "generate_tokens_per_s_b16" in r else {})})
+        row = {"model": r["model"], "perplexity": f"{r['perplexity']:.2f}"}
+        if "wer" in r:
+            row["word error rate vs teacher"] = f"{r['wer']:.1%}"
+        row.update({"parameters": human(r["parameters"]), "weight memory": human_bytes(r["weight_bytes"])})
+        if "prefill_tokens_per_s" in r:
+            row["prefill tok/s"] = f"{r['prefill_tokens_per_s']:.0f}"
+        speed = "generate tok/s (batch 1)" if "prefill_tokens_per_s" in r else "transcribe tok/s"
+        row[speed] = f"{r['generate_tokens_per_s']:.1f}"
+        if "generate_tokens_per_s_b16" in r:
+            row["generate tok/s (batch 16)"] = f"{r['generate_tokens_per_s_b16']:.1f}"
+        shown.append(row)
     return pd.DataFrame(shown)
 
 
@@ -99,8 +116,15 @@ def build(studio: Studio) -> dict:
         loaded = studio.ensure_loaded()
         studio.eval = replace(studio.eval, text=studio.confine(text_value) or "default", tokens=int(tokens_value),
                               seq_len=int(seq_value))
-        windows = eval_windows(loaded.tokenizer, read_eval_text(studio.eval.text), studio.eval.tokens,
-                               studio.eval.seq_len)
+        if loaded.feature_extractor is not None:
+            progress(0, desc="the teacher transcribes held-out clips")
+            reference = reference_transcripts(loaded.model, loaded.tokenizer, loaded.feature_extractor,
+                                              studio.calibration)
+            prompt = len(transcript_prompt(loaded.model, loaded.tokenizer))
+            windows = None
+        else:
+            windows = eval_windows(loaded.tokenizer, read_eval_text(studio.eval.text), studio.eval.tokens,
+                                   studio.eval.seq_len)
         batches = (1, 16) if batch16_value else (1,)
         key = (studio.model_config.name, studio.eval.text, studio.eval.tokens, studio.eval.seq_len)
         models = [("teacher", loaded.model, loaded.tokenizer)]
@@ -115,7 +139,10 @@ def build(studio: Studio) -> dict:
         rows = []
         for i, (label, model, tok) in enumerate(models):
             progress(i / len(models), desc=label)
-            rows.append(measure(model, tok, windows, label, batches))
+            if windows is None:
+                rows.append(measure_speech(model, tok, reference, prompt, label, studio.calibration.batch_size))
+            else:
+                rows.append(measure(model, tok, windows, label, batches))
             base, _, mode = label.partition(" ")
             if mode:  # integer weights are buffers, not nn.Parameters: the count is the float model's
                 rows[-1]["parameters"] = next(r["parameters"] for r in rows if r["model"] == base)
@@ -135,13 +162,14 @@ def build(studio: Studio) -> dict:
         record = {"source_run": str(student.run_dir) if student.run_dir else None}
         merge = fmt_value.startswith("merged")
         out = export_student(student.model, student.tokenizer, folder, merge=merge, overwrite=overwrite_value,
-                             record=record, quantize=EXPORT_WEIGHTS[weights_value])
+                             record=record, quantize=EXPORT_WEIGHTS[weights_value],
+                             feature_extractor=student.feature_extractor)
         progress(0.6, desc="zipping")
         archive = zip_atomically(out)
         size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
         remote = ", trust_remote_code=True" if (out / MODELING_FILE).exists() else ""
-        note = (f"Exported to `{out}` ({human_bytes(size)}). Load it with "
-                f"`AutoModelForCausalLM.from_pretrained('{out}'{remote})`.")
+        auto = "AutoModelForSpeechSeq2Seq" if student.feature_extractor is not None else "AutoModelForCausalLM"
+        note = f"Exported to `{out}` ({human_bytes(size)}). Load it with `{auto}.from_pretrained('{out}'{remote})`."
         return note, gr.update(value=archive, visible=True)
 
     export.click(on_export, [name, fmt, overwrite, weights], [export_note, download], api_name="export")

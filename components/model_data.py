@@ -12,6 +12,8 @@ from lillama_core.calibration import load_calibration, preview
 from lillama_core.config import CalibrationConfig
 from lillama_core.errors import LillamaError
 from lillama_core.models import BUILTIN_MODELS
+from lillama_core.pipeline import calibrate
+from lillama_core.speech import transcript_prompt
 
 from .charts import human, human_bytes
 from .common import facts_table, user_errors
@@ -19,7 +21,7 @@ from .studio import Studio
 
 OTHER = "other"
 SOURCE_KINDS = ["Built-in", "Local file", "Hugging Face dataset"]
-UPLOAD_TYPES = [".txt", ".jsonl", ".json", ".parquet", ".csv"]
+UPLOAD_TYPES = [".txt", ".jsonl", ".json", ".parquet", ".csv", ".wav"]  # .wav: for speech models
 
 
 def model_card(studio: Studio) -> str:
@@ -43,6 +45,18 @@ def calibration_from_inputs(studio: Studio, kind, path, text_field, dataset_conf
                      tokens=int(tokens), seq_len=int(seq_len), batch_size=int(batch))
     config.validate()
     return config
+
+
+def speech_preview(studio: Studio, loaded, config: CalibrationConfig) -> str:
+    """A speech model calibrates on audio clips: count them and show the teacher's first transcripts."""
+    data = calibrate(loaded, config)
+    prompt = len(transcript_prompt(loaded.model, loaded.tokenizer))
+    studio.calibration = config
+    shown = "\n\n".join(f"> {loaded.tokenizer.decode(row[prompt:], skip_special_tokens=True).strip()[:300]}"
+                         for row in data.sequences[:3].tolist())
+    where = "synthetic speech-like clips" if config.source == "default" else config.source
+    return (f"**{data.sequences.shape[0]} audio clips × {config.seq_len} transcript tokens = {data.tokens:,} "
+            f"tokens** from {where}. The teacher's transcripts of the first clips:\n\n{shown}")
 
 
 def build(studio: Studio, uploads_root: Path) -> dict:
@@ -97,7 +111,10 @@ def build(studio: Studio, uploads_root: Path) -> dict:
         if not name:
             raise gr.Error("type a Hugging Face id, a local folder or a .gguf path")
         gr.Info(f"loading {name}: the first load of a GGUF model converts it once, which can take a minute")
-        studio.load(name, trust, offload=offload_value)
+        loaded = studio.load(name, trust, offload=offload_value)
+        if loaded.feature_extractor is not None:
+            gr.Info("a speech model: it calibrates on audio clips (built-in: synthetic speech-like clips; or a .wav "
+                    "file or folder) with the teacher's transcripts; sequence length = transcript tokens")
         return model_card(studio)
 
     load_button.click(on_load, [choice, custom, remote, offload], card, concurrency_id="model", concurrency_limit=1,
@@ -129,6 +146,8 @@ def build(studio: Studio, uploads_root: Path) -> dict:
     def on_preview(*values):
         config = calibration_from_inputs(studio, *values)
         loaded = studio.ensure_loaded()
+        if loaded.feature_extractor is not None:
+            return speech_preview(studio, loaded, config)
         data = load_calibration(config, loaded.tokenizer)
         samples = preview(config, loaded.tokenizer, count=3, chars=300)
         studio.calibration = config

@@ -30,7 +30,8 @@ def totals_html(studio: Studio) -> str:
         ("parameters", f"{human(summary.params_before)} → {human(summary.params_after)}",
          f"{summary.params_before:,} → {summary.params_after:,}"),
         ("reduction", f"{summary.reduction:.1%}", budget),
-        ("weight memory", f"{human_bytes(summary.weight_bytes_after)}", f"teacher {human_bytes(summary.weight_bytes_before)}"),
+        ("weight memory", f"{human_bytes(summary.weight_bytes_after)}",
+         f"teacher {human_bytes(summary.weight_bytes_before)}"),
         ("modules compressed", f"{len(studio.plan.ranks)} / {len(studio.shape.modules)}",
          f"{sum(1 for r in summary.layers if r['compressed'])} layers touched"),
     ]

@@ -8,18 +8,19 @@ import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from lillama_core.calibration import CalibrationData, load_calibration
+from lillama_core.calibration import CalibrationData
 from lillama_core.config import CalibrationConfig, DistillConfig, EvalConfig, HealConfig, ModelConfig, PlanConfig, \
     RunConfig
 from lillama_core.engine import make_plan
 from lillama_core.errors import ConfigError, RankPlanError
-from lillama_core.export import load_compressed
+from lillama_core.export import load_compressed, load_feature_extractor
 from lillama_core.jobs import STUDENT_DIR, Job, JobManager, compression_work, resumable, resume_work, sweep_work
 from lillama_core.models import LoadedModel, describe, load_model
+from lillama_core.pipeline import calibrate
 from lillama_core.ranks import ModelShape, RankPlan, summarize
 
 PLANNING_TOKENS = 4096
-LOCAL_SUFFIXES = (".gguf", ".txt", ".jsonl", ".json", ".parquet", ".csv", ".safetensors")
+LOCAL_SUFFIXES = (".gguf", ".txt", ".jsonl", ".json", ".parquet", ".csv", ".safetensors", ".wav")
 
 
 def confined_path(text: str, roots: list[Path] | None) -> str:
@@ -45,6 +46,7 @@ class Student:
     tokenizer: object
     label: str
     run_dir: Path | None = None
+    feature_extractor: object | None = None  # speech models' audio features, exported with the student
 
 
 class Studio:
@@ -100,7 +102,7 @@ class Studio:
     def planning_calibration(self) -> CalibrationData:
         """A small slice of the calibration set, enough for whitened spectra."""
         cal = replace(self.calibration, tokens=min(self.calibration.tokens, PLANNING_TOKENS))
-        return load_calibration(cal, self.ensure_loaded().tokenizer)
+        return calibrate(self.ensure_loaded(), cal)
 
     def apply_preset(self, plan_config: PlanConfig) -> RankPlan:
         loaded = self.ensure_loaded()
@@ -182,14 +184,15 @@ class Studio:
             run_dir, result = job.result[-1] if isinstance(job.result, list) else (job.run_dir, job.result)
             if result.run.applied.ranks:
                 self.student = Student(result.run.student, self.loaded.tokenizer,
-                                       f"{run_dir.name} ({result.metrics['reduction']:.1%} fewer)", run_dir)
+                                       f"{run_dir.name} ({result.metrics['reduction']:.1%} fewer)", run_dir,
+                                       self.loaded.feature_extractor)
         return self.student
 
     def load_student(self, run_dir: Path) -> Student:
         folder = Path(run_dir) / STUDENT_DIR
         device = self.loaded.device if self.loaded else "cpu"
         model, tokenizer = load_compressed(folder, device)
-        self.student = Student(model, tokenizer, Path(run_dir).name, Path(run_dir))
+        self.student = Student(model, tokenizer, Path(run_dir).name, Path(run_dir), load_feature_extractor(folder))
         latest = self.jobs.latest()
         self._student_job = latest.id if latest else None
         return self.student

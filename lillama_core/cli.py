@@ -383,8 +383,8 @@ def cmd_plan(args, parser) -> None:
     calibration = None
     if config.uses_calibration:
         tokens = SENSITIVITY_TOKENS if config.strategy == "sensitivity" else PLANNING_TOKENS  # all make_plan reads
-        calibration = calibrate(loaded, RunConfig(calibration=CalibrationConfig(
-            source=args.calibration, text_field=args.text_field, tokens=tokens)))
+        calibration = calibrate(loaded, CalibrationConfig(source=args.calibration, text_field=args.text_field,
+                                                          tokens=tokens))
     plan = make_plan(loaded, config, calibration)
     summary = summarize(plan, ModelShape.of(loaded.model))
     for row in summary.layers:

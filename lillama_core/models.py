@@ -337,6 +337,7 @@ def describe(loaded: LoadedModel) -> dict:
     return {
         "name": loaded.name,
         "architecture": type(loaded.model).__name__,
+        "task": "speech to text (encoder + decoder)" if loaded.feature_extractor is not None else "text generation",
         "model_type": getattr(cfg, "model_type", "?"),
         "layers": len(blocks),
         "linear_modules_per_layer": len(find_linears(blocks[0].module)) if blocks else 0,

@@ -13,7 +13,7 @@ import torch
 
 from .calibration import CalibrationData, load_calibration, read_eval_text
 from .checkpoints import LayerCheckpoints
-from .config import RunConfig
+from .config import CalibrationConfig, RunConfig
 from .distributed import SINGLE, Parallel, device_for
 from .engine import Compressor, RunResult, make_plan, out_of_memory
 from .errors import RunStopped
@@ -39,13 +39,13 @@ def evaluate_perplexity(model, tokenizer, config: RunConfig) -> float:
     return perplexity(model, windows).perplexity
 
 
-def calibrate(loaded: LoadedModel, config: RunConfig) -> CalibrationData:
+def calibrate(loaded: LoadedModel, config: CalibrationConfig) -> CalibrationData:
     """Token sequences for a text model; audio clips with the teacher's transcripts for a speech model."""
     if loaded.feature_extractor is None:
-        return load_calibration(config.calibration, loaded.tokenizer)
+        return load_calibration(config, loaded.tokenizer)
     from .speech import speech_calibration
 
-    return speech_calibration(loaded.model, loaded.tokenizer, loaded.feature_extractor, config.calibration)
+    return speech_calibration(loaded.model, loaded.tokenizer, loaded.feature_extractor, config)
 
 
 def evaluate_speech(teacher: LoadedModel, student, config: RunConfig) -> dict:
@@ -95,7 +95,7 @@ def _run_pipeline(config: RunConfig, loaded: LoadedModel | None, plan: RankPlan 
         loaded = load_model(dataclasses.replace(config.model, device=device_for(parallel, config.model.device)))
     stop_point(stop, "loading the model")
     emit(Phase("calibration", f"tokenising {config.calibration.tokens} tokens from {config.calibration.source}"))
-    calibration = calibrate(loaded, config)
+    calibration = calibrate(loaded, config.calibration)
     stop_point(stop, "reading the calibration data")
     if plan is None:
         emit(Phase("plan", f"{config.plan.strategy} plan"))

@@ -12,6 +12,7 @@ held-out clips, and the word error rate of the student's transcript taking the t
 from __future__ import annotations
 
 import math
+import time
 import wave
 from pathlib import Path
 
@@ -174,7 +175,8 @@ def _words(tokenizer, ids: torch.Tensor, skip: int) -> list[str]:
 def speech_metrics(model: nn.Module, reference: CalibrationData, tokenizer, prompt_length: int,
                    batch_size: int = 8) -> dict:
     """Against reference transcripts (the teacher's, of held-out clips): the model's perplexity of them,
-    teacher-forced, and the word error rate of its own greedy transcripts."""
+    teacher-forced, the word error rate of its own greedy transcripts, and how fast it wrote them (greedy
+    decoding without a cache: relative speeds, not a serving benchmark)."""
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for i in range(0, reference.sequences.shape[0], batch_size):
@@ -185,13 +187,16 @@ def speech_metrics(model: nn.Module, reference: CalibrationData, tokenizer, prom
         targets = inputs["decoder_input_ids"][:, prompt_length:]
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
         count += targets.numel()
+    start = time.perf_counter()
     own = greedy_transcripts(model, reference.features, reference.sequences[0, :prompt_length].tolist(),
                              reference.sequences.shape[1], tokenizer.eos_token_id, batch_size)
+    seconds = time.perf_counter() - start
     errors = [word_error_rate(_words(tokenizer, ref, prompt_length), _words(tokenizer, hyp, prompt_length))
               for ref, hyp in zip(reference.sequences, own)]
     nll = total / max(count, 1)
     return {"perplexity": math.exp(min(nll, 700)), "nll": nll, "wer": sum(errors) / len(errors),
-            "clips": len(errors), "tokens_scored": count}
+            "clips": len(errors), "tokens_scored": count,
+            "transcribe_tokens_per_s": (own.shape[1] - prompt_length) * own.shape[0] / seconds}
 
 
 def reference_transcripts(teacher: nn.Module, tokenizer, feature_extractor, config: CalibrationConfig,

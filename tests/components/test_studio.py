@@ -93,3 +93,37 @@ def test_the_group_picker_offers_what_the_model_has(studio):
     picker = group_picker(studio)
     assert picker["choices"] == [("attention (12)", "attention"), ("mlp (9)", "mlp")]  # 3 layers of a tiny Llama
     assert picker["value"] == ["attention", "mlp"]  # the default also names experts and ssm, absent here
+
+
+def test_a_speech_model_plans_runs_evaluates_and_exports_through_the_studio(tmp_path):
+    from components.evaluate import measure_speech, table
+    from components.model_data import speech_preview
+    from lillama_core.config import CalibrationConfig, ModelConfig
+    from lillama_core.export import export_student, load_feature_extractor
+    from lillama_core.speech import reference_transcripts
+    from tiny import tiny_whisper
+
+    whisper = tiny_whisper()
+    s = Studio(JobManager(tmp_path / "runs"), tmp_path / "exports", model=ModelConfig(name="tiny-whisper",
+                                                                                      device="cpu"))
+    s.loaded, s.shape = whisper, ModelShape.of(whisper.model)
+    s.calibration = CalibrationConfig(source="default", tokens=24 * 16, seq_len=16, batch_size=4)
+    assert "24 audio clips" in speech_preview(s, whisper, s.calibration)
+    plan = s.apply_preset(PlanConfig(strategy="sensitivity", reduction=0.1))  # measured on audio calibration
+    assert any(".encoder." in n for n in plan.ranks) or any(".decoder." in n for n in plan.ranks)
+    job = s.start_distillation()
+    assert job.wait(120) and job.status == "completed", job.message
+    metrics = job.result.metrics
+    assert metrics["student_wer"] >= 0 and metrics["student_ppl"] > 0 and metrics["teacher_wer"] == 0
+    student = s.current_student()
+    assert student.feature_extractor is whisper.feature_extractor
+
+    reference = reference_transcripts(whisper.model, whisper.tokenizer, whisper.feature_extractor, s.calibration)
+    rows = [measure_speech(whisper.model, whisper.tokenizer, reference, 1, "teacher", 4),
+            measure_speech(student.model, student.tokenizer, reference, 1, "student", 4)]
+    shown = table(rows)
+    assert list(shown["word error rate vs teacher"])[0] == "0.0%" and "transcribe tok/s" in shown.columns
+    assert rows[1]["parameters"] < rows[0]["parameters"]
+    folder = export_student(student.model, student.tokenizer, tmp_path / "export",
+                            feature_extractor=student.feature_extractor)
+    assert load_feature_extractor(folder) is not None

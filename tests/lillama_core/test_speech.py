@@ -9,7 +9,6 @@ import torch
 import transformers as T
 
 from lillama_core.activations import capture_block_inputs, run_block_over
-from lillama_core.calibration import CalibrationData
 from lillama_core.cli import main
 from lillama_core.config import CalibrationConfig, DistillConfig, PlanConfig
 from lillama_core.engine import Compressor, make_plan
