@@ -121,6 +121,45 @@ def rss_bytes() -> int:
         return pages * os.sysconf("SC_PAGE_SIZE")
 
 
+def host_memory_bytes() -> dict[str, int]:
+    """This process's resident memory split into anonymous (its own allocations) and file-backed pages
+    (memory-mapped checkpoints: read on first touch, reclaimable). Linux only; empty elsewhere."""
+    try:
+        status = Path("/proc/self/status").read_text().splitlines()
+    except OSError:
+        return {}
+    fields = {"RssAnon": "anon", "RssFile": "file"}
+    return {fields[k]: int(v.split()[0]) * 1024 for k, _, v in (line.partition(":") for line in status)
+            if k in fields}
+
+
+class HostMemory:
+    """Peak anonymous and file-backed resident memory over a `with` block, sampled every 20 ms."""
+
+    def __init__(self, interval: float = 0.02):
+        self.interval = interval
+        self.start: dict[str, int] = {}
+        self.peak: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while True:
+            for key, value in host_memory_bytes().items():
+                self.peak[key] = max(self.peak.get(key, 0), value)
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> "HostMemory":
+        self.start = host_memory_bytes()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def maxrss_bytes() -> int:
     import resource
     import sys

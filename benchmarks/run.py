@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--init", default="whitened")
     t.add_argument("--offload", action="store_true",
                    help="blocks in host memory, streamed to the GPU one at a time (peak VRAM vs model size)")
+    t.add_argument("--from-checkpoint", action="store_true",
+                   help="save the model as safetensors first and load it memory-mapped, as a local model loads "
+                        "(host memory then holds only the blocks the run touches)")
     t.add_argument("--device", default="auto")
     t.add_argument("--dtype", default="auto")
     t.add_argument("--tag", default=None)
@@ -220,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
             layers, init = (rest + ["3", args.init][len(rest):])[:2]  # shape[:layers[:init]]
             try:
                 record = run_throughput(shape, int(layers), args.tokens, args.seq_len, args.batch_size, init,
-                                        device, dtype, offload=args.offload)
+                                        device, dtype, offload=args.offload, from_checkpoint=args.from_checkpoint)
             except Exception as exc:  # one shape that does not fit must not lose the others
                 suites.log(f"  {shape} failed: {type(exc).__name__}: {exc}")
                 record = {"model": f"{shape} (random weights)", "error": f"{type(exc).__name__}: {exc}"}

@@ -8,7 +8,9 @@ bottom-first run against the size of the model's weights.
 
 from __future__ import annotations
 
+import tempfile
 import time
+from pathlib import Path
 
 import torch
 
@@ -21,7 +23,7 @@ from lillama_core.offload import stream_blocks
 from lillama_core.ranks import ModelShape, RankPlan
 
 from .bench import log
-from .common import PeakMemory, environment
+from .common import HostMemory, PeakMemory, environment
 
 # Shapes of TinyLlama-1.1B and Llama-2-7B.
 SHAPES = {
@@ -34,14 +36,23 @@ SHAPES = {
 PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 
 
-def random_llama(shape: str, device: torch.device, dtype: torch.dtype, offload: bool = False) -> LoadedModel:
-    """With `offload`, built in host memory with its blocks streamed to `device` (as ModelConfig.offload)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def random_llama(shape: str, device: torch.device, dtype: torch.dtype, offload: bool = False,
+                 checkpoint: Path | None = None) -> LoadedModel:
+    """With `offload`, built in host memory with its blocks streamed to `device` (as ModelConfig.offload).
+    With a `checkpoint` folder, saved there first and loaded back as `load_model` loads a local model:
+    safetensors memory-mapped, so a block's weights are read from disk only when it first runs."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(**SHAPES[shape], max_position_embeddings=4096)
-    with torch.device("cpu" if offload else device):
-        model = LlamaForCausalLM(config)
-    model.to(dtype).eval()
+    if checkpoint is not None:
+        LlamaForCausalLM(config).to(dtype).save_pretrained(checkpoint)
+        model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).eval()
+        if not offload:
+            model.to(device)
+    else:
+        with torch.device("cpu" if offload else device):
+            model = LlamaForCausalLM(config)
+        model.to(dtype).eval()
     if offload:
         stream_blocks(model, [block.module for block in find_blocks(model)], device)
     return LoadedModel(model, None, shape, "random weights", device, dtype)
@@ -62,9 +73,19 @@ def peak_flops(device: torch.device) -> float | None:
 
 
 def run_throughput(shape_name: str, layers: int, tokens: int, seq_len: int, batch_size: int, init: str,
-                   device: torch.device, dtype: torch.dtype, keep: float = 0.4, offload: bool = False) -> dict:
+                   device: torch.device, dtype: torch.dtype, keep: float = 0.4, offload: bool = False,
+                   from_checkpoint: bool = False) -> dict:
+    with tempfile.TemporaryDirectory(prefix="lillama-bench-") as folder:
+        checkpoint = Path(folder) if from_checkpoint else None
+        return _run_throughput(shape_name, layers, tokens, seq_len, batch_size, init, device, dtype, keep,
+                               offload, checkpoint)
+
+
+def _run_throughput(shape_name: str, layers: int, tokens: int, seq_len: int, batch_size: int, init: str,
+                    device: torch.device, dtype: torch.dtype, keep: float, offload: bool,
+                    checkpoint: Path | None) -> dict:
     start = time.time()
-    loaded = random_llama(shape_name, device, dtype, offload)
+    loaded = random_llama(shape_name, device, dtype, offload, checkpoint)
     build_seconds = time.time() - start
     shape = ModelShape.of(loaded.model)
     plan = bottom_plan(shape, layers, keep)
@@ -84,7 +105,7 @@ def run_throughput(shape_name: str, layers: int, tokens: int, seq_len: int, batc
 
     config = DistillConfig(init=init)
     log(f"{shape_name}: {count_parameters(loaded.model) / 1e9:.2f}B parameters, {layers} layers, {tokens} tokens")
-    with PeakMemory(device) as memory:
+    with PeakMemory(device) as memory, HostMemory() as host:
         result = Compressor(loaded, calibration, plan, config, batch_size, on_event).run()
     train_tokens = (n - held_out_count(n)) * seq_len
     layer_seconds = [e.seconds for e in finished]
@@ -102,7 +123,10 @@ def run_throughput(shape_name: str, layers: int, tokens: int, seq_len: int, batc
     record = {
         "model": f"{shape_name} (random weights)", "shape": SHAPES[shape_name], "device": str(device),
         "dtype": str(dtype).replace("torch.", ""), "env": environment(device), "params": count_parameters(loaded.model),
-        "weight_bytes": weights, "offload": offload, "layers_compressed": layers, "keep": keep, "init": init,
+        "weight_bytes": weights, "offload": offload, "from_checkpoint": checkpoint is not None,
+        "host_start_anon_bytes": host.start.get("anon"), "host_peak_anon_bytes": host.peak.get("anon"),
+        "host_peak_file_bytes": host.peak.get("file"),
+        "layers_compressed": layers, "keep": keep, "init": init,
         "loss": config.loss,
         "tokens": n * seq_len, "train_tokens_per_layer": train_tokens, "seq_len": seq_len, "batch_size": batch_size,
         "build_seconds": build_seconds, "compress_seconds": result.seconds, "layer_seconds": layer_seconds,
@@ -115,7 +139,8 @@ def run_throughput(shape_name: str, layers: int, tokens: int, seq_len: int, batc
     }
     log(f"  {shape_name}: {record['distill_tokens_per_s']:,.0f} trained tokens/s per layer, "
         f"{mean_layer:.1f}s/layer, MFU {record['mfu'] or 0:.1%}, peak {memory.peak_bytes / 2**30:.1f} GiB "
-        f"for {weights / 2**30:.1f} GiB of weights")
+        f"for {weights / 2**30:.1f} GiB of weights; host peak {host.peak.get('anon', 0) / 2**30:.1f} GiB own + "
+        f"{host.peak.get('file', 0) / 2**30:.1f} GiB of mapped checkpoint pages")
     del result, loaded
     if device.type == "cuda":
         torch.cuda.empty_cache()

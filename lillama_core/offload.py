@@ -9,6 +9,7 @@ times (the distillation of a layer) pins it with `resident` for the duration ins
 
 from __future__ import annotations
 
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -16,6 +17,24 @@ from torch import nn
 
 HOME = torch.device("cpu")
 _DEVICE, _PINNED, _VISITING = "_lillama_stream_device", "_lillama_pinned", "_lillama_visiting"
+# Each streamed parameter's host tensor. Going home restores it instead of copying the accelerator's
+# tensor back: no host copy is made, so weights loaded from a safetensors checkpoint stay memory-mapped
+# (file pages, read when a block first runs, reclaimable) rather than becoming process memory. Streamed
+# blocks are read-only: they are never trained in place (a student block is streamed once it is done).
+# Kept outside the modules so weight-sharing copies of a block share it instead of copying it; keyed by id
+# (tensors compare element-wise, so they cannot be dictionary keys), each entry dropped with its parameter.
+_HOME_DATA: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+
+
+def _remember_home(p: nn.Parameter) -> None:
+    if id(p) not in _HOME_DATA:
+        weakref.finalize(p, _HOME_DATA.pop, id(p), None)
+    _HOME_DATA[id(p)] = (weakref.ref(p), p.data)
+
+
+def _home_of(p: nn.Parameter) -> torch.Tensor | None:
+    ref, data = _HOME_DATA.get(id(p), (None, None))
+    return data if ref is not None and ref() is p and data.shape == p.shape else None
 
 
 def is_streamed(block: nn.Module) -> bool:
@@ -35,8 +54,18 @@ def _arrive(block, args, kwargs):
 
 def _leave(block, args, kwargs, output):
     if block.__dict__.get(_VISITING):
-        block.to(HOME)
+        _send_home(block)
         block.__dict__[_VISITING] = False
+
+
+def _send_home(block: nn.Module) -> None:
+    for p in block.parameters():
+        home = _home_of(p)
+        p.data = home if home is not None else p.data.to(HOME)
+    for module in block.modules():  # buffers are small (norm statistics, rotary tables): copied
+        for name, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[name] = buffer.to(HOME)
 
 
 def stream_block(block: nn.Module, device: torch.device) -> nn.Module:
@@ -46,7 +75,10 @@ def stream_block(block: nn.Module, device: torch.device) -> nn.Module:
         block.register_forward_pre_hook(_arrive, with_kwargs=True)
         block.register_forward_hook(_leave, with_kwargs=True)
     block.__dict__.update({_DEVICE: torch.device(device), _PINNED: False, _VISITING: False})
-    return block.to(HOME)
+    block.to(HOME)
+    for p in block.parameters():
+        _remember_home(p)
+    return block
 
 
 def stream_blocks(model: nn.Module, blocks: list[nn.Module], device: torch.device) -> nn.Module:
@@ -77,4 +109,4 @@ def resident(block: nn.Module):
         yield block
     finally:
         block.__dict__[_PINNED] = False
-        block.to(HOME)
+        _send_home(block)

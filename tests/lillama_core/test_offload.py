@@ -66,3 +66,34 @@ def test_a_streamed_run_keeps_one_teacher_block_at_a_time_and_gives_the_same_stu
 def test_offloading_and_healing_do_not_mix():
     with pytest.raises(ConfigError, match="offload"):
         RunConfig(model=ModelConfig(offload=True), heal=HealConfig(tokens=1024)).validate()
+
+
+def test_blocks_go_home_to_their_own_host_tensors_without_copying():
+    """Going home restores each parameter's host tensor instead of copying the accelerator's back, so a
+    checkpoint's memory-mapped weights stay file pages. On this CPU-only machine a visit is simulated by
+    giving the parameters new storage, as a move to an accelerator does."""
+    from torch import nn
+
+    from lillama_core.models import share_weights_copy
+    from lillama_core.offload import stream_block
+
+    model = nn.Sequential(nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)))
+    block = stream_block(model[0], torch.device("cpu"))
+    home = [p.data_ptr() for p in block.parameters()]
+
+    def visit(module):
+        for p in module.parameters():
+            p.data = p.data.clone()
+        assert [p.data_ptr() for p in module.parameters()] != home
+
+    block.register_forward_pre_hook(lambda module, args: visit(module))
+    with torch.no_grad():
+        block(torch.ones(2, 8))
+    assert [p.data_ptr() for p in block.parameters()] == home
+    with resident(block):
+        visit(block)
+    assert [p.data_ptr() for p in block.parameters()] == home
+    copy = share_weights_copy(model)[0]  # a weight-sharing copy (the student) goes home to the same tensors
+    with torch.no_grad():
+        copy(torch.ones(1, 8))
+    assert [p.data_ptr() for p in copy.parameters()] == home
