@@ -11,7 +11,7 @@ from pathlib import Path
 import gradio as gr
 
 from lillama_core.config import GROUPS, STRATEGIES, PlanConfig
-from lillama_core.ranks import ModuleShape
+from lillama_core.ranks import ModelShape, ModuleShape
 
 from .charts import human, human_bytes, plan_chart
 from .common import plot, user_errors
@@ -83,6 +83,18 @@ def ranks_for_keep(modules: list[ModuleShape], keep_percent: float) -> dict[str,
     return out
 
 
+def layer_titles(shape: ModelShape) -> dict[int, str]:
+    """ "layer 3", or "layer 3 · decoder 1" where the model has several stacks (an encoder and a decoder)."""
+    blocks = {m.layer: m.name[: -len(m.local_name) - 1] for m in shape.modules}
+    stacks = {block.rpartition(".")[0] for block in blocks.values()}
+    titles = {}
+    for layer in range(shape.num_layers):
+        stack, _, index = blocks.get(layer, "").rpartition(".")
+        owner = next((part for part in reversed(stack.split(".")) if part not in ("layers", "layer", "blocks")), "")
+        titles[layer] = f"layer {layer} · {owner} {index}" if len(stacks) > 1 and owner else f"layer {layer}"
+    return titles
+
+
 def build(studio: Studio) -> dict:
     version = gr.State(0)  # bumped when the whole plan changes, so the sliders are drawn again
     with gr.Row(equal_height=False):
@@ -115,10 +127,11 @@ def build(studio: Studio) -> dict:
             gr.Markdown("Load a model in step 1 (or press *Apply preset* to load the default).")
             return
         shape = studio.shape
+        titles = layer_titles(shape)
         with gr.Column(elem_classes=["layer-grid"]):
             for layer in range(shape.num_layers):
                 with gr.Row(elem_classes=["layer-row"], equal_height=True):
-                    gr.Markdown(f"**layer {layer}**", min_height=0)
+                    gr.Markdown(f"**{titles[layer]}**", min_height=0)
                     for group in studio.plan_config.groups:
                         modules = [m for m in shape.modules if m.layer == layer and m.group == group]
                         if not modules:
@@ -132,7 +145,8 @@ def build(studio: Studio) -> dict:
 
                         slider.release(user_errors(on_group), slider, [totals, plot], show_progress="hidden")
         gr.Markdown("#### Modules of one layer — rank per module (0 = keep dense)")
-        layer_pick = gr.Dropdown(list(range(shape.num_layers)), value=0, label="Layer", key="layer-pick")
+        layer_pick = gr.Dropdown([(titles[i], i) for i in range(shape.num_layers)], value=0, label="Layer",
+                                 key="layer-pick")
 
         @gr.render(inputs=[layer_pick])
         def draw_modules(layer):

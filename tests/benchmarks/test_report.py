@@ -60,7 +60,7 @@ def test_report_tables_hold_every_measured_cell(tmp_path):
     assert "| method | 20% | 40% |" in text and "| ours | 47.81 | 80.50 |" in text
     assert "| whitened | 120.20 |  |" in text
     assert "teacher 29.60" in text
-    assert "| llama-7b (random weights) | NVIDIA H100, bfloat16 | 6.74B |" in text and "| 3.3% |" in text
+    assert "| llama-7b (random weights) | NVIDIA H100, bfloat16 | built in memory | 6.74B |" in text and "| 3.3% |" in text
     assert (tmp_path / "benchmarks_ppl.svg").read_text().startswith("<svg")
 
 

@@ -127,3 +127,13 @@ def test_a_speech_model_plans_runs_evaluates_and_exports_through_the_studio(tmp_
     folder = export_student(student.model, student.tokenizer, tmp_path / "export",
                             feature_extractor=student.feature_extractor)
     assert load_feature_extractor(folder) is not None
+
+
+def test_layer_titles_name_the_stack_only_when_there_are_several(studio):
+    from components.ranks import layer_titles
+    from tiny import tiny_whisper
+
+    assert layer_titles(studio.shape) == {i: f"layer {i}" for i in range(studio.shape.num_layers)}
+    whisper = ModelShape.of(tiny_whisper().model)
+    assert layer_titles(whisper) == {0: "layer 0 · encoder 0", 1: "layer 1 · encoder 1", 2: "layer 2 · decoder 0",
+                                     3: "layer 3 · decoder 1"}
