@@ -7,6 +7,7 @@ and a stop request is seen between any two tokens.
 
 from __future__ import annotations
 
+import inspect
 import threading
 import time
 from dataclasses import dataclass
@@ -86,12 +87,14 @@ def decode(model: nn.Module, input_ids: torch.Tensor, sampling: SamplingConfig, 
     ids = input_ids.to(device)
     seen = ids
     cache = None
+    # transformers 5.24 renamed the cache argument and output `cache`; earlier 5.x call it past_key_values.
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     step_input = ids
     for _ in range(sampling.max_new_tokens):
         if stop is not None and stop.is_set():
             return
-        out = model(input_ids=step_input, past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
+        out = model(input_ids=step_input, use_cache=True, **{cache_name: cache})
+        cache = getattr(out, cache_name)
         token = pick_next(out.logits[:, -1], seen, sampling, generator)
         seen = torch.cat([seen, token[:, None]], dim=1)
         yield token
