@@ -18,7 +18,7 @@ from lillama_core.errors import ExportError
 from lillama_core.evaluate import eval_windows, generation_speed, model_size, perplexity
 from lillama_core.export import MODELING_FILE, export_student
 from lillama_core.quantize import MODES, quantize_weights, serialized_bytes
-from lillama_core.speech import reference_transcripts, speech_metrics, transcript_prompt
+from lillama_core.speech import reference_transcripts, speech_metrics
 
 from .charts import comparison_chart, human, human_bytes
 from .common import plot, user_errors
@@ -61,9 +61,9 @@ def measure(model, tokenizer, windows, label: str, batch_sizes=(1,)) -> dict:
     return row
 
 
-def measure_speech(model, tokenizer, reference, prompt_length: int, label: str, batch_size: int) -> dict:
+def measure_speech(model, tokenizer, reference, label: str, batch_size: int) -> dict:
     """A speech model against the teacher's transcripts of held-out clips (there is no text to score)."""
-    metrics = speech_metrics(model, reference, tokenizer, prompt_length, batch_size)
+    metrics = speech_metrics(model, reference, tokenizer, batch_size)
     size = model_size(model)
     return {"model": label, "perplexity": metrics["perplexity"], "wer": metrics["wer"],
             "generate_tokens_per_s": metrics["transcribe_tokens_per_s"], "parameters": size.parameters,
@@ -120,7 +120,6 @@ def build(studio: Studio) -> dict:
             progress(0, desc="the teacher transcribes held-out clips")
             reference = reference_transcripts(loaded.model, loaded.tokenizer, loaded.feature_extractor,
                                               studio.calibration)
-            prompt = len(transcript_prompt(loaded.model, loaded.tokenizer))
             windows = None
         else:
             windows = eval_windows(loaded.tokenizer, read_eval_text(studio.eval.text), studio.eval.tokens,
@@ -140,7 +139,7 @@ def build(studio: Studio) -> dict:
         for i, (label, model, tok) in enumerate(models):
             progress(i / len(models), desc=label)
             if windows is None:
-                rows.append(measure_speech(model, tok, reference, prompt, label, studio.calibration.batch_size))
+                rows.append(measure_speech(model, tok, reference, label, studio.calibration.batch_size))
             else:
                 rows.append(measure(model, tok, windows, label, batches))
             base, _, mode = label.partition(" ")

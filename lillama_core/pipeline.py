@@ -50,15 +50,14 @@ def calibrate(loaded: LoadedModel, config: CalibrationConfig) -> CalibrationData
 
 def evaluate_speech(teacher: LoadedModel, student, config: RunConfig) -> dict:
     """Speech models have no text to score: the teacher's transcripts of held-out clips are the reference."""
-    from .speech import reference_transcripts, speech_metrics, transcript_prompt
+    from .speech import reference_transcripts, speech_metrics
 
     reference = reference_transcripts(teacher.model, teacher.tokenizer, teacher.feature_extractor, config.calibration)
-    prompt = len(transcript_prompt(teacher.model, teacher.tokenizer))
     metrics = {}
     for name, model in (("teacher", teacher.model), ("student", student)):
-        result = speech_metrics(model, reference, teacher.tokenizer, prompt, config.calibration.batch_size)
+        result = speech_metrics(model, reference, teacher.tokenizer, config.calibration.batch_size)
         metrics.update({f"{name}_ppl": result["perplexity"], f"{name}_wer": result["wer"]})
-    metrics["eval_clips"] = reference.sequences.shape[0]
+    metrics["eval_clips"] = len(reference.ends)
     return metrics
 
 

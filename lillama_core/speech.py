@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 import wave
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -114,22 +115,29 @@ def transcript_prompt(model: nn.Module, tokenizer) -> list[int]:
 
 @torch.no_grad()
 def greedy_transcripts(model: nn.Module, features: torch.Tensor, prompt: list[int], length: int,
-                       end_token: int | None = None, batch_size: int = 16) -> torch.Tensor:
-    """[n, length] token ids: the prompt, then greedy tokens. The end token is never chosen, so every
-    transcript fills its length the way the model would go on (fixed-length calibration sequences)."""
+                       end_token: int | None = None, batch_size: int = 16) -> tuple[torch.Tensor, list[int]]:
+    """([n, length] token ids: the prompt, then greedy tokens; where each transcript would have ended).
+
+    The end token is never chosen, so every transcript fills its length the way the model would go on
+    (fixed-length calibration sequences); the first position where the model preferred to end is reported,
+    so a transcript's words can be cut there."""
     device = next(model.parameters()).device
-    rows = []
+    rows, ends = [], []
     for i in range(0, features.shape[0], batch_size):
         batch = features[i: i + batch_size].to(device, next(model.parameters()).dtype)
         encoded = model.get_encoder()(batch)
         ids = torch.tensor([prompt] * batch.shape[0], device=device)
+        batch_ends = [length] * batch.shape[0]
         while ids.shape[1] < length:
             logits = model(encoder_outputs=encoded, decoder_input_ids=ids, use_cache=False).logits[:, -1].float()
             if end_token is not None:
+                for row in (logits.argmax(-1) == end_token).nonzero().flatten().tolist():
+                    batch_ends[row] = min(batch_ends[row], ids.shape[1])
                 logits[:, end_token] = -math.inf
             ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
         rows.append(ids[:, :length].cpu())
-    return torch.cat(rows)
+        ends += batch_ends
+    return torch.cat(rows), ends
 
 
 def clip_features(feature_extractor, clips: list[np.ndarray]) -> torch.Tensor:
@@ -150,7 +158,7 @@ def speech_calibration(model: nn.Module, tokenizer, feature_extractor, config: C
         raise CalibrationError(f"speech calibration seq_len must be between {len(prompt) + 1} and {limit} "
                                f"decoder tokens, not {config.seq_len}")
     features = clip_features(feature_extractor, clips)
-    ids = greedy_transcripts(model, features, prompt, config.seq_len, tokenizer.eos_token_id, config.batch_size)
+    ids, _ = greedy_transcripts(model, features, prompt, config.seq_len, tokenizer.eos_token_id, config.batch_size)
     return CalibrationData(ids, f"{config.source} audio ({len(clips)} clips)", ids.numel(), features)
 
 
@@ -165,43 +173,73 @@ def word_error_rate(reference: list[str], hypothesis: list[str]) -> float:
     return previous[-1] / max(len(reference), 1)
 
 
-def _words(tokenizer, ids: torch.Tensor, skip: int) -> list[str]:
-    """The transcript's words, or its token ids as words when it decodes to no text (e.g. a random model)."""
-    text = tokenizer.decode(ids[skip:].tolist(), skip_special_tokens=True).split()
-    return text or [str(t) for t in ids[skip:].tolist()]
+def normalized_words(text: str) -> list[str]:
+    """Lower-case words without punctuation, as word error rates are usually counted."""
+    kept = "".join(c if c.isalnum() or c in " '" else " " for c in text.lower())
+    return kept.split()
 
 
-@torch.no_grad()
-def speech_metrics(model: nn.Module, reference: CalibrationData, tokenizer, prompt_length: int,
-                   batch_size: int = 8) -> dict:
-    """Against reference transcripts (the teacher's, of held-out clips): the model's perplexity of them,
-    teacher-forced, the word error rate of its own greedy transcripts, and how fast it wrote them (greedy
-    decoding without a cache: relative speeds, not a serving benchmark)."""
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for i in range(0, reference.sequences.shape[0], batch_size):
-        rows = slice(i, i + batch_size)
-        inputs = reference.model_inputs(rows, device)
-        inputs["input_features"] = inputs["input_features"].to(next(model.parameters()).dtype)
-        logits = model(**inputs, use_cache=False).logits[:, prompt_length - 1: -1].float()
-        targets = inputs["decoder_input_ids"][:, prompt_length:]
-        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
-        count += targets.numel()
-    start = time.perf_counter()
-    own = greedy_transcripts(model, reference.features, reference.sequences[0, :prompt_length].tolist(),
-                             reference.sequences.shape[1], tokenizer.eos_token_id, batch_size)
-    seconds = time.perf_counter() - start
-    errors = [word_error_rate(_words(tokenizer, ref, prompt_length), _words(tokenizer, hyp, prompt_length))
-              for ref, hyp in zip(reference.sequences, own)]
-    nll = total / max(count, 1)
-    return {"perplexity": math.exp(min(nll, 700)), "nll": nll, "wer": sum(errors) / len(errors),
-            "clips": len(errors), "tokens_scored": count,
-            "transcribe_tokens_per_s": (own.shape[1] - prompt_length) * own.shape[0] / seconds}
+@dataclass
+class Reference:
+    """Held-out clips with the teacher's transcripts (fixed length, as calibration sequences are), where each
+    transcript ends, and, for recorded or synthesised speech, the true text."""
+
+    data: CalibrationData
+    ends: list[int]
+    prompt_length: int
+    texts: list[str] | None = None
+
+    def words(self, tokenizer, row: int) -> list[str]:
+        if self.texts is not None:
+            return normalized_words(self.texts[row])
+        return _transcript_words(tokenizer, self.data.sequences[row], self.prompt_length, self.ends[row])
+
+
+def _transcript_words(tokenizer, ids: torch.Tensor, start: int, end: int) -> list[str]:
+    """A transcript's words, or its token ids as words when it decodes to no text (e.g. a random model)."""
+    tokens = ids[start:end].tolist()
+    return normalized_words(tokenizer.decode(tokens, skip_special_tokens=True)) or [str(t) for t in tokens]
+
+
+def transcribe_reference(teacher: nn.Module, tokenizer, feature_extractor, clips: list[np.ndarray], seq_len: int,
+                         batch_size: int = 8, texts: list[str] | None = None) -> Reference:
+    prompt = transcript_prompt(teacher, tokenizer)
+    features = clip_features(feature_extractor, clips)
+    ids, ends = greedy_transcripts(teacher, features, prompt, seq_len, tokenizer.eos_token_id, batch_size)
+    return Reference(CalibrationData(ids, f"{len(clips)} held-out clips", ids.numel(), features), ends, len(prompt),
+                     texts)
 
 
 def reference_transcripts(teacher: nn.Module, tokenizer, feature_extractor, config: CalibrationConfig,
-                          clips: int = EVAL_CLIPS) -> CalibrationData:
-    """Held-out clips (synthetic, with a seed calibration never uses) and the teacher's transcripts."""
-    held_out = CalibrationConfig(source="synthetic", tokens=clips * config.seq_len, seq_len=config.seq_len,
-                                 batch_size=config.batch_size, seed=config.seed + EVAL_SEED_OFFSET)
-    return speech_calibration(teacher, tokenizer, feature_extractor, held_out)
+                          clips: int = EVAL_CLIPS) -> Reference:
+    """Held-out synthetic clips (a seed calibration never uses) and the teacher's transcripts of them."""
+    audio = synthetic_clips(clips, config.seed + EVAL_SEED_OFFSET)
+    return transcribe_reference(teacher, tokenizer, feature_extractor, audio, config.seq_len, config.batch_size)
+
+
+@torch.no_grad()
+def speech_metrics(model: nn.Module, reference: Reference, tokenizer, batch_size: int = 8) -> dict:
+    """The model's perplexity of the teacher's transcripts (teacher-forced), the word error rate of its own
+    greedy transcripts (against the true texts when the reference has them, else the teacher's transcripts),
+    and how fast it wrote them (greedy decoding without a cache: relative speeds, not a serving benchmark)."""
+    device = next(model.parameters()).device
+    data, start_at = reference.data, reference.prompt_length
+    total, count = 0.0, 0
+    for i in range(0, data.sequences.shape[0], batch_size):
+        rows = slice(i, i + batch_size)
+        inputs = data.model_inputs(rows, device)
+        inputs["input_features"] = inputs["input_features"].to(next(model.parameters()).dtype)
+        logits = model(**inputs, use_cache=False).logits[:, start_at - 1: -1].float()
+        targets = inputs["decoder_input_ids"][:, start_at:]
+        total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
+        count += targets.numel()
+    start = time.perf_counter()
+    own, ends = greedy_transcripts(model, data.features, data.sequences[0, :start_at].tolist(),
+                                   data.sequences.shape[1], tokenizer.eos_token_id, batch_size)
+    seconds = time.perf_counter() - start
+    errors = [word_error_rate(reference.words(tokenizer, row), _transcript_words(tokenizer, own[row], start_at, end))
+              for row, end in enumerate(ends)]
+    nll = total / max(count, 1)
+    return {"perplexity": math.exp(min(nll, 700)), "nll": nll, "wer": sum(errors) / len(errors),
+            "clips": len(errors), "tokens_scored": count,
+            "transcribe_tokens_per_s": (own.shape[1] - start_at) * own.shape[0] / seconds}

@@ -119,8 +119,8 @@ def test_a_speech_model_plans_runs_evaluates_and_exports_through_the_studio(tmp_
     assert student.feature_extractor is whisper.feature_extractor
 
     reference = reference_transcripts(whisper.model, whisper.tokenizer, whisper.feature_extractor, s.calibration)
-    rows = [measure_speech(whisper.model, whisper.tokenizer, reference, 1, "teacher", 4),
-            measure_speech(student.model, student.tokenizer, reference, 1, "student", 4)]
+    rows = [measure_speech(whisper.model, whisper.tokenizer, reference, "teacher", 4),
+            measure_speech(student.model, student.tokenizer, reference, "student", 4)]
     shown = table(rows)
     assert list(shown["word error rate vs teacher"])[0] == "0.0%" and "transcribe tok/s" in shown.columns
     assert rows[1]["parameters"] < rows[0]["parameters"]

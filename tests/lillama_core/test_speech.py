@@ -9,6 +9,7 @@ import torch
 import transformers as T
 
 from lillama_core.activations import capture_block_inputs, run_block_over
+from lillama_core.calibration import CalibrationData
 from lillama_core.cli import main
 from lillama_core.config import CalibrationConfig, DistillConfig, PlanConfig
 from lillama_core.engine import Compressor, make_plan
@@ -16,8 +17,9 @@ from lillama_core.errors import CalibrationError
 from lillama_core.export import export_student, load_compressed, load_feature_extractor
 from lillama_core.lowrank import LowRankLinear
 from lillama_core.models import find_blocks, stack_starts
-from lillama_core.speech import (audio_clips, read_wav, reference_transcripts, speech_calibration, speech_metrics,
-                                 synthetic_clips, word_error_rate)
+from lillama_core.speech import (Reference, audio_clips, greedy_transcripts, normalized_words, read_wav,
+                                 reference_transcripts, speech_calibration, speech_metrics, synthetic_clips,
+                                 word_error_rate)
 from tiny import tiny_whisper
 
 CPU = torch.device("cpu")
@@ -86,15 +88,15 @@ def test_compress_evaluate_export_reload(whisper, calibration, tmp_path):
 
     reference = reference_transcripts(whisper.model, whisper.tokenizer, whisper.feature_extractor,
                                       CalibrationConfig(seq_len=16, batch_size=4))
-    teacher_metrics = speech_metrics(whisper.model, reference, whisper.tokenizer, 1)
-    student_metrics = speech_metrics(student, reference, whisper.tokenizer, 1)
+    teacher_metrics = speech_metrics(whisper.model, reference, whisper.tokenizer)
+    student_metrics = speech_metrics(student, reference, whisper.tokenizer)
     # The teacher agrees with its own transcripts; a student that decodes differently does not.
     assert teacher_metrics["wer"] == 0 and student_metrics["wer"] > 0
     assert student_metrics["perplexity"] > teacher_metrics["perplexity"]
     crushed = Compressor(whisper, calibration, make_plan(whisper, PlanConfig(strategy="uniform", rank=1,
                                                                                 reduction=None)),
                          DistillConfig(distill=False), batch_size=4).run().student
-    assert speech_metrics(crushed, reference, whisper.tokenizer, 1)["perplexity"] > student_metrics["perplexity"]
+    assert speech_metrics(crushed, reference, whisper.tokenizer)["perplexity"] > student_metrics["perplexity"]
 
     inputs = calibration.model_inputs(slice(0, 2), CPU)
     with torch.no_grad():
@@ -154,10 +156,37 @@ def test_bad_audio_sources_give_clear_errors(tmp_path):
         read_wav(tmp_path / "broken.wav")
 
 
-def test_word_error_rate():
+def test_word_error_rate_on_normalised_words():
     assert word_error_rate("a b c".split(), "a b c".split()) == 0
     assert word_error_rate("a b c d".split(), "a x c".split()) == 0.5  # one substitution, one deletion
     assert word_error_rate([], ["a"]) == 1
+    assert normalized_words(" The fox, it's QUICK!") == ["the", "fox", "it's", "quick"]
+    reference = Reference(CalibrationData(torch.zeros(1, 4, dtype=torch.long), "x", 0), [4], 1, ["Hello, world."])
+    assert reference.words(None, 0) == ["hello", "world"]
+
+
+class Scripted(torch.nn.Module):
+    """A decoder that prefers to end (token 1) from `ends[row]` tokens on, and token 7 after that."""
+
+    def __init__(self, ends):
+        super().__init__()
+        self.ends, self.anchor = ends, torch.nn.Parameter(torch.zeros(1))
+
+    def get_encoder(self):
+        return lambda features: features
+
+    def forward(self, encoder_outputs, decoder_input_ids, use_cache):
+        logits = torch.zeros(decoder_input_ids.shape[0], decoder_input_ids.shape[1], 10)
+        logits[:, -1, 7] = 0.5
+        for row, end in enumerate(self.ends):
+            if decoder_input_ids.shape[1] >= end:
+                logits[row, -1, 1] = 1.0
+        return type("Output", (), {"logits": logits})
+
+
+def test_transcripts_fill_their_length_and_report_where_they_would_have_ended():
+    ids, ends = greedy_transcripts(Scripted([3, 99]), torch.zeros(2, 1), [0], 6, end_token=1, batch_size=2)
+    assert ids.tolist() == [[0, 7, 7, 7, 7, 7], [0, 7, 7, 7, 7, 7]] and ends == [3, 6]
 
 
 def test_cli_compresses_a_whisper_folder_and_reports_word_error_rate(whisper, tmp_path, capsys):
