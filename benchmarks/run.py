@@ -5,6 +5,7 @@
   python -m benchmarks.run ablation --what allocation|init|loss|lr|schedule|epochs|tokens|method \\
                                     [--values ...] [--free] [--base tuned] [--reduction 0.2]
   python -m benchmarks.run speed    --model smollm2-135m-instruct --variants teacher,tuned@0.2
+  python -m benchmarks.run speech   --reductions 0.1,0.2 --calibrations speech,synthetic  # Whisper-base, WER
   python -m benchmarks.run report   # docs/benchmarks.md + charts from every record in benchmarks/results/
 
 Every command takes --device auto|cpu|cuda and --dtype auto|float32|bfloat16 (auto: bf16 on CUDA, fp32 on
@@ -155,6 +156,20 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--tag", default=None)
     pp.add_argument("--results", default=None)
 
+    sp = sub.add_parser("speech", help="Whisper-base on speech read by espeak-ng: true word error rate")
+    sp.add_argument("--reductions", default="0.1,0.2")
+    sp.add_argument("--methods", default="whitened,ours", help="comma-separated: whitened (training-free), ours")
+    sp.add_argument("--calibrations", default="speech,synthetic",
+                    help="speech (espeak-ng reading calibration text) and/or synthetic (the built-in clips)")
+    sp.add_argument("--clips", type=int, default=128, help="calibration clips")
+    sp.add_argument("--eval-clips", type=int, default=32, help="held-out spoken sentences scored")
+    sp.add_argument("--seq-len", type=int, default=64, help="transcript tokens per clip")
+    sp.add_argument("--batch-size", type=int, default=8)
+    sp.add_argument("--device", default="auto")
+    sp.add_argument("--dtype", default="auto")
+    sp.add_argument("--tag", default=None)
+    sp.add_argument("--results", default=None)
+
     r = sub.add_parser("report", help="regenerate docs/benchmarks.md and the charts from all records")
     r.add_argument("--results", default=None)
     r.add_argument("--doc", default=None, help="markdown file to write (default docs/benchmarks.md)")
@@ -230,6 +245,14 @@ def main(argv: list[str] | None = None) -> int:
             if args.tag:
                 record["tag"] = args.tag
             write_record("throughput", record, results)
+    elif args.command == "speech":
+        from .common import write_record
+        from .speech import run_speech
+
+        for record in run_speech(_floats(args.reductions), _names(args.methods), _names(args.calibrations),
+                                 args.clips, args.eval_clips, args.seq_len, args.batch_size, args.device,
+                                 args.dtype):
+            write_record("speech", {**record, **({"tag": args.tag} if args.tag else {})}, results)
     elif args.command == "_speed-worker":
         record = suites.speed_worker(args.model, args.method, args.reduction, _budget(args), args.device,
                                      args.dtype, args.new_tokens, args.repeats)

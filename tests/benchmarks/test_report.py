@@ -54,13 +54,21 @@ def test_report_tables_hold_every_measured_cell(tmp_path):
                 "dtype": "bfloat16", "params": 6.74e9, "weight_bytes": 12.6 * 2**30, "layers_compressed": 3,
                 "init": "random", "train_tokens_per_layer": 61440, "layer_seconds": [3.0, 1.5, 1.5],
                 "distill_tokens_per_s": 30720, "mfu": 0.033, "peak_allocated_bytes": 18.5 * 2**30,
-                "peak_over_weights": 1.47, "env": {"gpu": "NVIDIA H100"}}]
+                "peak_over_weights": 1.47, "env": {"gpu": "NVIDIA H100"}},
+               {"suite": "speech", "timestamp": "t", "method": "teacher", "reduction": 0.0, "wer": 0.088,
+                "transcript_ppl": 1.92, "transcribe_tokens_per_s": 7.2, "device": "cpu"},
+               {"suite": "speech", "timestamp": "t", "method": "ours", "calibration": "synthetic",
+                "target_reduction": 0.2, "reduction": 0.201, "wer": 0.214, "transcript_ppl": 3.5,
+                "transcribe_tokens_per_s": 8.1, "compress_seconds": 312.0, "device": "cpu"}]
     text = generated_markdown(records, tmp_path)
     # One column per measured reduction; a method missing at one reduction leaves its cell empty.
     assert "| method | 20% | 40% |" in text and "| ours | 47.81 | 80.50 |" in text
     assert "| whitened | 120.20 |  |" in text
     assert "teacher 29.60" in text
-    assert "| llama-7b (random weights) | NVIDIA H100, bfloat16 | built in memory | 6.74B |" in text and "| 3.3% |" in text
+    assert "| llama-7b (random weights) | NVIDIA H100, bfloat16 | built in memory | 6.74B |" in text
+    assert "| 3.3% |" in text
+    assert "| teacher | – | 0.0% | 8.8% | 1.92 | 7 | – | cpu |" in text
+    assert "| ours | synthetic clips | 20.1% | 21.4% | 3.50 | 8 | 312 | cpu |" in text
     assert (tmp_path / "benchmarks_ppl.svg").read_text().startswith("<svg")
 
 
