@@ -1,8 +1,10 @@
 """Hook glue: capture what each block receives, run blocks over stored activations, and gather
 input covariances for whitening. One generic mechanism for every architecture.
 
-Blocks are called with the keyword arguments the model itself passes them (masks, rotary
-embeddings, per-layer attention types), recorded once per batch size by stand-in blocks.
+Blocks are called with the arguments the model itself passes them (masks, rotary embeddings,
+per-layer attention types, a decoder's cross-attention states), recorded by stand-in blocks: once
+per batch size where they do not depend on the data, once per batch where they do. Encoder-decoder
+models are captured one stack at a time, the encoder running for real while the decoder is recorded.
 """
 
 from __future__ import annotations
@@ -128,9 +130,9 @@ def capture_block_inputs(model: nn.Module, blocks: list[Block], calibration: Cal
     firsts = {}
     for start in stack_starts(blocks):
         stack = [b for b in blocks if stack_of(b) == stack_of(start)]
-        copy_ = share_weights_copy(model)
+        with_stand_ins = share_weights_copy(model)
         for block in stack:
-            parent, idx = block_slot(copy_, block)
+            parent, idx = block_slot(with_stand_ins, block)
             parent[idx] = _StandIn(block.module, block.index, recorder, last=block is stack[-1])
         recorder.first = {start.index}
         for rows in batches:
@@ -138,7 +140,7 @@ def capture_block_inputs(model: nn.Module, blocks: list[Block], calibration: Cal
                 continue
             recorder.rows = rows
             try:
-                copy_(**calibration.model_inputs(rows, device), use_cache=False)
+                with_stand_ins(**calibration.model_inputs(rows, device), use_cache=False)
             except _StopForward:
                 pass
         firsts[start.index] = torch.cat([h.to(storage) for h in recorder.hidden])
