@@ -110,6 +110,10 @@ class BlockInputs:
         if changed:
             self.by_batch[index][self.rows.start] = changed
 
+    def takes(self, index: int, name: str) -> bool:
+        """Whether block `index` was called with argument `name` (e.g. a decoder's encoder_hidden_states)."""
+        return any(name in kwargs for kwargs in self.by_size[index].values())
+
     def kwargs_for(self, index: int) -> Callable[[slice], dict]:
         """The keyword arguments block `index` was called with for a batch (given by its rows)."""
         by_size, by_batch = self.by_size[index], self.by_batch[index]

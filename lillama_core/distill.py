@@ -36,6 +36,7 @@ class LayerData:
     teacher_out: torch.Tensor
     student_in: torch.Tensor | None  # None while no layer below is compressed: same as teacher_in
     kwargs_for: Callable[[slice], dict]  # block keyword arguments (masks, rotary, cross-attention) for a batch
+    student_kwargs_for: Callable[[slice], dict] | None = None  # the student path's, where they differ
 
 
 @dataclass
@@ -124,7 +125,8 @@ class LayerDistiller:
                 teacher_in = self._fetch(self.data.teacher_in, rows)
                 losses["teacher"] = feature_loss(run_block(self.student, teacher_in, kwargs), target)
             if "student" in wanted and student_in is not None:
-                losses["student"] = feature_loss(run_block(self.student, student_in, kwargs), target)
+                student_kwargs = self.data.student_kwargs_for(rows) if self.data.student_kwargs_for else kwargs
+                losses["student"] = feature_loss(run_block(self.student, student_in, student_kwargs), target)
         teacher_loss = losses.get("teacher", losses.get("student"))
         return teacher_loss, losses.get("student", teacher_loss)
 

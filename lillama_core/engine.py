@@ -48,6 +48,11 @@ def storage_device(device: torch.device, bytes_needed: int) -> torch.device:
     return device
 
 
+def _with_encoder_states(kwargs_for, states: torch.Tensor, device: torch.device):
+    """A block's recorded arguments with the cross-attention states replaced by `states` (per batch)."""
+    return lambda rows: {**kwargs_for(rows), "encoder_hidden_states": states[rows].to(device)}
+
+
 def _autocast_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
     return dtype if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) else None
 
@@ -202,7 +207,7 @@ class Compressor:
         bytes_needed = 3 * calibration.sequences.numel() * hidden * torch.finfo(self.dtype).bits // 8
         storage = storage_device(self.device, bytes_needed)
         starts, inputs = capture_block_inputs(self.loaded.model, blocks, calibration, batches, self.device, storage)
-        teacher_x = student_x = None
+        teacher_x = student_x = student_states = None
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
         global_step = 0
         train_start = time.time()
@@ -210,10 +215,17 @@ class Compressor:
         for block in blocks[: layers[-1] + 1]:
             if block.index in starts:
                 # A new stack (the decoder after the encoder) starts from the model's own inputs, the same
-                # for teacher and student; its cross-attention reads the teacher's encoder states.
+                # for teacher and student. The student path's cross-attention reads the student's encoder
+                # states once encoder blocks are compressed, as the student will at inference.
                 teacher_x, student_x = starts.pop(block.index), None  # student_x: None while equal to teacher_x
+                student_states = self._student_encoder_states(student, calibration, batches, storage) \
+                    if result.applied.ranks else None
+                if student_states is not None:
+                    student_x = teacher_x.clone()
             with resident(block.module):  # a streamed teacher block stays on the accelerator for its layer
-                kwargs_for = inputs.kwargs_for(block.index)
+                kwargs_for = student_kwargs_for = inputs.kwargs_for(block.index)
+                if student_states is not None and inputs.takes(block.index, "encoder_hidden_states"):
+                    student_kwargs_for = _with_encoder_states(kwargs_for, student_states, self.device)
                 local_ranks = ranks_by_layer.get(block.index, {})
                 restored = None
                 if local_ranks and self.checkpoints:
@@ -229,7 +241,7 @@ class Compressor:
                         covariances.close()
                 if not local_ranks:
                     if student_x is not None:
-                        run_block_over(block.module, student_x, student_x, kwargs_for, batches, self.device)
+                        run_block_over(block.module, student_x, student_x, student_kwargs_for, batches, self.device)
                     teacher_x = teacher_y
                     continue
 
@@ -246,7 +258,7 @@ class Compressor:
                     student_block = self._student_block(block.module, local_ranks,
                                                         covariances.means(self.parallel) if covariances else None,
                                                         generator)
-                    data = LayerData(teacher_x, teacher_y, student_x, kwargs_for)
+                    data = LayerData(teacher_x, teacher_y, student_x, kwargs_for, student_kwargs_for)
                     distiller = LayerDistiller(student_block, data, self.config, self.device, train_batches,
                                                eval_batches, _autocast_dtype(self.device, self.dtype), self.parallel,
                                                rows_per_batch[:len(global_train)])
@@ -271,7 +283,7 @@ class Compressor:
                 source = student_x if student_x is not None else teacher_x
                 student_x = run_block_over(student_block, source,
                                            source if student_x is not None else torch.empty_like(source),
-                                           kwargs_for, batches, self.device)
+                                           student_kwargs_for, batches, self.device)
                 if is_streamed(block.module):  # the finished student block joins the teacher's in host memory
                     stream_block(student_block, self.device)
                 teacher_x = teacher_y
@@ -284,6 +296,24 @@ class Compressor:
                 if self.parallel.any(self.stop.is_set(), device=self.device):  # every process stops together
                     return self._finish(result, start, "stopped")
         return self._finish(result, start, "completed")
+
+    @torch.no_grad()
+    def _student_encoder_states(self, student: nn.Module, calibration: CalibrationData, batches: list[slice],
+                                storage: torch.device) -> torch.Tensor | None:
+        """The student's encoder output for every calibration clip (speech encoder-decoder models only)."""
+        if calibration.features is None or not hasattr(student, "get_encoder"):
+            return None
+        encoder, states = student.get_encoder(), None
+        for rows in batches:
+            if rows.stop == rows.start:
+                continue
+            features = calibration.features[rows].to(self.device, self.dtype)
+            out = encoder(input_features=features).last_hidden_state
+            if states is None:
+                states = torch.empty((calibration.sequences.shape[0], *out.shape[1:]), dtype=out.dtype,
+                                     device=storage)
+            states[rows] = out.to(storage)
+        return states
 
     def _layer_report(self, block: Block, local_ranks: dict[str, int], r: LayerResult, seconds: float):
         summary = summarize(RankPlan({f"{block.name}.{k}": rank for k, rank in local_ranks.items()}), self.shape)

@@ -207,3 +207,21 @@ def test_cli_compresses_a_whisper_folder_and_reports_word_error_rate(whisper, tm
     assert isinstance(T.AutoModelForSpeechSeq2Seq.from_pretrained(tmp_path / "merged"),
                       T.WhisperForConditionalGeneration)
     assert load_feature_extractor(tmp_path / "merged") is not None
+
+
+def test_the_decoders_student_path_reads_the_student_encoders_states(whisper, calibration):
+    """With encoder blocks compressed, the first decoder block's two loss paths differ (same decoder input,
+    different cross-attention states); with the encoder left dense they coincide."""
+    shape = make_plan(whisper, PlanConfig(strategy="uniform", rank=8, reduction=None))
+    decoder_only = {n: r for n, r in shape.ranks.items() if ".decoder.layers.0." in n}
+    with_encoder = {**decoder_only, **{n: r for n, r in shape.ranks.items() if ".encoder.layers.1." in n}}
+    reports = {}
+    for label, ranks in (("decoder only", decoder_only), ("with encoder", with_encoder)):
+        plan = type(shape)(ranks, "custom", None, shape.model_type)
+        run = Compressor(whisper, calibration, plan, DistillConfig(lr=3e-3), batch_size=4).run()
+        reports[label] = run.layers[-1]
+        assert reports[label].layer == 2
+    dense = reports["decoder only"]
+    assert dense.final_loss_student_input == pytest.approx(dense.final_loss_teacher_input)
+    compressed = reports["with encoder"]
+    assert abs(compressed.final_loss_student_input - compressed.final_loss_teacher_input) > 1e-4
