@@ -11,6 +11,7 @@ held-out clips, and the word error rate of the student's transcript taking the t
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 import wave
@@ -122,19 +123,24 @@ def greedy_transcripts(model: nn.Module, features: torch.Tensor, prompt: list[in
     (fixed-length calibration sequences); the first position where the model preferred to end is reported,
     so a transcript's words can be cut there."""
     device = next(model.parameters()).device
+    # transformers 5.24 renamed the cache argument and output `cache`; earlier 5.x call it past_key_values.
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     rows, ends = [], []
     for i in range(0, features.shape[0], batch_size):
         batch = features[i: i + batch_size].to(device, next(model.parameters()).dtype)
         encoded = model.get_encoder()(batch)
         ids = torch.tensor([prompt] * batch.shape[0], device=device)
         batch_ends = [length] * batch.shape[0]
+        step, cache = ids, None
         while ids.shape[1] < length:
-            logits = model(encoder_outputs=encoded, decoder_input_ids=ids, use_cache=False).logits[:, -1].float()
+            out = model(encoder_outputs=encoded, decoder_input_ids=step, use_cache=True, **{cache_name: cache})
+            cache, logits = getattr(out, cache_name), out.logits[:, -1].float()
             if end_token is not None:
                 for row in (logits.argmax(-1) == end_token).nonzero().flatten().tolist():
                     batch_ends[row] = min(batch_ends[row], ids.shape[1])
                 logits[:, end_token] = -math.inf
-            ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], dim=1)
+            step = logits.argmax(-1, keepdim=True)
+            ids = torch.cat([ids, step], dim=1)
         rows.append(ids[:, :length].cpu())
         ends += batch_ends
     return torch.cat(rows), ends
@@ -221,7 +227,7 @@ def reference_transcripts(teacher: nn.Module, tokenizer, feature_extractor, conf
 def speech_metrics(model: nn.Module, reference: Reference, tokenizer, batch_size: int = 8) -> dict:
     """The model's perplexity of the teacher's transcripts (teacher-forced), the word error rate of its own
     greedy transcripts (against the true texts when the reference has them, else the teacher's transcripts),
-    and how fast it wrote them (greedy decoding without a cache: relative speeds, not a serving benchmark)."""
+    and how fast it wrote them (greedy decoding with a cache, batched: relative speeds, not a serving benchmark)."""
     device = next(model.parameters()).device
     data, start_at = reference.data, reference.prompt_length
     total, count = 0.0, 0
