@@ -1,5 +1,5 @@
 """Panel 4: the teacher and the student answer the same prompt side by side, streamed, with the same
-sampling settings and seed, and tokens/s under each answer."""
+sampling settings and seed, and tokens/s under each answer; speech models transcribe the same clip."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import threading
 import gradio as gr
 
 from lillama_core.chat import SamplingConfig, stream_chat
+from lillama_core.speech import SAMPLING_RATE, to_mono, transcribe
 
-from .common import friendly
+from .common import friendly, user_errors
 from .studio import Studio
 
 NO_STUDENT = "No student yet: run a distillation in step 3, or load a finished run in step 6."
@@ -25,6 +26,26 @@ def _speed(update) -> str:
 
 def _history(messages: list[dict]) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def transcribe_both(studio: Studio, clip) -> tuple[str, str]:
+    """Teacher's and student's transcripts of one (sampling rate, samples) clip, with decoding speed."""
+    loaded = studio.ensure_loaded()
+    if loaded.feature_extractor is None:
+        raise gr.Error("transcription needs a speech model (Whisper); this teacher is a text model: use the chat")
+    if clip is None:
+        raise gr.Error("record or upload an audio clip first")
+    rate, samples = clip
+    audio = to_mono(samples, rate, getattr(loaded.feature_extractor, "sampling_rate", SAMPLING_RATE))
+    shown = []
+    student = studio.current_student()
+    for model in (loaded.model, student.model if student else None):
+        if model is None:
+            shown.append(NO_STUDENT)
+            continue
+        result = transcribe(model, loaded.tokenizer, loaded.feature_extractor, audio)
+        shown.append(f"{result['text']}\n\n({result['tokens']} tokens · {result['tokens_per_s']:.1f} tokens/s)")
+    return shown[0], shown[1]
 
 
 def build(studio: Studio) -> dict:
@@ -50,6 +71,13 @@ def build(studio: Studio) -> dict:
             top_k = gr.Slider(0, 200, value=50, step=1, label="Top-k (0 = off)")
             penalty = gr.Slider(1, 2, value=1.1, step=0.05, label="Repetition penalty")
             seed = gr.Number(value=0, precision=0, label="Seed")
+    with gr.Accordion("Speech models: transcribe audio with both", open=False):
+        with gr.Row():
+            audio = gr.Audio(sources=["upload", "microphone"], type="numpy", label="Audio clip (up to 30 s)")
+            transcribe_button = gr.Button("Transcribe with teacher and student")
+        with gr.Row():
+            teacher_transcript = gr.Textbox(label="Teacher's transcript", interactive=False)
+            student_transcript = gr.Textbox(label="Student's transcript", interactive=False)
     stops: dict[str, threading.Event] = {}  # per browser session, so Stop ends only that tab's answer
 
     def titles():
@@ -68,8 +96,8 @@ def build(studio: Studio) -> dict:
         except Exception as exc:
             raise gr.Error(friendly(exc)) from None
         if loaded.feature_extractor is not None:
-            raise gr.Error("this is a speech model: it transcribes audio rather than chats. Compare the teacher's and "
-                           "the student's transcripts in step 5 (perplexity and word error rate on held-out clips)")
+            raise gr.Error("this is a speech model: it transcribes audio rather than chats. Use 'transcribe audio "
+                           "with both' below, or step 5 (perplexity and word error rate on held-out clips)")
         student = studio.current_student()
         sampling = SamplingConfig(int(max_new_v), float(temp_v), float(top_p_v), int(top_k_v), float(penalty_v),
                                   int(seed_v or 0))
@@ -130,6 +158,12 @@ def build(studio: Studio) -> dict:
         if stop is not None:
             stop.set()
 
+    @user_errors
+    def on_transcribe(clip):
+        return transcribe_both(studio, clip)
+
+    transcribe_button.click(on_transcribe, audio, [teacher_transcript, student_transcript], concurrency_id="chat",
+                            concurrency_limit=2, api_name="transcribe")
     halt.click(on_halt, None, None, queue=False)
     clear.click(lambda: ([], [], "", ""), None, [teacher_box, student_box, teacher_speed, student_speed])
     return {"on_show": (titles, [], [teacher_title, student_title])}

@@ -80,13 +80,25 @@ def read_wav(path: Path, sampling_rate: int = SAMPLING_RATE) -> np.ndarray:
     if width not in (1, 2, 4):
         raise CalibrationError(f"{path}: {8 * width}-bit samples are not supported; use 8, 16 or 32-bit PCM")
     dtype = {1: np.uint8, 2: np.int16, 4: np.int32}[width]
-    audio = np.frombuffer(raw, dtype=dtype).astype(np.float64)
-    audio = (audio - 128) / 128 if width == 1 else audio / float(np.iinfo(dtype).max)
-    audio = audio.reshape(-1, channels).mean(axis=1)
-    if rate != sampling_rate and audio.size:
-        positions = np.arange(0, audio.size * sampling_rate / rate) * rate / sampling_rate
-        audio = np.interp(positions, np.arange(audio.size), audio)
-    return audio.astype(np.float32)
+    audio = np.frombuffer(raw, dtype=dtype).reshape(-1, channels)
+    if width == 1:  # 8-bit PCM is unsigned, centred on 128
+        audio = (audio.astype(np.float64) - 128) / 128
+    return to_mono(audio, rate, sampling_rate)
+
+
+def to_mono(audio: np.ndarray, rate: int, sampling_rate: int = SAMPLING_RATE) -> np.ndarray:
+    """Samples [n] or [n, channels], signed integer PCM or float in [-1, 1], as mono float32 at
+    `sampling_rate` (linear resampling)."""
+    audio = np.asarray(audio)
+    samples = audio.astype(np.float64)
+    if np.issubdtype(audio.dtype, np.signedinteger):
+        samples /= float(np.iinfo(audio.dtype).max)
+    if samples.ndim == 2:
+        samples = samples.mean(axis=1)
+    if rate != sampling_rate and samples.size:
+        positions = np.arange(0, samples.size * sampling_rate / rate) * rate / sampling_rate
+        samples = np.interp(positions, np.arange(samples.size), samples)
+    return samples.astype(np.float32)
 
 
 def audio_clips(source: str, count: int, seed: int) -> list[np.ndarray]:
@@ -116,12 +128,14 @@ def transcript_prompt(model: nn.Module, tokenizer) -> list[int]:
 
 @torch.no_grad()
 def greedy_transcripts(model: nn.Module, features: torch.Tensor, prompt: list[int], length: int,
-                       end_token: int | None = None, batch_size: int = 16) -> tuple[torch.Tensor, list[int]]:
+                       end_token: int | None = None, batch_size: int = 16,
+                       until_end: bool = False) -> tuple[torch.Tensor, list[int]]:
     """([n, length] token ids: the prompt, then greedy tokens; where each transcript would have ended).
 
     The end token is never chosen, so every transcript fills its length the way the model would go on
     (fixed-length calibration sequences); the first position where the model preferred to end is reported,
-    so a transcript's words can be cut there."""
+    so a transcript's words can be cut there. With `until_end`, decoding stops once every transcript of a
+    batch has ended, and the rest is filled with the end token."""
     device = next(model.parameters()).device
     # transformers 5.24 renamed the cache argument and output `cache`; earlier 5.x call it past_key_values.
     cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -132,7 +146,7 @@ def greedy_transcripts(model: nn.Module, features: torch.Tensor, prompt: list[in
         ids = torch.tensor([prompt] * batch.shape[0], device=device)
         batch_ends = [length] * batch.shape[0]
         step, cache = ids, None
-        while ids.shape[1] < length:
+        while ids.shape[1] < length and not (until_end and max(batch_ends) < length):
             out = model(encoder_outputs=encoded, decoder_input_ids=step, use_cache=True, **{cache_name: cache})
             cache, logits = getattr(out, cache_name), out.logits[:, -1].float()
             if end_token is not None:
@@ -141,9 +155,24 @@ def greedy_transcripts(model: nn.Module, features: torch.Tensor, prompt: list[in
                 logits[:, end_token] = -math.inf
             step = logits.argmax(-1, keepdim=True)
             ids = torch.cat([ids, step], dim=1)
+        if ids.shape[1] < length:
+            ids = torch.cat([ids, ids.new_full((ids.shape[0], length - ids.shape[1]), end_token)], dim=1)
         rows.append(ids[:, :length].cpu())
         ends += batch_ends
     return torch.cat(rows), ends
+
+
+def transcribe(model: nn.Module, tokenizer, feature_extractor, clip: np.ndarray, max_tokens: int = 128) -> dict:
+    """One clip's greedy transcript (cut where the model ends it) and the decoding speed."""
+    prompt = transcript_prompt(model, tokenizer)
+    length = min(len(prompt) + max_tokens, getattr(model.config, "max_target_positions", 448))
+    start = time.perf_counter()
+    ids, ends = greedy_transcripts(model, clip_features(feature_extractor, [clip]), prompt, length,
+                                   tokenizer.eos_token_id, until_end=True)
+    seconds = time.perf_counter() - start
+    tokens = ids[0, len(prompt): ends[0]].tolist()
+    return {"text": tokenizer.decode(tokens, skip_special_tokens=True).strip(), "tokens": len(tokens),
+            "seconds": seconds, "tokens_per_s": len(tokens) / seconds if seconds else 0.0}
 
 
 def clip_features(feature_extractor, clips: list[np.ndarray]) -> torch.Tensor:

@@ -53,7 +53,8 @@ def test_throughput_and_memory_charts():
 
 
 def test_plan_chart_and_budget_line():
-    layers = [{"layer": 0, "params_before": 10, "params_after": 6}, {"layer": 1, "params_before": 10, "params_after": 10}]
+    layers = [{"layer": 0, "params_before": 10, "params_after": 6},
+              {"layer": 1, "params_before": 10, "params_after": 10}]
     fig = plan_chart(layers, budget_after=14)
     assert [t["y"] for t in fig["data"]] == [[10, 10], [6, 10]]
     assert fig["layout"]["shapes"][0]["y0"] == 7
@@ -78,8 +79,10 @@ def test_figures_are_plain_json_that_plotly_accepts():
     import plotly.graph_objects as go
     from components.charts import comparison_chart
 
-    rows = [{"model": "teacher", "perplexity": 30.0, "parameters": 10, "weight_bytes": 40, "generate_tokens_per_s": 5.0},
-            {"model": "student", "perplexity": 35.0, "parameters": 8, "weight_bytes": 32, "generate_tokens_per_s": 6.0}]
+    rows = [{"model": "teacher", "perplexity": 30.0, "parameters": 10, "weight_bytes": 40,
+             "generate_tokens_per_s": 5.0},
+            {"model": "student", "perplexity": 35.0, "parameters": 8, "weight_bytes": 32,
+             "generate_tokens_per_s": 6.0}]
     events = _events()
     for fig in (loss_chart(events), throughput_chart(events), memory_chart(events), comparison_chart(rows),
                 plan_chart([{"layer": 0, "params_before": 1, "params_after": 1}], 1), tradeoff_chart([])):

@@ -32,3 +32,32 @@ def test_closing_the_tab_mid_answer_stops_the_decoding(tmp_path, tiny, monkeypat
     assert seen_stops and not seen_stops[0].is_set()
     answer.close()  # what gradio does when the browser goes away
     assert seen_stops[0].is_set()
+
+
+def test_speech_models_transcribe_one_clip_with_teacher_and_student(tmp_path, tiny):
+    import numpy as np
+    import pytest
+
+    from components.studio import Student
+    from lillama_core.speech import synthetic_clips, to_mono, transcribe
+    from tiny import tiny_whisper
+
+    studio = Studio(JobManager(tmp_path / "runs"), tmp_path / "exports")
+    studio.loaded, studio.shape = tiny, ModelShape.of(tiny.model)
+    with pytest.raises(gr.Error, match="speech model"):
+        chat.transcribe_both(studio, (16000, np.zeros(1600, dtype=np.int16)))
+
+    whisper = tiny_whisper()
+    studio.loaded, studio.shape = whisper, ModelShape.of(whisper.model)
+    clip = synthetic_clips(1, seed=3)[0]
+    pcm = (clip * 32767).astype(np.int16)[::2]  # as a browser sends it: integer PCM, here at 8 kHz
+    teacher, student = chat.transcribe_both(studio, (8000, pcm))
+    assert student == chat.NO_STUDENT
+    audio = to_mono(pcm, 8000)
+    assert audio.size == 2 * pcm.size and np.abs(audio[::2] - clip[::2]).max() < 1e-3  # mono float at 16 kHz
+    expected = transcribe(whisper.model, whisper.tokenizer, whisper.feature_extractor, audio)
+    assert teacher.startswith(expected["text"]) and "tokens/s" in teacher
+    studio.student = Student(whisper.model, whisper.tokenizer, "same weights", None, whisper.feature_extractor)
+    studio.jobs.latest = lambda: None
+    teacher, student = chat.transcribe_both(studio, (8000, pcm))
+    assert student.split("\n")[0] == teacher.split("\n")[0]

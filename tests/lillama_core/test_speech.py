@@ -188,6 +188,9 @@ class Scripted(torch.nn.Module):
 def test_transcripts_fill_their_length_and_report_where_they_would_have_ended():
     ids, ends = greedy_transcripts(Scripted([3, 99]), torch.zeros(2, 1), [0], 6, end_token=1, batch_size=2)
     assert ids.tolist() == [[0, 7, 7, 7, 7, 7], [0, 7, 7, 7, 7, 7]] and ends == [3, 6]
+    ids, ends = greedy_transcripts(Scripted([2, 4]), torch.zeros(2, 1), [0], 8, end_token=1, until_end=True)
+    assert ends == [2, 4] and ids[:, :4].tolist() == [[0, 7, 7, 7]] * 2
+    assert (ids[:, 5:] == 1).all()  # decoding stopped once both had ended; the rest is the end token
 
 
 def test_cli_compresses_a_whisper_folder_and_reports_word_error_rate(whisper, tmp_path, capsys):
