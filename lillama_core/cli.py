@@ -144,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--top-p", type=float, default=0.9)
     ch.add_argument("--seed", type=int, default=0)
 
+    tr = sub.add_parser("transcribe", help="transcribe .wav files with a speech model (Whisper) or its export")
+    _add_model_args(tr)
+    tr.add_argument("audio", nargs="+", help=".wav files")
+    tr.add_argument("--max-new-tokens", type=int, default=128)
+
     x = sub.add_parser("export", help="re-export a compressed folder, e.g. merged to dense")
     x.add_argument("source")
     x.add_argument("--out", required=True)
@@ -358,6 +363,19 @@ def cmd_chat(args, parser) -> None:
         print(f"\n[{update.new_tokens} tokens, {update.tokens_per_s:.1f} tokens/s]", file=sys.stderr)
 
 
+def cmd_transcribe(args, parser) -> None:
+    from .speech import read_wav, transcribe
+
+    loaded = _load_any(args)
+    if loaded.feature_extractor is None:
+        raise ConfigError(f"{args.model} is a text model; `lillama transcribe` needs a speech model (Whisper)")
+    for path in args.audio:
+        result = transcribe(loaded.model, loaded.tokenizer, loaded.feature_extractor, read_wav(Path(path)),
+                            args.max_new_tokens)
+        print(f"{path}: {result['text']}")
+        print(f"[{result['tokens']} tokens, {result['tokens_per_s']:.1f} tokens/s]", file=sys.stderr)
+
+
 def cmd_export(args, parser) -> None:
     from .errors import ExportError
     from .export import export_student, load_compressed, load_feature_extractor, read_record
@@ -397,8 +415,8 @@ def cmd_plan(args, parser) -> None:
         plan.save(args.save)
 
 
-COMMANDS = {"compress": cmd_compress, "resume": cmd_resume, "eval": cmd_eval, "chat": cmd_chat, "export": cmd_export,
-            "plan": cmd_plan}
+COMMANDS = {"compress": cmd_compress, "resume": cmd_resume, "eval": cmd_eval, "chat": cmd_chat,
+            "transcribe": cmd_transcribe, "export": cmd_export, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

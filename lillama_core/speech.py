@@ -75,6 +75,8 @@ def read_wav(path: Path, sampling_rate: int = SAMPLING_RATE) -> np.ndarray:
         with wave.open(str(path), "rb") as f:
             width, channels, rate = f.getsampwidth(), f.getnchannels(), f.getframerate()
             raw = f.readframes(f.getnframes())
+    except FileNotFoundError:
+        raise CalibrationError(f"audio file not found: {path}") from None
     except (wave.Error, EOFError) as exc:
         raise CalibrationError(f"{path}: not a PCM .wav file ({exc})") from None
     if width not in (1, 2, 4):

@@ -212,6 +212,14 @@ def test_cli_compresses_a_whisper_folder_and_reports_word_error_rate(whisper, tm
                       T.WhisperForConditionalGeneration)
     assert load_feature_extractor(tmp_path / "merged") is not None
 
+    _write_wav(tmp_path / "clip.wav", synthetic_clips(1, seed=5)[0], 16000)
+    capsys.readouterr()
+    assert main(["transcribe", "--model", str(out), "--device", "cpu", str(tmp_path / "clip.wav")]) == 0
+    printed = capsys.readouterr()
+    assert printed.out.startswith(f"{tmp_path / 'clip.wav'}: ") and "tokens/s" in printed.err
+    assert main(["transcribe", "--model", str(out), str(tmp_path / "missing.wav")]) == 2
+    assert "audio file not found" in capsys.readouterr().err
+
 
 def test_the_decoders_student_path_reads_the_student_encoders_states(whisper, calibration):
     """With encoder blocks compressed, the first decoder block's two loss paths differ (same decoder input,
@@ -229,3 +237,9 @@ def test_the_decoders_student_path_reads_the_student_encoders_states(whisper, ca
     assert dense.final_loss_student_input == pytest.approx(dense.final_loss_teacher_input)
     compressed = reports["with encoder"]
     assert abs(compressed.final_loss_student_input - compressed.final_loss_teacher_input) > 1e-4
+
+
+def test_transcribing_with_a_text_model_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
+    _write_wav(tmp_path / "clip.wav", synthetic_clips(1, seed=5)[0], 16000)
+    assert main(["transcribe", "--model", str(tiny_model_dir), "--device", "cpu", str(tmp_path / "clip.wav")]) == 2
+    assert "needs a speech model" in capsys.readouterr().err
