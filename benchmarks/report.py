@@ -305,9 +305,9 @@ def _throughput_table(records: list[dict]) -> list[str]:
     rows = _latest([r for r in records if r.get("suite") == "throughput" and not r.get("error")],
                    lambda r: (r["model"], r.get("device"), r.get("env", {}).get("gpu"), r.get("offload"),
                               r.get("from_checkpoint")))
-    lines = ["| model | device | weights | params | weights GiB | layers | init | trained tokens/layer | s/layer | "
-             "trained tok/s | MFU | peak alloc GiB | peak ÷ weights | host GiB: own / mapped |",
-             "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = ["| model | device | weights | params | weights GiB | layers | init | batch | trained tokens/layer | "
+             "s/layer | trained tok/s | MFU | peak alloc GiB | peak ÷ weights | host GiB: own / mapped |",
+             "|---|---|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows.values():
         seconds = sum(r["layer_seconds"]) / len(r["layer_seconds"])
         device = r.get("env", {}).get("gpu") or r["device"]
@@ -319,7 +319,7 @@ def _throughput_table(records: list[dict]) -> list[str]:
             host = f"{r['host_peak_anon_bytes'] / 2**30:.1f} / {r['host_peak_file_bytes'] / 2**30:.1f}"
         lines.append(f"| {r['model']} | {device}, {r['dtype']} | {where} | {r['params'] / 1e9:.2f}B | "
                      f"{r['weight_bytes'] / 2**30:.1f} | {r['layers_compressed']} | {r['init']} | "
-                     f"{r['train_tokens_per_layer']:,} | {seconds:.1f} | {r['distill_tokens_per_s']:,.0f} | {mfu} | "
+                     f"{r.get('batch_size', '–')} × {r.get('seq_len', '–')} | {r['train_tokens_per_layer']:,} | {seconds:.1f} | {r['distill_tokens_per_s']:,.0f} | {mfu} | "
                      f"{r['peak_allocated_bytes'] / 2**30:.1f} | {r['peak_over_weights']:.2f} | {host} |")
     return lines if len(lines) > 2 else []
 
@@ -498,7 +498,7 @@ def generated_markdown(records: list[dict], docs: Path) -> str:
     throughput = _throughput_table(records)
     if throughput:
         lines += ["### Distillation throughput on large random-weight Llamas", "",
-                  "Bottom-first layers at 40% kept weights, joint loss, batch 8 × 512 tokens. s/layer includes "
+                  "Bottom-first layers at 40% kept weights, joint loss. s/layer includes "
                   "factor initialisation and held-out checks. MFU counts only the student block's training FLOPs "
                   "(forward + backward of both loss paths) against the card's dense bf16 datasheet rate, so it is "
                   "a floor. Peak alloc includes the whole teacher, unless offloaded (blocks stream to the "
