@@ -22,6 +22,7 @@ from .distributed import SINGLE, Parallel
 from .errors import ModelLoadError
 from .lowrank import CovarianceAccumulator
 from .models import Block, share_weights_copy, stack_of, stack_starts
+from .storage import ActivationStore
 
 
 class _StopForward(Exception):
@@ -122,13 +123,14 @@ class BlockInputs:
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, blocks: list[Block], calibration: CalibrationData, batches: list[slice],
-                         device: torch.device, storage: torch.device) -> tuple[dict[int, torch.Tensor], BlockInputs]:
+                         device: torch.device, store: ActivationStore | None = None,
+                         ) -> tuple[dict[int, torch.Tensor], BlockInputs]:
     """Run the model's own forward with stand-ins for the blocks of one stack at a time, so those blocks
     do no work; the stacks before it (an encoder) run for real and give the later ones their inputs.
 
-    Returns the hidden inputs of the first block of every stack, by block index, and every block's
-    keyword arguments. The stand-ins go into a weight-sharing copy, so the model itself is never
-    altered and other threads (the app's chat) can keep using it meanwhile.
+    Returns the hidden inputs of the first block of every stack, by block index (in `store`, else on
+    `device`), and every block's keyword arguments. The stand-ins go into a weight-sharing copy, so the
+    model itself is never altered and other threads (the app's chat) can keep using it meanwhile.
     """
     recorder = BlockInputs(len(blocks))
     firsts = {}
@@ -147,7 +149,7 @@ def capture_block_inputs(model: nn.Module, blocks: list[Block], calibration: Cal
                 with_stand_ins(**calibration.model_inputs(rows, device), use_cache=False)
             except _StopForward:
                 pass
-        firsts[start.index] = torch.cat([h.to(storage) for h in recorder.hidden])
+        firsts[start.index] = store.cat(recorder.hidden) if store else torch.cat(recorder.hidden)
         recorder.hidden = []
     return firsts, recorder
 

@@ -9,8 +9,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from .config import DEFAULT_GROUPS, GROUPS, INITS, LOSS_PATHS, STRATEGIES, CalibrationConfig, DistillConfig, \
-    EvalConfig, ModelConfig, PlanConfig, RunConfig
+from .config import ACTIVATION_STORAGES, DEFAULT_GROUPS, GROUPS, INITS, LOSS_PATHS, STRATEGIES, CalibrationConfig, \
+    DistillConfig, EvalConfig, ModelConfig, PlanConfig, RunConfig
 from .distributed import Parallel, device_for, from_environment
 from .errors import ConfigError, LillamaError
 from .events import Event, LayerFinished, Phase, RunFinished, RunStarted, Step
@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--epochs", type=int, default=DistillConfig.epochs)
     c.add_argument("--loss", choices=LOSS_PATHS, default=DistillConfig.loss)
     c.add_argument("--no-distill", action="store_true", help="factorise only (training-free baseline)")
+    c.add_argument("--activations", choices=ACTIVATION_STORAGES, default=DistillConfig.activations,
+                   help=DistillConfig.__dataclass_fields__["activations"].metadata["help"])
     c.add_argument("--heal-tokens", type=int, default=0, help="end-to-end KL healing after distillation (0 = off)")
     c.add_argument("--heal-lr", type=float, default=1e-4)
     c.add_argument("--seed", type=int, default=0)
@@ -192,6 +194,7 @@ COMPRESS_FLAGS = {
     "rank_multiple": ("plan", "rank_multiple", int),
     "init": ("distill", "init", str), "lr": ("distill", "lr", float), "epochs": ("distill", "epochs", int),
     "loss": ("distill", "loss", str), "no_distill": ("distill", "distill", lambda v: not v),
+    "activations": ("distill", "activations", str),
     "heal_tokens": ("heal", "tokens", int), "heal_lr": ("heal", "lr", float),
     "eval_text": ("eval", "text", str), "eval_tokens": ("eval", "tokens", int),
     "eval_seq_len": ("eval", "seq_len", int),

@@ -66,6 +66,7 @@ class CalibrationConfig:
             )
 
 
+ACTIVATION_STORAGES = ("auto", "accelerator", "host", "disk")
 STRATEGIES = ("sensitivity", "energy", "uniform", "bottom", "top")
 GROUPS = ("attention", "mlp", "experts", "ssm", "router", "other")
 DEFAULT_GROUPS = ["attention", "mlp", "experts", "ssm"]
@@ -140,8 +141,13 @@ class DistillConfig:
     keep_best: bool = _help("restore the state with the lowest held-out layer loss", True)
     eval_every: int = _help("steps between held-out checks of the layer loss", 16)
     distill: bool = _help("train the factors; off gives the training-free factorisation only", True)
+    activations: str = _help(
+        "where cached activations live: auto (accelerator if they fit, else host memory, else disk), "
+        "accelerator, host or disk (memory-mapped files under $LILLAMA_HOME/activations)", "auto")
 
     def validate(self) -> None:
+        if self.activations not in ACTIVATION_STORAGES:
+            raise ConfigError(f"activations must be one of {', '.join(ACTIVATION_STORAGES)}, not {self.activations!r}")
         if self.init not in INITS:
             raise ConfigError(f"init must be one of {', '.join(INITS)}, not {self.init!r}")
         if self.loss not in LOSS_PATHS:

@@ -25,9 +25,10 @@ from .distributed import SINGLE, Parallel
 from .errors import CalibrationError, ConfigError, LillamaError, OutOfMemoryError, RankPlanError, RunStopped
 from .events import Event, EventSink, LayerFinished, LayerStarted, Phase, RunError, RunFinished, RunStarted, Step
 from .lowrank import set_submodule, spectrum, to_low_rank, whitened_spectrum
-from .models import Block, LoadedModel, find_blocks, find_linears, share_weights_copy
+from .models import Block, LoadedModel, find_blocks, find_linears, lillama_home, share_weights_copy
 from .offload import is_streamed, resident, stream_block
 from .ranks import ModelShape, RankPlan, build_plan, summarize
+from .storage import ActivationStore
 from .telemetry import MemoryMonitor, Throughput, eta_seconds
 
 
@@ -36,16 +37,6 @@ def held_out_count(sequences: int) -> int:
     if sequences < 2:
         raise CalibrationError("distillation needs at least 2 calibration sequences; raise the token budget")
     return max(1, min(32, sequences // 16))
-
-
-def storage_device(device: torch.device, bytes_needed: int) -> torch.device:
-    """Keep activations on the accelerator when they fit comfortably, else in host memory."""
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        if bytes_needed < 0.4 * free:
-            return device
-        return torch.device("cpu")
-    return device
 
 
 def _with_encoder_states(kwargs_for, states: torch.Tensor, device: torch.device):
@@ -88,7 +79,7 @@ def compute_spectra(loaded: LoadedModel, shape: ModelShape, calibration: Calibra
         return {m.name: spectrum(loaded.model.get_submodule(m.name).weight.detach()) for m in shape.modules}
     device = loaded.device
     batches = batch_slices(0, calibration.sequences.shape[0], batch_size)
-    starts, inputs = capture_block_inputs(loaded.model, blocks, calibration, batches, device, device)
+    starts, inputs = capture_block_inputs(loaded.model, blocks, calibration, batches, device)
     spectra = {}
     for block in blocks:
         if block.index in starts:
@@ -202,11 +193,15 @@ class Compressor:
             return self._finish(result, start, "completed")
 
         self.memory.reset_peak()
-        self.emit(Phase("capture", "recording the inputs of the first block"))
         hidden = getattr(self.loaded.model.config, "hidden_size", 0) or 0
-        bytes_needed = 3 * calibration.sequences.numel() * hidden * torch.finfo(self.dtype).bits // 8
-        storage = storage_device(self.device, bytes_needed)
-        starts, inputs = capture_block_inputs(self.loaded.model, blocks, calibration, batches, self.device, storage)
+        sequence_count, positions = calibration.sequences.shape
+        if calibration.features is not None:  # a speech encoder sees the audio frames (Whisper: half of them)
+            positions = max(positions, calibration.features.shape[-1] // 2)
+        bytes_needed = 3 * sequence_count * positions * hidden * torch.finfo(self.dtype).bits // 8
+        store = ActivationStore.choose(self.config.activations, self.device, bytes_needed,
+                                       lillama_home() / "activations")
+        self.emit(Phase("capture", f"recording the inputs of the first block; activations kept {store.describe()}"))
+        starts, inputs = capture_block_inputs(self.loaded.model, blocks, calibration, batches, self.device, store)
         teacher_x = student_x = student_states = None
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
         global_step = 0
@@ -218,10 +213,10 @@ class Compressor:
                 # for teacher and student. The student path's cross-attention reads the student's encoder
                 # states once encoder blocks are compressed, as the student will at inference.
                 teacher_x, student_x = starts.pop(block.index), None  # student_x: None while equal to teacher_x
-                student_states = self._student_encoder_states(student, calibration, batches, storage) \
+                student_states = self._student_encoder_states(student, calibration, batches, store) \
                     if result.applied.ranks else None
                 if student_states is not None:
-                    student_x = teacher_x.clone()
+                    student_x = store.copy(teacher_x)
             with resident(block.module):  # a streamed teacher block stays on the accelerator for its layer
                 kwargs_for = student_kwargs_for = inputs.kwargs_for(block.index)
                 if student_states is not None and inputs.takes(block.index, "encoder_hidden_states"):
@@ -234,7 +229,7 @@ class Compressor:
                 if local_ranks and self.config.init == "whitened" and restored is None:
                     covariances = InputCovariances(block.module, list(local_ranks), self.device)
                 try:
-                    teacher_y = run_block_over(block.module, teacher_x, torch.empty_like(teacher_x), kwargs_for,
+                    teacher_y = run_block_over(block.module, teacher_x, store.empty_like(teacher_x), kwargs_for,
                                                batches, self.device)
                 finally:
                     if covariances:
@@ -282,7 +277,7 @@ class Compressor:
                 set_submodule(student, block.name, student_block)
                 source = student_x if student_x is not None else teacher_x
                 student_x = run_block_over(student_block, source,
-                                           source if student_x is not None else torch.empty_like(source),
+                                           source if student_x is not None else store.empty_like(source),
                                            student_kwargs_for, batches, self.device)
                 if is_streamed(block.module):  # the finished student block joins the teacher's in host memory
                     stream_block(student_block, self.device)
@@ -299,7 +294,7 @@ class Compressor:
 
     @torch.no_grad()
     def _student_encoder_states(self, student: nn.Module, calibration: CalibrationData, batches: list[slice],
-                                storage: torch.device) -> torch.Tensor | None:
+                                store: ActivationStore) -> torch.Tensor | None:
         """The student's encoder output for every calibration clip (speech encoder-decoder models only)."""
         if calibration.features is None or not hasattr(student, "get_encoder"):
             return None
@@ -310,9 +305,8 @@ class Compressor:
             features = calibration.features[rows].to(self.device, self.dtype)
             out = encoder(input_features=features).last_hidden_state
             if states is None:
-                states = torch.empty((calibration.sequences.shape[0], *out.shape[1:]), dtype=out.dtype,
-                                     device=storage)
-            states[rows] = out.to(storage)
+                states = store.empty((calibration.sequences.shape[0], *out.shape[1:]), out.dtype)
+            states[rows] = out.to(states.device)
         return states
 
     def _layer_report(self, block: Block, local_ranks: dict[str, int], r: LayerResult, seconds: float):

@@ -61,7 +61,7 @@ def measure_sensitivity(loaded: LoadedModel, calibration: CalibrationData, group
     blocks = find_blocks(model)
     probe = min(PROBE_SEQUENCES, calibration.sequences.shape[0])
     batches = [slice(0, probe)] + batch_slices(probe, calibration.sequences.shape[0], batch_size)
-    starts, inputs = capture_block_inputs(model, blocks, calibration, batches, device, device)
+    starts, inputs = capture_block_inputs(model, blocks, calibration, batches, device)
     probe_inputs = calibration.model_inputs(slice(0, probe), device)
     reference = _log_probs(model, probe_inputs)
     replay = share_weights_copy(model)

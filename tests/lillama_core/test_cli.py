@@ -30,7 +30,8 @@ def _compress_args(model_dir, texts, out, *extra):
 
 def test_compress_json_summary_and_export(tiny_model_dir, texts, tmp_path, capsys):
     out = tmp_path / "student"
-    assert main(_compress_args(tiny_model_dir, texts, out, "--json", "--heal-tokens", "256")) == 0
+    assert main(_compress_args(tiny_model_dir, texts, out, "--json", "--heal-tokens", "256", "--activations",
+                               "disk")) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("params_before", "params_after", "teacher_ppl", "student_ppl", "seconds", "out"):
         assert key in summary
@@ -38,7 +39,8 @@ def test_compress_json_summary_and_export(tiny_model_dir, texts, tmp_path, capsy
     assert 0.1 <= 1 - summary["params_after"] / summary["params_before"] < 0.12
     assert summary["out"] == str(out)
     record = read_record(out)
-    assert RunConfig.from_dict(record["config"]).plan.strategy == "bottom"  # the run config travels with it
+    config = RunConfig.from_dict(record["config"])  # the run config travels with it
+    assert config.plan.strategy == "bottom" and config.distill.activations == "disk"
     metrics = record["metrics"]
     assert metrics["heal_tokens"] > 0 and metrics["heal_kl_after"] <= metrics["heal_kl_before"]
     model, _ = load_compressed(out)

@@ -121,7 +121,7 @@ def test_shared_input_covariances_are_computed_once_and_never_mixed_up(tiny):
     from lillama_core.models import find_blocks
     data = CalibrationData(tiny_sequences(2, 16), "random", 0)
     starts, recorded = capture_block_inputs(tiny.model, find_blocks(tiny.model), data, [slice(0, 2)],
-                                            torch.device("cpu"), torch.device("cpu"))
+                                            torch.device("cpu"))
     block(starts[0], **recorded.kwargs_for(0)(slice(0, 2)))
     for h in hooks:
         h.remove()
@@ -157,7 +157,7 @@ def test_models_with_different_layer_kwargs_still_match_the_full_forward():
     blocks = find_blocks(loaded.model)
     batches = [slice(0, 3), slice(3, 4)]
     starts, recorded = capture_block_inputs(loaded.model, blocks, CalibrationData(seqs, "random", 0), batches,
-                                            torch.device("cpu"), torch.device("cpu"))
+                                            torch.device("cpu"))
     hidden = starts[0]
     for block in blocks:
         run_block_over(block.module, hidden, hidden, recorded.kwargs_for(block.index), batches, torch.device("cpu"))

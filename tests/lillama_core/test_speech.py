@@ -49,7 +49,7 @@ def test_block_by_block_replay_reproduces_encoder_and_decoder(whisper, calibrati
     model, blocks = whisper.model, find_blocks(whisper.model)
     data = calibration.select(slice(0, 4))
     batches = [slice(0, 2), slice(2, 4)]  # equal sizes: per-size arguments alone would mix the batches up
-    starts, recorded = capture_block_inputs(model, blocks, data, batches, CPU, CPU)
+    starts, recorded = capture_block_inputs(model, blocks, data, batches, CPU)
     assert set(starts) == {0, 2}
     outputs = {}
     for start, stack in ((0, blocks[:2]), (2, blocks[2:])):
