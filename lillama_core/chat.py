@@ -78,6 +78,12 @@ def pick_next(logits: torch.Tensor, seen: torch.Tensor, sampling: SamplingConfig
     return torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(logits.device)
 
 
+def cache_argument(model: nn.Module) -> str:
+    """The name of the key/value cache in the model's forward and output: transformers 5.24 renamed
+    past_key_values to cache."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def decode(model: nn.Module, input_ids: torch.Tensor, sampling: SamplingConfig, stop_ids: set[int] = frozenset(),
            stop: threading.Event | None = None) -> Iterator[torch.Tensor]:
@@ -87,8 +93,7 @@ def decode(model: nn.Module, input_ids: torch.Tensor, sampling: SamplingConfig, 
     ids = input_ids.to(device)
     seen = ids
     cache = None
-    # transformers 5.24 renamed the cache argument and output `cache`; earlier 5.x call it past_key_values.
-    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_name = cache_argument(model)
     step_input = ids
     for _ in range(sampling.max_new_tokens):
         if stop is not None and stop.is_set():

@@ -11,7 +11,6 @@ held-out clips, and the word error rate of the student's transcript taking the t
 
 from __future__ import annotations
 
-import inspect
 import math
 import time
 import wave
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .calibration import CalibrationData
+from .chat import cache_argument
 from .config import CalibrationConfig
 from .errors import CalibrationError
 
@@ -139,8 +139,7 @@ def greedy_transcripts(model: nn.Module, features: torch.Tensor, prompt: list[in
     so a transcript's words can be cut there. With `until_end`, decoding stops once every transcript of a
     batch has ended, and the rest is filled with the end token."""
     device = next(model.parameters()).device
-    # transformers 5.24 renamed the cache argument and output `cache`; earlier 5.x call it past_key_values.
-    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    cache_name = cache_argument(model)
     rows, ends = [], []
     for i in range(0, features.shape[0], batch_size):
         batch = features[i: i + batch_size].to(device, next(model.parameters()).dtype)
