@@ -249,14 +249,39 @@ def token_stream(texts: Iterable[str], tokenizer, separator: int | None) -> Iter
             yield separator
 
 
+def leading_tokens(tokenizer) -> list[int]:
+    """The special tokens the tokenizer puts before any text (Gemma's and Llama's <bos>; none for SmolLM2).
+    Models trained with them see them first in every sequence, and some (Gemma) fall apart without them."""
+    marked = tokenizer("a", add_special_tokens=True)["input_ids"]
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    for start in range(len(marked) - len(plain) + 1):
+        if marked[start: start + len(plain)] == plain:
+            return marked[:start]
+    return []
+
+
+def with_leading_tokens(pool: list[int], tokenizer, seq_len: int) -> torch.Tensor:
+    """[n, seq_len] rows: the tokenizer's leading tokens, then the next seq_len - len(those) tokens of the pool."""
+    prefix = leading_tokens(tokenizer)
+    body = seq_len - len(prefix)
+    if body < 1:
+        raise CalibrationError(f"sequence length {seq_len} leaves no room after the model's {len(prefix)} leading "
+                               "special tokens")
+    n = len(pool) // body
+    chunks = torch.tensor(pool[: n * body], dtype=torch.long).view(n, body)
+    return torch.cat([torch.tensor([prefix] * n, dtype=torch.long).view(n, len(prefix)), chunks], dim=1)
+
+
 def build_sequences(texts: Iterable[str], tokenizer, tokens: int, seq_len: int, seed: int,
                     source: str = "") -> CalibrationData:
-    """Cut the token stream into seq_len pieces and sample enough of them, seeded, for the budget."""
+    """Cut the token stream into seq_len pieces (each led by the tokenizer's <bos> if it adds one) and sample
+    enough of them, seeded, for the budget."""
     wanted = -(-tokens // seq_len)
     limit = wanted * seq_len * POOL_FACTOR
     stream = token_stream(texts, tokenizer, tokenizer.eos_token_id)
     pool = list(itertools.islice(stream, limit))
-    n_available = len(pool) // seq_len
+    chunks = with_leading_tokens(pool, tokenizer, seq_len)
+    n_available = chunks.shape[0]
     if n_available == 0:
         raise CalibrationError(
             f"calibration data has {len(pool)} tokens, fewer than one sequence of {seq_len}; "
@@ -267,7 +292,6 @@ def build_sequences(texts: Iterable[str], tokenizer, tokens: int, seq_len: int, 
             f"calibration data has only {len(pool)} tokens ({n_available} sequences of {seq_len}) "
             f"but the budget asks for {tokens}; lower the token budget or add text"
         )
-    chunks = torch.tensor(pool[: n_available * seq_len], dtype=torch.long).view(n_available, seq_len)
     order = torch.randperm(n_available, generator=torch.Generator().manual_seed(seed))[:wanted]
     return CalibrationData(chunks[order], source, len(pool))
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .chat import SamplingConfig, decode
+from .calibration import with_leading_tokens
 from .errors import CalibrationError
 from .models import count_parameters, weight_bytes
 from .telemetry import synchronize
@@ -22,12 +23,13 @@ def _device_of(model: nn.Module) -> torch.device:
 
 
 def eval_windows(tokenizer, text: str, tokens: int, seq_len: int) -> torch.Tensor:
-    """The first `tokens` tokens of the text as non-overlapping windows [n, seq_len]."""
+    """The first `tokens` tokens of the text as non-overlapping windows [n, seq_len], each led by the
+    tokenizer's <bos> if it adds one (as the model saw every sequence in training)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:tokens]
-    n = len(ids) // seq_len
-    if n == 0:
+    windows = with_leading_tokens(ids, tokenizer, seq_len)
+    if windows.shape[0] == 0:
         raise CalibrationError(f"evaluation text has {len(ids)} tokens, fewer than one window of {seq_len}")
-    return torch.tensor(ids[: n * seq_len]).view(n, seq_len)
+    return windows
 
 
 @dataclass

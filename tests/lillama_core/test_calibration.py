@@ -175,3 +175,25 @@ def test_raw_records_streams_jsonl_lazily(tmp_path):
     assert next(records) == {"text": "a"}
     with pytest.raises(CalibrationError, match="line 2"):
         next(records)
+
+
+def test_sequences_and_eval_windows_start_with_the_tokenizers_bos(tokenizer):
+    """Models whose tokenizer adds <bos> (Gemma, Llama) see it first in every calibration and evaluation
+    sequence; tokenizers that add none (SmolLM2) get plain windows of text."""
+    from tokenizers.processors import TemplateProcessing
+
+    from lillama_core.calibration import leading_tokens
+    from lillama_core.evaluate import eval_windows
+    from tiny import tiny_tokenizer
+
+    with_bos = tiny_tokenizer()
+    bos = with_bos.convert_tokens_to_ids("<eos>")
+    with_bos.backend_tokenizer.post_processor = TemplateProcessing(single="<eos> $A", special_tokens=[("<eos>", bos)])
+    assert leading_tokens(with_bos) == [bos] and leading_tokens(tokenizer) == []
+    data = build_sequences([SAMPLE_TEXT] * 4, with_bos, 64, 16, 0)
+    assert data.sequences.shape == (4, 16) and (data.sequences[:, 0] == bos).all()
+    text = with_bos(SAMPLE_TEXT, add_special_tokens=False)["input_ids"]
+    windows = eval_windows(with_bos, SAMPLE_TEXT, 45, 16)
+    assert windows.tolist() == [[bos] + text[0:15], [bos] + text[15:30], [bos] + text[30:45]]
+    plain = eval_windows(tokenizer, SAMPLE_TEXT, 48, 16)
+    assert plain.flatten().tolist() == tokenizer(SAMPLE_TEXT, add_special_tokens=False)["input_ids"][:48]
