@@ -12,7 +12,7 @@ from lillama_core.calibration import load_calibration, preview
 from lillama_core.config import CalibrationConfig
 from lillama_core.errors import LillamaError
 from lillama_core.models import BUILTIN_MODELS
-from lillama_core.pipeline import calibrate
+from lillama_core.pipeline import SYNTHETIC_AUDIO, SYNTHETIC_AUDIO_WARNING, calibrate
 from lillama_core.speech import transcript_prompt
 
 from .charts import human, human_bytes
@@ -54,9 +54,11 @@ def speech_preview(studio: Studio, loaded, config: CalibrationConfig) -> str:
     studio.calibration = config
     shown = "\n\n".join(f"> {loaded.tokenizer.decode(row[prompt:], skip_special_tokens=True).strip()[:300]}"
                          for row in data.sequences[:3].tolist())
-    where = "synthetic speech-like clips" if config.source == "default" else config.source
+    synthetic = config.source in SYNTHETIC_AUDIO
+    where = "synthetic speech-like clips" if synthetic else config.source
+    warning = f"\n\n⚠ {SYNTHETIC_AUDIO_WARNING}." if synthetic else ""
     return (f"**{data.sequences.shape[0]} audio clips × {config.seq_len} transcript tokens = {data.tokens:,} "
-            f"tokens** from {where}. The teacher's transcripts of the first clips:\n\n{shown}")
+            f"tokens** from {where}. The teacher's transcripts of the first clips:\n\n{shown}{warning}")
 
 
 def build(studio: Studio, uploads_root: Path) -> dict:

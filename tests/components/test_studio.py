@@ -108,7 +108,8 @@ def test_a_speech_model_plans_runs_evaluates_and_exports_through_the_studio(tmp_
                                                                                       device="cpu"))
     s.loaded, s.shape = whisper, ModelShape.of(whisper.model)
     s.calibration = CalibrationConfig(source="default", tokens=24 * 16, seq_len=16, batch_size=4)
-    assert "24 audio clips" in speech_preview(s, whisper, s.calibration)
+    preview = speech_preview(s, whisper, s.calibration)
+    assert "24 audio clips" in preview and "not to keep the student" in preview
     plan = s.apply_preset(PlanConfig(strategy="sensitivity", reduction=0.1))  # measured on audio calibration
     assert any(".encoder." in n for n in plan.ranks) or any(".decoder." in n for n in plan.ranks)
     job = s.start_distillation()

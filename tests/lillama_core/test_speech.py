@@ -201,8 +201,10 @@ def test_cli_compresses_a_whisper_folder_and_reports_word_error_rate(whisper, tm
     assert main(["compress", "--model", str(folder), "--device", "cpu", "--calibration", "synthetic",
                  "--tokens", "256", "--seq-len", "16", "--batch-size", "4", "--reduction", "0.1",
                  "--runs-dir", str(tmp_path / "runs"), "--out", str(out), "--json"]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    printed = capsys.readouterr()
+    summary = json.loads(printed.out.strip().splitlines()[-1])
     assert summary["reduction"] >= 0.1 and summary["student_wer"] >= 0
+    assert "synthetic clips: enough to try the workflow" in printed.err
     assert summary["student_ppl"] > 0 and summary["teacher_ppl"] > 0
     assert (out / "preprocessor_config.json").exists()
     model, _ = load_compressed(out)
