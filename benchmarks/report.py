@@ -319,7 +319,8 @@ def _throughput_table(records: list[dict]) -> list[str]:
             host = f"{r['host_peak_anon_bytes'] / 2**30:.1f} / {r['host_peak_file_bytes'] / 2**30:.1f}"
         lines.append(f"| {r['model']} | {device}, {r['dtype']} | {where} | {r['params'] / 1e9:.2f}B | "
                      f"{r['weight_bytes'] / 2**30:.1f} | {r['layers_compressed']} | {r['init']} | "
-                     f"{r.get('batch_size', '–')} × {r.get('seq_len', '–')} | {r['train_tokens_per_layer']:,} | {seconds:.1f} | {r['distill_tokens_per_s']:,.0f} | {mfu} | "
+                     f"{r.get('batch_size', '–')} × {r.get('seq_len', '–')} | {r['train_tokens_per_layer']:,} | "
+                     f"{seconds:.1f} | {r['distill_tokens_per_s']:,.0f} | {mfu} | "
                      f"{r['peak_allocated_bytes'] / 2**30:.1f} | {r['peak_over_weights']:.2f} | {host} |")
     return lines if len(lines) > 2 else []
 
