@@ -11,6 +11,7 @@ held-out clips, and the word error rate of the student's transcript taking the t
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import wave
@@ -193,9 +194,8 @@ def speech_calibration(model: nn.Module, tokenizer, feature_extractor, config: C
     if not len(prompt) < config.seq_len <= limit:
         raise CalibrationError(f"speech calibration seq_len must be between {len(prompt) + 1} and {limit} "
                                f"decoder tokens, not {config.seq_len}")
-    features = clip_features(feature_extractor, clips)
-    ids, _ = greedy_transcripts(model, features, prompt, config.seq_len, tokenizer.eos_token_id, config.batch_size)
-    return CalibrationData(ids, f"{config.source} audio ({len(clips)} clips)", ids.numel(), features)
+    reference = transcribe_reference(model, tokenizer, feature_extractor, clips, config.seq_len, config.batch_size)
+    return dataclasses.replace(reference.data, source=f"{config.source} audio ({len(clips)} clips)")
 
 
 def word_error_rate(reference: list[str], hypothesis: list[str]) -> float:
@@ -239,8 +239,10 @@ def _transcript_words(tokenizer, ids: torch.Tensor, start: int, end: int) -> lis
 
 def transcribe_reference(teacher: nn.Module, tokenizer, feature_extractor, clips: list[np.ndarray], seq_len: int,
                          batch_size: int = 8, texts: list[str] | None = None) -> Reference:
+    """The clips' features and the teacher's fixed-length greedy transcripts of them."""
     prompt = transcript_prompt(teacher, tokenizer)
-    features = clip_features(feature_extractor, clips)
+    # In the model's dtype: capture, probes and healing pass the features to the model as they are.
+    features = clip_features(feature_extractor, clips).to(next(teacher.parameters()).dtype)
     ids, ends = greedy_transcripts(teacher, features, prompt, seq_len, tokenizer.eos_token_id, batch_size)
     return Reference(CalibrationData(ids, f"{len(clips)} held-out clips", ids.numel(), features), ends, len(prompt),
                      texts)

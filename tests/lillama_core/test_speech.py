@@ -245,3 +245,14 @@ def test_transcribing_with_a_text_model_is_a_clear_error(tiny_model_dir, tmp_pat
     _write_wav(tmp_path / "clip.wav", synthetic_clips(1, seed=5)[0], 16000)
     assert main(["transcribe", "--model", str(tiny_model_dir), "--device", "cpu", str(tmp_path / "clip.wav")]) == 2
     assert "needs a speech model" in capsys.readouterr().err
+
+
+def test_features_are_kept_in_the_models_dtype():
+    """A bf16 Whisper (the default on a GPU) gets bf16 features, so the capture's own forward accepts them."""
+    whisper = tiny_whisper()
+    whisper.model.to(torch.bfloat16)
+    data = speech_calibration(whisper.model, whisper.tokenizer, whisper.feature_extractor,
+                              CalibrationConfig(tokens=4 * 16, seq_len=16, batch_size=4))
+    assert data.features.dtype == torch.bfloat16
+    starts, _ = capture_block_inputs(whisper.model, find_blocks(whisper.model), data, [slice(0, 4)], CPU)
+    assert starts[0].dtype == starts[2].dtype == torch.bfloat16
