@@ -12,8 +12,8 @@ from lillama_core.calibration import load_calibration, preview
 from lillama_core.config import CalibrationConfig
 from lillama_core.errors import LillamaError
 from lillama_core.models import BUILTIN_MODELS
-from lillama_core.pipeline import SYNTHETIC_AUDIO, SYNTHETIC_AUDIO_WARNING, calibrate
-from lillama_core.speech import transcript_prompt
+from lillama_core.pipeline import calibrate
+from lillama_core.speech import SYNTHETIC_AUDIO_WARNING, SYNTHETIC_SOURCES, transcript_prompt
 
 from .charts import human, human_bytes
 from .common import facts_table, user_errors
@@ -54,7 +54,7 @@ def speech_preview(studio: Studio, loaded, config: CalibrationConfig) -> str:
     studio.calibration = config
     shown = "\n\n".join(f"> {loaded.tokenizer.decode(row[prompt:], skip_special_tokens=True).strip()[:300]}"
                          for row in data.sequences[:3].tolist())
-    synthetic = config.source in SYNTHETIC_AUDIO
+    synthetic = config.source in SYNTHETIC_SOURCES
     where = "synthetic speech-like clips" if synthetic else config.source
     warning = f"\n\n⚠ {SYNTHETIC_AUDIO_WARNING}." if synthetic else ""
     return (f"**{data.sequences.shape[0]} audio clips × {config.seq_len} transcript tokens = {data.tokens:,} "

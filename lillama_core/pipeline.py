@@ -21,6 +21,8 @@ from .evaluate import eval_windows, perplexity
 from .events import EventSink, Phase
 from .models import LoadedModel, load_model
 from .ranks import ModelShape, RankPlan, summarize
+from .speech import (SYNTHETIC_AUDIO_WARNING, SYNTHETIC_SOURCES, reference_transcripts, speech_calibration,
+                     speech_metrics)
 
 
 PLAN_FILE = "plan.json"
@@ -39,26 +41,15 @@ def evaluate_perplexity(model, tokenizer, config: RunConfig) -> float:
     return perplexity(model, windows).perplexity
 
 
-SYNTHETIC_AUDIO = ("default", "synthetic")
-# Measured on Whisper-base at 20% (docs/benchmarks.md): word error rate 112% calibrated on synthetic clips,
-# 23.9% on spoken text (teacher 16.9%).
-SYNTHETIC_AUDIO_WARNING = ("calibrating a speech model on synthetic clips: enough to try the workflow, not to keep "
-                           "the student; give real speech (a .wav file or folder) for a usable one")
-
-
 def calibrate(loaded: LoadedModel, config: CalibrationConfig) -> CalibrationData:
     """Token sequences for a text model; audio clips with the teacher's transcripts for a speech model."""
     if loaded.feature_extractor is None:
         return load_calibration(config, loaded.tokenizer)
-    from .speech import speech_calibration
-
     return speech_calibration(loaded.model, loaded.tokenizer, loaded.feature_extractor, config)
 
 
 def evaluate_speech(teacher: LoadedModel, student, config: RunConfig) -> dict:
     """Speech models have no text to score: the teacher's transcripts of held-out clips are the reference."""
-    from .speech import reference_transcripts, speech_metrics
-
     reference = reference_transcripts(teacher.model, teacher.tokenizer, teacher.feature_extractor, config.calibration)
     metrics = {}
     for name, model in (("teacher", teacher.model), ("student", student)):
@@ -101,7 +92,7 @@ def _run_pipeline(config: RunConfig, loaded: LoadedModel | None, plan: RankPlan 
         loaded = load_model(dataclasses.replace(config.model, device=device_for(parallel, config.model.device)))
     stop_point(stop, "loading the model")
     emit(Phase("calibration", f"tokenising {config.calibration.tokens} tokens from {config.calibration.source}"))
-    if loaded.feature_extractor is not None and config.calibration.source in SYNTHETIC_AUDIO:
+    if loaded.feature_extractor is not None and config.calibration.source in SYNTHETIC_SOURCES:
         emit(Phase("calibration", SYNTHETIC_AUDIO_WARNING))
     calibration = calibrate(loaded, config.calibration)
     stop_point(stop, "reading the calibration data")

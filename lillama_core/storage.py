@@ -8,6 +8,7 @@ unlinked as soon as it is mapped: nothing is left behind, even if the process is
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -58,10 +59,7 @@ class ActivationStore:
         handle, path = tempfile.mkstemp(prefix="activations-", dir=self.folder)
         os.close(handle)
         try:
-            count = 1
-            for size in shape:
-                count *= size
-            return torch.from_file(path, shared=True, size=count, dtype=dtype).view(shape)
+            return torch.from_file(path, shared=True, size=math.prod(shape), dtype=dtype).view(shape)
         finally:
             os.unlink(path)  # the mapping keeps the pages; the name is not needed
 
