@@ -133,33 +133,6 @@ def host_memory_bytes() -> dict[str, int]:
             if k in fields}
 
 
-class HostMemory:
-    """Peak anonymous and file-backed resident memory over a `with` block, sampled every 20 ms."""
-
-    def __init__(self, interval: float = 0.02):
-        self.interval = interval
-        self.start: dict[str, int] = {}
-        self.peak: dict[str, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while True:
-            for key, value in host_memory_bytes().items():
-                self.peak[key] = max(self.peak.get(key, 0), value)
-            if self._stop.wait(self.interval):
-                return
-
-    def __enter__(self) -> "HostMemory":
-        self.start = host_memory_bytes()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 def maxrss_bytes() -> int:
     import resource
     import sys
@@ -171,11 +144,15 @@ def maxrss_bytes() -> int:
 class PeakMemory:
     """Peak memory over a `with` block. On CPU, resident memory is sampled every 20 ms (ru_maxrss
     is a process-lifetime high-water mark, useless once a bigger run has happened); on CUDA,
-    torch's own allocator peak is used. `start_bytes` is the level when the block began."""
+    torch's own allocator peak is used. `start_bytes` is the level when the block began. With `host`,
+    the same sampler also records this process's anonymous and file-backed host memory
+    (`host_start`, `host_peak`: see host_memory_bytes), on any device."""
 
-    def __init__(self, device: torch.device, interval: float = 0.02):
-        self.device, self.interval = device, interval
+    def __init__(self, device: torch.device, interval: float = 0.02, host: bool = False):
+        self.device, self.interval, self.host = device, interval, host
         self.start_bytes = self.peak_bytes = 0
+        self.host_start: dict[str, int] = {}
+        self.host_peak: dict[str, int] = {}
         self._stop = threading.Event()
         self._thread = None
 
@@ -186,22 +163,30 @@ class PeakMemory:
             self.start_bytes = torch.cuda.memory_allocated(self.device)
         else:
             self.start_bytes = self.peak_bytes = rss_bytes()
+        if self.host:
+            self.host_start = host_memory_bytes()
+        if self.device.type != "cuda" or self.host:
             self._thread = threading.Thread(target=self._sample, daemon=True)
             self._thread.start()
         return self
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self.peak_bytes = max(self.peak_bytes, rss_bytes())
+            if self.device.type != "cuda":
+                self.peak_bytes = max(self.peak_bytes, rss_bytes())
+            if self.host:
+                for key, value in host_memory_bytes().items():
+                    self.host_peak[key] = max(self.host_peak.get(key, 0), value)
             self._stop.wait(self.interval)
 
     def __exit__(self, *exc) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device)
         else:
-            self._stop.set()
-            self._thread.join()
             self.peak_bytes = max(self.peak_bytes, rss_bytes())
 
     def as_dict(self, prefix: str) -> dict:

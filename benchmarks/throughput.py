@@ -23,7 +23,7 @@ from lillama_core.offload import stream_blocks
 from lillama_core.ranks import ModelShape, RankPlan
 
 from .bench import log
-from .common import HostMemory, PeakMemory, environment
+from .common import PeakMemory, environment
 
 # Shapes of TinyLlama-1.1B and Llama-2-7B.
 SHAPES = {
@@ -105,7 +105,7 @@ def _run_throughput(shape_name: str, layers: int, tokens: int, seq_len: int, bat
 
     config = DistillConfig(init=init)
     log(f"{shape_name}: {count_parameters(loaded.model) / 1e9:.2f}B parameters, {layers} layers, {tokens} tokens")
-    with PeakMemory(device) as memory, HostMemory() as host:
+    with PeakMemory(device, host=True) as memory:
         result = Compressor(loaded, calibration, plan, config, batch_size, on_event).run()
     train_tokens = (n - held_out_count(n)) * seq_len
     layer_seconds = [e.seconds for e in finished]
@@ -124,8 +124,8 @@ def _run_throughput(shape_name: str, layers: int, tokens: int, seq_len: int, bat
         "model": f"{shape_name} (random weights)", "shape": SHAPES[shape_name], "device": str(device),
         "dtype": str(dtype).replace("torch.", ""), "env": environment(device), "params": count_parameters(loaded.model),
         "weight_bytes": weights, "offload": offload, "from_checkpoint": checkpoint is not None,
-        "host_start_anon_bytes": host.start.get("anon"), "host_peak_anon_bytes": host.peak.get("anon"),
-        "host_peak_file_bytes": host.peak.get("file"),
+        "host_start_anon_bytes": memory.host_start.get("anon"), "host_peak_anon_bytes": memory.host_peak.get("anon"),
+        "host_peak_file_bytes": memory.host_peak.get("file"),
         "layers_compressed": layers, "keep": keep, "init": init,
         "loss": config.loss,
         "tokens": n * seq_len, "train_tokens_per_layer": train_tokens, "seq_len": seq_len, "batch_size": batch_size,
@@ -139,8 +139,8 @@ def _run_throughput(shape_name: str, layers: int, tokens: int, seq_len: int, bat
     }
     log(f"  {shape_name}: {record['distill_tokens_per_s']:,.0f} trained tokens/s per layer, "
         f"{mean_layer:.1f}s/layer, MFU {record['mfu'] or 0:.1%}, peak {memory.peak_bytes / 2**30:.1f} GiB "
-        f"for {weights / 2**30:.1f} GiB of weights; host peak {host.peak.get('anon', 0) / 2**30:.1f} GiB own + "
-        f"{host.peak.get('file', 0) / 2**30:.1f} GiB of mapped checkpoint pages")
+        f"for {weights / 2**30:.1f} GiB of weights; host peak {memory.host_peak.get('anon', 0) / 2**30:.1f} GiB own "
+        f"+ {memory.host_peak.get('file', 0) / 2**30:.1f} GiB of mapped checkpoint pages")
     del result, loaded
     if device.type == "cuda":
         torch.cuda.empty_cache()
