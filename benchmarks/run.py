@@ -158,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("speech", help="Whisper-base on speech read by espeak-ng: true word error rate")
     sp.add_argument("--reductions", default="0.1,0.2")
-    sp.add_argument("--methods", default="whitened,ours", help="comma-separated: whitened (training-free), ours")
+    sp.add_argument("--methods", default="whitened,ours",
+                    help=f"comma-separated recipes from {', '.join(m for m in METHODS if m != 'teacher')}")
     sp.add_argument("--calibrations", default="speech,synthetic",
                     help="speech (espeak-ng reading calibration text) and/or synthetic (the built-in clips)")
     sp.add_argument("--clips", type=int, default=128, help="calibration clips")

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from lillama_core.calibration import DEFAULT_SOURCES, read_eval_text
-from lillama_core.config import CalibrationConfig, DistillConfig, ModelConfig, PlanConfig
+from lillama_core.config import CalibrationConfig, ModelConfig
 from lillama_core.engine import Compressor, make_plan
 from lillama_core.models import LoadedModel, count_parameters, lillama_home, load_model
 from lillama_core.ranks import ModelShape, summarize
@@ -29,6 +29,7 @@ from lillama_core.speech import read_wav, speech_calibration, speech_metrics, sy
 
 from .bench import log
 from .common import environment
+from .methods import recipe
 from .whisper_base import whisper_base_folder
 
 VOICES = (("en-us", 165), ("en", 150), ("en-us", 140), ("en", 175))  # (espeak-ng voice, words per minute)
@@ -99,13 +100,8 @@ def run_speech(reductions: list[float], methods: list[str], calibrations: list[s
         for reduction in reductions:
             for method in methods:
                 start = time.time()
-                if method == "whitened":  # training-free: uniform whitened SVD at the same budget
-                    plan_config, distill = PlanConfig(strategy="uniform", reduction=reduction), \
-                        DistillConfig(distill=False)
-                else:
-                    plan_config, distill = PlanConfig(reduction=reduction), DistillConfig()
-                plan = make_plan(loaded, plan_config, calibration, batch_size)
-                run = Compressor(loaded, calibration, plan, distill, batch_size).run()
+                plan = make_plan(loaded, recipe(method).plan_config(reduction), calibration, batch_size)
+                run = Compressor(loaded, calibration, plan, recipe(method).distill_config(), batch_size).run()
                 seconds = time.time() - start
                 record = {**base, "method": method, "calibration": source, "calibration_clips": clips,
                           "target_reduction": reduction, "reduction": summarize(run.applied, shape).reduction,
