@@ -21,7 +21,7 @@ from lillama_core.evaluate import eval_windows, perplexity
 from lillama_core.events import LayerFinished, Step
 from lillama_core.heal import heal
 from lillama_core.models import load_model
-from lillama_core.ranks import ModelShape, RankPlan, build_plan, summarize
+from lillama_core.ranks import ModelShape, RankPlan, build_plan, reduction_target, summarize
 
 from .common import PeakMemory, environment
 from .methods import Recipe, describe_recipe, resolve_overrides
@@ -114,16 +114,18 @@ class Bench:
             self._spectra[tokens] = (spectra, time.time() - start)
         return self._spectra[tokens]
 
-    def damage(self, groups: list[str], tokens: int | None = None) -> tuple[dict, float]:
-        """Per-layer sensitivity exactly as make_plan measures it (first SENSITIVITY_TOKENS)."""
-        from lillama_core.sensitivity import measure_sensitivity
+    def damage(self, config: PlanConfig, tokens: int | None = None) -> tuple[dict, float]:
+        """Per-layer sensitivity exactly as make_plan measures it (first SENSITIVITY_TOKENS, the same rungs)."""
+        from lillama_core.sensitivity import measure_sensitivity, probe_keeps
 
-        key = (tokens or self.budget.tokens, tuple(groups))
+        keeps = probe_keeps(self.shape, config.groups, reduction_target(self.shape, config))
+        key = (tokens or self.budget.tokens, tuple(config.groups), keeps)
         if key not in self._damage:
             calibration = self.calibration(key[0])
             subset = calibration.first_tokens(SENSITIVITY_TOKENS)
             start = time.time()
-            damage = measure_sensitivity(self.loaded, subset, list(groups), batch_size=self.budget.batch_size)
+            damage = measure_sensitivity(self.loaded, subset, list(config.groups), keeps,
+                                         batch_size=self.budget.batch_size)
             self._damage[key] = (damage, time.time() - start)
         return self._damage[key]
 
@@ -143,7 +145,7 @@ class Bench:
                 spectra = {m.name: spectrum(self.loaded.model.get_submodule(m.name).weight.detach())
                            for m in self.shape.modules}
         if config.strategy == "sensitivity" and config.rank is None:
-            damage, seconds = self.damage(config.groups, tokens)
+            damage, seconds = self.damage(config, tokens)
         plan = build_plan(self.shape, config, spectra, damage)
         target = config.reduction
         notes = {"strategy_reduction": target, "overrides": dict(config.overrides)}

@@ -27,7 +27,7 @@ from .events import Event, EventSink, LayerFinished, LayerStarted, Phase, RunErr
 from .lowrank import set_submodule, spectrum, to_low_rank, whitened_spectrum
 from .models import Block, LoadedModel, find_blocks, find_linears, lillama_home, share_weights_copy
 from .offload import is_streamed, resident, stream_block
-from .ranks import ModelShape, RankPlan, build_plan, summarize
+from .ranks import ModelShape, RankPlan, build_plan, reduction_target, summarize
 from .storage import ActivationStore
 from .telemetry import MemoryMonitor, Throughput, eta_seconds
 
@@ -107,7 +107,10 @@ def make_plan(loaded: LoadedModel, config: PlanConfig, calibration: CalibrationD
               batch_size: int = 8, on_event: EventSink | None = None,
               stop: threading.Event | None = None) -> RankPlan:
     shape = ModelShape.of(loaded.model)
+    config.validate()
     spectra = damage = None
+    if config.rank is None:  # an unreachable target is refused before minutes of measuring
+        target = reduction_target(shape, config)
     if config.strategy == "energy" and config.rank is None:
         subset = None
         if config.whitened_energy and calibration is not None:
@@ -116,9 +119,10 @@ def make_plan(loaded: LoadedModel, config: PlanConfig, calibration: CalibrationD
     if config.strategy == "sensitivity" and config.rank is None:
         if calibration is None:
             raise CalibrationError("the sensitivity strategy measures the model on calibration data; give some")
-        from .sensitivity import measure_sensitivity
+        from .sensitivity import measure_sensitivity, probe_keeps
 
-        damage = measure_sensitivity(loaded, calibration.first_tokens(SENSITIVITY_TOKENS), config.groups,
+        keeps = probe_keeps(shape, config.groups, target)
+        damage = measure_sensitivity(loaded, calibration.first_tokens(SENSITIVITY_TOKENS), config.groups, keeps,
                                      batch_size=batch_size, on_event=on_event, stop=stop)
     return build_plan(shape, config, spectra, damage)
 

@@ -383,6 +383,22 @@ def apply_overrides(ranks: dict[str, int], shape: ModelShape, overrides: dict[st
     return ranks
 
 
+def reduction_target(shape: ModelShape, config: PlanConfig) -> int:
+    """Weights the plan must save, checked against what the selected modules can give at all; cheap, so
+    planners that measure the model first call it before minutes of measuring."""
+    modules = _selected(shape, config.groups)
+    if not modules:
+        raise RankPlanError(f"the model has no linear modules in groups {config.groups}")
+    target = math.ceil(config.reduction * shape.total_params)
+    compressible = sum(m.dense_params - m.lowrank_params(1) for m in modules)
+    if target > compressible:
+        raise RankPlanError(
+            f"a {config.reduction:.0%} reduction is more than the selected modules can give "
+            f"(at most {compressible / shape.total_params:.0%})"
+        )
+    return target
+
+
 def build_plan(shape: ModelShape, config: PlanConfig, spectra: dict[str, torch.Tensor] | None = None,
                damage: dict[int, dict[float, float]] | None = None) -> RankPlan:
     """Turn a PlanConfig into a validated RankPlan for this model. The energy strategy needs the
@@ -400,13 +416,7 @@ def build_plan(shape: ModelShape, config: PlanConfig, spectra: dict[str, torch.T
         if config.strategy in ("bottom", "top", "sensitivity"):
             raise RankPlanError(f"a fixed rank applies to every layer; use a reduction target with {config.strategy}")
     else:
-        target = math.ceil(config.reduction * shape.total_params)
-        compressible = sum(m.dense_params - m.lowrank_params(1) for m in modules)
-        if target > compressible:
-            raise RankPlanError(
-                f"a {config.reduction:.0%} reduction is more than the selected modules can give "
-                f"(at most {compressible / shape.total_params:.0%})"
-            )
+        target = reduction_target(shape, config)
         if config.strategy == "uniform":
             ranks = _largest_rank_meeting(shape, target, lambda r: uniform_rank_plan(shape, r, modules))
         elif config.strategy in ("bottom", "top"):

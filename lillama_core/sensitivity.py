@@ -29,6 +29,22 @@ from .ranks import ModelShape, ModuleShape
 
 KEEP_LEVELS = (0.6, 0.4, 0.2)
 PROBE_SEQUENCES = 2
+HEADROOM = 0.6  # the deepest rung probed sits below this share of the average kept share a target needs
+SHALLOWEST_EXTRA_KEEP = 0.02
+
+
+def probe_keeps(shape: ModelShape, groups: list[str], target_saving: int) -> tuple[float, ...]:
+    """KEEP_LEVELS, deepened by halving when the target leaves too little room under the deepest one.
+
+    A plan can only choose between layers if some can go deeper than the average; 30% of Gemma-3
+    270M's whole model is about 80% of its block weights (its embeddings are the rest), so every
+    layer would have to sit at the 20% rung and the plan could not be built at all."""
+    dense = sum(m.dense_params for m in shape.modules if m.group in groups)
+    average_keep = 1 - target_saving / dense if dense else 1.0
+    keeps = KEEP_LEVELS
+    while keeps[-1] > HEADROOM * average_keep and keeps[-1] / 2 >= SHALLOWEST_EXTRA_KEEP:
+        keeps += (keeps[-1] / 2,)
+    return keeps
 
 
 def compressed_block(block: nn.Module, modules: list[ModuleShape], keep: float,

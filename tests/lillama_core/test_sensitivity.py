@@ -54,3 +54,33 @@ def test_make_plan_measures_then_plans(tiny):
     assert summarize(plan, ModelShape.of(tiny.model)).reduction >= 0.1 - 1e-9
     with pytest.raises(Exception, match="calibration"):
         make_plan(tiny, PlanConfig(strategy="sensitivity", reduction=0.1), None)
+
+
+def test_probe_rungs_deepen_only_when_the_target_needs_room_below_them(tiny):
+    shape = ModelShape.of(tiny.model)
+    groups = ["attention", "mlp"]
+    dense = sum(m.dense_params for m in shape.modules)
+    assert sensitivity.probe_keeps(shape, groups, int(0.3 * dense)) == sensitivity.KEEP_LEVELS
+    deep = sensitivity.probe_keeps(shape, groups, int(0.85 * dense))  # 15% kept on average
+    assert deep[:3] == sensitivity.KEEP_LEVELS and min(deep) <= 0.6 * 0.15
+
+
+def test_a_target_past_the_default_rungs_is_planned_with_deeper_probes(tiny):
+    """Gemma-3's case in miniature: a target that needs every layer below the 20% rung on average."""
+    shape = ModelShape.of(tiny.model)
+    dense = sum(m.dense_params for m in shape.modules)
+    reduction = 0.85 * dense / shape.total_params
+    config = PlanConfig(strategy="sensitivity", reduction=reduction)
+    with pytest.raises(RankPlanError, match="cannot be reached"):
+        build_plan(shape, config, damage=sensitivity.measure_sensitivity(tiny, _calibration(), config.groups))
+    plan = make_plan(tiny, config, _calibration(), batch_size=4)
+    assert summarize(plan, shape).reduction >= reduction - 1e-9
+
+
+def test_an_unreachable_target_is_refused_before_anything_is_measured(tiny, monkeypatch):
+    def measured(*args, **kwargs):
+        raise AssertionError("measured the model for a plan that cannot exist")
+
+    monkeypatch.setattr(sensitivity, "measure_sensitivity", measured)
+    with pytest.raises(RankPlanError, match="more than the selected modules can give"):
+        make_plan(tiny, PlanConfig(strategy="sensitivity", reduction=0.95), _calibration())
