@@ -83,6 +83,17 @@ def _rows(batch: slice) -> int:
     return batch.stop - batch.start
 
 
+def _cast_floats(value, dtype: torch.dtype):
+    """`value` with its floating-point tensors (also inside dicts, tuples and lists) cast to `dtype`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {key: _cast_floats(item, dtype) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast_floats(item, dtype) for item in value)
+    return value
+
+
 class LayerDistiller:
     """Trains the low-rank factors of one student block; everything else in the block stays frozen.
 
@@ -96,6 +107,9 @@ class LayerDistiller:
         self.train_batches, self.eval_batches = train_batches, eval_batches
         self.train_rows = train_rows or [_rows(b) for b in train_batches]
         self.autocast_dtype = autocast_dtype
+        # Without autocast (the CPU) the float32 student would get a bf16 teacher's activations, masks and
+        # cross-attention states as they were recorded; casting them up is what autocast does on a GPU.
+        self.input_dtype = None if autocast_dtype is not None else next(student.parameters()).dtype
         self.parallel = parallel
         self.factors = [p for name, p in student.named_parameters() if name.endswith(("A.weight", "B.weight"))]
         for p in student.parameters():
@@ -108,14 +122,17 @@ class LayerDistiller:
     def steps(self) -> int:
         return len(self.train_batches) * self.config.epochs
 
+    def _compute_form(self, value):
+        return value if self.input_dtype is None else _cast_floats(value, self.input_dtype)
+
     def _fetch(self, tensor: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
-        return None if tensor is None else tensor[rows].to(self.device, non_blocking=True)
+        return None if tensor is None else self._compute_form(tensor[rows].to(self.device, non_blocking=True))
 
     def _losses(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss on teacher inputs, loss on student inputs); the second equals the first while the
         inputs have not diverged, and a path the config leaves out is not computed."""
         target = self._fetch(self.data.teacher_out, rows)
-        kwargs = self.data.kwargs_for(rows)
+        kwargs = self._compute_form(self.data.kwargs_for(rows))
         wanted = {"joint": ("teacher", "student"), "teacher": ("teacher",), "student": ("student",)}[self.config.loss]
         student_in = self._fetch(self.data.student_in, rows)
         losses = {}
@@ -125,7 +142,8 @@ class LayerDistiller:
                 teacher_in = self._fetch(self.data.teacher_in, rows)
                 losses["teacher"] = feature_loss(run_block(self.student, teacher_in, kwargs), target)
             if "student" in wanted and student_in is not None:
-                student_kwargs = self.data.student_kwargs_for(rows) if self.data.student_kwargs_for else kwargs
+                student_kwargs = (self._compute_form(self.data.student_kwargs_for(rows)) if self.data.student_kwargs_for
+                                  else kwargs)
                 losses["student"] = feature_loss(run_block(self.student, student_in, student_kwargs), target)
         teacher_loss = losses.get("teacher", losses.get("student"))
         return teacher_loss, losses.get("student", teacher_loss)

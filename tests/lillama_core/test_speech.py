@@ -1,5 +1,6 @@
 """Speech-to-text (Whisper): encoder and decoder stacks, audio calibration, transcript metrics, export."""
 
+import dataclasses
 import json
 import wave
 
@@ -247,12 +248,19 @@ def test_transcribing_with_a_text_model_is_a_clear_error(tiny_model_dir, tmp_pat
     assert "needs a speech model" in capsys.readouterr().err
 
 
-def test_features_are_kept_in_the_models_dtype():
-    """A bf16 Whisper (the default on a GPU) gets bf16 features, so the capture's own forward accepts them."""
+def test_a_bf16_whisper_is_calibrated_and_distilled_on_the_cpu():
+    """A bf16 Whisper (the default on a GPU) gets bf16 features, so the capture's own forward accepts them;
+    without autocast (the CPU) its float32 student blocks get their bf16 inputs and cross-attention states
+    cast to float32 (Whisper's LayerNorm refuses mixed dtypes)."""
     whisper = tiny_whisper()
     whisper.model.to(torch.bfloat16)
+    whisper = dataclasses.replace(whisper, dtype=torch.bfloat16)
     data = speech_calibration(whisper.model, whisper.tokenizer, whisper.feature_extractor,
-                              CalibrationConfig(tokens=4 * 16, seq_len=16, batch_size=4))
+                              CalibrationConfig(tokens=32 * 16, seq_len=16, batch_size=4))
     assert data.features.dtype == torch.bfloat16
     starts, _ = capture_block_inputs(whisper.model, find_blocks(whisper.model), data, [slice(0, 4)], CPU)
     assert starts[0].dtype == starts[2].dtype == torch.bfloat16
+    plan = make_plan(whisper, PlanConfig(strategy="uniform", rank=8, reduction=None))
+    run = Compressor(whisper, data, plan, DistillConfig(lr=3e-3), batch_size=4).run()
+    assert run.status == "completed" and [e.layer for e in run.layers] == [0, 1, 2, 3]
+    assert all(e.best_loss < e.init_loss for e in run.layers)
