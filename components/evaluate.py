@@ -1,5 +1,5 @@
-"""Panel 5: teacher vs student on held-out text (perplexity; for speech models, the teacher's transcripts of
-held-out clips), speed, size and memory; export."""
+"""Panel 5: teacher vs student on held-out text (perplexity; for speech models, held-out clips scored
+against their true texts or the teacher's transcripts), speed, size and memory; export."""
 
 from __future__ import annotations
 
@@ -62,10 +62,12 @@ def measure(model, tokenizer, windows, label: str, batch_sizes=(1,)) -> dict:
 
 
 def measure_speech(model, tokenizer, reference, label: str, batch_size: int) -> dict:
-    """A speech model against the teacher's transcripts of held-out clips (there is no text to score)."""
+    """A speech model on held-out clips: perplexity of the teacher's transcripts, word error rate against the
+    clips' true texts where they have them, else against the teacher's transcripts."""
     metrics = speech_metrics(model, reference, tokenizer, batch_size)
     size = model_size(model)
     return {"model": label, "perplexity": metrics["perplexity"], "wer": metrics["wer"],
+            "wer_reference": reference.kind,
             "generate_tokens_per_s": metrics["transcribe_tokens_per_s"], "parameters": size.parameters,
             "weight_bytes": serialized_bytes(model)}
 
@@ -76,7 +78,7 @@ def table(rows: list[dict]) -> pd.DataFrame:
     for r in rows:
         row = {"model": r["model"], "perplexity": f"{r['perplexity']:.2f}"}
         if "wer" in r:
-            row["word error rate vs teacher"] = f"{r['wer']:.1%}"
+            row[f"word error rate vs {r['wer_reference']}"] = f"{r['wer']:.1%}"
         row.update({"parameters": human(r["parameters"]), "weight memory": human_bytes(r["weight_bytes"])})
         if "prefill_tokens_per_s" in r:
             row["prefill tok/s"] = f"{r['prefill_tokens_per_s']:.0f}"
@@ -97,6 +99,10 @@ def build(studio: Studio) -> dict:
         batch16 = gr.Checkbox(value=False, label="Also time generation at batch 16")
         int8 = gr.Checkbox(value=False, label="Add weight-only int8 and int4 copies")
         run = gr.Button("Evaluate teacher and student", variant="primary")
+    with gr.Accordion("Speech models: held-out audio", open=False):
+        audio = gr.Textbox(value=studio.eval.audio, label="Held-out speech",
+                           info="a .wav file or folder; a .txt transcript beside each clip (same name) gives a true "
+                                "word error rate. synthetic: generated clips, scored against the teacher's transcripts")
     results = gr.Dataframe(interactive=False, label="Teacher vs student")
     chart = gr.Plot(show_label=False)
     gr.Markdown("### Export the student")
@@ -112,14 +118,15 @@ def build(studio: Studio) -> dict:
     download = gr.DownloadButton("Download export (.zip)", visible=False)
 
     @user_errors
-    def on_evaluate(text_value, tokens_value, seq_value, batch16_value, int8_value, progress=gr.Progress()):
+    def on_evaluate(text_value, tokens_value, seq_value, batch16_value, int8_value, audio_value="synthetic",
+                    progress=gr.Progress()):
         loaded = studio.ensure_loaded()
         studio.eval = replace(studio.eval, text=studio.confine(text_value) or "default", tokens=int(tokens_value),
-                              seq_len=int(seq_value))
+                              seq_len=int(seq_value), audio=studio.confine(audio_value or "") or "synthetic")
         if loaded.feature_extractor is not None:
             progress(0, desc="the teacher transcribes held-out clips")
             reference = reference_transcripts(loaded.model, loaded.tokenizer, loaded.feature_extractor,
-                                              studio.calibration)
+                                              studio.calibration, studio.eval.audio)
             windows = None
         else:
             windows = eval_windows(loaded.tokenizer, read_eval_text(studio.eval.text), studio.eval.tokens,
@@ -148,7 +155,7 @@ def build(studio: Studio) -> dict:
         studio.teacher_ppl[key] = rows[0]["perplexity"]
         return table(rows), plot(comparison_chart(rows))
 
-    run.click(on_evaluate, [text, tokens, seq_len, batch16, int8], [results, chart], concurrency_id="model",
+    run.click(on_evaluate, [text, tokens, seq_len, batch16, int8, audio], [results, chart], concurrency_id="model",
               concurrency_limit=1, api_name="evaluate")
 
     @user_errors

@@ -76,6 +76,8 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-text", default="default", help="held-out text file (default: WikiText-2 test)")
     p.add_argument("--eval-tokens", type=int, default=EvalConfig.tokens)
     p.add_argument("--eval-seq-len", type=int, default=EvalConfig.seq_len)
+    p.add_argument("--eval-audio", default=EvalConfig.audio,
+                   help=EvalConfig.__dataclass_fields__["audio"].metadata["help"])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,7 +199,7 @@ COMPRESS_FLAGS = {
     "activations": ("distill", "activations", str),
     "heal_tokens": ("heal", "tokens", int), "heal_lr": ("heal", "lr", float),
     "eval_text": ("eval", "text", str), "eval_tokens": ("eval", "tokens", int),
-    "eval_seq_len": ("eval", "seq_len", int),
+    "eval_seq_len": ("eval", "seq_len", int), "eval_audio": ("eval", "audio", str),
 }
 
 
@@ -248,8 +250,8 @@ def _compress_in(run_dir: Path, config: RunConfig, plan, args, parallel: Paralle
                          feature_extractor=result.loaded.feature_extractor)
     summary = {k: result.metrics.get(k) for k in ("params_before", "params_after", "reduction", "teacher_ppl",
                                                    "student_ppl", "seconds", "status", "tokens")}
-    if "student_wer" in result.metrics:  # speech models: word error rate against the teacher's transcripts
-        summary["student_wer"] = result.metrics["student_wer"]
+    if "student_wer" in result.metrics:  # speech models
+        summary.update({k: result.metrics[k] for k in ("teacher_wer", "student_wer", "wer_reference")})
     summary["out"] = str(out)
     if not args.json:
         print(f"{summary['params_before']:,} -> {summary['params_after']:,} parameters "
@@ -257,7 +259,8 @@ def _compress_in(run_dir: Path, config: RunConfig, plan, args, parallel: Paralle
         if "teacher_ppl" in result.metrics:
             print(f"perplexity: teacher {summary['teacher_ppl']:.2f}, student {summary['student_ppl']:.2f}")
         if "student_wer" in summary:
-            print(f"word error rate against the teacher's transcripts: {summary['student_wer']:.1%}")
+            print(f"word error rate against the {summary['wer_reference']}: teacher {summary['teacher_wer']:.1%}, "
+                  f"student {summary['student_wer']:.1%}")
     return summary
 
 
@@ -329,16 +332,16 @@ def cmd_eval(args, parser) -> dict:
     from .quantize import quantize_weights, serialized_bytes
 
     loaded = _load_any(args)
-    if loaded.feature_extractor is not None:
-        raise ConfigError("`lillama eval` scores text perplexity; a speech model is scored against its teacher's "
-                          "transcripts by `lillama compress` (teacher_ppl, student_ppl, student_wer)")
     model = quantize_weights(loaded.model, args.quantize) if args.quantize else loaded.model
-    windows = eval_windows(loaded.tokenizer, read_eval_text(args.eval_text), args.eval_tokens, args.eval_seq_len)
-    ppl = perplexity(model, windows)
-    size = model_size(loaded.model)
-    summary = {"model": args.model, "quantize": args.quantize, "perplexity": ppl.perplexity,
-               "eval_tokens": ppl.tokens_scored, "parameters": size.parameters, "weight_bytes": serialized_bytes(model)}
-    if not args.no_speed:
+    summary = {"model": args.model, "quantize": args.quantize}
+    if loaded.feature_extractor is not None:
+        summary.update(_speech_eval(loaded, model, args.eval_audio))
+    else:
+        windows = eval_windows(loaded.tokenizer, read_eval_text(args.eval_text), args.eval_tokens, args.eval_seq_len)
+        ppl = perplexity(model, windows)
+        summary.update(perplexity=ppl.perplexity, eval_tokens=ppl.tokens_scored)
+    summary.update(parameters=model_size(loaded.model).parameters, weight_bytes=serialized_bytes(model))
+    if loaded.feature_extractor is None and not args.no_speed:
         speed = generation_speed(model, loaded.model.config.vocab_size)
         summary.update(prefill_tokens_per_s=speed.prefill_tokens_per_s,
                        generate_tokens_per_s=speed.generate_tokens_per_s)
@@ -346,6 +349,24 @@ def cmd_eval(args, parser) -> dict:
         for key, value in summary.items():
             print(f"{key:>24}: {value:,.3f}" if isinstance(value, float) else f"{key:>24}: {value}")
     return summary
+
+
+def _speech_eval(loaded, model, audio: str) -> dict:
+    """A speech model alone has no teacher to compare with, so it is scored against true texts only."""
+    from .speech import SYNTHETIC_SOURCES, reference_transcripts, speech_metrics
+
+    needs = ("scoring a speech model needs recorded speech with its true texts: --eval-audio FOLDER of .wav clips, "
+             "each with a .txt transcript of the same name")
+    if audio in SYNTHETIC_SOURCES:
+        raise ConfigError(needs)
+    longest = getattr(loaded.model.config, "max_target_positions", CalibrationConfig.seq_len)
+    reference = reference_transcripts(loaded.model, loaded.tokenizer, loaded.feature_extractor,
+                                      CalibrationConfig(seq_len=min(CalibrationConfig.seq_len, longest)), audio)
+    if reference.texts is None:
+        raise ConfigError(f"{audio}: no transcripts beside the clips; {needs}")
+    result = speech_metrics(model, reference, loaded.tokenizer)
+    return {"wer": result["wer"], "eval_clips": result["clips"],
+            "transcribe_tokens_per_s": result["transcribe_tokens_per_s"]}
 
 
 def cmd_chat(args, parser) -> None:

@@ -49,13 +49,16 @@ def calibrate(loaded: LoadedModel, config: CalibrationConfig) -> CalibrationData
 
 
 def evaluate_speech(teacher: LoadedModel, student, config: RunConfig) -> dict:
-    """Speech models have no text to score: the teacher's transcripts of held-out clips are the reference."""
-    reference = reference_transcripts(teacher.model, teacher.tokenizer, teacher.feature_extractor, config.calibration)
+    """Held-out clips stand in for text: perplexity of the teacher's transcripts, and word error rate against
+    the clips' true texts where the evaluation audio has them, else against the teacher's transcripts."""
+    reference = reference_transcripts(teacher.model, teacher.tokenizer, teacher.feature_extractor, config.calibration,
+                                      config.eval.audio)
     metrics = {}
     for name, model in (("teacher", teacher.model), ("student", student)):
         result = speech_metrics(model, reference, teacher.tokenizer, config.calibration.batch_size)
         metrics.update({f"{name}_ppl": result["perplexity"], f"{name}_wer": result["wer"]})
     metrics["eval_clips"] = len(reference.ends)
+    metrics["wer_reference"] = reference.kind
     return metrics
 
 

@@ -4,9 +4,10 @@ A speech model's calibration sequence is an audio clip's features plus decoder t
 the teacher's own greedy transcript of the clip, so every block sees the activations it sees at
 inference. Clips come from `.wav` files (a file or a folder) or, offline and by default, from a
 seeded synthesiser of speech-like sounds: voiced harmonics with gliding pitch, formant-like
-resonances, syllable envelopes, fricative noise and pauses. Synthetic clips carry no words, so
-quality is measured against the teacher: the student's perplexity of the teacher's transcripts of
-held-out clips, and the word error rate of the student's transcript taking the teacher's as reference.
+resonances, syllable envelopes, fricative noise and pauses. Quality is measured on held-out clips: the
+student's perplexity of the teacher's transcripts of them, and the word error rate of its own transcripts,
+against the clips' true texts where recorded speech comes with them (a .txt beside each .wav), else against
+the teacher's transcripts (synthetic clips carry no words).
 """
 
 from __future__ import annotations
@@ -109,22 +110,46 @@ def to_mono(audio: np.ndarray, rate: int, sampling_rate: int = SAMPLING_RATE) ->
     return samples.astype(np.float32)
 
 
+def _wav_files(source: str, role: str) -> list[Path]:
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise CalibrationError(f"{role} audio not found: {path} (give a .wav file, a folder of them, or 'synthetic')")
+    if path.is_file() and path.suffix.lower() != ".wav":
+        raise CalibrationError(f"{path}: speech models take .wav audio, not {path.suffix or 'this file'}")
+    return sorted(path.glob("*.wav")) if path.is_dir() else [path]
+
+
+def _voiced(clip: np.ndarray) -> bool:
+    return bool(clip.size and np.abs(clip).max() > 0)
+
+
 def audio_clips(source: str, count: int, seed: int) -> list[np.ndarray]:
     """`count` clips: synthetic ones for "default"/"synthetic", else from a .wav file or a folder of them
     (sorted, cycled if there are fewer files than clips wanted, skipped if silent)."""
     if source in SYNTHETIC_SOURCES:
         return synthetic_clips(count, seed)
-    path = Path(source).expanduser()
-    if not path.exists():
-        raise CalibrationError(f"audio calibration not found: {path} (give a .wav file, a folder of them, "
-                               "or 'synthetic')")
-    if path.is_file() and path.suffix.lower() != ".wav":
-        raise CalibrationError(f"{path}: speech models calibrate on .wav audio, not {path.suffix or 'this file'}")
-    files = sorted(path.glob("*.wav")) if path.is_dir() else [path]
-    clips = [clip for clip in (read_wav(f) for f in files) if clip.size and np.abs(clip).max() > 0]
+    files = _wav_files(source, "calibration")
+    clips = [clip for clip in (read_wav(f) for f in files) if _voiced(clip)]
     if not clips:
-        raise CalibrationError(f"{path}: no audio found (no non-silent .wav files)")
+        raise CalibrationError(f"{source}: no audio found (no non-silent .wav files)")
     return [clips[i % len(clips)] for i in range(count)]
+
+
+def transcribed_clips(source: str) -> tuple[list[np.ndarray], list[str] | None]:
+    """Held-out speech: every non-silent clip of a .wav file or folder, and their true texts when each clip has
+    one in a .txt file of the same name beside it (all or none, so a score never mixes two references)."""
+    files = [f for f in _wav_files(source, "evaluation") if _voiced(read_wav(f))]
+    if not files:
+        raise CalibrationError(f"{source}: no audio found (no non-silent .wav files)")
+    transcripts = [f.with_suffix(".txt") for f in files]
+    missing = [t.name for t in transcripts if not t.exists()]
+    if len(missing) == len(files):
+        return [read_wav(f) for f in files], None
+    if missing:
+        raise CalibrationError(f"{source}: {len(missing)} of {len(files)} clips have no transcript beside them "
+                               f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); give every clip "
+                               "its .txt or none")
+    return [read_wav(f) for f in files], [t.read_text(encoding="utf-8").strip() for t in transcripts]
 
 
 def transcript_prompt(model: nn.Module, tokenizer) -> list[int]:
@@ -230,6 +255,10 @@ class Reference:
     prompt_length: int
     texts: list[str] | None = None
 
+    @property
+    def kind(self) -> str:
+        return "true transcripts" if self.texts is not None else "teacher transcripts"
+
     def words(self, tokenizer, row: int) -> list[str]:
         if self.texts is not None:
             return normalized_words(self.texts[row])
@@ -254,10 +283,15 @@ def transcribe_reference(teacher: nn.Module, tokenizer, feature_extractor, clips
 
 
 def reference_transcripts(teacher: nn.Module, tokenizer, feature_extractor, config: CalibrationConfig,
-                          clips: int = EVAL_CLIPS) -> Reference:
-    """Held-out synthetic clips (a seed calibration never uses) and the teacher's transcripts of them."""
-    audio = synthetic_clips(clips, config.seed + EVAL_SEED_OFFSET)
-    return transcribe_reference(teacher, tokenizer, feature_extractor, audio, config.seq_len, config.batch_size)
+                          audio: str = "synthetic", clips: int = EVAL_CLIPS) -> Reference:
+    """Held-out clips and the teacher's transcripts of them: synthetic ones (a seed calibration never uses), or
+    recorded speech from a .wav file or folder, with its true texts when they are given (transcribed_clips)."""
+    if audio in SYNTHETIC_SOURCES:
+        sounds, texts = synthetic_clips(clips, config.seed + EVAL_SEED_OFFSET), None
+    else:
+        sounds, texts = transcribed_clips(audio)
+    return transcribe_reference(teacher, tokenizer, feature_extractor, sounds, config.seq_len, config.batch_size,
+                                texts)
 
 
 @torch.no_grad()

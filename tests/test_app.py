@@ -55,7 +55,7 @@ def test_end_to_end_compress_chat_export_reload(app):
     assert teacher_msgs[-1]["content"] and student_msgs[-1]["content"]
     assert "tokens/s" in teacher_speed and "tokens/s" in student_speed
 
-    table, _ = client.predict("default", 512, 128, False, True, api_name="/evaluate")
+    table, _ = client.predict("default", 512, 128, False, True, "synthetic", api_name="/evaluate")
     rows = {row[0]: row for row in table["data"]}
     assert set(rows) == {"teacher", "student", "teacher int8", "student int8", "teacher int4", "student int4"}
     headers = table["headers"]

@@ -20,7 +20,7 @@ from lillama_core.lowrank import LowRankLinear
 from lillama_core.models import find_blocks, stack_starts
 from lillama_core.speech import (Reference, audio_clips, greedy_transcripts, normalized_words, read_wav,
                                  reference_transcripts, speech_calibration, speech_metrics, synthetic_clips,
-                                 word_error_rate)
+                                 transcribed_clips, word_error_rate)
 from tiny import tiny_whisper
 
 CPU = torch.device("cpu")
@@ -201,10 +201,12 @@ def test_cli_compresses_a_whisper_folder_and_reports_word_error_rate(whisper, tm
     out = tmp_path / "student"
     assert main(["compress", "--model", str(folder), "--device", "cpu", "--calibration", "synthetic",
                  "--tokens", "256", "--seq-len", "16", "--batch-size", "4", "--reduction", "0.1",
+                 "--eval-audio", str(_recorded_speech(tmp_path / "recorded", 2, ["zzz", "zzz"])),
                  "--runs-dir", str(tmp_path / "runs"), "--out", str(out), "--json"]) == 0
     printed = capsys.readouterr()
     summary = json.loads(printed.out.strip().splitlines()[-1])
-    assert summary["reduction"] >= 0.1 and summary["student_wer"] >= 0
+    assert summary["reduction"] >= 0.1 and summary["wer_reference"] == "true transcripts"
+    assert summary["teacher_wer"] >= 1.0 and summary["student_wer"] >= 0
     assert "synthetic clips: enough to try the workflow" in printed.err
     assert summary["student_ppl"] > 0 and summary["teacher_ppl"] > 0
     assert (out / "preprocessor_config.json").exists()
@@ -264,3 +266,44 @@ def test_a_bf16_whisper_is_calibrated_and_distilled_on_the_cpu():
     run = Compressor(whisper, data, plan, DistillConfig(lr=3e-3), batch_size=4).run()
     assert run.status == "completed" and [e.layer for e in run.layers] == [0, 1, 2, 3]
     assert all(e.best_loss < e.init_loss for e in run.layers)
+
+
+def _recorded_speech(folder, count: int, texts: list[str] | None):
+    folder.mkdir()
+    for i, clip in enumerate(synthetic_clips(count, seed=7)):
+        _write_wav(folder / f"clip{i}.wav", clip, 16000)
+        if texts is not None:
+            (folder / f"clip{i}.txt").write_text(texts[i] + "\n")
+    return folder
+
+
+def test_held_out_speech_is_scored_against_its_true_texts(whisper, tmp_path):
+    recorded = _recorded_speech(tmp_path / "recorded", 3, ["zzz qqq", "zzz qqq", "zzz qqq"])
+    clips, texts = transcribed_clips(str(recorded))
+    assert len(clips) == 3 and texts == ["zzz qqq"] * 3
+    config = CalibrationConfig(seq_len=16, batch_size=4)
+    true = reference_transcripts(whisper.model, whisper.tokenizer, whisper.feature_extractor, config, str(recorded))
+    assert true.kind == "true transcripts" and len(true.ends) == 3
+    # Against its own transcripts the teacher is perfect; against texts it never wrote, it is not.
+    assert speech_metrics(whisper.model, true, whisper.tokenizer)["wer"] >= 1.0
+    untranscribed = _recorded_speech(tmp_path / "untranscribed", 2, None)
+    own = reference_transcripts(whisper.model, whisper.tokenizer, whisper.feature_extractor, config, str(untranscribed))
+    assert own.kind == "teacher transcripts" and speech_metrics(whisper.model, own, whisper.tokenizer)["wer"] == 0
+
+    (recorded / "clip1.txt").unlink()
+    with pytest.raises(CalibrationError, match="1 of 3 clips have no transcript"):
+        transcribed_clips(str(recorded))
+    with pytest.raises(CalibrationError, match="evaluation audio not found"):
+        transcribed_clips(str(tmp_path / "missing"))
+
+
+def test_cli_scores_a_speech_model_on_recorded_speech_only(whisper, tmp_path, capsys):
+    folder = tmp_path / "tiny-whisper"
+    for part in (whisper.model, whisper.tokenizer, whisper.feature_extractor):
+        part.save_pretrained(folder)
+    recorded = _recorded_speech(tmp_path / "recorded", 2, ["zzz", "zzz"])
+    assert main(["eval", "--model", str(folder), "--device", "cpu", "--eval-audio", str(recorded), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["wer"] >= 1.0 and summary["eval_clips"] == 2 and summary["parameters"] > 0
+    assert main(["eval", "--model", str(folder), "--device", "cpu"]) == 2
+    assert "needs recorded speech with its true texts" in capsys.readouterr().err
