@@ -118,7 +118,7 @@ def _cost_table(group: dict) -> list[str]:
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for (m, red), r in sorted(group["cells"].items(), key=lambda kv: (_method_rank(kv[0][0]), kv[0][1])):
         if r.get("ppl") is None and r.get("error"):
-            lines.append(f"| {m} | {red:.0%} | – | – | – | – | – | – | – | n/a: {r['error'][:80]} |")
+            lines.append(f"| {m} | {red:.0%} | – | – | – | – | – | – | – | n/a: {r['error'][:150]} |")
             continue
         peak = r.get("compress_peak_rss_bytes", r.get("compress_peak_cuda_allocated_bytes"))
         lines.append(
