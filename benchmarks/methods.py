@@ -9,6 +9,7 @@
 - ours:      the engine's shipped defaults, PlanConfig() and DistillConfig() untouched, so this row tracks
              whatever the engine defaults are when the benchmark runs (sensitivity-aware ranks, whitened init,
              AdamW 1e-3 cosine, joint loss).
+- ours-r<N>:  the defaults with every rank rounded to a multiple of N (ours-r8, ours-r64), for speed runs.
 - tuned:     the best hand-made recipe of the CPU ablations (uniform ranks with the first and last layers
              dense); the sensitivity plan finds those fragile layers by itself and is now the default.
 
@@ -70,8 +71,6 @@ METHODS: dict[str, Recipe] = {
                     {"init": "svd", "lr": 8.6e-5, "schedule": "constant", "warmup_steps": 0, "loss": "joint"},
                     "published Lillama recipe: SVD init, AdamW 8.6e-5, batch 8, Teacher+Student loss, bottom-first"),
     "ours": Recipe("ours", {}, {}, "the engine's shipped defaults (PlanConfig(), DistillConfig())"),
-    "ours-r64": Recipe("ours-r64", {"rank_multiple": 64}, {},
-                       "the defaults with every rank a multiple of 64, for GPU matrix units (speed runs)"),
     "tuned": Recipe("tuned", {"strategy": "uniform", "overrides": {**PROTECT_FIRST, **PROTECT_LAST}},
                     {"init": "whitened", "lr": 1e-3, "schedule": "constant", "loss": "student"},
                     "best hand-made CPU recipe: uniform rank with the first and last layers dense, whitened init, "
@@ -81,11 +80,18 @@ METHODS: dict[str, Recipe] = {
 DEFAULT_METHODS = ("teacher", "svd", "whitened", "paper", "ours")
 
 
+ALIGNED = "ours-r"  # ours-r<N>: the defaults with every rank a multiple of N (matrix units favour aligned shapes)
+
+
 def recipe(name: str) -> Recipe:
+    multiple = name.removeprefix(ALIGNED)
+    if name.startswith(ALIGNED) and multiple.isdigit() and int(multiple) >= 1:
+        return METHODS["ours"].with_changes(name, plan={"rank_multiple": int(multiple)},
+                                            description=f"the defaults with every rank a multiple of {multiple}")
     try:
         return METHODS[name]
     except KeyError:
-        raise SystemExit(f"unknown method {name!r}; choose from {', '.join(METHODS)}") from None
+        raise SystemExit(f"unknown method {name!r}; choose from {', '.join(METHODS)} or {ALIGNED}<N>") from None
 
 
 def describe_recipe(r: Recipe) -> dict:

@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", "--models", dest="models", default="smollm2-135m-instruct",
                    help="comma-separated: smollm2-135m-instruct, gemma3-270m, a hub id or folder")
     q.add_argument("--reductions", default="0.1,0.2,0.3,0.4")
-    q.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated from {', '.join(METHODS)}")
+    q.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated from {', '.join(METHODS)}, ours-r<N> (ranks a multiple of N)")
     _common(q)
 
     a = sub.add_parser("ablation", help="one knob at a time around a base recipe")
@@ -159,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("speech", help="Whisper-base on speech read by espeak-ng: true word error rate")
     sp.add_argument("--reductions", default="0.1,0.2")
     sp.add_argument("--methods", default="whitened,ours",
-                    help=f"comma-separated recipes from {', '.join(m for m in METHODS if m != 'teacher')}")
+                    help=f"comma-separated recipes from {', '.join(m for m in METHODS if m != 'teacher')}, ours-r<N>")
     sp.add_argument("--calibrations", default="speech,synthetic",
                     help="speech (espeak-ng reading calibration text) and/or synthetic (the built-in clips)")
     sp.add_argument("--clips", type=int, default=128, help="calibration clips")

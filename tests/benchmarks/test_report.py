@@ -31,6 +31,12 @@ def test_ours_tracks_the_engine_defaults_and_the_paper_recipe_is_the_published_o
     assert all(not METHODS[m].distill_config().distill for m in ("svd", "whitened"))
     with pytest.raises(SystemExit, match="unknown method"):
         recipe("nope")
+    aligned = recipe("ours-r8")
+    assert aligned.plan_config(0.2) == PlanConfig(reduction=0.2, rank_multiple=8) and aligned.name == "ours-r8"
+    assert aligned.distill_config() == DistillConfig()
+    for bad in ("ours-r0", "ours-rx"):
+        with pytest.raises(SystemExit, match="unknown method"):
+            recipe(bad)
 
 
 def test_allocation_axis_parses_protected_layers_and_free_variants():
