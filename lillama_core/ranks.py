@@ -351,13 +351,14 @@ def sensitivity_plan(shape: ModelShape, target_saving: int, modules: list[Module
 
 
 def align_ranks(shape: ModelShape, ranks: dict[str, int], target_saving: int, multiple: int) -> dict[str, int]:
-    """Every rank rounded down to a multiple of `multiple` (at least one multiple), then, while the saving
-    stays at or above the target, the modules that lost most to rounding step back up by one multiple, so
-    the plan keeps its allocation and lands just past the target."""
+    """Every rank rounded down to a multiple of `multiple`, then, while the saving stays at or above the
+    target, the modules that lost most to rounding step back up by one multiple, so the plan keeps its
+    allocation and lands just past the target. Ranks below one multiple stay as they are: raising them
+    would give back weights the target needs removed."""
     if multiple <= 1:
         return dict(ranks)
     by_name = shape.by_name()
-    aligned = {name: max(multiple, rank - rank % multiple) for name, rank in ranks.items()}
+    aligned = {name: rank - rank % multiple if rank >= multiple else rank for name, rank in ranks.items()}
     aligned = {name: rank for name, rank in aligned.items() if rank <= by_name[name].max_saving_rank}
     saving = _saving(shape, aligned)
     lost = sorted(aligned, key=lambda name: (aligned[name] - ranks[name], name))  # most rounded away first

@@ -60,7 +60,7 @@ def test_invalid_plans_are_rejected(shape, ranks, message):
 
 @pytest.mark.parametrize("strategy", ["uniform", "bottom", "top"])
 def test_reduction_targets_are_met_closely(shape, strategy):
-    plan = build_plan(shape, PlanConfig(strategy=strategy, reduction=0.15))
+    plan = build_plan(shape, PlanConfig(strategy=strategy, reduction=0.15, rank_multiple=1))
     summary = summarize(plan, shape)
     assert summary.params_before - summary.params_after >= math.ceil(0.15 * shape.total_params)
     assert summary.reduction < 0.15 + 0.02
@@ -83,7 +83,7 @@ def test_uniform_rank_leaves_modules_dense_where_the_rank_saves_nothing(shape):
 
 def test_energy_plan_hits_the_target_and_varies_ranks(tiny, shape):
     spectra = compute_spectra(tiny, shape, None, 8, whitened=False)
-    plan = build_plan(shape, PlanConfig(strategy="energy", reduction=0.2), spectra)
+    plan = build_plan(shape, PlanConfig(strategy="energy", reduction=0.2, rank_multiple=1), spectra)
     summary = summarize(plan, shape)
     assert summary.params_before - summary.params_after >= math.ceil(0.2 * shape.total_params)
     assert summary.reduction < 0.21
@@ -122,11 +122,21 @@ def test_plan_json_round_trip_and_malformed_json(tmp_path, shape):
 @pytest.mark.parametrize("strategy", ["energy", "uniform", "bottom"])
 def test_rank_multiples_keep_the_allocation_and_the_target(tiny, shape, strategy):
     spectra = compute_spectra(tiny, shape, None, 8, whitened=False)
-    exact = build_plan(shape, PlanConfig(strategy=strategy, reduction=0.2), spectra)
-    aligned = build_plan(shape, PlanConfig(strategy=strategy, reduction=0.2, rank_multiple=8), spectra)
+    exact = build_plan(shape, PlanConfig(strategy=strategy, reduction=0.2, rank_multiple=1), spectra)
+    aligned = build_plan(shape, PlanConfig(strategy=strategy, reduction=0.2), spectra)  # the default: 8
     assert aligned.ranks and all(rank % 8 == 0 for rank in aligned.ranks.values())
     assert set(aligned.ranks) <= set(exact.ranks)
     assert all(abs(aligned.ranks[n] - exact.ranks[n]) < 8 for n in aligned.ranks)  # the nearest multiples
     summary = summarize(aligned, shape)
     assert summary.params_before - summary.params_after >= math.ceil(0.2 * shape.total_params)
     assert summary.reduction < summarize(exact, shape).reduction + 0.02
+
+
+def test_ranks_below_one_multiple_stay_exact_so_a_deep_target_is_still_met(shape):
+    """Raising a rank of 5 to 64 would give back weights the target needs removed."""
+    exact = build_plan(shape, PlanConfig(strategy="uniform", reduction=0.6, rank_multiple=1))
+    assert max(exact.ranks.values()) < 64
+    aligned = build_plan(shape, PlanConfig(strategy="uniform", reduction=0.6, rank_multiple=64))
+    assert aligned.ranks == exact.ranks
+    summary = summarize(aligned, shape)
+    assert summary.params_before - summary.params_after >= math.ceil(0.6 * shape.total_params)
