@@ -7,8 +7,9 @@
 - paper:     the published Lillama recipe: SVD init, AdamW lr 8.6e-5 (constant), batch 8,
              Teacher+Student ("joint") loss, bottom-first layer selection (engine's layer_keep 0.4).
 - ours:      the engine's shipped defaults, PlanConfig() and DistillConfig() untouched, so this row tracks
-             whatever the engine defaults are when the benchmark runs (sensitivity-aware ranks, whitened init,
-             AdamW 1e-3 cosine, joint loss).
+             whatever the engine defaults are when the benchmark runs (sensitivity-aware ranks in multiples of 8,
+             whitened init, AdamW 1e-3 cosine, joint loss). Records from before the multiple of 8 (stop 13)
+             used exact ranks: their plan_config says so.
 - ours-r<N>:  the defaults with every rank rounded to a multiple of N (ours-r8, ours-r64), for speed runs.
 - tuned:     the best hand-made recipe of the CPU ablations (uniform ranks with the first and last layers
              dense); the sensitivity plan finds those fragile layers by itself and is now the default.

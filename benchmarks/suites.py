@@ -206,7 +206,8 @@ def speed_worker(model_name: str, method: str, reduction: float, budget: Budget,
         model = bench.loaded.model
     else:
         model, summary = bench.build_student(r, reduction)
-        info = {"reduction": summary.reduction, "target_reduction": reduction}
+        info = {"reduction": summary.reduction, "target_reduction": reduction,
+                "rank_multiple": r.plan_config(reduction).rank_multiple}  # "ours" follows the engine's default
         bench.loaded.model = None  # the student keeps only the weights it shares
         bench._calibration.clear()
         bench._spectra.clear()
@@ -218,6 +219,8 @@ def speed_worker(model_name: str, method: str, reduction: float, budget: Budget,
               "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
               "params": count_parameters(model), "weight_bytes": weight_bytes(model), "env": environment(device_),
               "rss_before_bytes": rss_bytes() if device_.type == "cpu" else None}
+    if "rank_multiple" in info:
+        record["rank_multiple"] = info["rank_multiple"]
     results = {}
     with PeakMemory(device_) as mem1:
         results["batch1"] = _median_speed(model, vocab, 1, 64, new_tokens, repeats)
