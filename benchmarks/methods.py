@@ -64,11 +64,12 @@ def resolve_overrides(overrides: dict, num_layers: int) -> dict:
 
 METHODS: dict[str, Recipe] = {
     "teacher": Recipe("teacher", teacher=True, description="uncompressed model"),
-    "svd": Recipe("svd", {"strategy": "uniform"}, {"init": "svd", "distill": False},
+    # The baselines keep exact ranks, as published; only "ours" follows the engine's rank multiple.
+    "svd": Recipe("svd", {"strategy": "uniform", "rank_multiple": 1}, {"init": "svd", "distill": False},
                   "plain truncated SVD, uniform rank, training-free"),
-    "whitened": Recipe("whitened", {"strategy": "uniform"}, {"init": "whitened", "distill": False},
+    "whitened": Recipe("whitened", {"strategy": "uniform", "rank_multiple": 1}, {"init": "whitened", "distill": False},
                        "activation-whitened SVD (SVD-LLM style), uniform rank, training-free"),
-    "paper": Recipe("paper", {"strategy": "bottom", "layer_keep": 0.4},
+    "paper": Recipe("paper", {"strategy": "bottom", "layer_keep": 0.4, "rank_multiple": 1},
                     {"init": "svd", "lr": 8.6e-5, "schedule": "constant", "warmup_steps": 0, "loss": "joint"},
                     "published Lillama recipe: SVD init, AdamW 8.6e-5, batch 8, Teacher+Student loss, bottom-first"),
     "ours": Recipe("ours", {}, {}, "the engine's shipped defaults (PlanConfig(), DistillConfig())"),

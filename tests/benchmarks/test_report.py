@@ -29,6 +29,7 @@ def test_ours_tracks_the_engine_defaults_and_the_paper_recipe_is_the_published_o
     assert (paper.distill_config().init, paper.distill_config().lr, paper.distill_config().loss) == ("svd", 8.6e-5,
                                                                                                     "joint")
     assert all(not METHODS[m].distill_config().distill for m in ("svd", "whitened"))
+    assert all(METHODS[m].plan_config(0.2).rank_multiple == 1 for m in ("svd", "whitened", "paper"))
     with pytest.raises(SystemExit, match="unknown method"):
         recipe("nope")
     aligned = recipe("ours-r8")
