@@ -20,6 +20,7 @@ from .studio import Studio
 STRATEGY_LABELS = {"sensitivity": "Sensitivity (measured: spare the layers that hurt most)",
                    "energy": "Energy (rank where the spectrum needs it)", "uniform": "Uniform rank",
                    "bottom": "Bottom-first layers", "top": "Top-first layers"}
+RANK_MULTIPLES = [1, 8, 16, 32, 64]
 
 
 def totals_html(studio: Studio) -> str:
@@ -108,6 +109,9 @@ def build(studio: Studio) -> dict:
                 layer_keep = gr.Slider(5, 95, value=round(100 * studio.plan_config.layer_keep), step=5,
                                        label="Bottom/top: % of weights kept in each chosen layer")
                 fixed_rank = gr.Number(value=None, precision=0, label="Fixed rank (0 = use the target)")
+                multiple = gr.Dropdown(RANK_MULTIPLES, value=studio.plan_config.rank_multiple,
+                                       label="Round ranks to a multiple of", allow_custom_value=True,
+                                       info="8: no quality cost and faster matrix kernels; 1: exact ranks")
                 groups = gr.CheckboxGroup(**group_picker(studio), label="Module groups (linear layers each)")
             with gr.Row():
                 apply = gr.Button("Apply preset", variant="primary")
@@ -164,16 +168,18 @@ def build(studio: Studio) -> dict:
                     slider.release(user_errors(on_module), slider, [totals, plot], show_progress="hidden")
 
     @user_errors
-    def on_apply(strategy_value, reduction_value, keep_value, rank_value, group_values, current_version):
+    def on_apply(strategy_value, reduction_value, keep_value, rank_value, group_values, current_version,
+                 multiple_value=PlanConfig.rank_multiple):
         rank = int(rank_value) if rank_value else None
         config = PlanConfig(strategy=strategy_value, reduction=None if rank else reduction_value / 100, rank=rank,
-                            layer_keep=keep_value / 100, groups=list(group_values))
+                            layer_keep=keep_value / 100, groups=list(group_values), rank_multiple=int(multiple_value))
         if config.strategy == "energy" and studio.loaded is not None:
             gr.Info("measuring whitened spectra on a slice of the calibration set…")
         studio.apply_preset(config)
         return (*refresh(), current_version + 1)
 
-    apply.click(on_apply, [strategy, reduction, layer_keep, fixed_rank, groups, version], [totals, plot, version],
+    apply.click(on_apply, [strategy, reduction, layer_keep, fixed_rank, groups, version, multiple],
+                [totals, plot, version],
                 concurrency_id="model", concurrency_limit=1, api_name="apply_preset")
 
     def on_save():
@@ -194,11 +200,12 @@ def build(studio: Studio) -> dict:
     def on_show(current_version):
         """Draw the plan as the server holds it: it may have changed from another tab or the API."""
         if studio.loaded is None:
-            return (gr.skip(),) * 8
+            return (gr.skip(),) * 9
         studio.current_plan()
         config = studio.plan_config
         return (*refresh(), current_version + 1, config.strategy, round(100 * (config.reduction or 0.2)),
-                round(100 * config.layer_keep), config.rank or 0, gr.update(**group_picker(studio)))
+                round(100 * config.layer_keep), config.rank or 0, gr.update(**group_picker(studio)),
+                config.rank_multiple)
 
     return {"on_show": (on_show, [version],
-                        [totals, plot, version, strategy, reduction, layer_keep, fixed_rank, groups])}
+                        [totals, plot, version, strategy, reduction, layer_keep, fixed_rank, groups, multiple])}

@@ -55,7 +55,7 @@ def test_click_through_all_panels_and_watch_a_live_run(browser, shots, tmp_path,
         client = Client(url, verbose=False)
         client.predict("smollm2-135m-instruct", "", False, False, api_name="/load_model")
         client.predict("Built-in", "", "", "", "train", 8192, 128, 4, api_name="/calibration")
-        client.predict("bottom", 3, 30, 0, ["attention", "mlp"], 0, api_name="/apply_preset")
+        client.predict("bottom", 3, 30, 0, ["attention", "mlp"], api_name="/apply_preset")
 
         page = open_page(browser, url)
         page.screenshot(path=shots / "1-model.png", full_page=True)
