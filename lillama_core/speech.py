@@ -119,8 +119,13 @@ def _wav_files(source: str, role: str) -> list[Path]:
     return sorted(path.glob("*.wav")) if path.is_dir() else [path]
 
 
-def _voiced(clip: np.ndarray) -> bool:
-    return bool(clip.size and np.abs(clip).max() > 0)
+def _voiced_clips(source: str, role: str) -> list[tuple[Path, np.ndarray]]:
+    """(file, clip) for every non-silent .wav of a file or folder, each read once."""
+    read = ((f, read_wav(f)) for f in _wav_files(source, role))
+    pairs = [(f, clip) for f, clip in read if clip.size and np.abs(clip).max() > 0]
+    if not pairs:
+        raise CalibrationError(f"{source}: no audio found (no non-silent .wav files)")
+    return pairs
 
 
 def audio_clips(source: str, count: int, seed: int) -> list[np.ndarray]:
@@ -128,28 +133,24 @@ def audio_clips(source: str, count: int, seed: int) -> list[np.ndarray]:
     (sorted, cycled if there are fewer files than clips wanted, skipped if silent)."""
     if source in SYNTHETIC_SOURCES:
         return synthetic_clips(count, seed)
-    files = _wav_files(source, "calibration")
-    clips = [clip for clip in (read_wav(f) for f in files) if _voiced(clip)]
-    if not clips:
-        raise CalibrationError(f"{source}: no audio found (no non-silent .wav files)")
+    clips = [clip for _, clip in _voiced_clips(source, "calibration")]
     return [clips[i % len(clips)] for i in range(count)]
 
 
 def transcribed_clips(source: str) -> tuple[list[np.ndarray], list[str] | None]:
     """Held-out speech: every non-silent clip of a .wav file or folder, and their true texts when each clip has
     one in a .txt file of the same name beside it (all or none, so a score never mixes two references)."""
-    files = [f for f in _wav_files(source, "evaluation") if _voiced(read_wav(f))]
-    if not files:
-        raise CalibrationError(f"{source}: no audio found (no non-silent .wav files)")
-    transcripts = [f.with_suffix(".txt") for f in files]
+    pairs = _voiced_clips(source, "evaluation")
+    clips = [clip for _, clip in pairs]
+    transcripts = [f.with_suffix(".txt") for f, _ in pairs]
     missing = [t.name for t in transcripts if not t.exists()]
-    if len(missing) == len(files):
-        return [read_wav(f) for f in files], None
+    if len(missing) == len(pairs):
+        return clips, None
     if missing:
-        raise CalibrationError(f"{source}: {len(missing)} of {len(files)} clips have no transcript beside them "
+        raise CalibrationError(f"{source}: {len(missing)} of {len(pairs)} clips have no transcript beside them "
                                f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); give every clip "
                                "its .txt or none")
-    return [read_wav(f) for f in files], [t.read_text(encoding="utf-8").strip() for t in transcripts]
+    return clips, [t.read_text(encoding="utf-8").strip() for t in transcripts]
 
 
 def transcript_prompt(model: nn.Module, tokenizer) -> list[int]:
