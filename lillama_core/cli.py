@@ -241,6 +241,7 @@ def _compress_in(run_dir: Path, config: RunConfig, plan, args, parallel: Paralle
         result = run_pipeline(config, plan=plan, on_event=on_event if parallel.is_main else None,
                               evaluate=not args.no_eval, checkpoint_dir=run_dir / LAYERS_DIR, parallel=parallel)
     if not parallel.is_main:  # the other processes only lent their share of the work
+        parallel.finish()
         return None
     save_run(run_dir, config, result, keep_student=False)
     record = {"config": config.to_dict(), "metrics": result.metrics, "plan": json.loads(result.run.applied.to_json()),
@@ -261,6 +262,7 @@ def _compress_in(run_dir: Path, config: RunConfig, plan, args, parallel: Paralle
         if "student_wer" in summary:
             print(f"word error rate against the {summary['wer_reference']}: teacher {summary['teacher_wer']:.1%}, "
                   f"student {summary['student_wer']:.1%}")
+    parallel.finish()  # the other processes wait here until the export is written
     return summary
 
 

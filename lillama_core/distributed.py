@@ -67,6 +67,15 @@ class Parallel:
             for tensor in tensors:
                 dist.broadcast(tensor.data, src=0)
 
+    def finish(self) -> None:
+        """Wait for every process, then close the group. A gloo process that exits with its group still open
+        can abort at exit ("terminate called without an active exception") and fail the whole torchrun."""
+        if self.enabled:
+            import torch.distributed as dist
+
+            dist.barrier()
+            dist.destroy_process_group()
+
     def shard(self, batches: list[slice]) -> tuple[torch.Tensor, list[slice], list[int]]:
         """This rank's part of every global batch: (indices of its sequences, its batches as slices of
         those, the global row count of each batch). A part may be empty; the rank then still takes part
