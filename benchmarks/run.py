@@ -107,10 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     _common(a)
 
     s = sub.add_parser("speed", help="generation/prefill tokens/s and memory, teacher vs students")
-    s.add_argument("--model", "--models", dest="models", default="smollm2-135m-instruct")
+    s.add_argument("--model", "--models", dest="models", default="smollm2-135m-instruct",
+                   help="registry models, or random-weight shapes (llama-1b, llama-7b), comma-separated")
     s.add_argument("--variants", default="teacher,tuned@0.2", help="method@reduction, comma-separated")
     s.add_argument("--new-tokens", type=int, default=64)
     s.add_argument("--repeats", type=int, default=3)
+    s.add_argument("--graphs", action="store_true",
+                   help="also time batch-16 decoding with a static KV cache compiled into CUDA graphs")
     _common(s, tokens=8_192)
 
     w = sub.add_parser("_speed-worker", help=argparse.SUPPRESS)
@@ -119,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--reduction", type=float, default=0.0)
     w.add_argument("--new-tokens", type=int, default=64)
     w.add_argument("--repeats", type=int, default=3)
+    w.add_argument("--graphs", action="store_true")
     w.add_argument("--out", required=True)
     _common(w, tokens=8_192)
 
@@ -216,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             method, _, reduction = item.partition("@")
             variants.append((method, float(reduction or 0.0)))
         suites.run_speed(_names(args.models), variants, _budget(args), args.device, args.dtype, args.new_tokens,
-                         args.repeats, args.tag, results)
+                         args.repeats, args.tag, results, args.graphs)
     elif args.command == "quantize":
         suites.run_quantize(args.model, args.method, args.reduction, _budget(args), args.tag, results)
     elif args.command == "parallel":
@@ -257,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             write_record("speech", {**record, **({"tag": args.tag} if args.tag else {})}, results)
     elif args.command == "_speed-worker":
         record = suites.speed_worker(args.model, args.method, args.reduction, _budget(args), args.device,
-                                     args.dtype, args.new_tokens, args.repeats)
+                                     args.dtype, args.new_tokens, args.repeats, args.graphs)
         Path(args.out).write_text(json.dumps(record))
     elif args.command == "default":
         # Small but meaningful: every method at 20% on SmolLM2, the speed of a 20% student, then the report.

@@ -3,6 +3,7 @@ speed/memory (teacher vs students, each measured in its own process)."""
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -16,12 +17,15 @@ from pathlib import Path
 import torch
 
 from lillama_core.evaluate import generation_speed, perplexity
-from lillama_core.models import count_parameters, weight_bytes
+from lillama_core.hf_modeling import apply_rank_map
+from lillama_core.models import count_parameters, resolve_device, resolve_dtype, weight_bytes
+from lillama_core.ranks import ModelShape, build_plan, summarize
 from lillama_core.telemetry import synchronize
 
 from .bench import Bench, Budget, log
 from .common import ROOT, PeakMemory, environment, maxrss_bytes, rss_bytes, write_record
 from .methods import PROTECT_LAST, Recipe, recipe
+from .throughput import SHAPES, random_llama
 
 
 # ---- quality ----
@@ -192,25 +196,81 @@ def _prefill(model, vocab: int, batch: int, seq: int, repeats: int) -> float:
     return batch * seq / statistics.median(times)
 
 
+@torch.no_grad()
+def graph_decode(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
+    """Greedy decoding through transformers' static KV cache. On a GPU transformers compiles the decode step
+    (torch.compile "reduce-overhead", i.e. CUDA graphs), so a step costs its kernels' time alone, without the
+    Python and kernel-launch work per module that bounds eager decoding of small models; elsewhere the same
+    static cache runs uncompiled."""
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                         min_new_tokens=new_tokens, do_sample=False, cache_implementation="static", pad_token_id=0)
+    return out[:, ids.shape[1]:]
+
+
+def _graph_speed(model, vocab: int, batch: int, prompt: int, new: int, repeats: int) -> dict:
+    """Tokens/s of `graph_decode` (its eager prefill included), after warm-ups that compile and capture."""
+    device = next(model.parameters()).device
+    ids = torch.randint(0, vocab, (batch, prompt), generator=torch.Generator().manual_seed(0)).to(device)
+    start = time.perf_counter()
+    for _ in range(2):  # the first call compiles; CUDA graphs are recorded on a later one
+        graph_decode(model, ids, new)
+    synchronize(device)
+    warmup = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        graph_decode(model, ids, new)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return {"batch_size": batch, "prompt_tokens": prompt, "new_tokens": new,
+            "generate_tokens_per_s": batch * new / statistics.median(times), "warmup_seconds": warmup,
+            "compiled": hasattr(model, "_compiled_call")}
+
+
+def _random_weight_subject(shape_name: str, method: str, reduction: float, device: str, dtype: str):
+    """A random-weight Llama of a large shape, or a student of it: speed depends on shapes, not values. There is
+    no data worth measuring sensitivity on, so a student takes the recipe's plan made uniform (same rank
+    multiple) and keeps its factors random."""
+    device_ = resolve_device(device)
+    model = random_llama(shape_name, device_, resolve_dtype(dtype, device_)).model
+    r = recipe(method)
+    if r.teacher:
+        return model, {}
+    shape = ModelShape.of(model)
+    config = r.plan_config(reduction)
+    if config.uses_calibration:
+        config = dataclasses.replace(config, strategy="uniform")
+    plan = build_plan(shape, config)
+    apply_rank_map(model, plan.ranks)
+    return model, {"reduction": summarize(plan, shape).reduction, "target_reduction": reduction,
+                   "rank_multiple": config.rank_multiple, "plan_strategy": config.strategy}
+
+
 def speed_worker(model_name: str, method: str, reduction: float, budget: Budget, device: str, dtype: str,
-                 new_tokens: int, repeats: int) -> dict:
+                 new_tokens: int, repeats: int, graphs: bool = False) -> dict:
     """Measure one model in this (fresh) process: the teacher, or a student of `method` at `reduction`.
 
     A student is built training-free: distillation changes the factors' values, not their shapes,
     so speed and memory are those of the distilled model. The teacher's dense copies of the
-    replaced weights are dropped before measuring, so memory is the student's alone."""
-    bench = Bench(model_name, budget, device, dtype)
+    replaced weights are dropped before measuring, so memory is the student's alone. `model_name` may
+    also be a random-weight shape (llama-1b, llama-7b). With `graphs`, batch-16 decoding is also timed
+    through `graph_decode`."""
     r = recipe(method)
-    info = {}
-    if r.teacher:
-        model = bench.loaded.model
+    if model_name in SHAPES:
+        model, info = _random_weight_subject(model_name, method, reduction, device, dtype)
+        model_name = f"{model_name} (random weights)"
     else:
-        model, summary = bench.build_student(r, reduction)
-        info = {"reduction": summary.reduction, "target_reduction": reduction,
-                "rank_multiple": r.plan_config(reduction).rank_multiple}  # "ours" follows the engine's default
-        bench.loaded.model = None  # the student keeps only the weights it shares
-        bench._calibration.clear()
-        bench._spectra.clear()
+        bench = Bench(model_name, budget, device, dtype)
+        info = {}
+        if r.teacher:
+            model = bench.loaded.model
+        else:
+            model, summary = bench.build_student(r, reduction)
+            info = {"reduction": summary.reduction, "target_reduction": reduction,
+                    "rank_multiple": r.plan_config(reduction).rank_multiple}  # "ours" follows the engine's default
+            bench.loaded.model = None  # the student keeps only the weights it shares
+            bench._calibration.clear()
+            bench._spectra.clear()
     gc.collect()
     vocab = model.config.vocab_size
     device_ = next(model.parameters()).device
@@ -218,9 +278,8 @@ def speed_worker(model_name: str, method: str, reduction: float, budget: Budget,
               "reduction": info.get("reduction", 0.0), "device": str(device_),
               "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
               "params": count_parameters(model), "weight_bytes": weight_bytes(model), "env": environment(device_),
-              "rss_before_bytes": rss_bytes() if device_.type == "cpu" else None}
-    if "rank_multiple" in info:
-        record["rank_multiple"] = info["rank_multiple"]
+              "rss_before_bytes": rss_bytes() if device_.type == "cpu" else None,
+              **{k: info[k] for k in ("rank_multiple", "plan_strategy") if k in info}}
     results = {}
     with PeakMemory(device_) as mem1:
         results["batch1"] = _median_speed(model, vocab, 1, 64, new_tokens, repeats)
@@ -228,6 +287,9 @@ def speed_worker(model_name: str, method: str, reduction: float, budget: Budget,
         results["batch16"] = _median_speed(model, vocab, 16, 64, new_tokens, repeats)
     with PeakMemory(device_) as mem_prefill:
         results["prefill_tokens_per_s"] = _prefill(model, vocab, 4, 512, repeats)
+    if graphs:
+        results["graph_batch16"] = _graph_speed(model, vocab, 16, 64, new_tokens, repeats)
+        record["graph_b16_tokens_per_s"] = results["graph_batch16"]["generate_tokens_per_s"]
     record.update(
         gen_b1_tokens_per_s=results["batch1"]["generate_tokens_per_s"],
         gen_b16_tokens_per_s=results["batch16"]["generate_tokens_per_s"],
@@ -241,7 +303,8 @@ def speed_worker(model_name: str, method: str, reduction: float, budget: Budget,
 
 
 def run_speed(models: list[str], variants: list[tuple[str, float]], budget: Budget, device: str, dtype: str,
-              new_tokens: int = 64, repeats: int = 3, tag: str | None = None, results_dir=None) -> list[dict]:
+              new_tokens: int = 64, repeats: int = 3, tag: str | None = None, results_dir=None,
+              graphs: bool = False) -> list[dict]:
     """Each (method, reduction) in its own process, so memory figures do not mix."""
     records = []
     for model in models:
@@ -251,7 +314,7 @@ def run_speed(models: list[str], variants: list[tuple[str, float]], budget: Budg
                 cmd = [sys.executable, "-m", "benchmarks.run", "_speed-worker", "--model", model, "--method", method,
                        "--reduction", str(reduction), "--device", device, "--dtype", dtype, "--tokens",
                        str(budget.tokens), "--new-tokens", str(new_tokens), "--repeats", str(repeats),
-                       "--threads", str(torch.get_num_threads()), "--out", str(out)]
+                       "--threads", str(torch.get_num_threads()), "--out", str(out)] + (["--graphs"] if graphs else [])
                 log(f"speed: {model} {method} @ {reduction:.0%}")
                 proc = subprocess.run(cmd, cwd=ROOT, env=os.environ.copy())
                 if proc.returncode != 0 or not out.exists():
@@ -263,5 +326,8 @@ def run_speed(models: list[str], variants: list[tuple[str, float]], budget: Budg
             write_record("speed", record, results_dir)
             records.append(record)
             log(f"  b1 {record['gen_b1_tokens_per_s']:.1f} tok/s, b16 {record['gen_b16_tokens_per_s']:.1f} tok/s, "
-                f"prefill {record['prefill_tokens_per_s']:.0f} tok/s, weights {record['weight_bytes'] / 2**20:.0f} MiB")
+                f"prefill {record['prefill_tokens_per_s']:.0f} tok/s, weights {record['weight_bytes'] / 2**20:.0f} MiB"
+                + (f", b16 static cache {record['graph_b16_tokens_per_s']:.1f} tok/s"
+                   f"{' (CUDA graphs)' if record['details']['graph_batch16']['compiled'] else ''}"
+                   if "graph_b16_tokens_per_s" in record else ""))
     return records

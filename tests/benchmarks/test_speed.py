@@ -1,0 +1,70 @@
+"""The speed suite's decoding paths and its random-weight subjects, on tiny shapes."""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks import suites, throughput  # noqa: E402
+from benchmarks.bench import Budget  # noqa: E402
+from benchmarks.report import generated_markdown  # noqa: E402
+from lillama_core.chat import SamplingConfig, decode  # noqa: E402
+from lillama_core.hf_modeling import LowRankLinear  # noqa: E402
+
+TINY = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            vocab_size=256)
+
+
+def _tiny_shape(monkeypatch):
+    monkeypatch.setitem(throughput.SHAPES, "llama-tiny", TINY)
+
+
+def test_a_random_weight_student_has_aligned_uniform_ranks_at_its_target(monkeypatch):
+    _tiny_shape(monkeypatch)
+    teacher, _ = suites._random_weight_subject("llama-tiny", "teacher", 0.0, "cpu", "float32")
+    student, info = suites._random_weight_subject("llama-tiny", "ours", 0.3, "cpu", "float32")
+    assert not any(isinstance(m, LowRankLinear) for m in teacher.modules())
+    ranks = {m.rank for m in student.modules() if isinstance(m, LowRankLinear)}
+    # "ours" plans by sensitivity, which needs real data; on random weights it becomes uniform, same multiple
+    assert info["plan_strategy"] == "uniform" and info["rank_multiple"] == 8
+    assert ranks and all(r % 8 == 0 for r in ranks)
+    assert abs(info["reduction"] - 0.3) < 0.02
+    kept = sum(p.numel() for p in student.parameters()) / sum(p.numel() for p in teacher.parameters())
+    assert abs((1 - kept) - info["reduction"]) < 1e-9
+
+
+def test_static_cache_decoding_of_a_student_matches_eager_decoding_and_traces_as_one_graph(monkeypatch):
+    from transformers import CompileConfig
+
+    _tiny_shape(monkeypatch)
+    student, _ = suites._random_weight_subject("llama-tiny", "ours", 0.3, "cpu", "float32")
+    ids = torch.randint(0, TINY["vocab_size"], (3, 12), generator=torch.Generator().manual_seed(1))
+    eager = torch.stack(list(decode(student, ids, SamplingConfig(max_new_tokens=6, temperature=0,
+                                                                 repetition_penalty=1.0))), dim=1)
+    assert torch.equal(suites.graph_decode(student, ids, 6), eager)
+    # What a GPU compiles into CUDA graphs must be one graph: a break inside a low-rank module would fail here.
+    compiled = CompileConfig(backend="eager", mode="default", fullgraph=True)
+    compiled._compile_all_devices = True  # transformers' switch for compiling off the GPU, meant for tests
+    out = student.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6,
+                           do_sample=False, cache_implementation="static", pad_token_id=0, compile_config=compiled)
+    assert hasattr(student, "_compiled_call") and torch.equal(out[:, ids.shape[1]:], eager)
+
+
+def test_speed_worker_times_static_cache_decoding_and_the_report_shows_it(monkeypatch, tmp_path):
+    _tiny_shape(monkeypatch)
+    records = [suites.speed_worker("llama-tiny", method, reduction, Budget(), "cpu", "float32", 4, 1, graphs=True)
+               for method, reduction in (("teacher", 0.0), ("ours", 0.3))]
+    for record in records:
+        record.update(suite="speed", timestamp="t")
+        graph = record["details"]["graph_batch16"]
+        assert record["model"] == "llama-tiny (random weights)" and graph["batch_size"] == 16
+        assert graph["compiled"] is False  # transformers compiles on a GPU only
+        assert record["graph_b16_tokens_per_s"] == graph["generate_tokens_per_s"] > 0
+    teacher, student = records
+    assert student["params"] < teacher["params"] and student["plan_strategy"] == "uniform"
+    text = generated_markdown(records, tmp_path)
+    assert "gen tok/s b=16, CUDA graphs |" in text
+    ratio = student["graph_b16_tokens_per_s"] / teacher["graph_b16_tokens_per_s"]
+    assert f"| {student['graph_b16_tokens_per_s']:.1f} ({ratio:.2f}×) |" in text
