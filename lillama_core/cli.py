@@ -355,18 +355,20 @@ def cmd_eval(args, parser) -> dict:
 
 def _speech_eval(loaded, model, audio: str) -> dict:
     """A speech model alone has no teacher to compare with, so it is scored against true texts only."""
-    from .speech import SYNTHETIC_SOURCES, reference_transcripts, speech_metrics
+    from .speech import (SYNTHETIC_SOURCES, clip_features, normalized_words, transcribed_clips, transcript_prompt,
+                         transcription_scores)
 
     needs = ("scoring a speech model needs recorded speech with its true texts: --eval-audio FOLDER of .wav clips, "
              "each with a .txt transcript of the same name")
     if audio in SYNTHETIC_SOURCES:
         raise ConfigError(needs)
-    longest = getattr(loaded.model.config, "max_target_positions", CalibrationConfig.seq_len)
-    reference = reference_transcripts(loaded.model, loaded.tokenizer, loaded.feature_extractor,
-                                      CalibrationConfig(seq_len=min(CalibrationConfig.seq_len, longest)), audio)
-    if reference.texts is None:
+    clips, texts = transcribed_clips(audio)
+    if texts is None:
         raise ConfigError(f"{audio}: no transcripts beside the clips; {needs}")
-    result = speech_metrics(model, reference, loaded.tokenizer)
+    prompt = transcript_prompt(model, loaded.tokenizer)
+    longest = getattr(model.config, "max_target_positions", CalibrationConfig.seq_len)
+    result = transcription_scores(model, loaded.tokenizer, clip_features(loaded.feature_extractor, clips), prompt,
+                                  min(CalibrationConfig.seq_len, longest), [normalized_words(t) for t in texts])
     return {"wer": result["wer"], "eval_clips": result["clips"],
             "transcribe_tokens_per_s": result["transcribe_tokens_per_s"]}
 

@@ -297,9 +297,8 @@ def reference_transcripts(teacher: nn.Module, tokenizer, feature_extractor, conf
 
 @torch.no_grad()
 def speech_metrics(model: nn.Module, reference: Reference, tokenizer, batch_size: int = 8) -> dict:
-    """The model's perplexity of the teacher's transcripts (teacher-forced), the word error rate of its own
-    greedy transcripts (against the true texts when the reference has them, else the teacher's transcripts),
-    and how fast it wrote them (greedy decoding with a cache, batched: relative speeds, not a serving benchmark)."""
+    """The model's perplexity of the teacher's transcripts (teacher-forced), and its transcription scores
+    against the true texts when the reference has them, else against the teacher's transcripts."""
     device = next(model.parameters()).device
     data, start_at = reference.data, reference.prompt_length
     total, count = 0.0, 0
@@ -311,13 +310,21 @@ def speech_metrics(model: nn.Module, reference: Reference, tokenizer, batch_size
         targets = inputs["decoder_input_ids"][:, start_at:]
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
         count += targets.numel()
-    start = time.perf_counter()
-    own, ends = greedy_transcripts(model, data.features, data.sequences[0, :start_at].tolist(),
-                                   data.sequences.shape[1], tokenizer.eos_token_id, batch_size)
-    seconds = time.perf_counter() - start
-    errors = [word_error_rate(reference.words(tokenizer, row), _transcript_words(tokenizer, own[row], start_at, end))
-              for row, end in enumerate(ends)]
+    references = [reference.words(tokenizer, row) for row in range(data.sequences.shape[0])]
+    scores = transcription_scores(model, tokenizer, data.features, data.sequences[0, :start_at].tolist(),
+                                  data.sequences.shape[1], references, batch_size)
     nll = total / max(count, 1)
-    return {"perplexity": math.exp(min(nll, 700)), "nll": nll, "wer": sum(errors) / len(errors),
-            "clips": len(errors), "tokens_scored": count,
-            "transcribe_tokens_per_s": (own.shape[1] - start_at) * own.shape[0] / seconds}
+    return {"perplexity": math.exp(min(nll, 700)), "nll": nll, "tokens_scored": count, **scores}
+
+
+def transcription_scores(model: nn.Module, tokenizer, features: torch.Tensor, prompt: list[int], length: int,
+                         references: list[list[str]], batch_size: int = 8) -> dict:
+    """The word error rate of the model's own greedy transcripts against each clip's reference words, and how
+    fast it wrote them (greedy decoding with a cache, batched: relative speeds, not a serving benchmark)."""
+    start = time.perf_counter()
+    own, ends = greedy_transcripts(model, features, prompt, length, tokenizer.eos_token_id, batch_size)
+    seconds = time.perf_counter() - start
+    errors = [word_error_rate(words, _transcript_words(tokenizer, own[row], len(prompt), end))
+              for row, (words, end) in enumerate(zip(references, ends))]
+    return {"wer": sum(errors) / len(errors), "clips": len(errors),
+            "transcribe_tokens_per_s": (own.shape[1] - len(prompt)) * own.shape[0] / seconds}

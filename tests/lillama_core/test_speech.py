@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers as T
 
+from lillama_core import speech
 from lillama_core.activations import capture_block_inputs, run_block_over
 from lillama_core.calibration import CalibrationData
 from lillama_core.cli import main
@@ -297,13 +298,21 @@ def test_held_out_speech_is_scored_against_its_true_texts(whisper, tmp_path):
         transcribed_clips(str(tmp_path / "missing"))
 
 
-def test_cli_scores_a_speech_model_on_recorded_speech_only(whisper, tmp_path, capsys):
+def test_cli_scores_a_speech_model_on_recorded_speech_only(whisper, tmp_path, capsys, monkeypatch):
     folder = tmp_path / "tiny-whisper"
     for part in (whisper.model, whisper.tokenizer, whisper.feature_extractor):
         part.save_pretrained(folder)
     recorded = _recorded_speech(tmp_path / "recorded", 2, ["zzz", "zzz"])
+    decoded = []
+
+    def counted(model, features, *args, **kwargs):
+        decoded.append(len(features))
+        return greedy_transcripts(model, features, *args, **kwargs)
+
+    monkeypatch.setattr(speech, "greedy_transcripts", counted)
     assert main(["eval", "--model", str(folder), "--device", "cpu", "--eval-audio", str(recorded), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["wer"] >= 1.0 and summary["eval_clips"] == 2 and summary["parameters"] > 0
+    assert decoded == [2]  # each clip is transcribed once: a lone model has no teacher transcripts to make
     assert main(["eval", "--model", str(folder), "--device", "cpu"]) == 2
     assert "needs recorded speech with its true texts" in capsys.readouterr().err
