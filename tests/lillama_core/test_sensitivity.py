@@ -1,6 +1,8 @@
 import math
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 import lillama_core.sensitivity as sensitivity
 from lillama_core.calibration import CalibrationData
@@ -84,3 +86,15 @@ def test_an_unreachable_target_is_refused_before_anything_is_measured(tiny, monk
     monkeypatch.setattr(sensitivity, "measure_sensitivity", measured)
     with pytest.raises(RankPlanError, match="more than the selected modules can give"):
         make_plan(tiny, PlanConfig(strategy="sensitivity", reduction=0.95), _calibration())
+
+
+def test_the_one_pass_divergence_equals_the_textbook_kl():
+    torch.manual_seed(0)
+    teacher, student = torch.randn(2, 5, 300) * 3, torch.randn(2, 5, 300) * 3
+    near = teacher + 0.01 * torch.randn_like(teacher)
+    reference = sensitivity.NextTokenReference(teacher)
+    for logits in (student, near, teacher):
+        textbook = F.kl_div(F.log_softmax(logits, -1), F.log_softmax(teacher, -1), log_target=True,
+                            reduction="none").sum(-1)
+        assert torch.allclose(reference.kl(logits), textbook, atol=1e-5, rtol=1e-4)
+    assert reference.kl(teacher).abs().max() < 1e-5 and reference.kl(near).max() < reference.kl(student).min()
