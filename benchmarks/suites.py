@@ -181,19 +181,28 @@ def _median_speed(model, vocab: int, batch: int, prompt: int, new: int, repeats:
             "prefill_tokens_per_s": statistics.median(r.prefill_tokens_per_s for r in runs)}
 
 
-@torch.no_grad()
-def _prefill(model, vocab: int, batch: int, seq: int, repeats: int) -> float:
-    device = next(model.parameters()).device
-    ids = torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)).to(device)
-    model(input_ids=ids[:, :16], use_cache=False)
+def _random_ids(vocab: int, batch: int, length: int, device) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def _median_seconds(run, device, repeats: int) -> float:
+    """Median wall time of `run()` over `repeats` calls, each waited on to the end of its device work."""
     times = []
     for _ in range(repeats):
         synchronize(device)
         start = time.perf_counter()
-        model(input_ids=ids, use_cache=False)
+        run()
         synchronize(device)
         times.append(time.perf_counter() - start)
-    return batch * seq / statistics.median(times)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def _prefill(model, vocab: int, batch: int, seq: int, repeats: int) -> float:
+    device = next(model.parameters()).device
+    ids = _random_ids(vocab, batch, seq, device)
+    model(input_ids=ids[:, :16], use_cache=False)
+    return batch * seq / _median_seconds(lambda: model(input_ids=ids, use_cache=False), device, repeats)
 
 
 @torch.no_grad()
@@ -210,30 +219,24 @@ def graph_decode(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
 def _graph_speed(model, vocab: int, batch: int, prompt: int, new: int, repeats: int) -> dict:
     """Tokens/s of `graph_decode` (its eager prefill included), after warm-ups that compile and capture."""
     device = next(model.parameters()).device
-    ids = torch.randint(0, vocab, (batch, prompt), generator=torch.Generator().manual_seed(0)).to(device)
+    ids = _random_ids(vocab, batch, prompt, device)
     start = time.perf_counter()
     for _ in range(2):  # the first call compiles; CUDA graphs are recorded on a later one
         graph_decode(model, ids, new)
     synchronize(device)
     warmup = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        graph_decode(model, ids, new)
-        synchronize(device)
-        times.append(time.perf_counter() - start)
+    seconds = _median_seconds(lambda: graph_decode(model, ids, new), device, repeats)
     return {"batch_size": batch, "prompt_tokens": prompt, "new_tokens": new,
-            "generate_tokens_per_s": batch * new / statistics.median(times), "warmup_seconds": warmup,
+            "generate_tokens_per_s": batch * new / seconds, "warmup_seconds": warmup,
             "compiled": hasattr(model, "_compiled_call")}
 
 
-def _random_weight_subject(shape_name: str, method: str, reduction: float, device: str, dtype: str):
+def _random_weight_subject(shape_name: str, r: Recipe, reduction: float, device: str, dtype: str):
     """A random-weight Llama of a large shape, or a student of it: speed depends on shapes, not values. There is
     no data worth measuring sensitivity on, so a student takes the recipe's plan made uniform (same rank
     multiple) and keeps its factors random."""
     device_ = resolve_device(device)
     model = random_llama(shape_name, device_, resolve_dtype(dtype, device_)).model
-    r = recipe(method)
     if r.teacher:
         return model, {}
     shape = ModelShape.of(model)
@@ -257,7 +260,7 @@ def speed_worker(model_name: str, method: str, reduction: float, budget: Budget,
     through `graph_decode`."""
     r = recipe(method)
     if model_name in SHAPES:
-        model, info = _random_weight_subject(model_name, method, reduction, device, dtype)
+        model, info = _random_weight_subject(model_name, r, reduction, device, dtype)
         model_name = f"{model_name} (random weights)"
     else:
         bench = Bench(model_name, budget, device, dtype)

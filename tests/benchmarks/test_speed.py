@@ -9,6 +9,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks import suites, throughput  # noqa: E402
 from benchmarks.bench import Budget  # noqa: E402
+from benchmarks.methods import recipe  # noqa: E402
 from benchmarks.report import generated_markdown  # noqa: E402
 from lillama_core.chat import SamplingConfig, decode  # noqa: E402
 from lillama_core.hf_modeling import LowRankLinear  # noqa: E402
@@ -23,8 +24,8 @@ def _tiny_shape(monkeypatch):
 
 def test_a_random_weight_student_has_aligned_uniform_ranks_at_its_target(monkeypatch):
     _tiny_shape(monkeypatch)
-    teacher, _ = suites._random_weight_subject("llama-tiny", "teacher", 0.0, "cpu", "float32")
-    student, info = suites._random_weight_subject("llama-tiny", "ours", 0.3, "cpu", "float32")
+    teacher, _ = suites._random_weight_subject("llama-tiny", recipe("teacher"), 0.0, "cpu", "float32")
+    student, info = suites._random_weight_subject("llama-tiny", recipe("ours"), 0.3, "cpu", "float32")
     assert not any(isinstance(m, LowRankLinear) for m in teacher.modules())
     ranks = {m.rank for m in student.modules() if isinstance(m, LowRankLinear)}
     # "ours" plans by sensitivity, which needs real data; on random weights it becomes uniform, same multiple
@@ -39,7 +40,7 @@ def test_static_cache_decoding_of_a_student_matches_eager_decoding_and_traces_as
     from transformers import CompileConfig
 
     _tiny_shape(monkeypatch)
-    student, _ = suites._random_weight_subject("llama-tiny", "ours", 0.3, "cpu", "float32")
+    student, _ = suites._random_weight_subject("llama-tiny", recipe("ours"), 0.3, "cpu", "float32")
     ids = torch.randint(0, TINY["vocab_size"], (3, 12), generator=torch.Generator().manual_seed(1))
     eager = torch.stack(list(decode(student, ids, SamplingConfig(max_new_tokens=6, temperature=0,
                                                                  repetition_penalty=1.0))), dim=1)
