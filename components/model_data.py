@@ -47,6 +47,17 @@ def calibration_from_inputs(studio: Studio, kind, path, text_field, dataset_conf
     return config
 
 
+def text_preview(studio: Studio, loaded, config: CalibrationConfig) -> str:
+    """Count the sequences, warn about chat records the template refused, and show the first records."""
+    data = load_calibration(config, loaded.tokenizer)
+    samples = preview(config, loaded.tokenizer, count=3, chars=300)
+    studio.calibration = config
+    shown = "\n\n".join(f"> {s.strip()[:300].replace(chr(10), ' ')}" for s in samples)
+    warnings = "".join(f"\n\n⚠ {warning}." for warning in data.warnings)
+    return (f"**{data.sequences.shape[0]} sequences × {config.seq_len} tokens = {data.tokens:,} tokens**, "
+            f"sampled (seed {config.seed}) from the first {data.pool_tokens:,} tokens read.{warnings}\n\n{shown}")
+
+
 def speech_preview(studio: Studio, loaded, config: CalibrationConfig) -> str:
     """A speech model calibrates on audio clips: count them and show the teacher's first transcripts."""
     data = calibrate(loaded, config)
@@ -150,12 +161,7 @@ def build(studio: Studio, uploads_root: Path) -> dict:
         loaded = studio.ensure_loaded()
         if loaded.feature_extractor is not None:
             return speech_preview(studio, loaded, config)
-        data = load_calibration(config, loaded.tokenizer)
-        samples = preview(config, loaded.tokenizer, count=3, chars=300)
-        studio.calibration = config
-        shown = "\n\n".join(f"> {s.strip()[:300].replace(chr(10), ' ')}" for s in samples)
-        return (f"**{data.sequences.shape[0]} sequences × {config.seq_len} tokens = {data.tokens:,} tokens**, "
-                f"sampled (seed {config.seed}) from the first {data.pool_tokens:,} tokens read.\n\n{shown}")
+        return text_preview(studio, loaded, config)
 
     preview_button.click(on_preview, inputs, preview_box, api_name="calibration")
     return {"card": card, "load": load_button}

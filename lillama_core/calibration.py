@@ -3,7 +3,8 @@
 Sources: the built-in set (WikiText-2 validation + Alpaca seed tasks, see assets/calibration/LICENSE.md),
 local .txt/.jsonl/.json/.parquet/.csv files, or a `datasets` id. Instruction and chat records go
 through the model's chat template so the student sees the format it will be used with. Files are
-read as a stream, so a huge file costs only the tokens the budget asks for.
+read as a stream, so a huge file costs only the tokens the budget asks for. Text files may start with a
+byte-order mark (Excel's "CSV UTF-8", Notepad): it is dropped, never taken for part of a field name.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ import csv
 import itertools
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
+from jinja2 import TemplateError  # what a chat template's raise_exception() raises in transformers
 
 from .config import CalibrationConfig
 from .errors import CalibrationError
@@ -28,6 +30,9 @@ TEXT_FIELDS = ("text", "content", "document", "body", "sentence", "prompt")
 # Reading stops once this many times the budget is in hand: enough to sample from, bounded for huge files.
 POOL_FACTOR = 4
 TEXT_CHUNK_CHARS = 1 << 16
+# "utf-8-sig" reads UTF-8 and drops a leading byte-order mark; without it the mark sticks to the first
+# field name of a CSV and makes the first line of a JSONL invalid.
+ENCODING = "utf-8-sig"
 
 
 Record = str | list  # plain text, or a list of chat messages
@@ -46,7 +51,7 @@ def _text_file(path: Path) -> Iterator[Record]:
         _check_text(raw.read(4096), path)
     chunk = []
     size = 0
-    with path.open(encoding="utf-8", errors="strict") as handle:
+    with path.open(encoding=ENCODING, errors="strict") as handle:
         try:
             for line in handle:
                 chunk.append(line)
@@ -63,7 +68,7 @@ def _text_file(path: Path) -> Iterator[Record]:
 def _jsonl_file(path: Path) -> Iterator[dict]:
     with path.open("rb") as raw:
         _check_text(raw.read(4096), path)
-    with path.open(encoding="utf-8", errors="replace") as handle:
+    with path.open(encoding=ENCODING, errors="replace") as handle:
         for number, line in enumerate(handle, 1):
             if line.strip():
                 try:
@@ -81,7 +86,7 @@ def _json_file(path: Path) -> Iterator[dict]:
         raise CalibrationError(f"{path} is {size / 2**20:,.0f} MiB; a .json file is read whole, so convert it to "
                                ".jsonl (one record per line), which is streamed")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding=ENCODING))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CalibrationError(f"{path} is not valid JSON: {exc}") from None
     if isinstance(data, dict):  # {"data": [...]} or columns {"text": [...]}
@@ -99,7 +104,7 @@ def _json_file(path: Path) -> Iterator[dict]:
 def _csv_file(path: Path) -> Iterator[dict]:
     with path.open("rb") as raw:
         _check_text(raw.read(4096), path)
-    with path.open(newline="", encoding="utf-8", errors="strict") as handle:
+    with path.open(newline="", encoding=ENCODING, errors="strict") as handle:
         try:
             yield from csv.DictReader(handle)
         except UnicodeDecodeError:
@@ -164,7 +169,7 @@ def to_record(item, text_field: str | None) -> Record:
         raise CalibrationError(f"calibration records must be text or objects, found {type(item).__name__}")
     if text_field:
         if text_field not in item:
-            raise CalibrationError(f"field {text_field!r} not found; records have: {', '.join(map(str, item))}")
+            raise CalibrationError(f"field {text_field!r} not found; records have: {_field_names(item)}")
         value = item[text_field]
         return value if isinstance(value, list) else str(value)
     if isinstance(item.get("messages"), list):
@@ -176,8 +181,13 @@ def to_record(item, text_field: str | None) -> Record:
             return item[key]
     strings = [k for k, v in item.items() if isinstance(v, str)]
     if not strings:
-        raise CalibrationError(f"no text field in records with fields {', '.join(map(str, item))}; choose one")
+        raise CalibrationError(f"no text field in records with fields {_field_names(item)}; choose one")
     return item[strings[0]]
+
+
+def _field_names(item: dict) -> str:
+    """Names as repr() writes them, so a hidden character (a stray byte-order mark, a trailing space) shows."""
+    return ", ".join(map(repr, item))
 
 
 def _instruction_chat(item: dict) -> list[dict]:
@@ -192,17 +202,83 @@ def _instruction_chat(item: dict) -> list[dict]:
     return chat
 
 
-def record_text(record: Record, tokenizer, use_template: bool) -> str:
+@dataclass
+class TemplateTally:
+    """What the chat template made of the chat records read: how many it refused as given (a template in the
+    style of Gemma's or Mistral's raises on a system turn or on turns that do not alternate), how many of
+    those it took once made alternating, and how many became plain text. `first` names the first refusal."""
+
+    chats: int = 0
+    folded: int = 0
+    plain: int = 0
+    first: str = ""
+
+    def warning(self) -> str:
+        """One line for the user, or "" when the template took every record as given."""
+        refused = self.folded + self.plain
+        if not refused:
+            return ""
+        kept = []
+        if self.folded:
+            kept.append(f"{self.folded} with system turns folded into the first user turn and repeated roles merged")
+        if self.plain:
+            kept.append(f"{self.plain} as plain 'role: content' text")
+        return (f"the chat template refused {refused} of {self.chats} chat records ({self.first}); used "
+                f"{' and '.join(kept)}")
+
+
+def alternating_turns(messages: list[dict]) -> list[dict]:
+    """The same chat as user/assistant turns that alternate: system turns folded into the first user turn
+    (one is made if the chat has none), and consecutive turns of one role joined by a blank line."""
+    system = [str(m.get("content", "")) for m in messages if m.get("role") == "system"]
+    turns: list[dict] = []
+    for message in messages:
+        role = message.get("role", "user")
+        if role == "system":
+            continue
+        if turns and turns[-1]["role"] == role:
+            turns[-1]["content"] = f"{turns[-1]['content']}\n\n{message.get('content', '')}"
+        else:
+            turns.append({"role": role, "content": message.get("content", "")})
+    if system:
+        if turns and turns[0]["role"] == "user":
+            turns[0]["content"] = "\n\n".join([*system, str(turns[0]["content"])])
+        else:
+            turns.insert(0, {"role": "user", "content": "\n\n".join(system)})
+    return turns
+
+
+def plain_chat(messages: list[dict]) -> str:
+    return "\n\n".join(f"{m.get('role', 'user')}: {m.get('content', '')}" for m in messages)
+
+
+def record_text(record: Record, tokenizer, use_template: bool, tally: TemplateTally | None = None,
+                number: int = 0) -> str:
+    """A record as model text. A chat the template refuses is retried as alternating turns, then falls back
+    to plain text; `tally` (if given) counts both, and `number` (1-based) names the record in its message."""
     if isinstance(record, str):
         return record
-    if use_template and getattr(tokenizer, "chat_template", None):
+    if not (use_template and getattr(tokenizer, "chat_template", None)):
+        return plain_chat(record)
+    tally = tally if tally is not None else TemplateTally()
+    tally.chats += 1
+    try:
         return tokenizer.apply_chat_template(record, tokenize=False)
-    return "\n\n".join(f"{m.get('role', 'user')}: {m.get('content', '')}" for m in record)
+    except TemplateError as exc:
+        tally.first = tally.first or f"first: record {number}, {str(exc)!r}"
+    try:
+        text = tokenizer.apply_chat_template(alternating_turns(record), tokenize=False)
+        tally.folded += 1
+        return text
+    except TemplateError:
+        tally.plain += 1
+        return plain_chat(record)
 
 
-def iter_texts(config: CalibrationConfig, tokenizer) -> Iterator[str]:
-    for item in raw_records(config):
-        text = record_text(to_record(item, config.text_field), tokenizer, config.chat_template)
+def iter_texts(config: CalibrationConfig, tokenizer, tally: TemplateTally | None = None) -> Iterator[str]:
+    """Non-empty texts of the source's records, in order; `tally` collects what the chat template refused."""
+    for number, item in enumerate(raw_records(config), 1):
+        text = record_text(to_record(item, config.text_field), tokenizer, config.chat_template, tally, number)
         if text.strip():
             yield text
 
@@ -220,6 +296,7 @@ class CalibrationData:
     source: str
     pool_tokens: int  # tokens read before sampling
     features: torch.Tensor | None = None  # [n, mel bins, frames] audio features of speech models, else None
+    warnings: list[str] = field(default_factory=list)  # what the user should know about how the data was read
 
     @property
     def tokens(self) -> int:
@@ -297,9 +374,14 @@ def build_sequences(texts: Iterable[str], tokenizer, tokens: int, seq_len: int, 
 
 
 def load_calibration(config: CalibrationConfig, tokenizer) -> CalibrationData:
+    """Token sequences for the budget; `warnings` says how many chat records the template refused."""
     config.validate()
-    return build_sequences(iter_texts(config, tokenizer), tokenizer, config.tokens, config.seq_len, config.seed,
-                           source=config.source)
+    tally = TemplateTally()
+    data = build_sequences(iter_texts(config, tokenizer, tally), tokenizer, config.tokens, config.seq_len,
+                           config.seed, source=config.source)
+    warning = tally.warning()
+    data.warnings = [warning] if warning else []
+    return data
 
 
 def read_eval_text(path: str | os.PathLike = "default") -> str:

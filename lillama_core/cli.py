@@ -16,7 +16,13 @@ from .errors import ConfigError, LillamaError
 from .events import Event, LayerFinished, Phase, RunFinished, RunStarted, Step
 from .quantize import MODES as QUANTIZE_MODES
 
-RANK_MULTIPLE_HELP = PlanConfig.__dataclass_fields__["rank_multiple"].metadata["help"]
+
+def field_help(config_class, name: str) -> str:
+    """A config field's help text for argparse, which %-formats help strings: a literal % is doubled."""
+    return config_class.__dataclass_fields__[name].metadata["help"].replace("%", "%%")
+
+
+RANK_MULTIPLE_HELP = field_help(PlanConfig, "rank_multiple")
 QUANTIZE_EXPORT_HELP = "store the exported linear weights as int8 (per channel) or int4 (groups of 64)"
 
 
@@ -60,12 +66,11 @@ class ProgressPrinter:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m-instruct",
-                   help=ModelConfig.__dataclass_fields__["name"].metadata["help"])
+    p.add_argument("--model", default="smollm2-135m-instruct", help=field_help(ModelConfig, "name"))
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto")
     p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with a hub model")
-    p.add_argument("--offload", action="store_true", help=ModelConfig.__dataclass_fields__["offload"].metadata["help"])
+    p.add_argument("--offload", action="store_true", help=field_help(ModelConfig, "offload"))
 
 
 def _model_config(args) -> ModelConfig:
@@ -77,7 +82,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-tokens", type=int, default=EvalConfig.tokens)
     p.add_argument("--eval-seq-len", type=int, default=EvalConfig.seq_len)
     p.add_argument("--eval-audio", default=EvalConfig.audio,
-                   help=EvalConfig.__dataclass_fields__["audio"].metadata["help"])
+                   help=field_help(EvalConfig, "audio"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(c)
     c.add_argument("--config", help="a saved run config JSON; flags given explicitly override it")
     c.add_argument("--calibration", default="default",
-                   help=CalibrationConfig.__dataclass_fields__["source"].metadata["help"])
+                   help=field_help(CalibrationConfig, "source"))
     c.add_argument("--text-field", default=None)
     c.add_argument("--dataset-config", default=None)
     c.add_argument("--split", default="train")
@@ -109,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--loss", choices=LOSS_PATHS, default=DistillConfig.loss)
     c.add_argument("--no-distill", action="store_true", help="factorise only (training-free baseline)")
     c.add_argument("--activations", choices=ACTIVATION_STORAGES, default=DistillConfig.activations,
-                   help=DistillConfig.__dataclass_fields__["activations"].metadata["help"])
+                   help=field_help(DistillConfig, "activations"))
     c.add_argument("--heal-tokens", type=int, default=0, help="end-to-end KL healing after distillation (0 = off)")
     c.add_argument("--heal-lr", type=float, default=1e-4)
     c.add_argument("--seed", type=int, default=0)
@@ -431,6 +436,8 @@ def cmd_plan(args, parser) -> None:
         tokens = SENSITIVITY_TOKENS if config.strategy == "sensitivity" else PLANNING_TOKENS  # all make_plan reads
         calibration = calibrate(loaded, CalibrationConfig(source=args.calibration, text_field=args.text_field,
                                                           tokens=tokens))
+        for warning in calibration.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
     plan = make_plan(loaded, config, calibration)
     summary = summarize(plan, ModelShape.of(loaded.model))
     for row in summary.layers:

@@ -98,6 +98,8 @@ def _run_pipeline(config: RunConfig, loaded: LoadedModel | None, plan: RankPlan 
     if loaded.feature_extractor is not None and config.calibration.source in SYNTHETIC_SOURCES:
         emit(Phase("calibration", SYNTHETIC_AUDIO_WARNING))
     calibration = calibrate(loaded, config.calibration)
+    for warning in calibration.warnings:
+        emit(Phase("calibration", warning))
     stop_point(stop, "reading the calibration data")
     if plan is None:
         emit(Phase("plan", f"{config.plan.strategy} plan"))

@@ -68,3 +68,11 @@ def tiny_whisper(layers: int = 2, hidden: int = 64, seed: int = 0) -> LoadedMode
     model = WhisperForConditionalGeneration(config).eval()
     features = WhisperFeatureExtractor(feature_size=16, chunk_length=1)
     return LoadedModel(model, tokenizer, "tiny-whisper", "random", torch.device("cpu"), torch.float32, features)
+
+
+# A chat template in the style of Gemma's and Mistral's: no system turn, and turns must alternate from the user.
+STRICT_CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "<{{ m['role'] }}>{{ m['content'] }}{% endfor %}")

@@ -3,11 +3,11 @@ import json
 import pytest
 import torch
 
-from lillama_core.calibration import (CalibrationData, build_sequences, iter_texts, load_calibration, preview,
-                                      raw_records, read_eval_text)
+from lillama_core.calibration import (CalibrationData, TemplateTally, build_sequences, iter_texts, load_calibration,
+                                      preview, raw_records, read_eval_text)
 from lillama_core.config import CalibrationConfig
 from lillama_core.errors import CalibrationError
-from tiny import SAMPLE_TEXT, tiny_tokenizer
+from tiny import SAMPLE_TEXT, STRICT_CHAT_TEMPLATE, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -54,11 +54,11 @@ def test_text_field_is_used_and_a_wrong_one_named(tmp_path, tokenizer):
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"body": "alpha " * 50, "title": "t"}) + "\n")
     assert list(iter_texts(_config(path, text_field="body"), tokenizer))[0].startswith("alpha")
-    with pytest.raises(CalibrationError, match="field 'content' not found; records have: body, title"):
+    with pytest.raises(CalibrationError, match="field 'content' not found; records have: 'body', 'title'"):
         list(iter_texts(_config(path, text_field="content"), tokenizer))
     numbers = tmp_path / "n.jsonl"
     numbers.write_text(json.dumps({"id": 1, "scores": [0.5, 0.7]}) + "\n")
-    with pytest.raises(CalibrationError, match="no text field in records with fields id, scores; choose one"):
+    with pytest.raises(CalibrationError, match="no text field in records with fields 'id', 'scores'; choose one"):
         list(iter_texts(_config(numbers), tokenizer))
 
 
@@ -67,6 +67,76 @@ def test_messages_records_go_through_the_chat_template(tmp_path, tokenizer):
     path.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
                                              {"role": "assistant", "content": "hello"}]}))
     assert list(iter_texts(_config(path), tokenizer)) == ["<user>hi<assistant>hello"]
+
+
+BOM = "\ufeff"
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl", ".json", ".csv"])
+def test_files_saved_with_a_byte_order_mark_read_as_without(tmp_path, tokenizer, suffix):
+    rows = [{"text": f"{SAMPLE_TEXT} record {i}", "source": "web"} for i in range(4)]
+    path = tmp_path / f"excel{suffix}"
+    if suffix == ".txt":
+        body = "\n".join(r["text"] for r in rows)
+    elif suffix == ".jsonl":
+        body = "\n".join(json.dumps(r) for r in rows)
+    elif suffix == ".json":
+        body = json.dumps(rows)
+    else:
+        import pandas as pd
+        body = pd.DataFrame(rows).to_csv(index=False)
+    path.write_text(BOM + body, encoding="utf-8")  # Excel's "CSV UTF-8", Notepad's "UTF-8 with BOM"
+    field = None if suffix == ".txt" else "text"
+    texts = list(iter_texts(_config(path, text_field=field), tokenizer))
+    assert texts[0].startswith(SAMPLE_TEXT[:40])  # no mark glued to the first text or field name
+    assert load_calibration(_config(path, text_field=field), tokenizer).sequences.shape == (4, 16)
+
+
+def test_field_names_in_messages_show_hidden_characters(tmp_path, tokenizer):
+    path = tmp_path / "odd.jsonl"
+    path.write_text(json.dumps({"text ": "alpha " * 50, "source": "web"}) + "\n")
+    with pytest.raises(CalibrationError, match=r"field 'text' not found; records have: 'text ', 'source'"):
+        list(iter_texts(_config(path, text_field="text"), tokenizer))
+
+
+@pytest.fixture
+def strict_tokenizer():
+    tok = tiny_tokenizer()
+    tok.chat_template = STRICT_CHAT_TEMPLATE
+    return tok
+
+
+def _chat(*turns):
+    return {"messages": [{"role": role, "content": content} for role, content in turns]}
+
+
+def test_chats_a_strict_template_refuses_are_folded_or_made_plain_and_counted(tmp_path, strict_tokenizer):
+    path = tmp_path / "chats.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [
+        _chat(("user", "hi"), ("assistant", "hello")),
+        _chat(("system", "Be brief."), ("user", "hi"), ("user", "again"), ("assistant", "hello")),
+        _chat(("assistant", "I start."), ("user", "no")),  # cannot alternate from the user: plain text
+    ]))
+    tally = TemplateTally()
+    texts = list(iter_texts(_config(path), strict_tokenizer, tally))
+    assert texts == ["<user>hi<assistant>hello",
+                     "<user>Be brief.\n\nhi\n\nagain<assistant>hello",
+                     "assistant: I start.\n\nuser: no"]
+    assert (tally.chats, tally.folded, tally.plain) == (3, 1, 1)
+    assert tally.warning() == ("the chat template refused 2 of 3 chat records (first: record 2, 'System role not "
+                               "supported'); used 1 with system turns folded into the first user turn and repeated "
+                               "roles merged and 1 as plain 'role: content' text")
+
+
+def test_load_calibration_reports_refused_chats(tmp_path, strict_tokenizer, tokenizer):
+    path = tmp_path / "system.jsonl"
+    path.write_text("\n".join(json.dumps(_chat(("system", "Be brief."), ("user", SAMPLE_TEXT[:100])))
+                               for _ in range(3)))  # short: all three are read for the budget
+    data = load_calibration(_config(path), strict_tokenizer)
+    assert data.warnings == [("the chat template refused 3 of 3 chat records (first: record 1, 'System role not "
+                              "supported'); used 3 with system turns folded into the first user turn and repeated "
+                              "roles merged")]
+    assert load_calibration(_config(path), tokenizer).warnings == []  # a lenient template takes them as they are
 
 
 @pytest.mark.parametrize("content, message", [

@@ -1,14 +1,15 @@
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from lillama_core.cli import main
+from lillama_core.cli import COMMANDS, build_parser, main
 from lillama_core.config import RunConfig
 from lillama_core.export import load_compressed, read_record
-from tiny import SAMPLE_TEXT
+from tiny import SAMPLE_TEXT, STRICT_CHAT_TEMPLATE
 
 
 @pytest.fixture
@@ -96,6 +97,27 @@ def test_existing_output_is_refused_without_overwrite(tiny_model_dir, texts, tmp
     assert "already exists" in capsys.readouterr().err
 
 
+def test_chats_the_template_refuses_are_counted_in_one_warning(tiny_model_dir, texts, tmp_path, capsys):
+    """A Gemma-style template raises on a system turn: the run goes on and says how many records it changed."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model_dir = shutil.copytree(tiny_model_dir, tmp_path / "strict-model")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = STRICT_CHAT_TEMPLATE
+    tokenizer.save_pretrained(model_dir)
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("\n".join(json.dumps({"messages": [{"role": "system", "content": "Be brief."},
+                                                        {"role": "user", "content": SAMPLE_TEXT}]})
+                               for _ in range(8)))
+    args = _compress_args(model_dir, (chats, texts[1]), tmp_path / "student", "--no-eval")
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert re.search(r"\[calibration\] the chat template refused (\d+) of \1 chat records \(first: record 1, "
+                     r"'System role not supported'\); used \1 with system turns folded", err), err
+
+
 def test_eval_chat_export_and_plan_commands(tiny_model_dir, texts, tmp_path, capsys):
     out = tmp_path / "student"
     assert main(_compress_args(tiny_model_dir, texts, out, "--no-eval")) == 0
@@ -130,6 +152,19 @@ def test_eval_chat_export_and_plan_commands(tiny_model_dir, texts, tmp_path, cap
     assert "fewer" in capsys.readouterr().out
     assert main(_compress_args(tiny_model_dir, texts, tmp_path / "planned", "--no-eval", "--plan",
                                str(plan_file))) == 0
+
+
+def test_help_of_every_subcommand(capsys):
+    for command in COMMANDS:
+        with pytest.raises(SystemExit) as exited:
+            build_parser().parse_args([command, "--help"])
+        assert exited.value.code == 0, command
+        assert capsys.readouterr().out.startswith(f"usage: lillama {command}")
+    # A help text with a literal % (argparse %-formats help) once crashed `compress --help` and `plan --help`.
+    result = subprocess.run([sys.executable, "-m", "lillama_core.cli", "plan", "--help"], capture_output=True,
+                            text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert "26%" in result.stdout
 
 
 def test_console_script_is_installed():
