@@ -6,12 +6,16 @@ import json
 import os
 import platform
 import subprocess
+import sys
 import threading
 import time
 import uuid
 from pathlib import Path
 
+import psutil
 import torch
+
+from lillama_core.telemetry import rss_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(os.environ.get("LILLAMA_BENCH_RESULTS", ROOT / "benchmarks" / "results"))
@@ -111,16 +115,6 @@ def read_records(results_dir: Path | None = None) -> list[dict]:
 # ---- memory ----
 
 
-def rss_bytes() -> int:
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss
-    except ImportError:  # Linux fallback
-        pages = int(Path("/proc/self/statm").read_text().split()[1])
-        return pages * os.sysconf("SC_PAGE_SIZE")
-
-
 def host_memory_bytes() -> dict[str, int]:
     """This process's resident memory split into anonymous (its own allocations) and file-backed pages
     (memory-mapped checkpoints: read on first touch, reclaimable). Linux only; empty elsewhere."""
@@ -134,9 +128,11 @@ def host_memory_bytes() -> dict[str, int]:
 
 
 def maxrss_bytes() -> int:
-    import resource
-    import sys
-
+    """This process's lifetime peak resident memory: ru_maxrss on Unix, the peak working set on Windows."""
+    try:
+        import resource
+    except ImportError:  # Windows has no `resource`; psutil reads the same high-water mark there
+        return psutil.Process().memory_info().peak_wset
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 

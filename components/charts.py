@@ -130,7 +130,8 @@ def throughput_chart(events: list[Event]) -> dict:
 
 
 def memory_chart(events: list[Event]) -> dict:
-    """Device memory used (NVML) and torch's peak allocation; on CPU, the process's peak RSS."""
+    """Device memory used (NVML) and torch's peak allocation; on CPU, the process's resident memory at each
+    step with the run's highest reading marked."""
     steps = [e for e in events if isinstance(e, Step)]
     x = [e.global_step for e in steps]
     gib = 2**30
@@ -146,10 +147,20 @@ def memory_chart(events: list[Event]) -> dict:
             shapes.append({"type": "line", "xref": "paper", "x0": 0, "x1": 1, "y0": total / gib, "y1": total / gib,
                            "line": {"dash": "dot", "color": "#64748b"}})
         title = "VRAM (GiB; dotted: device total)"
+    elif any(e.rss_bytes is None and e.torch_peak_allocated_bytes for e in steps):
+        # Logs written before resident memory was recorded hold only the process's lifetime peak.
+        data.append(line(*_thin(x, [(e.torch_peak_allocated_bytes or 0) / gib for e in steps]),
+                         "process peak resident", ACCENT))
+        title = "Memory (GiB, CPU: process peak resident, an older log)"
     else:
-        data.append(line(*_thin(x, [(e.torch_peak_allocated_bytes or 0) / gib for e in steps]), "process peak RSS",
-                         ACCENT))
-        title = "Memory (GiB, CPU: process peak resident)"
+        resident = [(e.rss_bytes or 0) / gib for e in steps]
+        data.append(line(*_thin(x, resident), "resident memory", ACCENT))
+        if steps:  # the peak gets its own point, so thinning the line cannot hide it
+            top = max(range(len(steps)), key=resident.__getitem__)
+            data.append({"type": "scatter", "mode": "markers+text", "x": [x[top]], "y": [resident[top]],
+                         "name": "run peak", "text": [human_bytes(steps[top].rss_bytes)],
+                         "textposition": "top center", "marker": {"color": "#f97316", "size": 9}})
+        title = "Memory (GiB, CPU: resident; marked: the run's peak)"
     return figure(data, title, height=200, shapes=shapes, xaxis={"title": {"text": "step"}})
 
 

@@ -337,7 +337,7 @@ class Compressor:
         self.emit(Step(layer, m.step, m.steps, global_step, steps_total, m.loss_teacher_input,
                        m.loss_student_input, m.lr, rate, elapsed, eta_seconds(elapsed, global_step, steps_total),
                        mem.used_bytes, mem.total_bytes, mem.peak_allocated_bytes, mem.peak_reserved_bytes,
-                       m.skipped))
+                       m.skipped, rss_bytes=mem.rss_bytes))
 
     def _finish(self, result: RunResult, start: float, status: str) -> RunResult:
         result.status = status

@@ -71,6 +71,7 @@ class Step(Event):
     torch_peak_allocated_bytes: int | None = None
     torch_peak_reserved_bytes: int | None = None
     skipped: bool = False  # the loss was not finite and the update was skipped
+    rss_bytes: int | None = None  # CPU runs: resident memory now (peak: torch_peak_allocated_bytes); older logs lack it
 
 
 @dataclass

@@ -94,7 +94,7 @@ def heal(student: nn.Module, teacher: nn.Module, calibration: CalibrationData, c
             emit(Step(HEAL_LAYER, step, len(train_batches), step, len(train_batches), loss.item(), loss.item(),
                       optimizer.param_groups[0]["lr"], throughput.update((rows.stop - rows.start) * seq_len), elapsed,
                       eta_seconds(elapsed, step, len(train_batches)), mem.used_bytes, mem.total_bytes,
-                      mem.peak_allocated_bytes, mem.peak_reserved_bytes, not finite))
+                      mem.peak_allocated_bytes, mem.peak_reserved_bytes, not finite, rss_bytes=mem.rss_bytes))
             if stop.is_set():
                 raise RunStopped("stopped by request")
     except RunStopped:

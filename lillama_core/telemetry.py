@@ -1,12 +1,12 @@
-"""Device memory, throughput and ETA. NVML gives the whole device's use; torch gives our own peaks."""
+"""Device memory, throughput and ETA. NVML gives the whole device's use; torch gives our own peaks; psutil
+gives host memory on every platform (the `resource` module exists on Unix only)."""
 
 from __future__ import annotations
 
-import resource
-import sys
 import time
 from dataclasses import dataclass
 
+import psutil
 import torch
 
 
@@ -16,14 +16,23 @@ class MemorySample:
     total_bytes: int | None
     peak_allocated_bytes: int | None
     peak_reserved_bytes: int | None
+    rss_bytes: int | None = None  # CPU runs: this process's resident memory now
+
+
+def rss_bytes() -> int:
+    """This process's resident memory now, in bytes."""
+    return psutil.Process().memory_info().rss
 
 
 class MemoryMonitor:
-    """Reads device memory; on CPU reports the process's peak resident memory instead."""
+    """Reads device memory. On CPU it reports the process's resident memory now (`rss_bytes`) and, as
+    `peak_allocated_bytes`, the highest of its readings since reset_peak(): the run's peak as sampled, not
+    the process's lifetime high-water mark, which an earlier, bigger run in the same server would hold."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self._handle = None
+        self._rss_peak = 0
         if device.type == "cuda":
             try:
                 import pynvml
@@ -37,7 +46,9 @@ class MemoryMonitor:
 
     def sample(self) -> MemorySample:
         if self.device.type != "cuda":
-            return MemorySample(None, None, peak_rss_bytes(), None)
+            rss = rss_bytes()
+            self._rss_peak = max(self._rss_peak, rss)
+            return MemorySample(None, None, self._rss_peak, None, rss)
         used = total = None
         if self._handle is not None:
             info = self._nvml.nvmlDeviceGetMemoryInfo(self._handle)
@@ -51,11 +62,7 @@ class MemoryMonitor:
     def reset_peak(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-
-
-def peak_rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+        self._rss_peak = 0
 
 
 def synchronize(device: torch.device) -> None:

@@ -52,6 +52,31 @@ def test_throughput_and_memory_charts():
     assert "CPU" in memory_chart(_events())["layout"]["title"]["text"]
 
 
+def test_cpu_memory_chart_plots_resident_memory_now_and_marks_the_runs_peak():
+    events = _events()  # six steps
+    resident = [1.0, 3.0, 2.0, 1.5, 1.25, 1.0]  # GiB: it falls again after the peak
+    steps = [e for e in events if isinstance(e, Step)]
+    for step, gib in zip(steps, resident):
+        step.rss_bytes = int(gib * 2**30)
+        step.torch_peak_allocated_bytes = 2**40  # a lifetime high-water mark from an earlier run: not plotted
+    fig = memory_chart(events)
+    assert fig["data"][0]["name"] == "resident memory" and fig["data"][0]["y"] == resident
+    peak = fig["data"][1]
+    assert peak["name"] == "run peak" and (peak["x"], peak["y"], peak["text"]) == ([2], [3.0], [human_bytes(3 * 2**30)])
+    assert "run's peak" in fig["layout"]["title"]["text"]
+
+
+def test_memory_chart_of_an_older_log_without_resident_memory():
+    from lillama_core.events import event_from_dict
+
+    old = {key: value for key, value in _events()[2].to_dict().items() if key != "rss_bytes"}
+    step = event_from_dict(old)  # as read back from an events.jsonl written before the field existed
+    assert step.rss_bytes is None
+    fig = memory_chart([step])
+    assert fig["data"][0]["y"] == [1.0] and "older log" in fig["layout"]["title"]["text"]
+    assert memory_chart([])["data"][0]["y"] == []  # nothing yet: an empty chart, no error
+
+
 def test_plan_chart_and_budget_line():
     layers = [{"layer": 0, "params_before": 10, "params_after": 6},
               {"layer": 1, "params_before": 10, "params_after": 10}]

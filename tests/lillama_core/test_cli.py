@@ -8,6 +8,7 @@ import torch
 
 from lillama_core.cli import COMMANDS, build_parser, main
 from lillama_core.config import RunConfig
+from lillama_core.events import Step, read_events
 from lillama_core.export import load_compressed, read_record
 from tiny import SAMPLE_TEXT, STRICT_CHAT_TEMPLATE
 
@@ -116,6 +117,9 @@ def test_chats_the_template_refuses_are_counted_in_one_warning(tiny_model_dir, t
     err = capsys.readouterr().err
     assert re.search(r"\[calibration\] the chat template refused (\d+) of \1 chat records \(first: record 1, "
                      r"'System role not supported'\); used \1 with system turns folded", err), err
+    # The run's log records resident memory at every step (the app's CPU memory chart plots it).
+    steps = [e for e in read_events(next((tmp_path / "runs").iterdir()) / "events.jsonl") if isinstance(e, Step)]
+    assert steps and all(step.rss_bytes > 2**20 for step in steps)
 
 
 def test_eval_chat_export_and_plan_commands(tiny_model_dir, texts, tmp_path, capsys):

@@ -1,4 +1,7 @@
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,3 +38,22 @@ def test_two_processes_cannot_compress_on_one_gpu(tmp_path, monkeypatch):
     assert job.wait(30) and job.status == "completed"
     other = script.submit("compression", config, lambda job: None)
     assert other.wait(30) and other.status == "completed"
+
+
+HOLD = ("import sys; from pathlib import Path; from lillama_core.devicelock import DeviceLock; "
+        "lock = DeviceLock('cuda:0', Path(sys.argv[1])).acquire('a script'); print('held', flush=True); "
+        "sys.stdin.read()")
+
+
+def test_a_lock_held_by_another_process_is_refused_and_freed_when_it_dies(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], cwd=Path(__file__).resolve().parents[2],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(JobBusyError, match=rf"cuda:0 is busy with a script \(pid {holder.pid}\)"):
+            DeviceLock("cuda:0", tmp_path).acquire("the app")
+    finally:
+        holder.kill()  # a crash: no release runs
+        holder.wait(30)
+    DeviceLock("cuda:0", tmp_path).acquire("the app").release()  # the system dropped the dead holder's lock
+
