@@ -56,7 +56,7 @@ def test_cpu_memory_chart_plots_resident_memory_now_and_marks_the_runs_peak():
     events = _events()  # six steps
     resident = [1.0, 3.0, 2.0, 1.5, 1.25, 1.0]  # GiB: it falls again after the peak
     steps = [e for e in events if isinstance(e, Step)]
-    for step, gib in zip(steps, resident):
+    for step, gib in zip(steps, resident, strict=True):
         step.rss_bytes = int(gib * 2**30)
         step.torch_peak_allocated_bytes = 2**40  # a lifetime high-water mark from an earlier run: not plotted
     fig = memory_chart(events)
