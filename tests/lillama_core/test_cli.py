@@ -120,6 +120,8 @@ def test_chats_the_template_refuses_are_counted_in_one_warning(tiny_model_dir, t
     # The run's log records resident memory at every step (the app's CPU memory chart plots it).
     steps = [e for e in read_events(next((tmp_path / "runs").iterdir()) / "events.jsonl") if isinstance(e, Step)]
     assert steps and all(step.rss_bytes > 2**20 for step in steps)
+    assert main(["plan", "--model", str(model_dir), "--calibration", str(chats), "--strategy", "sensitivity"]) == 0
+    assert re.search(r"warning: the chat template refused (\d+) of \1 chat records", capsys.readouterr().err)
 
 
 def test_eval_chat_export_and_plan_commands(tiny_model_dir, texts, tmp_path, capsys):
