@@ -68,3 +68,16 @@ def tiny_whisper(layers: int = 2, hidden: int = 64, seed: int = 0) -> LoadedMode
     model = WhisperForConditionalGeneration(config).eval()
     features = WhisperFeatureExtractor(feature_size=16, chunk_length=1)
     return LoadedModel(model, tokenizer, "tiny-whisper", "random", torch.device("cpu"), torch.float32, features)
+
+
+def overflowing_float16_llama(layers: int = 3, overflowing_layer: int = 1) -> LoadedModel:
+    """A tiny Llama in float16 whose one MLP is scaled (x300) so its activations pass float16's 65504;
+    in float32 the same model is finite."""
+    loaded = tiny_llama(layers=layers)
+    mlp = loaded.model.model.layers[overflowing_layer].mlp
+    with torch.no_grad():
+        for linear in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            linear.weight.mul_(300.0)
+    loaded.model.half()
+    loaded.dtype = torch.float16
+    return loaded
