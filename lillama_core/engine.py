@@ -23,8 +23,8 @@ from .config import DistillConfig, PlanConfig
 from .distill import LayerData, LayerDistiller, LayerResult, StepMetrics, batch_slices
 from .distributed import SINGLE, Parallel
 from .errors import CalibrationError, ConfigError, LillamaError, OutOfMemoryError, RankPlanError, RunStopped
-from .finite import require_finite_weights
 from .events import Event, EventSink, LayerFinished, LayerStarted, Phase, RunError, RunFinished, RunStarted, Step
+from .finite import require_finite_weights
 from .lowrank import set_submodule, spectrum, to_low_rank, whitened_spectrum
 from .models import Block, LoadedModel, find_blocks, find_linears, lillama_home, share_weights_copy
 from .offload import is_streamed, resident, stream_block
