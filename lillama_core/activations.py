@@ -20,6 +20,7 @@ from .calibration import CalibrationData
 from .distill import run_block
 from .distributed import SINGLE, Parallel
 from .errors import ModelLoadError
+from .finite import require_finite
 from .lowrank import CovarianceAccumulator
 from .models import Block, share_weights_copy, stack_of, stack_starts
 from .storage import ActivationStore
@@ -63,6 +64,11 @@ class _StandIn(Passthrough):
         if self.last:
             raise _StopForward
         return hidden
+
+
+def block_label(block: Block) -> str:
+    """How messages name a block: "layer 1 (model.layers.1)"."""
+    return f"layer {block.index} ({block.name})"
 
 
 def block_slot(model: nn.Module, block: Block) -> tuple[nn.ModuleList, int]:
@@ -149,6 +155,7 @@ def capture_block_inputs(model: nn.Module, blocks: list[Block], calibration: Cal
                 with_stand_ins(**calibration.model_inputs(rows, device), use_cache=False)
             except _StopForward:
                 pass
+            require_finite(recorder.hidden[-1], f"the model's input to {block_label(start)}")
         firsts[start.index] = store.cat(recorder.hidden) if store else torch.cat(recorder.hidden)
         recorder.hidden = []
     return firsts, recorder
@@ -156,13 +163,16 @@ def capture_block_inputs(model: nn.Module, blocks: list[Block], calibration: Cal
 
 @torch.no_grad()
 def run_block_over(block: nn.Module, source: torch.Tensor, target: torch.Tensor, kwargs_for: Callable[[slice], dict],
-                   batches: list[slice], device: torch.device) -> torch.Tensor:
+                   batches: list[slice], device: torch.device, where: str = "a block") -> torch.Tensor:
     """target[i] = block(source[i]) batch by batch; target may be source itself (in-place update).
-    The batches must be those the block inputs were captured with."""
+    The batches must be those the block inputs were captured with. Raises NonFiniteError, naming the
+    block as `where`, as soon as an output holds inf or NaN (float16 overflows at 65504), so nothing
+    downstream (covariances, SVDs, losses) is computed from it."""
     for rows in batches:
         if rows.stop == rows.start:
             continue
         out = run_block(block, source[rows].to(device), kwargs_for(rows))
+        require_finite(out, where)
         target[rows] = out.to(target.device, target.dtype)
     return target
 
@@ -206,7 +216,8 @@ class InputCovariances:
 
     def means(self, parallel: Parallel = SINGLE) -> dict[str, torch.Tensor]:
         """X^T X / tokens of every module, over all processes' data. A module that saw no token (an MoE
-        expert no calibration token was routed to) gets zeros, which whitening turns into a plain SVD."""
+        expert no calibration token was routed to) gets zeros, which whitening turns into the plain SVD split
+        (see lowrank.WhitenedSVD); unreached_experts counts them."""
         out = {}
         for name, features in self._features.items():  # the same order in every process
             acc = self.accumulators.get(name)
@@ -221,3 +232,9 @@ class InputCovariances:
     def close(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+def unreached_experts(covariances: dict[str, torch.Tensor]) -> int:
+    """How many experts no calibration token reached: the distinct parents (e.g. `mlp.experts.3`) of the
+    modules whose input covariance (from InputCovariances.means) is all zero."""
+    return len({name.rpartition(".")[0] for name, cov in covariances.items() if not cov.any()})

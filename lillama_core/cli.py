@@ -13,6 +13,7 @@ from .config import ACTIVATION_STORAGES, DEFAULT_GROUPS, GROUPS, INITS, LOSS_PAT
     DistillConfig, EvalConfig, ModelConfig, PlanConfig, RunConfig
 from .distributed import Parallel, device_for, from_environment
 from .errors import ConfigError, LillamaError
+from .finite import json_safe
 from .events import Event, LayerFinished, Phase, RunFinished, RunStarted, Step
 from .quantize import MODES as QUANTIZE_MODES
 
@@ -59,6 +60,10 @@ class ProgressPrinter:
         elif isinstance(event, LayerFinished):
             tqdm.write(f"layer {event.layer}: held-out loss {event.init_loss:.4f} -> {event.best_loss:.4f} "
                        f"(best step {event.best_step}, {event.seconds:.1f}s)", file=sys.stderr)
+            if event.unreached_experts:
+                tqdm.write(f"layer {event.layer}: {event.unreached_experts} expert(s) saw no calibration token "
+                           "(their factors are a plain SVD split; more or more varied calibration text reaches them)",
+                           file=sys.stderr)
         elif isinstance(event, RunFinished) and self.bar is not None:
             self.bar.close()
             if event.message:
@@ -467,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         print("lillama: interrupted", file=sys.stderr)
         return 130
     if getattr(args, "json", False) and summary is not None:
-        print(json.dumps(summary))
+        print(json.dumps(json_safe(summary), allow_nan=False))
     return 0
 
 

@@ -4,6 +4,11 @@ The student block (the teacher block with low-rank linears) is trained to reprod
 block's outputs, fed two ways: the teacher's own inputs, and the inputs the already-compressed
 layers below produce. The first keeps each layer faithful on its own; the second teaches it to
 correct the error accumulated below it.
+
+The student runs in eval mode throughout, in training steps as in held-out checks: dropout and MoE
+router jitter stay off. The teacher's targets were recorded in eval mode, so the student fits that
+deterministic function; with dropout on, the held-out loss measured noise (a tiny Llama with attention
+dropout 0.5 never beat its initial state, and keep-best discarded all training).
 """
 
 from __future__ import annotations
@@ -111,6 +116,7 @@ class LayerDistiller:
         # cross-attention states as they were recorded; casting them up is what autocast does on a GPU.
         self.input_dtype = None if autocast_dtype is not None else next(student.parameters()).dtype
         self.parallel = parallel
+        student.eval()  # in training steps as in held-out checks: see the module docstring
         self.factors = [p for name, p in student.named_parameters() if name.endswith(("A.weight", "B.weight"))]
         for p in student.parameters():
             p.requires_grad_(False)
@@ -188,7 +194,6 @@ class LayerDistiller:
         step, skipped = 0, 0
         sum_t = sum_s = float("nan")
         total_rows = 1
-        self.student.train()
         for _ in range(config.epochs):
             for rows, total_rows in zip(self.train_batches, self.train_rows):
                 lr = lr_at(step, self.steps, config.lr, config.warmup_steps, config.schedule)
@@ -224,7 +229,6 @@ class LayerDistiller:
                     current = self.held_out_loss()
                     if current < best_loss:
                         best_loss, best_state, best_step = current, self._snapshot(), step
-        self.student.eval()
         if config.keep_best:
             self._restore(best_state)
         else:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .activations import InputCovariances, capture_block_inputs, run_block_over
+from .activations import InputCovariances, block_label, capture_block_inputs, run_block_over, unreached_experts
 from .calibration import CalibrationData
 from .checkpoints import LayerCheckpoints
 from .config import DistillConfig, PlanConfig
@@ -24,6 +24,7 @@ from .distill import LayerData, LayerDistiller, LayerResult, StepMetrics, batch_
 from .distributed import SINGLE, Parallel
 from .errors import CalibrationError, ConfigError, LillamaError, OutOfMemoryError, RankPlanError, RunStopped
 from .events import Event, EventSink, LayerFinished, LayerStarted, Phase, RunError, RunFinished, RunStarted, Step
+from .finite import require_finite_weights
 from .lowrank import set_submodule, spectrum, to_low_rank, whitened_spectrum
 from .models import Block, LoadedModel, find_blocks, find_linears, lillama_home, share_weights_copy
 from .offload import is_streamed, resident, stream_block
@@ -88,7 +89,8 @@ def compute_spectra(loaded: LoadedModel, shape: ModelShape, calibration: Calibra
         with resident(block.module):
             covs = InputCovariances(block.module, names, device)
             try:
-                run_block_over(block.module, hidden, hidden, inputs.kwargs_for(block.index), batches, device)
+                run_block_over(block.module, hidden, hidden, inputs.kwargs_for(block.index), batches, device,
+                               block_label(block))
             finally:
                 covs.close()
             for local, cov in covs.means().items():
@@ -234,13 +236,14 @@ class Compressor:
                     covariances = InputCovariances(block.module, list(local_ranks), self.device)
                 try:
                     teacher_y = run_block_over(block.module, teacher_x, store.empty_like(teacher_x), kwargs_for,
-                                               batches, self.device)
+                                               batches, self.device, block_label(block))
                 finally:
                     if covariances:
                         covariances.close()
                 if not local_ranks:
                     if student_x is not None:
-                        run_block_over(block.module, student_x, student_x, student_kwargs_for, batches, self.device)
+                        run_block_over(block.module, student_x, student_x, student_kwargs_for, batches, self.device,
+                                       f"{block_label(block)} on the student's inputs")
                     teacher_x = teacher_y
                     continue
 
@@ -254,9 +257,9 @@ class Compressor:
                     global_step += steps_per_layer
                     self.emit(Phase("resume", f"layer {block.index} restored from its checkpoint"))
                 else:
-                    student_block = self._student_block(block.module, local_ranks,
-                                                        covariances.means(self.parallel) if covariances else None,
-                                                        generator)
+                    require_finite_weights(block.module, list(local_ranks), block_label(block), self.dtype)
+                    means = covariances.means(self.parallel) if covariances else None
+                    student_block = self._student_block(block.module, local_ranks, means, generator)
                     data = LayerData(teacher_x, teacher_y, student_x, kwargs_for, student_kwargs_for)
                     distiller = LayerDistiller(student_block, data, self.config, self.device, train_batches,
                                                eval_batches, _autocast_dtype(self.device, self.dtype), self.parallel,
@@ -275,14 +278,16 @@ class Compressor:
                             layer_result = LayerResult(loss, loss, 0, float("nan"), float("nan"), 0)
                     except RunStopped:
                         return self._finish(result, start, "stopped")
-                    finished = self._layer_report(block, local_ranks, layer_result, time.time() - layer_start)
+                    finished = self._layer_report(block, local_ranks, layer_result, time.time() - layer_start,
+                                                  unreached_experts(means) if means else 0)
                 self.throughput.pause()
                 student_block.to(self.dtype)
                 set_submodule(student, block.name, student_block)
                 source = student_x if student_x is not None else teacher_x
                 student_x = run_block_over(student_block, source,
                                            source if student_x is not None else store.empty_like(source),
-                                           student_kwargs_for, batches, self.device)
+                                           student_kwargs_for, batches, self.device,
+                                           f"the student of {block_label(block)}")
                 if is_streamed(block.module):  # the finished student block joins the teacher's in host memory
                     stream_block(student_block, self.device)
                 teacher_x = teacher_y
@@ -313,12 +318,13 @@ class Compressor:
             states[rows] = out.to(states.device)
         return states
 
-    def _layer_report(self, block: Block, local_ranks: dict[str, int], r: LayerResult, seconds: float):
+    def _layer_report(self, block: Block, local_ranks: dict[str, int], r: LayerResult, seconds: float,
+                      unreached: int):
         summary = summarize(RankPlan({f"{block.name}.{k}": rank for k, rank in local_ranks.items()}), self.shape)
         row = summary.layers[block.index]
         return LayerFinished(block.index, r.init_loss, r.best_loss, r.final_loss_teacher_input,
                              r.final_loss_student_input, r.best_step, seconds, row["params_before"],
-                             row["params_after"], r.skipped_steps)
+                             row["params_after"], r.skipped_steps, unreached)
 
     def _student_block(self, teacher_block: nn.Module, local_ranks: dict[str, int],
                        covariances: dict[str, torch.Tensor] | None, generator: torch.Generator) -> nn.Module:

@@ -35,3 +35,7 @@ class RunStopped(LillamaError):
 
 class JobBusyError(LillamaError):
     """A second job was started on a device that already runs one."""
+
+
+class NonFiniteError(LillamaError):
+    """A weight or an activation is inf or NaN (float16 overflow, a broken checkpoint); the message names where."""

@@ -86,6 +86,7 @@ class LayerFinished(Event):
     params_before: int
     params_after: int
     skipped_steps: int = 0
+    unreached_experts: int = 0  # experts of this layer no calibration token was routed to (whitened init)
 
 
 @dataclass

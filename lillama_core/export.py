@@ -22,6 +22,7 @@ from torch import nn
 from . import hf_modeling
 from .models import is_speech_seq2seq, share_weights_copy
 from .errors import ExportError
+from .finite import json_safe
 from .lowrank import LowRankLinear, merge_low_rank, set_submodule
 from .quantize import quantize_weights, quantized_modules
 
@@ -118,7 +119,7 @@ def export_student(student: nn.Module, tokenizer, folder: str | os.PathLike, mer
                 preprocessor.save_pretrained(staging)
         meta = {"format_version": FORMAT_VERSION, "merged": merge, "rank_map": ranks, "quantize": quantize,
                 **(record or {})}
-        (staging / RECORD_FILE).write_text(json.dumps(meta, indent=2, default=str))
+        (staging / RECORD_FILE).write_text(json.dumps(json_safe(meta), indent=2, default=str, allow_nan=False))
         if folder.exists():
             trash = folder.with_name(f".{folder.name}.old-{os.getpid()}")
             os.replace(folder, trash)

@@ -21,6 +21,7 @@ from .config import RunConfig
 from .devicelock import DeviceLock
 from .errors import ConfigError, JobBusyError, LillamaError, RunStopped
 from .events import Event, Phase, RunError, read_events
+from .finite import json_safe
 from .models import lillama_home, resolve_device
 
 STUDENT_DIR = "student"
@@ -54,9 +55,10 @@ def append_event(run_dir: Path, event: Event) -> None:
 
 
 def write_json(path: Path, data) -> None:
-    """Write through a temporary file and rename, so a reader never sees half a file."""
+    """Write through a temporary file and rename, so a reader never sees half a file. A NaN or inf
+    (a perplexity that overflowed) is written as null: they are not JSON."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
+    tmp.write_text(json.dumps(json_safe(data), indent=2, default=str, allow_nan=False))
     tmp.replace(path)
 
 

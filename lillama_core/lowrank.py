@@ -17,6 +17,8 @@ __all__ = [
     "svd_factors",
     "whitened_factors",
     "WhitenedSVD",
+    "balance_factors",
+    "is_near_zero",
     "low_rank_from_factors",
     "random_factors",
     "cholesky_whitener",
@@ -50,20 +52,49 @@ def cholesky_whitener(cov: torch.Tensor, max_tries: int = 8) -> torch.Tensor:
     return torch.linalg.cholesky(cov + scale * eye)
 
 
+# Mean squared input (the covariance's mean diagonal) at or below which a module counts as having seen
+# no data: an RMS of 1e-4, under float16's smallest normal number's scale. An MoE expert no calibration
+# token reached has exactly zero.
+NEAR_ZERO_COVARIANCE = 1e-8
+
+
+def is_near_zero(cov: torch.Tensor) -> bool:
+    """Whether an input covariance (features x features) is zero or nearly so (see NEAR_ZERO_COVARIANCE)."""
+    return cov.diagonal().double().mean().item() <= NEAR_ZERO_COVARIANCE
+
+
+def balance_factors(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """B (out x r) and A (r x in) rescaled per rank component so column i of B and row i of A have the
+    same norm; B A is unchanged (up to rounding). A zero component is left as it is."""
+    b_norm, a_norm = b.norm(dim=0), a.norm(dim=1)
+    usable = (b_norm > 0) & (a_norm > 0)
+    scale = torch.where(usable, (a_norm / b_norm.where(usable, 1.0)).sqrt(), torch.ones_like(a_norm))
+    return b * scale, a / scale[:, None]
+
+
 class WhitenedSVD:
     """The SVD of W L (L L^T = X^T X), computed once and truncated to any rank: probing several ranks of
-    one matrix costs one decomposition."""
+    one matrix costs one decomposition.
+
+    A (near-)zero covariance (an expert no calibration token reached) makes L a tiny ridge, so A would
+    carry its inverse (max|A| ~ 1e4, max|B| ~ 1e-5): the product is right but float16 overflows and
+    integer exports lose B. Such factors are balanced; for an all-zero covariance that gives exactly the
+    plain SVD split, the only sensible choice when there is no data to weigh by."""
 
     def __init__(self, weight: torch.Tensor, cov: torch.Tensor):
         self.dtype = weight.dtype
+        self.balanced = is_near_zero(cov)
         self.lower = cholesky_whitener(cov)
         self.u, self.s, self.vh = torch.linalg.svd(weight.double() @ self.lower, full_matrices=False)
 
     def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B: out x rank, A: rank x in) in the weight's dtype."""
         root = self.s[:rank].sqrt()
         # A = sqrt(S_r) V_r^T L^{-1}, computed as a triangular solve instead of an explicit inverse.
         a = torch.linalg.solve_triangular(self.lower, (root[:, None] * self.vh[:rank]), upper=False, left=False)
         b = self.u[:, :rank] * root
+        if self.balanced:
+            b, a = balance_factors(b, a)
         return b.to(self.dtype), a.to(self.dtype)
 
 

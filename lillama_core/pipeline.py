@@ -138,6 +138,7 @@ def _run_pipeline(config: RunConfig, loaded: LoadedModel | None, plan: RankPlan 
         "tokens": run.tokens,
         "compress_seconds": run.seconds,
         "layers_done": run.applied.layers(ModelShape.of(loaded.model)),
+        "unreached_experts": sum(layer.unreached_experts for layer in run.layers),
         **heal_metrics,
     }
     if evaluate and not stop.is_set() and parallel.is_main:  # after a stop the partial student is evaluated later

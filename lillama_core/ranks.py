@@ -299,7 +299,8 @@ def sensitivity_plan(shape: ModelShape, target_saving: int, modules: list[Module
     """Spend the budget where compression hurts least, by measured damage per weight saved.
 
     `damage[layer][keep]` is how far the model's output moves with that layer alone compressed to
-    `keep` (KL from the teacher). Every layer starts dense and steps down its ladder of kept shares;
+    `keep` (KL from the teacher); a probe that gave NaN or None (its output was not finite) counts as
+    unbounded damage, never as none. Every layer starts dense and steps down its ladder of kept shares;
     each step goes to the layer whose next step costs the least damage per weight saved. The last
     step is refined by bisection so the total lands on the target rather than past it.
     """
@@ -308,7 +309,10 @@ def sensitivity_plan(shape: ModelShape, target_saving: int, modules: list[Module
     for layer, points in damage.items():
         rungs, worst = [(1.0, 0.0)], 0.0
         for keep in sorted(points, reverse=True):
-            worst = max(worst, points[keep])  # measured damage can be noisy; it may not shrink with less kept
+            measured = points[keep]
+            if measured is None or math.isnan(measured):
+                measured = math.inf
+            worst = max(worst, measured)  # measured damage can be noisy; it may not shrink with less kept
             rungs.append((keep, worst))
         ladders[layer] = rungs
     position = {layer: 0 for layer in ladders}
@@ -331,7 +335,7 @@ def sensitivity_plan(shape: ModelShape, target_saving: int, modules: list[Module
                       - (_saving(shape, _keep_plan(by_layer[layer], keep_now)) if keep_now < 1 else 0))
             if gained <= 0:
                 continue
-            cost = (hurt_next - hurt_now + 1e-12) / gained
+            cost = math.inf if math.isinf(hurt_next) else (hurt_next - hurt_now + 1e-12) / gained
             if best is None or cost < best[0]:
                 best = (cost, layer)
         if best is None:

@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .activations import InputCovariances, Passthrough, block_slot, capture_block_inputs, run_block_over
+from .activations import InputCovariances, Passthrough, block_label, block_slot, capture_block_inputs, run_block_over
 from .offload import resident
 from .calibration import CalibrationData
 from .distill import batch_slices
 from .errors import RunStopped
 from .events import EventSink, Phase
+from .finite import require_finite_weights
 from .lowrank import WhitenedSVD, low_rank_from_factors, set_submodule
 from .models import Block, LoadedModel, find_blocks, share_weights_copy
 from .ranks import ModelShape, ModuleShape
@@ -114,7 +115,8 @@ def measure_sensitivity(loaded: LoadedModel, calibration: CalibrationData, group
             probe_input = hidden[:probe].clone()
             covs = InputCovariances(block.module, [m.local_name for m in modules], device)
             try:
-                run_block_over(block.module, hidden, hidden, inputs.kwargs_for(block.index), batches, device)
+                run_block_over(block.module, hidden, hidden, inputs.kwargs_for(block.index), batches, device,
+                               block_label(block))
             finally:
                 covs.close()
             if not modules:
@@ -123,6 +125,7 @@ def measure_sensitivity(loaded: LoadedModel, calibration: CalibrationData, group
                 below = blocks[block.index - 1]
                 _put(replay, below, Passthrough(below.module, probe_input))
             result[block.index] = {}
+            require_finite_weights(block.module, [m.local_name for m in modules], block_label(block), loaded.dtype)
             covariances = covs.means()
             weights = {m.local_name: block.module.get_submodule(m.local_name).weight.detach().float() for m in modules}
             decompositions = {name: WhitenedSVD(weight, covariances[name]) for name, weight in weights.items()}

@@ -76,3 +76,15 @@ STRICT_CHAT_TEMPLATE = (
     "{% for m in messages %}{% if (m['role'] == 'user') != (loop.index0 % 2 == 0) %}"
     "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
     "<{{ m['role'] }}>{{ m['content'] }}{% endfor %}")
+
+def overflowing_float16_llama(layers: int = 3, overflowing_layer: int = 1) -> LoadedModel:
+    """A tiny Llama in float16 whose one MLP is scaled (x300) so its activations pass float16's 65504;
+    in float32 the same model is finite."""
+    loaded = tiny_llama(layers=layers)
+    mlp = loaded.model.model.layers[overflowing_layer].mlp
+    with torch.no_grad():
+        for linear in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            linear.weight.mul_(300.0)
+    loaded.model.half()
+    loaded.dtype = torch.float16
+    return loaded

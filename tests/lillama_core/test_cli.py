@@ -2,15 +2,17 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from lillama_core.cli import COMMANDS, build_parser, main
+from lillama_core.cli import COMMANDS, ProgressPrinter, build_parser, main
 from lillama_core.config import RunConfig
 from lillama_core.events import Step, read_events
 from lillama_core.export import load_compressed, read_record
-from tiny import SAMPLE_TEXT, STRICT_CHAT_TEMPLATE
+from lillama_core.events import LayerFinished
+from tiny import SAMPLE_TEXT, STRICT_CHAT_TEMPLATE, overflowing_float16_llama
 
 
 @pytest.fixture
@@ -251,3 +253,46 @@ def test_a_killed_process_resumes_from_its_last_finished_layer(tiny_model_dir, t
     model, _ = load_compressed(out)
     assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
 
+
+
+@pytest.fixture
+def overflowing_model_dir(tmp_path):
+    """A tiny Llama saved in float32 (where it is finite) whose layer 1 overflows when loaded in float16."""
+    loaded = overflowing_float16_llama()
+    loaded.model.float().save_pretrained(tmp_path / "overflowing")
+    loaded.tokenizer.save_pretrained(tmp_path / "overflowing")
+    return tmp_path / "overflowing"
+
+
+def _strict_json(text):
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_float16_overflow_is_one_line_naming_the_layer(overflowing_model_dir, texts, tmp_path, capsys):
+    args = _compress_args(overflowing_model_dir, texts, tmp_path / "student", "--dtype", "float16")
+    args[args.index("--strategy") + 1] = "sensitivity"
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("lillama: error: layer 1 (model.layers.1) produced inf/NaN activations in float16: "
+                       "run with --dtype bfloat16 or float32")
+    assert "Traceback" not in "\n".join(err)
+
+
+def test_a_nan_perplexity_is_written_as_json_null(overflowing_model_dir, texts, tmp_path, capsys):
+    # Bottom-first compresses layer 0 only, so the run never reaches the overflow; the evaluation does.
+    out = tmp_path / "student"
+    assert main(_compress_args(overflowing_model_dir, texts, out, "--dtype", "float16", "--json")) == 0
+    summary = _strict_json(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["teacher_ppl"] is None and summary["student_ppl"] is None
+    assert summary["params_after"] < summary["params_before"]
+    run_dir = Path(read_record(out)["run_dir"])
+    assert _strict_json((run_dir / "metrics.json").read_text())["teacher_ppl"] is None
+    assert _strict_json((out / "lillama.json").read_text())["metrics"]["student_ppl"] is None
+
+
+def test_progress_names_the_experts_no_token_reached(capsys):
+    ProgressPrinter()(LayerFinished(3, 1.0, 0.5, 0.5, 0.5, 4, 1.0, 100, 50, unreached_experts=2))
+    assert "layer 3: 2 expert(s) saw no calibration token" in capsys.readouterr().err

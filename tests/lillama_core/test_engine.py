@@ -2,17 +2,18 @@ import threading
 
 import pytest
 import torch
+import transformers as T
 
 from lillama_core.activations import InputCovariances
 from lillama_core.calibration import CalibrationData
 from lillama_core.config import DistillConfig, PlanConfig
 from lillama_core.engine import Compressor, make_plan
-from lillama_core.models import share_weights_copy
-from lillama_core.errors import RankPlanError
+from lillama_core.models import LoadedModel, share_weights_copy
+from lillama_core.errors import NonFiniteError, RankPlanError
 from lillama_core.events import RunFinished, Step, event_from_dict
 from lillama_core.lowrank import LowRankLinear
 from lillama_core.ranks import ModelShape, RankPlan, build_plan
-from tiny import tiny_llama, tiny_sequences
+from tiny import overflowing_float16_llama, tiny_llama, tiny_sequences, tiny_tokenizer
 
 
 def _calibration(n=24, seq=32):
@@ -220,3 +221,66 @@ def test_non_finite_losses_skip_the_step_and_are_reported(tiny, monkeypatch):
     assert skipped and finished[0].skipped_steps == len(skipped)
     low = result.student.model.layers[1].mlp.up_proj
     assert torch.isfinite(low.A.weight).all() and torch.isfinite(low.B.weight).all()
+
+
+def _mixtral_routing_only_to_experts_0_and_1():
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    config = T.MixtralConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=1)
+    model = T.MixtralForCausalLM(config).eval()
+    with torch.no_grad():  # router logits (u.x, -u.x, 0, 0): top-1 never picks expert 2 or 3
+        gate = model.model.layers[0].mlp.gate.weight
+        gate[1] = -gate[0]
+        gate[2:] = 0.0
+    return LoadedModel(model, tokenizer, "mixtral", "random", torch.device("cpu"), torch.float32)
+
+
+def test_experts_no_token_reaches_are_counted_and_get_balanced_factors():
+    loaded = _mixtral_routing_only_to_experts_0_and_1()
+    plan = build_plan(ModelShape.of(loaded.model), PlanConfig(strategy="uniform", rank=8, reduction=None,
+                                                              groups=["experts"]))
+    events = []
+    result = Compressor(loaded, _calibration(12), plan, DistillConfig(epochs=1), batch_size=4,
+                        on_event=events.append).run()
+    finished = [e for e in events if e.kind == "layer_finished"]
+    assert [e.unreached_experts for e in finished] == [2]
+    assert event_from_dict(finished[0].to_dict()).unreached_experts == 2
+    layer = result.student.model.layers[0]
+    for expert in (2, 3):
+        for name in ("gate_up_proj", "down_proj"):
+            low = layer.get_submodule(f"mlp.experts.{expert}.{name}")
+            ratio = (low.A.weight.abs().max() / low.B.weight.abs().max()).item()
+            assert 0.01 < ratio < 100, (expert, name, ratio)
+
+
+def test_layer_reports_written_before_the_unreached_count_still_load():
+    data = {"kind": "layer_finished", "layer": 0, "init_loss": 1.0, "best_loss": 0.5, "final_loss_teacher_input": 0.5,
+            "final_loss_student_input": 0.5, "best_step": 3, "seconds": 1.0, "params_before": 10, "params_after": 5}
+    assert event_from_dict(data).unreached_experts == 0
+
+
+@pytest.mark.parametrize("init", ["whitened", "svd"])
+def test_float16_overflow_stops_the_run_at_the_layer_that_overflows(init):
+    # Both inits used to end in a LinAlgError traceback from the SVD of inf/NaN.
+    loaded = overflowing_float16_llama()
+    plan = build_plan(ModelShape.of(loaded.model), PlanConfig(strategy="uniform", rank=8, reduction=None))
+    events = []
+    with pytest.raises(NonFiniteError, match=r"^layer 1 \(model\.layers\.1\) produced inf/NaN activations in "
+                                             r"float16: run with --dtype bfloat16 or float32$"):
+        Compressor(loaded, _calibration(12), plan, DistillConfig(init=init, epochs=1), batch_size=4,
+                   on_event=events.append).run()
+    assert [e.layer for e in events if e.kind == "layer_finished"] == [0]  # the layer below was finished first
+    assert events[-1].kind == "run_error" and events[-1].error_type == "NonFiniteError"
+
+
+def test_non_finite_weights_are_refused_before_factorising():
+    # An expert no token reaches never shows its inf weight in an activation; its SVD would fail.
+    loaded = _mixtral_routing_only_to_experts_0_and_1()
+    with torch.no_grad():
+        loaded.model.model.layers[0].get_submodule("mlp.experts.3.down_proj").weight[0, 0] = float("inf")
+    plan = build_plan(ModelShape.of(loaded.model), PlanConfig(strategy="uniform", rank=8, reduction=None,
+                                                              groups=["experts"]))
+    with pytest.raises(NonFiniteError, match=r"^layer 0 \(model\.layers\.0\) module mlp\.experts\.3\.down_proj has "
+                                             r"inf/NaN weights in float32"):
+        Compressor(loaded, _calibration(12), plan, DistillConfig(epochs=1), batch_size=4).run()

@@ -8,9 +8,9 @@ import lillama_core.sensitivity as sensitivity
 from lillama_core.calibration import CalibrationData
 from lillama_core.config import PlanConfig
 from lillama_core.engine import make_plan
-from lillama_core.errors import RankPlanError
+from lillama_core.errors import NonFiniteError, RankPlanError
 from lillama_core.ranks import ModelShape, build_plan, summarize
-from tiny import tiny_sequences
+from tiny import overflowing_float16_llama, tiny_sequences
 
 
 def _calibration():
@@ -98,3 +98,22 @@ def test_the_one_pass_divergence_equals_the_textbook_kl():
                             reduction="none").sum(-1)
         assert torch.allclose(reference.kl(logits), textbook, atol=1e-5, rtol=1e-4)
     assert reference.kl(teacher).abs().max() < 1e-5 and reference.kl(near).max() < reference.kl(student).min()
+
+
+def test_a_probe_that_gave_nan_counts_as_the_worst_damage_not_none(tiny):
+    # max(0.0, nan) is 0.0: a NaN probe used to make its layer look harmless and go first.
+    shape = ModelShape.of(tiny.model)
+    damage = {0: {0.6: float("nan"), 0.4: float("nan"), 0.2: float("nan")},
+              1: {0.6: 0.1, 0.4: 0.2, 0.2: 0.5},
+              2: {0.6: 0.1, 0.4: 0.3, 0.2: 0.6}}
+    plan = build_plan(shape, PlanConfig(strategy="sensitivity", reduction=0.15), damage=damage)
+    assert plan.layers(shape) == [1, 2]
+    damage[0] = {0.6: None, 0.4: None, 0.2: None}  # the same measurement after a trip through JSON
+    assert build_plan(shape, PlanConfig(strategy="sensitivity", reduction=0.15), damage=damage).layers(shape) == [1, 2]
+
+
+def test_float16_overflow_stops_the_probes_with_one_line_naming_the_layer():
+    loaded = overflowing_float16_llama()
+    with pytest.raises(NonFiniteError, match=r"^layer 1 \(model\.layers\.1\) produced inf/NaN activations in float16: "
+                                             r"run with --dtype bfloat16 or float32$"):
+        make_plan(loaded, PlanConfig(strategy="sensitivity", reduction=0.1), _calibration(), batch_size=4)
