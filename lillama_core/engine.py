@@ -24,6 +24,7 @@ from .distill import LayerData, LayerDistiller, LayerResult, StepMetrics, batch_
 from .distributed import SINGLE, Parallel
 from .errors import CalibrationError, ConfigError, LillamaError, OutOfMemoryError, RankPlanError, RunStopped
 from .events import Event, EventSink, LayerFinished, LayerStarted, Phase, RunError, RunFinished, RunStarted, Step
+from .failures import stage
 from .lowrank import set_submodule, spectrum, to_low_rank, whitened_spectrum
 from .models import Block, LoadedModel, find_blocks, find_linears, lillama_home, share_weights_copy
 from .offload import is_streamed, resident, stream_block
@@ -159,7 +160,8 @@ class Compressor:
     def run(self) -> RunResult:
         start = time.time()
         try:
-            return self._run(start)
+            with stage("distillation", model=self.loaded.model) as self.where:  # names the layer if a forward fails
+                return self._run(start)
         except LillamaError as exc:
             self.emit(RunError(str(exc), type(exc).__name__))
             raise
@@ -212,6 +214,7 @@ class Compressor:
         train_start = time.time()
 
         for block in blocks[: layers[-1] + 1]:
+            self.where.layer = block.index
             if block.index in starts:
                 # A new stack (the decoder after the encoder) starts from the model's own inputs, the same
                 # for teacher and student. The student path's cross-attention reads the student's encoder
