@@ -68,3 +68,29 @@ def tiny_whisper(layers: int = 2, hidden: int = 64, seed: int = 0) -> LoadedMode
     model = WhisperForConditionalGeneration(config).eval()
     features = WhisperFeatureExtractor(feature_size=16, chunk_length=1)
     return LoadedModel(model, tokenizer, "tiny-whisper", "random", torch.device("cpu"), torch.float32, features)
+
+
+def tiny_opt(positions: int = 64) -> LoadedModel:
+    """A random OPT: learned position embeddings, so a sequence past `positions` is an IndexError."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer()
+    config = OPTConfig(vocab_size=len(tokenizer), hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                       num_attention_heads=4, word_embed_proj_dim=64, max_position_embeddings=positions,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id,
+                       eos_token_id=tokenizer.eos_token_id)
+    return LoadedModel(OPTForCausalLM(config).eval(), tokenizer, "tiny-opt", "random", torch.device("cpu"),
+                       torch.float32)
+
+
+def fail_in(monkeypatch, owner: type, when=lambda module, hidden: True, message: str = "boom") -> None:
+    """Make `owner.forward` raise RuntimeError(message) where `when(module, first input)` holds."""
+    real = owner.forward
+
+    def forward(self, hidden, *args, **kwargs):
+        if when(self, hidden):
+            raise RuntimeError(message)
+        return real(self, hidden, *args, **kwargs)
+
+    monkeypatch.setattr(owner, "forward", forward)

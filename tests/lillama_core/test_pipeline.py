@@ -10,9 +10,8 @@ from lillama_core.config import RunConfig
 from lillama_core.errors import ConfigError, ModelForwardError
 from lillama_core.events import Phase
 from lillama_core.lowrank import LowRankLinear
-from lillama_core.models import LoadedModel
 from lillama_core.pipeline import run_pipeline
-from tiny import SAMPLE_TEXT, tiny_tokenizer
+from tiny import SAMPLE_TEXT, fail_in, tiny_opt
 
 
 @pytest.fixture
@@ -26,32 +25,6 @@ def small_config(tmp_path):
     config.eval.text, config.eval.tokens, config.eval.seq_len = str(text), 256, 48
     config.plan.strategy, config.plan.reduction = "uniform", 0.1
     return config
-
-
-def tiny_opt(positions: int = 64) -> LoadedModel:
-    """A random OPT: learned position embeddings, so a sequence past `positions` is an IndexError."""
-    from transformers import OPTConfig, OPTForCausalLM
-
-    torch.manual_seed(0)
-    tokenizer = tiny_tokenizer()
-    config = OPTConfig(vocab_size=len(tokenizer), hidden_size=64, ffn_dim=128, num_hidden_layers=2,
-                       num_attention_heads=4, word_embed_proj_dim=64, max_position_embeddings=positions,
-                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id,
-                       eos_token_id=tokenizer.eos_token_id)
-    return LoadedModel(OPTForCausalLM(config).eval(), tokenizer, "tiny-opt", "random", torch.device("cpu"),
-                       torch.float32)
-
-
-def fail_in(monkeypatch, owner: type, when=lambda module, hidden: True, message: str = "boom") -> None:
-    """Make `owner.forward` raise RuntimeError(message) where `when(module, first input)` holds."""
-    real = owner.forward
-
-    def forward(self, hidden, *args, **kwargs):
-        if when(self, hidden):
-            raise RuntimeError(message)
-        return real(self, hidden, *args, **kwargs)
-
-    monkeypatch.setattr(owner, "forward", forward)
 
 
 def test_calibration_longer_than_the_positions_is_refused_before_any_work(small_config):
