@@ -260,7 +260,7 @@ def update_record_metrics(export_dir: Path, metrics: dict) -> None:
     write_json(Path(export_dir) / RECORD_FILE, {**read_record(export_dir), "metrics": metrics})
 
 
-def evaluate_and_record(result, config: RunConfig, run_dir: Path, on_event, stop: threading.Event,
+def evaluate_and_record(result, config: RunConfig, run_dir: Path, on_event, stop: threading.Event | None,
                         teacher_ppl: float | None = None) -> None:
     """Evaluate a run whose student `save_run` already kept, then add the scores to its folder."""
     from .pipeline import evaluate_run
