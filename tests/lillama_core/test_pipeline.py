@@ -102,3 +102,15 @@ def test_a_failing_forward_during_healing_names_the_stage(small_config, tiny, mo
     monkeypatch.setattr("lillama_core.heal.heal", heal_then_fail)
     error = _failure(small_config, tiny)
     assert str(error) == "healing failed in LlamaForCausalLM at layer 1: RuntimeError: boom"
+
+
+def test_position_limits_are_read_under_each_name_configs_give_them():
+    from types import SimpleNamespace
+
+    from transformers import GPT2Config, MambaConfig, WhisperConfig
+
+    from lillama_core.positions import position_limit
+
+    assert position_limit(SimpleNamespace(config=GPT2Config(n_positions=32))) == 32
+    assert position_limit(SimpleNamespace(config=WhisperConfig(max_target_positions=40))) == 40
+    assert position_limit(SimpleNamespace(config=MambaConfig())) is None  # no positions: no limit
