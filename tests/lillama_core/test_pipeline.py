@@ -93,7 +93,8 @@ def test_a_failing_forward_during_evaluation_names_the_stage_and_layer(small_con
 
 def test_a_failing_forward_during_healing_names_the_stage(small_config, tiny, monkeypatch):
     small_config.heal.tokens = 128
-    real_heal = __import__("lillama_core.heal", fromlist=["heal"]).heal
+    from lillama_core.heal import heal as real_heal
+
 
     def heal_then_fail(student, *args, **kwargs):
         fail_in(monkeypatch, LlamaDecoderLayer, lambda module, hidden: module is student.model.layers[1])
