@@ -9,10 +9,13 @@ import json
 import gradio as gr
 import torch
 
-from lillama_core.errors import LillamaError
+from lillama_core.errors import LillamaError, ModelForwardError
+from lillama_core.failures import keep_traceback
 
 
 def friendly(exc: BaseException) -> str:
+    if isinstance(exc, ModelForwardError) and exc.traceback_file is None:  # a panel's own call: no run folder
+        keep_traceback(exc)
     if isinstance(exc, LillamaError):
         return str(exc)
     if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
@@ -46,6 +49,13 @@ def user_errors(fn):
         except USER_ERRORS as exc:
             raise gr.Error(friendly(exc)) from None
     return wrapper
+
+
+def announce_failure(job, seen: tuple) -> None:
+    """A warning toast with the job's one-line message when a job this tab last saw running (`seen`: its
+    (id, events, status) at the previous poll) has failed since; a reopened page is not toasted again."""
+    if job.status == "failed" and seen[0] == job.id and seen[-1] in ("queued", "running"):
+        gr.Warning(job.message)
 
 
 def facts_table(facts: dict) -> str:

@@ -12,7 +12,7 @@ from lillama_core.config import INITS, LOSS_PATHS
 
 from .charts import duration, human, human_bytes, layer_table, loss_chart, memory_chart, run_progress, \
     throughput_chart
-from .common import plot, user_errors
+from .common import announce_failure, plot, user_errors
 from .studio import Studio
 
 POLL_SECONDS = 0.4
@@ -96,6 +96,7 @@ def build(studio: Studio) -> dict:
         key = (job.id, len(job.events), job.status)
         if key == state:
             return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), state
+        announce_failure(job, state)
         events = job.events_since(0)
         return (progress_html(job), plot(loss_chart(events)), plot(throughput_chart(events)),
                 plot(memory_chart(events)), layer_table(events), key)

@@ -20,6 +20,7 @@ from .calibration import CalibrationData
 from .distill import run_block
 from .distributed import SINGLE, Parallel
 from .errors import ModelLoadError
+from .failures import stage
 from .finite import require_finite
 from .lowrank import CovarianceAccumulator
 from .models import Block, share_weights_copy, stack_of, stack_starts
@@ -128,6 +129,7 @@ class BlockInputs:
 
 
 @torch.no_grad()
+@stage("capture")
 def capture_block_inputs(model: nn.Module, blocks: list[Block], calibration: CalibrationData, batches: list[slice],
                          device: torch.device, store: ActivationStore | None = None,
                          ) -> tuple[dict[int, torch.Tensor], BlockInputs]:

@@ -9,12 +9,24 @@ import shutil
 import sys
 from pathlib import Path
 
-from .config import ACTIVATION_STORAGES, DEFAULT_GROUPS, GROUPS, INITS, LOSS_PATHS, STRATEGIES, CalibrationConfig, \
-    DistillConfig, EvalConfig, ModelConfig, PlanConfig, RunConfig
+from .config import (
+    ACTIVATION_STORAGES,
+    DEFAULT_GROUPS,
+    GROUPS,
+    INITS,
+    LOSS_PATHS,
+    STRATEGIES,
+    CalibrationConfig,
+    DistillConfig,
+    EvalConfig,
+    ModelConfig,
+    PlanConfig,
+    RunConfig,
+)
 from .distributed import Parallel, device_for, from_environment
-from .errors import ConfigError, LillamaError
-from .finite import json_safe
+from .errors import ConfigError, LillamaError, ModelForwardError
 from .events import Event, LayerFinished, Phase, RunFinished, RunStarted, Step
+from .finite import json_safe
 from .quantize import MODES as QUANTIZE_MODES
 
 
@@ -231,10 +243,29 @@ def _run_config(args, parser) -> RunConfig:
 
 
 def _compress_in(run_dir: Path, config: RunConfig, plan, args, parallel: Parallel) -> dict | None:
-    """Run the pipeline with the run folder's log and layer checkpoints, then export to --out."""
+    """Run the pipeline with the run folder's log and layer checkpoints, export to --out, then evaluate
+    (so a failing evaluation leaves the export in place). A model's failing forward leaves its traceback
+    in the run folder."""
+    from .failures import keep_traceback
+
+    try:
+        return _compress_export_evaluate(run_dir, config, plan, args, parallel)
+    except ModelForwardError as exc:
+        if parallel.is_main:
+            keep_traceback(exc, run_dir)
+        raise
+
+
+def _compress_export_evaluate(run_dir: Path, config: RunConfig, plan, args, parallel: Parallel) -> dict | None:
     from .devicelock import DeviceLock
     from .export import export_student
-    from .jobs import LAYERS_DIR, append_event, save_run
+    from .jobs import (
+        LAYERS_DIR,
+        append_event,
+        evaluate_and_record,
+        save_run,
+        update_record_metrics,
+    )
     from .models import resolve_device
     from .pipeline import run_pipeline
 
@@ -249,16 +280,21 @@ def _compress_in(run_dir: Path, config: RunConfig, plan, args, parallel: Paralle
     device = resolve_device(device_for(parallel, config.model.device))
     with DeviceLock(str(device)).acquire(f"`lillama compress` into {run_dir.name}"):
         result = run_pipeline(config, plan=plan, on_event=on_event if parallel.is_main else None,
-                              evaluate=not args.no_eval, checkpoint_dir=run_dir / LAYERS_DIR, parallel=parallel)
-    if not parallel.is_main:  # the other processes only lent their share of the work
-        parallel.finish()
-        return None
-    save_run(run_dir, config, result, keep_student=False)
-    record = {"config": config.to_dict(), "metrics": result.metrics, "plan": json.loads(result.run.applied.to_json()),
-              "layers": [e.to_dict() for e in result.run.layers], "run_dir": str(run_dir)}
-    out = export_student(result.run.student, result.loaded.tokenizer, args.out, merge=args.merge,
-                         overwrite=args.overwrite, record=record, quantize=args.quantize,
-                         feature_extractor=result.loaded.feature_extractor)
+                              evaluate=False, checkpoint_dir=run_dir / LAYERS_DIR, parallel=parallel)
+        if not parallel.is_main:  # the other processes only lent their share of the work
+            parallel.finish()
+            return None
+        save_run(run_dir, config, result, keep_student=False)
+        record = {"config": config.to_dict(), "metrics": result.metrics,
+                  "plan": json.loads(result.run.applied.to_json()),
+                  "layers": [e.to_dict() for e in result.run.layers], "run_dir": str(run_dir)}
+        out = export_student(result.run.student, result.loaded.tokenizer, args.out, merge=args.merge,
+                             overwrite=args.overwrite, record=record, quantize=args.quantize,
+                             feature_extractor=result.loaded.feature_extractor)
+        parallel.finish()  # the other processes wait here until the export is written
+        if not args.no_eval:  # after the export: a failing evaluation must not lose the student
+            evaluate_and_record(result, config, run_dir, on_event, None)
+            update_record_metrics(out, result.metrics)
     summary = {k: result.metrics.get(k) for k in ("params_before", "params_after", "reduction", "teacher_ppl",
                                                    "student_ppl", "seconds", "status", "tokens")}
     if "student_wer" in result.metrics:  # speech models
@@ -272,7 +308,6 @@ def _compress_in(run_dir: Path, config: RunConfig, plan, args, parallel: Paralle
         if "student_wer" in summary:
             print(f"word error rate against the {summary['wer_reference']}: teacher {summary['teacher_wer']:.1%}, "
                   f"student {summary['student_wer']:.1%}")
-    parallel.finish()  # the other processes wait here until the export is written
     return summary
 
 
@@ -295,11 +330,12 @@ def cmd_compress(args, parser) -> dict:
     run_dir = Path(parallel.broadcast_object(run_dir and str(run_dir)))
     try:
         return _compress_in(run_dir, config, plan, args, parallel)
-    except LillamaError:
+    except LillamaError as exc:
         from .jobs import LAYERS_DIR
 
         no_layers = not list((run_dir / LAYERS_DIR).glob("layer_*.json"))
-        if parallel.is_main and no_layers:  # nothing worth resuming: leave no clutter
+        keep = isinstance(exc, ModelForwardError)  # its traceback is in the run folder
+        if parallel.is_main and no_layers and not keep:  # nothing worth resuming: leave no clutter
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
@@ -338,9 +374,9 @@ def _load_any(args):
 
 
 def cmd_eval(args, parser) -> dict:
-    from .evaluate import eval_windows, generation_speed, model_size, perplexity
     from .calibration import read_eval_text
-
+    from .evaluate import eval_windows, generation_speed, model_size, perplexity
+    from .positions import eval_window, position_limit
     from .quantize import quantize_weights, serialized_bytes
 
     loaded = _load_any(args)
@@ -349,12 +385,18 @@ def cmd_eval(args, parser) -> dict:
     if loaded.feature_extractor is not None:
         summary.update(_speech_eval(loaded, model, args.eval_audio))
     else:
-        windows = eval_windows(loaded.tokenizer, read_eval_text(args.eval_text), args.eval_tokens, args.eval_seq_len)
+        seq_len, notice = eval_window(args.eval_seq_len, model)
+        if notice:
+            tqdm_note(notice)
+        windows = eval_windows(loaded.tokenizer, read_eval_text(args.eval_text), args.eval_tokens, seq_len)
         ppl = perplexity(model, windows)
         summary.update(perplexity=ppl.perplexity, eval_tokens=ppl.tokens_scored)
     summary.update(parameters=model_size(loaded.model).parameters, weight_bytes=serialized_bytes(model))
     if loaded.feature_extractor is None and not args.no_speed:
-        speed = generation_speed(model, loaded.model.config.vocab_size)
+        # a prompt and its continuation within the model's positions (64 + 32 where it allows)
+        prompt_tokens = min(64, 2 * (position_limit(model) or 96) // 3)
+        speed = generation_speed(model, loaded.model.config.vocab_size, prompt_tokens=prompt_tokens,
+                                 new_tokens=min(32, (position_limit(model) or 96) - prompt_tokens))
         summary.update(prefill_tokens_per_s=speed.prefill_tokens_per_s,
                        generate_tokens_per_s=speed.generate_tokens_per_s)
     if not args.json:
@@ -365,8 +407,14 @@ def cmd_eval(args, parser) -> dict:
 
 def _speech_eval(loaded, model, audio: str) -> dict:
     """A speech model alone has no teacher to compare with, so it is scored against true texts only."""
-    from .speech import (SYNTHETIC_SOURCES, clip_features, normalized_words, transcribed_clips, transcript_prompt,
-                         transcription_scores)
+    from .speech import (
+        SYNTHETIC_SOURCES,
+        clip_features,
+        normalized_words,
+        transcribed_clips,
+        transcript_prompt,
+        transcription_scores,
+    )
 
     needs = ("scoring a speech model needs recorded speech with its true texts: --eval-audio FOLDER of .wav clips, "
              "each with a .txt transcript of the same name")
@@ -416,7 +464,12 @@ def cmd_transcribe(args, parser) -> None:
 
 def cmd_export(args, parser) -> None:
     from .errors import ExportError
-    from .export import export_student, load_compressed, load_feature_extractor, read_record
+    from .export import (
+        export_student,
+        load_compressed,
+        load_feature_extractor,
+        read_record,
+    )
 
     model, tokenizer = load_compressed(args.source)
     record = read_record(args.source)
@@ -430,6 +483,7 @@ def cmd_export(args, parser) -> None:
 
 def cmd_plan(args, parser) -> None:
     from .engine import PLANNING_TOKENS, SENSITIVITY_TOKENS, make_plan
+    from .failures import stage
     from .models import load_model
     from .pipeline import calibrate
     from .ranks import ModelShape, summarize
@@ -443,7 +497,8 @@ def cmd_plan(args, parser) -> None:
                                                           tokens=tokens))
         for warning in calibration.warnings:
             print(f"warning: {warning}", file=sys.stderr)
-    plan = make_plan(loaded, config, calibration)
+    with stage("planning", model=loaded.model):
+        plan = make_plan(loaded, config, calibration)
     summary = summarize(plan, ModelShape.of(loaded.model))
     for row in summary.layers:
         kept = row["params_after"] / row["params_before"]
@@ -466,6 +521,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         summary = COMMANDS[args.command](args, parser)
     except LillamaError as exc:
+        if isinstance(exc, ModelForwardError) and exc.traceback_file is None:  # no run folder to keep it in
+            from .failures import keep_traceback
+
+            keep_traceback(exc)
         print(f"lillama: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

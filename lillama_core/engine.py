@@ -16,17 +16,48 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .activations import InputCovariances, block_label, capture_block_inputs, run_block_over, unreached_experts
+from .activations import (
+    InputCovariances,
+    block_label,
+    capture_block_inputs,
+    run_block_over,
+    unreached_experts,
+)
 from .calibration import CalibrationData
 from .checkpoints import LayerCheckpoints
 from .config import DistillConfig, PlanConfig
 from .distill import LayerData, LayerDistiller, LayerResult, StepMetrics, batch_slices
 from .distributed import SINGLE, Parallel
-from .errors import CalibrationError, ConfigError, LillamaError, OutOfMemoryError, RankPlanError, RunStopped
-from .events import Event, EventSink, LayerFinished, LayerStarted, Phase, RunError, RunFinished, RunStarted, Step
+from .errors import (
+    CalibrationError,
+    ConfigError,
+    LillamaError,
+    OutOfMemoryError,
+    RankPlanError,
+    RunStopped,
+)
+from .events import (
+    Event,
+    EventSink,
+    LayerFinished,
+    LayerStarted,
+    Phase,
+    RunError,
+    RunFinished,
+    RunStarted,
+    Step,
+)
+from .failures import stage
 from .finite import require_finite_weights
 from .lowrank import set_submodule, spectrum, to_low_rank, whitened_spectrum
-from .models import Block, LoadedModel, find_blocks, find_linears, lillama_home, share_weights_copy
+from .models import (
+    Block,
+    LoadedModel,
+    find_blocks,
+    find_linears,
+    lillama_home,
+    share_weights_copy,
+)
 from .offload import is_streamed, resident, stream_block
 from .ranks import ModelShape, RankPlan, build_plan, reduction_target, summarize
 from .storage import ActivationStore
@@ -161,7 +192,8 @@ class Compressor:
     def run(self) -> RunResult:
         start = time.time()
         try:
-            return self._run(start)
+            with stage("distillation", model=self.loaded.model) as self.where:  # names the layer if a forward fails
+                return self._run(start)
         except LillamaError as exc:
             self.emit(RunError(str(exc), type(exc).__name__))
             raise
@@ -214,6 +246,7 @@ class Compressor:
         train_start = time.time()
 
         for block in blocks[: layers[-1] + 1]:
+            self.where.layer = block.index
             if block.index in starts:
                 # A new stack (the decoder after the encoder) starts from the model's own inputs, the same
                 # for teacher and student. The student path's cross-attention reads the student's encoder

@@ -39,3 +39,16 @@ class JobBusyError(LillamaError):
 
 class NonFiniteError(LillamaError):
     """A weight or an activation is inf or NaN (float16 overflow, a broken checkpoint); the message names where."""
+
+class ModelForwardError(LillamaError):
+    """The model's own code (or a step around it) raised inside a stage of a run. The message is one line
+    naming the stage, layer and model class; the full traceback travels with it (see failures.py)."""
+
+    def __init__(self, summary: str, traceback_text: str, stage: str, layer: int | None, model_class: str):
+        super().__init__(summary)
+        self.traceback_text, self.stage, self.layer, self.model_class = traceback_text, stage, layer, model_class
+        self.traceback_file = None  # set once the traceback is written to disk
+
+    def __str__(self) -> str:
+        kept = f" (full traceback in {self.traceback_file})" if self.traceback_file else ""
+        return f"{self.args[0]}{kept}"

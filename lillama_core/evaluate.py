@@ -14,6 +14,7 @@ from torch import nn
 from .chat import SamplingConfig, decode
 from .calibration import with_leading_tokens
 from .errors import CalibrationError
+from .failures import stage
 from .models import count_parameters, weight_bytes
 from .telemetry import synchronize
 
@@ -40,6 +41,7 @@ class PerplexityResult:
     seconds: float
 
 
+@stage("evaluation")
 @torch.no_grad()
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4,
                on_progress: Callable[[int, int], None] | None = None) -> PerplexityResult:
@@ -68,6 +70,7 @@ class SpeedResult:
     generate_tokens_per_s: float  # new tokens over all sequences of the batch, per second
 
 
+@stage("evaluation")
 @torch.no_grad()
 def generation_speed(model: nn.Module, vocab_size: int, batch_size: int = 1, prompt_tokens: int = 64,
                      new_tokens: int = 32, seed: int = 0) -> SpeedResult:

@@ -1,7 +1,8 @@
 """Jobs run outside any UI request, one per device, each in its own run folder.
 
 A run folder holds config.json, plan.json, events.jsonl (appended as events happen), metrics.json and
-status.json, and the exported student in student/. The app polls a job's events; closing the browser
+status.json, and the exported student in student/ (saved before the student is evaluated, so a failing
+evaluation loses nothing), and traceback.txt when something failed inside a model or the engine. The app polls a job's events; closing the browser
 does not touch the job, and reopening the page finds it again through the manager.
 """
 
@@ -19,8 +20,15 @@ from typing import Callable
 
 from .config import RunConfig
 from .devicelock import DeviceLock
-from .errors import ConfigError, JobBusyError, LillamaError, RunStopped
+from .errors import (
+    ConfigError,
+    JobBusyError,
+    LillamaError,
+    ModelForwardError,
+    RunStopped,
+)
 from .events import Event, Phase, RunError, read_events
+from .failures import TRACEBACK_FILE, keep_traceback
 from .finite import json_safe
 from .models import lillama_home, resolve_device
 
@@ -166,12 +174,14 @@ class JobManager:
         except RunStopped as exc:  # stopped before distillation began: nothing to keep, nothing wrong
             job.status, job.message = "stopped", str(exc)
         except LillamaError as exc:
+            if isinstance(exc, ModelForwardError) and exc.traceback_file is None:
+                keep_traceback(exc, job.run_dir)
             job.status, job.message = "failed", str(exc)
             if not any(isinstance(e, RunError) for e in job.events):
                 job.record(RunError(str(exc), type(exc).__name__))
         except Exception as exc:  # a bug: keep the trace in the run folder, show one line in the UI
             job.status, job.message = "failed", f"internal error: {type(exc).__name__}: {exc}"
-            (job.run_dir / "traceback.txt").write_text(traceback.format_exc())
+            (job.run_dir / TRACEBACK_FILE).write_text(traceback.format_exc())
             job.record(RunError(job.message, type(exc).__name__))
         finally:
             device_lock.release()
@@ -251,15 +261,36 @@ def save_run(run_dir: Path, config: RunConfig, result, keep_student: bool = True
                        feature_extractor=result.loaded.feature_extractor)
 
 
+def update_record_metrics(export_dir: Path, metrics: dict) -> None:
+    """Replace the metrics in an export's record (lillama.json), e.g. once the exported student is evaluated."""
+    from .export import RECORD_FILE, read_record
+
+    write_json(Path(export_dir) / RECORD_FILE, {**read_record(export_dir), "metrics": metrics})
+
+
+def evaluate_and_record(result, config: RunConfig, run_dir: Path, on_event, stop: threading.Event | None,
+                        teacher_ppl: float | None = None) -> None:
+    """Evaluate a run whose student `save_run` already kept, then add the scores to its folder."""
+    from .pipeline import evaluate_run
+
+    evaluate_run(result, config, on_event, stop, teacher_ppl)
+    write_json(run_dir / "metrics.json", result.metrics)
+    if (run_dir / STUDENT_DIR / "lillama.json").exists():
+        update_record_metrics(run_dir / STUDENT_DIR, result.metrics)
+
+
 def compression_work(config: RunConfig, loaded=None, plan=None, evaluate: bool = True,
                      teacher_ppl: float | None = None) -> Callable[[Job], object]:
-    """The work of one compression job: run the pipeline, then keep the student and metrics on disk."""
+    """The work of one compression job: distil, keep the student and metrics on disk, then evaluate."""
     from .pipeline import run_pipeline
 
     def work(job: Job):
         result = run_pipeline(config, loaded=loaded, plan=plan, on_event=job.record, stop=job.stop_event,
-                              evaluate=evaluate, teacher_ppl=teacher_ppl, checkpoint_dir=job.run_dir / LAYERS_DIR)
+                              evaluate=False, checkpoint_dir=job.run_dir / LAYERS_DIR)
         save_run(job.run_dir, config, result)
+        job.result = result  # the app can chat with the student even if its evaluation fails
+        if evaluate:
+            evaluate_and_record(result, config, job.run_dir, job.record, job.stop_event, teacher_ppl)
         return result
 
     return work
@@ -307,14 +338,16 @@ def sweep_work(base: RunConfig, reductions: list[float], runs_root: Path, loaded
                 append_event(run_dir, event)
 
             try:
-                result = run_pipeline(config, loaded=loaded, on_event=on_event, stop=job.stop_event,
-                                      teacher_ppl=ppl)
+                result = run_pipeline(config, loaded=loaded, on_event=on_event, stop=job.stop_event, evaluate=False)
+                save_run(run_dir, config, result)
+                evaluate_and_record(result, config, run_dir, on_event, job.stop_event, ppl)
             except LillamaError as exc:
+                if isinstance(exc, ModelForwardError):
+                    keep_traceback(exc, run_dir)
                 status = "stopped" if isinstance(exc, RunStopped) else "failed"
                 write_json(run_dir / "status.json", {"status": status, "message": str(exc), "sweep": job.id})
                 raise
             ppl = result.metrics.get("teacher_ppl", ppl)
-            save_run(run_dir, config, result)
             write_json(run_dir / "status.json", {"status": result.run.status, "sweep": job.id})
             results.append((run_dir, result))
         return results

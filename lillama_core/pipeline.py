@@ -1,5 +1,6 @@
 """The end-to-end recipe shared by the CLI, the app's jobs and the benchmarks:
-load -> calibrate -> plan -> distill -> evaluate, with every stage reported as events."""
+load -> check lengths -> calibrate -> plan -> distill -> evaluate, with every stage reported as events.
+Evaluation is a separate step (`evaluate_run`) so callers can keep the student before measuring it."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from .engine import Compressor, RunResult, make_plan, out_of_memory
 from .errors import RunStopped
 from .evaluate import eval_windows, perplexity
 from .events import EventSink, Phase
+from .failures import stage
 from .models import LoadedModel, load_model
+from .positions import check_positions, eval_window
 from .ranks import ModelShape, RankPlan, summarize
 from .speech import (SYNTHETIC_AUDIO_WARNING, SYNTHETIC_SOURCES, reference_transcripts, speech_calibration,
                      speech_metrics)
@@ -37,7 +40,9 @@ class PipelineResult:
 
 
 def evaluate_perplexity(model, tokenizer, config: RunConfig) -> float:
-    windows = eval_windows(tokenizer, read_eval_text(config.eval.text), config.eval.tokens, config.eval.seq_len)
+    """Perplexity on the held-out text, in windows shortened to the model's positions where needed."""
+    windows = eval_windows(tokenizer, read_eval_text(config.eval.text), config.eval.tokens,
+                           eval_window(config.eval.seq_len, model)[0])
     return perplexity(model, windows).perplexity
 
 
@@ -75,25 +80,59 @@ def run_pipeline(config: RunConfig, loaded: LoadedModel | None = None, plan: Ran
     """Compress the configured model. `plan` overrides the plan the config would build; a loaded
     model and a known teacher perplexity can be passed in to skip that work. With a checkpoint
     folder, every finished layer is saved there (with the plan) and layers already saved are reused.
-    Running out of accelerator memory at any stage (planning, healing, evaluation too) is a user error.
+    Running out of accelerator memory at any stage (planning, healing, evaluation too) is a user error;
+    so is a calibration seq_len beyond the model's positions (refused before calibration); anything the
+    model's own code raises ends as one `ModelForwardError` naming the stage, layer and model class.
     Under data parallelism every process calls this; only the first plans, heals, evaluates and writes."""
     config.validate()
     emit = on_event or (lambda event: None)
     try:
-        return _run_pipeline(config, loaded, plan, emit, stop, evaluate, teacher_ppl, checkpoint_dir, parallel)
+        result = _run_pipeline(config, loaded, plan, emit, stop, checkpoint_dir, parallel)
     except torch.OutOfMemoryError:
         raise out_of_memory(emit) from None
+    if evaluate and parallel.is_main:
+        evaluate_run(result, config, emit, stop, teacher_ppl)
+    return result
+
+
+def evaluate_run(result: PipelineResult, config: RunConfig, on_event: EventSink | None = None,
+                 stop: threading.Event | None = None, teacher_ppl: float | None = None) -> dict:
+    """Teacher and student quality on held-out data, added to `result.metrics` (returned too). After a stop
+    nothing is measured: the partial student is evaluated later. Raises OutOfMemoryError (advice) and
+    ModelForwardError (a model's forward failed); the student is untouched either way."""
+    emit = on_event or (lambda event: None)
+    metrics, loaded = result.metrics, result.loaded
+    if stop is not None and stop.is_set():
+        return metrics
+    start = time.time()
+    emit(Phase("evaluate", "perplexity of teacher and student"))
+    try:
+        with stage("evaluation", model=loaded.model):
+            if loaded.feature_extractor is not None:
+                metrics.update(evaluate_speech(loaded, result.run.student, config))
+            else:
+                if teacher_ppl is None:
+                    teacher_ppl = evaluate_perplexity(loaded.model, loaded.tokenizer, config)
+                metrics["teacher_ppl"] = teacher_ppl
+                metrics["student_ppl"] = evaluate_perplexity(result.run.student, loaded.tokenizer, config)
+                metrics["eval_seq_len"] = eval_window(config.eval.seq_len, loaded.model)[0]
+    except torch.OutOfMemoryError:
+        raise out_of_memory(emit) from None
+    metrics["seconds"] = metrics.get("seconds", 0.0) + time.time() - start
+    return metrics
 
 
 def _run_pipeline(config: RunConfig, loaded: LoadedModel | None, plan: RankPlan | None, emit: EventSink,
-                  stop: threading.Event | None, evaluate: bool, teacher_ppl: float | None,
-                  checkpoint_dir: Path | None, parallel: Parallel) -> PipelineResult:
+                  stop: threading.Event | None, checkpoint_dir: Path | None, parallel: Parallel) -> PipelineResult:
     start = time.time()
     stop = stop or threading.Event()
     if loaded is None:
         emit(Phase("load", f"loading {config.model.name}"))
         loaded = load_model(dataclasses.replace(config.model, device=device_for(parallel, config.model.device)))
     stop_point(stop, "loading the model")
+    if loaded.feature_extractor is None:  # a speech model's transcript length is checked by its calibration
+        for notice in check_positions(config, loaded.model):
+            emit(Phase("check", notice))
     emit(Phase("calibration", f"tokenising {config.calibration.tokens} tokens from {config.calibration.source}"))
     if loaded.feature_extractor is not None and config.calibration.source in SYNTHETIC_SOURCES:
         emit(Phase("calibration", SYNTHETIC_AUDIO_WARNING))
@@ -104,7 +143,8 @@ def _run_pipeline(config: RunConfig, loaded: LoadedModel | None, plan: RankPlan 
     if plan is None:
         emit(Phase("plan", f"{config.plan.strategy} plan"))
         if parallel.is_main:
-            plan = make_plan(loaded, config.plan, calibration, config.calibration.batch_size, emit, stop)
+            with stage("planning", model=loaded.model):
+                plan = make_plan(loaded, config.plan, calibration, config.calibration.batch_size, emit, stop)
         plan = parallel.broadcast_object(plan)
         stop_point(stop, "planning")
     checkpoints = None
@@ -121,7 +161,8 @@ def _run_pipeline(config: RunConfig, loaded: LoadedModel | None, plan: RankPlan 
         from .heal import heal
 
         try:
-            heal_metrics = heal(run.student, loaded.model, calibration, config.heal, emit, stop)
+            with stage("healing", model=run.student):
+                heal_metrics = heal(run.student, loaded.model, calibration, config.heal, emit, stop)
         except RunStopped:
             run.status = "stopped"  # the distilled layers stand; only the healing was cut short
     applied = summarize(run.applied, ModelShape.of(loaded.model))
@@ -141,14 +182,5 @@ def _run_pipeline(config: RunConfig, loaded: LoadedModel | None, plan: RankPlan 
         "unreached_experts": sum(layer.unreached_experts for layer in run.layers),
         **heal_metrics,
     }
-    if evaluate and not stop.is_set() and parallel.is_main:  # after a stop the partial student is evaluated later
-        emit(Phase("evaluate", "perplexity of teacher and student"))
-        if loaded.feature_extractor is not None:
-            metrics.update(evaluate_speech(loaded, run.student, config))
-        else:
-            if teacher_ppl is None:
-                teacher_ppl = evaluate_perplexity(loaded.model, loaded.tokenizer, config)
-            metrics["teacher_ppl"] = teacher_ppl
-            metrics["student_ppl"] = evaluate_perplexity(run.student, loaded.tokenizer, config)
     metrics["seconds"] = time.time() - start
     return PipelineResult(run, loaded, plan, metrics)

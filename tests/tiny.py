@@ -55,7 +55,11 @@ def tiny_sequences(n: int = 12, seq_len: int = 32, vocab: int = 300, seed: int =
 def tiny_whisper(layers: int = 2, hidden: int = 64, seed: int = 0) -> LoadedModel:
     """A random Whisper (encoder and decoder, `layers` blocks each) over 1-second clips of 16 mel bins; weights
     large enough (init_std) that its greedy transcripts differ from clip to clip."""
-    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
+    from transformers import (
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+    )
 
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()
@@ -88,3 +92,28 @@ def overflowing_float16_llama(layers: int = 3, overflowing_layer: int = 1) -> Lo
     loaded.model.half()
     loaded.dtype = torch.float16
     return loaded
+
+def tiny_opt(positions: int = 64) -> LoadedModel:
+    """A random OPT: learned position embeddings, so a sequence past `positions` is an IndexError."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer()
+    config = OPTConfig(vocab_size=len(tokenizer), hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                       num_attention_heads=4, word_embed_proj_dim=64, max_position_embeddings=positions,
+                       pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.eos_token_id,
+                       eos_token_id=tokenizer.eos_token_id)
+    return LoadedModel(OPTForCausalLM(config).eval(), tokenizer, "tiny-opt", "random", torch.device("cpu"),
+                       torch.float32)
+
+
+def fail_in(monkeypatch, owner: type, when=lambda module, hidden: True, message: str = "boom") -> None:
+    """Make `owner.forward` raise RuntimeError(message) where `when(module, first input)` holds."""
+    real = owner.forward
+
+    def forward(self, hidden, *args, **kwargs):
+        if when(self, hidden):
+            raise RuntimeError(message)
+        return real(self, hidden, *args, **kwargs)
+
+    monkeypatch.setattr(owner, "forward", forward)

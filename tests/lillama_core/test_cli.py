@@ -6,13 +6,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import (
+    SAMPLE_TEXT,
+    STRICT_CHAT_TEMPLATE,
+    fail_in,
+    overflowing_float16_llama,
+    tiny_opt,
+)
 
 from lillama_core.cli import COMMANDS, ProgressPrinter, build_parser, main
 from lillama_core.config import RunConfig
-from lillama_core.events import Step, read_events
+from lillama_core.events import LayerFinished, Step, read_events
 from lillama_core.export import load_compressed, read_record
-from lillama_core.events import LayerFinished
-from tiny import SAMPLE_TEXT, STRICT_CHAT_TEMPLATE, overflowing_float16_llama
 
 
 @pytest.fixture
@@ -296,3 +301,72 @@ def test_a_nan_perplexity_is_written_as_json_null(overflowing_model_dir, texts, 
 def test_progress_names_the_experts_no_token_reached(capsys):
     ProgressPrinter()(LayerFinished(3, 1.0, 0.5, 0.5, 0.5, 4, 1.0, 100, 50, unreached_experts=2))
     assert "layer 3: 2 expert(s) saw no calibration token" in capsys.readouterr().err
+
+@pytest.fixture(scope="module")
+def tiny_opt_dir(tmp_path_factory):
+    """A tiny OPT with 64 learned positions, saved as an ordinary transformers folder."""
+    folder = tmp_path_factory.mktemp("tiny-opt")
+    loaded = tiny_opt(64)
+    loaded.model.save_pretrained(folder)
+    loaded.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_calibration_longer_than_the_model_positions_exits_2_before_any_work(tiny_opt_dir, texts, tmp_path, capsys):
+    args = _compress_args(tiny_opt_dir, texts, tmp_path / "o", "--seq-len", "128")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "lillama: error: calibration seq_len 128 is longer than the 64 positions OPTForCausalLM" in err
+    assert "Traceback" not in err and "[calibration]" not in err  # refused before reading any data
+    assert not any((tmp_path / "runs").iterdir())
+
+
+def test_default_eval_window_on_a_64_position_model_is_shortened_and_the_student_exported(tiny_opt_dir, texts,
+                                                                                          tmp_path, capsys):
+    out = tmp_path / "opt-student"
+    args = _compress_args(tiny_opt_dir, texts, out, "--json")
+    args[args.index("--eval-seq-len") + 1] = "512"  # the default window
+    assert main(args) == 0
+    captured = capsys.readouterr()
+    assert "evaluation window shortened from 512 to 64 tokens" in captured.err
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    metrics = read_record(out)["metrics"]  # the scores reach the export made before evaluating
+    assert metrics["eval_seq_len"] == 64 and metrics["student_ppl"] == summary["student_ppl"] > 1
+    assert main(["eval", "--model", str(out), "--eval-text", str(texts[1]), "--eval-tokens", "256", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["generate_tokens_per_s"] > 0
+
+
+def _fail_on_eval_windows(monkeypatch):
+    """Every Llama block raises on 48-token inputs: only the evaluation windows below are that long."""
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    fail_in(monkeypatch, LlamaDecoderLayer, lambda module, hidden: hidden.shape[1] == 48)
+
+
+def test_a_failing_evaluation_exits_2_in_one_line_and_leaves_the_export(tiny_model_dir, texts, tmp_path, capsys,
+                                                                        monkeypatch):
+    _fail_on_eval_windows(monkeypatch)
+    out = tmp_path / "student"
+    args = _compress_args(tiny_model_dir, texts, out)
+    args[args.index("--eval-seq-len") + 1] = "48"
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not any("Traceback" in line for line in err)
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert err[-1] == ("lillama: error: evaluation failed in LlamaForCausalLM at layer 0: RuntimeError: boom "
+                       f"(full traceback in {run_dir / 'traceback.txt'})")
+    assert "RuntimeError: boom" in (run_dir / "traceback.txt").read_text()
+    model, _ = load_compressed(out)  # exported before the evaluation failed
+    assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
+
+
+def test_a_failing_forward_in_lillama_eval_exits_2_and_keeps_the_traceback(tiny_model_dir, texts, tmp_path, capsys,
+                                                                           monkeypatch):
+    monkeypatch.setenv("LILLAMA_HOME", str(tmp_path / "home"))
+    _fail_on_eval_windows(monkeypatch)
+    assert main(["eval", "--model", str(tiny_model_dir), "--eval-text", str(texts[1]), "--eval-tokens", "128",
+                 "--eval-seq-len", "48", "--no-speed"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("lillama: error: evaluation failed in LlamaForCausalLM at layer 0: RuntimeError: boom")
+    (saved,) = (tmp_path / "home" / "errors").glob("*/traceback.txt")
+    assert str(saved) in err[-1] and "Traceback" in saved.read_text()

@@ -175,3 +175,26 @@ def test_runs_survive_a_restart_and_dead_runs_show_as_interrupted(manager, tiny_
     assert records[job.run_dir.name].status == "completed"
     assert records[ghost.name].status == "interrupted"
     assert [e.kind for e in records[ghost.name].events()] == ["phase"]  # the torn last line is skipped
+
+
+def test_a_failing_evaluation_fails_the_job_in_one_line_and_keeps_the_student(manager, tiny, tiny_config,
+                                                                              monkeypatch):
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    from tiny import fail_in
+
+    tiny_config.eval.seq_len = 48  # calibration sequences are 32 tokens: only evaluation reaches the failure
+    fail_in(monkeypatch, LlamaDecoderLayer, lambda module, hidden: hidden.shape[1] == 48)
+    job = manager.submit("compression", tiny_config, compression_work(tiny_config, loaded=tiny))
+    assert job.wait(120) and job.status == "failed"
+    traceback_file = job.run_dir / "traceback.txt"
+    assert job.message == ("evaluation failed in LlamaForCausalLM at layer 0: RuntimeError: boom "
+                           f"(full traceback in {traceback_file})")
+    assert "RuntimeError: boom" in traceback_file.read_text()
+    assert json.loads((job.run_dir / "status.json").read_text())["status"] == "failed"
+    assert job.events[-1].kind == "run_error"
+    record = read_run(job.run_dir)
+    assert record.has_student and record.metrics["params_after"] < record.metrics["params_before"]
+    assert job.result is not None and job.result.run.applied.ranks  # the app can still chat with it
+    model, _ = load_compressed(job.run_dir / "student")
+    assert model is not None

@@ -1,0 +1,117 @@
+"""The end-to-end recipe: lengths checked before any work, and a model's failing forward named in one line."""
+
+import math
+
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+from lillama_core.config import RunConfig
+from lillama_core.errors import ConfigError, ModelForwardError
+from lillama_core.events import Phase
+from lillama_core.lowrank import LowRankLinear
+from lillama_core.pipeline import run_pipeline
+from tiny import SAMPLE_TEXT, fail_in, tiny_opt
+
+
+@pytest.fixture
+def small_config(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text(SAMPLE_TEXT * 20)
+    config = RunConfig()
+    config.model.name, config.model.device = "tiny", "cpu"
+    config.calibration.source, config.calibration.tokens, config.calibration.seq_len = str(text), 256, 32
+    config.calibration.batch_size = 4
+    config.eval.text, config.eval.tokens, config.eval.seq_len = str(text), 256, 48
+    config.plan.strategy, config.plan.reduction = "uniform", 0.1
+    return config
+
+
+def test_calibration_longer_than_the_positions_is_refused_before_any_work(small_config):
+    small_config.calibration.seq_len = 128
+    phases = []
+    with pytest.raises(ConfigError, match="seq_len 128 is longer than the 64 positions OPTForCausalLM"):
+        run_pipeline(small_config, loaded=tiny_opt(64), on_event=lambda e: phases.append(getattr(e, "name", "")))
+    assert "calibration" not in phases and "plan" not in phases
+
+
+def test_an_eval_window_longer_than_the_positions_is_shortened_with_a_notice(small_config):
+    small_config.eval.seq_len = 512
+    events = []
+    result = run_pipeline(small_config, loaded=tiny_opt(64), on_event=events.append)
+    notices = [e.detail for e in events if isinstance(e, Phase) and e.name == "check"]
+    assert notices == ["evaluation window shortened from 512 to 64 tokens, the positions OPTForCausalLM was built for"]
+    assert result.metrics["eval_seq_len"] == 64
+    assert math.isfinite(result.metrics["student_ppl"]) and math.isfinite(result.metrics["teacher_ppl"])
+
+
+def _failure(config, loaded, **kwargs) -> ModelForwardError:
+    with pytest.raises(ModelForwardError) as caught:
+        run_pipeline(config, loaded=loaded, **kwargs)
+    error = caught.value
+    assert "\n" not in str(error) and "Traceback" in error.traceback_text and "boom" in error.traceback_text
+    return error
+
+
+def test_a_failing_forward_during_capture_names_the_stage(small_config, tiny, monkeypatch):
+    fail_in(monkeypatch, torch.nn.Embedding)
+    error = _failure(small_config, tiny)
+    assert str(error) == "capture failed in LlamaForCausalLM outside its layers: RuntimeError: boom"
+
+
+def test_a_failing_forward_during_planning_names_the_stage_and_layer(small_config, tiny, monkeypatch):
+    small_config.plan.strategy = "sensitivity"
+    layer = tiny.model.model.layers[1]
+    fail_in(monkeypatch, LlamaDecoderLayer, lambda module, hidden: module is layer)
+    error = _failure(small_config, tiny)
+    assert str(error) == "planning failed in LlamaForCausalLM at layer 1: RuntimeError: boom"
+    assert (error.stage, error.layer, error.model_class) == ("planning", 1, "LlamaForCausalLM")
+
+
+def test_a_failing_teacher_block_during_distillation_names_its_layer(small_config, tiny, monkeypatch):
+    layer = tiny.model.model.layers[2]
+    fail_in(monkeypatch, LlamaDecoderLayer, lambda module, hidden: module is layer)
+    error = _failure(small_config, tiny)
+    assert str(error) == "distillation failed in LlamaForCausalLM at layer 2: RuntimeError: boom"
+
+
+def test_a_failing_student_block_names_the_layer_being_distilled(small_config, tiny, monkeypatch):
+    # the student's blocks are new modules, absent from the teacher: the stage's own layer count places them
+    fail_in(monkeypatch, LowRankLinear)
+    events = []
+    error = _failure(small_config, tiny, on_event=events.append)
+    assert str(error) == "distillation failed in LlamaForCausalLM at layer 0: RuntimeError: boom"
+    assert events[-1].kind == "run_error" and events[-1].message == str(error)
+
+
+def test_a_failing_forward_during_evaluation_names_the_stage_and_layer(small_config, tiny, monkeypatch):
+    # only evaluation windows are 48 tokens long (calibration: 32)
+    fail_in(monkeypatch, LlamaDecoderLayer, lambda module, hidden: hidden.shape[1] == 48)
+    error = _failure(small_config, tiny)
+    assert str(error) == "evaluation failed in LlamaForCausalLM at layer 0: RuntimeError: boom"
+
+
+def test_a_failing_forward_during_healing_names_the_stage(small_config, tiny, monkeypatch):
+    small_config.heal.tokens = 128
+    from lillama_core.heal import heal as real_heal
+
+
+    def heal_then_fail(student, *args, **kwargs):
+        fail_in(monkeypatch, LlamaDecoderLayer, lambda module, hidden: module is student.model.layers[1])
+        return real_heal(student, *args, **kwargs)
+
+    monkeypatch.setattr("lillama_core.heal.heal", heal_then_fail)
+    error = _failure(small_config, tiny)
+    assert str(error) == "healing failed in LlamaForCausalLM at layer 1: RuntimeError: boom"
+
+
+def test_position_limits_are_read_under_each_name_configs_give_them():
+    from types import SimpleNamespace
+
+    from transformers import GPT2Config, MambaConfig, WhisperConfig
+
+    from lillama_core.positions import position_limit
+
+    assert position_limit(SimpleNamespace(config=GPT2Config(n_positions=32))) == 32
+    assert position_limit(SimpleNamespace(config=WhisperConfig(max_target_positions=40))) == 40
+    assert position_limit(SimpleNamespace(config=MambaConfig())) is None  # no positions: no limit
