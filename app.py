@@ -21,7 +21,7 @@ from components.theme import css, header_html, theme  # noqa: E402
 from lillama_core.config import ModelConfig  # noqa: E402
 from lillama_core.errors import LillamaError  # noqa: E402
 from lillama_core.jobs import JobManager  # noqa: E402
-from lillama_core.models import lillama_home  # noqa: E402
+from lillama_core.runtime.paths import lillama_home  # noqa: E402
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 

@@ -14,14 +14,15 @@ from pathlib import Path
 
 import torch
 
-from lillama_core.calibration import DEFAULT_EVAL_TEXT, CalibrationData, load_calibration, read_eval_text
+from lillama_core.compress.heal import heal
+from lillama_core.compress.loop import Compressor
 from lillama_core.config import CalibrationConfig, ModelConfig, PlanConfig
-from lillama_core.engine import PLANNING_TOKENS, SENSITIVITY_TOKENS, Compressor, compute_spectra
-from lillama_core.evaluate import eval_windows, perplexity
+from lillama_core.data.calibration import DEFAULT_EVAL_TEXT, CalibrationData, load_calibration, read_eval_text
 from lillama_core.events import LayerFinished, Step
-from lillama_core.heal import heal
-from lillama_core.models import load_model
-from lillama_core.ranks import ModelShape, RankPlan, build_plan, reduction_target, summarize
+from lillama_core.metrics.evaluate import eval_windows, perplexity
+from lillama_core.modeling.loading import load_model
+from lillama_core.planning.planner import PLANNING_TOKENS, SENSITIVITY_TOKENS, compute_spectra
+from lillama_core.planning.ranks import ModelShape, RankPlan, build_plan, reduction_target, summarize
 
 from .common import PeakMemory, environment
 from .methods import Recipe, describe_recipe, resolve_overrides
@@ -116,7 +117,7 @@ class Bench:
 
     def damage(self, config: PlanConfig, tokens: int | None = None) -> tuple[dict, float]:
         """Per-layer sensitivity exactly as make_plan measures it (first SENSITIVITY_TOKENS, the same rungs)."""
-        from lillama_core.sensitivity import measure_sensitivity, probe_keeps
+        from lillama_core.planning.sensitivity import measure_sensitivity, probe_keeps
 
         keeps = probe_keeps(self.shape, config.groups, reduction_target(self.shape, config))
         key = (tokens or self.budget.tokens, tuple(config.groups), keeps)
@@ -141,7 +142,7 @@ class Bench:
             if config.whitened_energy:
                 spectra, seconds = self.spectra(tokens)
             else:
-                from lillama_core.lowrank import spectrum
+                from lillama_core.factorize.svd import spectrum
                 spectra = {m.name: spectrum(self.loaded.model.get_submodule(m.name).weight.detach())
                            for m in self.shape.modules}
         if config.strategy == "sensitivity" and config.rank is None:
@@ -245,7 +246,7 @@ class Bench:
         applied = summarize(result.applied, self.shape)
         layers = [e.layer for e in events["layers"]]
         n = calibration.sequences.shape[0]
-        from lillama_core.engine import held_out_count
+        from lillama_core.compress.loop import held_out_count
         train_tokens = (n - held_out_count(n)) * calibration.sequences.shape[1] * distill_config.epochs
         layer_tokens = train_tokens * len(layers) if distill_config.distill else 0
         log(f"  compressed in {result.seconds:.1f}s; evaluating")

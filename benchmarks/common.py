@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from lillama_core.telemetry import rss_bytes
+from lillama_core.runtime.telemetry import rss_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = Path(os.environ.get("LILLAMA_BENCH_RESULTS", ROOT / "benchmarks" / "results"))

@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
                                    args.device):
             write_record("parallel", {**record, **({"tag": args.tag} if args.tag else {})}, results)
     elif args.command == "throughput":
-        from lillama_core.models import resolve_device, resolve_dtype
+        from lillama_core.modeling.loading import resolve_device, resolve_dtype
 
         from .common import write_record
         from .throughput import run_throughput

@@ -20,12 +20,21 @@ from pathlib import Path
 
 import torch
 
-from lillama_core.calibration import DEFAULT_SOURCES, read_eval_text
+from lillama_core.compress.loop import Compressor
 from lillama_core.config import CalibrationConfig, ModelConfig
-from lillama_core.engine import Compressor, make_plan
-from lillama_core.models import LoadedModel, count_parameters, lillama_home, load_model
-from lillama_core.ranks import ModelShape, summarize
-from lillama_core.speech import read_wav, speech_calibration, speech_metrics, synthetic_clips, transcribe_reference
+from lillama_core.data.calibration import DEFAULT_SOURCES, read_eval_text
+from lillama_core.modeling.discovery import count_parameters
+from lillama_core.modeling.loading import LoadedModel, load_model
+from lillama_core.planning.planner import make_plan
+from lillama_core.planning.ranks import ModelShape, summarize
+from lillama_core.runtime.paths import lillama_home
+from lillama_core.tasks.speech import (
+    read_wav,
+    speech_calibration,
+    speech_metrics,
+    synthetic_clips,
+    transcribe_reference,
+)
 
 from .bench import log
 from .common import environment

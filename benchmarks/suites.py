@@ -16,17 +16,17 @@ from pathlib import Path
 
 import torch
 
-from lillama_core.evaluate import generation_speed, perplexity
-from lillama_core.hf_modeling import apply_rank_map
-from lillama_core.models import count_parameters, resolve_device, resolve_dtype, weight_bytes
-from lillama_core.ranks import ModelShape, build_plan, summarize
-from lillama_core.telemetry import synchronize
+from lillama_core.metrics.evaluate import generation_speed, perplexity
+from lillama_core.modeling.discovery import count_parameters, weight_bytes
+from lillama_core.modeling.loading import resolve_device, resolve_dtype
+from lillama_core.modeling.shipped import apply_rank_map
+from lillama_core.planning.ranks import ModelShape, build_plan, summarize
+from lillama_core.runtime.telemetry import synchronize
 
 from .bench import Bench, Budget, log
 from .common import ROOT, PeakMemory, environment, maxrss_bytes, rss_bytes, write_record
 from .methods import PROTECT_LAST, Recipe, recipe
 from .throughput import SHAPES, random_llama
-
 
 # ---- quality ----
 
@@ -139,7 +139,7 @@ QUANT_SPEED = dict(batch=1, prompt=64, new=32, repeats=3)  # greedy decoding, me
 
 
 def _quantized_facts(model, bench: Bench, prefix: str) -> dict:
-    from lillama_core.quantize import MODES, quantize_weights, serialized_bytes
+    from lillama_core.modeling.quantize import MODES, quantize_weights, serialized_bytes
 
     vocab = model.get_input_embeddings().num_embeddings
     speed = dict(QUANT_SPEED, vocab=vocab)

@@ -14,13 +14,14 @@ from pathlib import Path
 
 import torch
 
-from lillama_core.calibration import CalibrationData
+from lillama_core.compress.loop import Compressor, held_out_count
 from lillama_core.config import DistillConfig
-from lillama_core.engine import Compressor, held_out_count
+from lillama_core.data.calibration import CalibrationData
 from lillama_core.events import LayerFinished, Step
-from lillama_core.models import LoadedModel, count_parameters, find_blocks, weight_bytes
-from lillama_core.offload import stream_blocks
-from lillama_core.ranks import ModelShape, RankPlan
+from lillama_core.modeling.discovery import count_parameters, find_blocks, weight_bytes
+from lillama_core.modeling.loading import LoadedModel
+from lillama_core.planning.ranks import ModelShape, RankPlan
+from lillama_core.runtime.offload import stream_blocks
 
 from .bench import log
 from .common import PeakMemory, environment

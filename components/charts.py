@@ -6,8 +6,8 @@ import math
 
 import pandas as pd
 
+from lillama_core.compress.heal import HEAL_LAYER
 from lillama_core.events import Event, LayerFinished, LayerStarted, RunFinished, RunStarted, Step
-from lillama_core.heal import HEAL_LAYER
 
 ACCENT = "#7c3aed"
 ACCENT_2 = "#0ea5e9"

@@ -9,7 +9,7 @@ import threading
 import gradio as gr
 
 from lillama_core.chat import SamplingConfig, stream_chat
-from lillama_core.speech import SAMPLING_RATE, to_mono, transcribe
+from lillama_core.tasks.speech import SAMPLING_RATE, to_mono, transcribe
 
 from .common import friendly, user_errors
 from .studio import Studio

@@ -10,7 +10,7 @@ import gradio as gr
 import torch
 
 from lillama_core.errors import LillamaError, ModelForwardError
-from lillama_core.failures import keep_traceback
+from lillama_core.runtime.failures import keep_traceback
 
 
 def friendly(exc: BaseException) -> str:

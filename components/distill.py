@@ -10,8 +10,7 @@ import gradio as gr
 
 from lillama_core.config import INITS, LOSS_PATHS
 
-from .charts import duration, human, human_bytes, layer_table, loss_chart, memory_chart, run_progress, \
-    throughput_chart
+from .charts import duration, human, human_bytes, layer_table, loss_chart, memory_chart, run_progress, throughput_chart
 from .common import announce_failure, plot, user_errors
 from .studio import Studio
 

@@ -13,12 +13,12 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from lillama_core.calibration import read_eval_text
+from lillama_core.data.calibration import read_eval_text
 from lillama_core.errors import ExportError
-from lillama_core.evaluate import eval_windows, generation_speed, model_size, perplexity
 from lillama_core.export import MODELING_FILE, export_student
-from lillama_core.quantize import MODES, quantize_weights, serialized_bytes
-from lillama_core.speech import reference_transcripts, speech_metrics
+from lillama_core.metrics.evaluate import eval_windows, generation_speed, model_size, perplexity
+from lillama_core.modeling.quantize import MODES, quantize_weights, serialized_bytes
+from lillama_core.tasks.speech import reference_transcripts, speech_metrics
 
 from .charts import comparison_chart, human, human_bytes
 from .common import plot, user_errors

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import gradio as gr
 
-from lillama_core.calibration import load_calibration, preview
 from lillama_core.config import CalibrationConfig
+from lillama_core.data.calibration import load_calibration, preview
 from lillama_core.errors import LillamaError
-from lillama_core.models import BUILTIN_MODELS
+from lillama_core.modeling.loading import BUILTIN_MODELS
 from lillama_core.pipeline import calibrate
-from lillama_core.speech import SYNTHETIC_AUDIO_WARNING, SYNTHETIC_SOURCES, transcript_prompt
+from lillama_core.tasks.speech import SYNTHETIC_AUDIO_WARNING, SYNTHETIC_SOURCES, transcript_prompt
 
 from .charts import human, human_bytes
 from .common import facts_table, user_errors

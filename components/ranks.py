@@ -11,7 +11,7 @@ from pathlib import Path
 import gradio as gr
 
 from lillama_core.config import GROUPS, STRATEGIES, PlanConfig
-from lillama_core.ranks import ModelShape, ModuleShape
+from lillama_core.planning.ranks import ModelShape, ModuleShape
 
 from .charts import human, human_bytes, plan_chart
 from .common import plot, user_errors

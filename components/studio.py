@@ -8,16 +8,23 @@ import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from lillama_core.calibration import CalibrationData
-from lillama_core.config import CalibrationConfig, DistillConfig, EvalConfig, HealConfig, ModelConfig, PlanConfig, \
-    RunConfig
-from lillama_core.engine import make_plan
+from lillama_core.config import (
+    CalibrationConfig,
+    DistillConfig,
+    EvalConfig,
+    HealConfig,
+    ModelConfig,
+    PlanConfig,
+    RunConfig,
+)
+from lillama_core.data.calibration import CalibrationData
 from lillama_core.errors import ConfigError, RankPlanError
 from lillama_core.export import load_compressed, load_feature_extractor
 from lillama_core.jobs import STUDENT_DIR, Job, JobManager, compression_work, resumable, resume_work, sweep_work
-from lillama_core.models import LoadedModel, describe, load_model
+from lillama_core.modeling.loading import LoadedModel, describe, load_model
 from lillama_core.pipeline import calibrate
-from lillama_core.ranks import ModelShape, RankPlan, summarize
+from lillama_core.planning.planner import make_plan
+from lillama_core.planning.ranks import ModelShape, RankPlan, summarize
 
 PLANNING_TOKENS = 4096
 LOCAL_SUFFIXES = (".gguf", ".txt", ".jsonl", ".json", ".parquet", ".csv", ".safetensors", ".wav")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from lillama_core.calibration import ASSETS
+from lillama_core.runtime.paths import ASSETS
 
 CSS_PATH = ASSETS / "ui" / "studio.css"
 LOGO_PATH = ASSETS / "ui" / "logo.svg"

@@ -9,9 +9,9 @@
 from .config import CalibrationConfig, DistillConfig, EvalConfig, ModelConfig, PlanConfig, RunConfig
 from .errors import LillamaError
 from .export import export_student, load_compressed
-from .models import BUILTIN_MODELS, load_model
+from .modeling.loading import BUILTIN_MODELS, load_model
 from .pipeline import run_pipeline
-from .ranks import RankPlan
+from .planning.ranks import RankPlan
 
 __all__ = [
     "BUILTIN_MODELS", "CalibrationConfig", "DistillConfig", "EvalConfig", "LillamaError", "ModelConfig",

@@ -23,11 +23,11 @@ from .config import (
     PlanConfig,
     RunConfig,
 )
-from .distributed import Parallel, device_for, from_environment
 from .errors import ConfigError, LillamaError, ModelForwardError
 from .events import Event, LayerFinished, Phase, RunFinished, RunStarted, Step
-from .finite import json_safe
-from .quantize import MODES as QUANTIZE_MODES
+from .modeling.quantize import MODES as QUANTIZE_MODES
+from .runtime.distributed import Parallel, device_for, from_environment
+from .runtime.finite import json_safe
 
 
 def field_help(config_class, name: str) -> str:
@@ -246,7 +246,7 @@ def _compress_in(run_dir: Path, config: RunConfig, plan, args, parallel: Paralle
     """Run the pipeline with the run folder's log and layer checkpoints, export to --out, then evaluate
     (so a failing evaluation leaves the export in place). A model's failing forward leaves its traceback
     in the run folder."""
-    from .failures import keep_traceback
+    from .runtime.failures import keep_traceback
 
     try:
         return _compress_export_evaluate(run_dir, config, plan, args, parallel)
@@ -257,17 +257,11 @@ def _compress_in(run_dir: Path, config: RunConfig, plan, args, parallel: Paralle
 
 
 def _compress_export_evaluate(run_dir: Path, config: RunConfig, plan, args, parallel: Parallel) -> dict | None:
-    from .devicelock import DeviceLock
     from .export import export_student
-    from .jobs import (
-        LAYERS_DIR,
-        append_event,
-        evaluate_and_record,
-        save_run,
-        update_record_metrics,
-    )
-    from .models import resolve_device
+    from .jobs import LAYERS_DIR, append_event, evaluate_and_record, save_run, update_record_metrics
+    from .modeling.loading import resolve_device
     from .pipeline import run_pipeline
+    from .runtime.devicelock import DeviceLock
 
     progress = ProgressPrinter()
 
@@ -317,7 +311,7 @@ def tqdm_note(text: str) -> None:
 
 def cmd_compress(args, parser) -> dict:
     from .jobs import default_runs_root, new_run_dir
-    from .ranks import RankPlan
+    from .planning.ranks import RankPlan
 
     parallel = from_environment()
     config = _run_config(args, parser)
@@ -362,7 +356,7 @@ def _check_out(args) -> None:
 def _load_any(args):
     """A model name/path, or a Lillama export folder."""
     from .export import RECORD_FILE, load_compressed, load_feature_extractor
-    from .models import LoadedModel, load_model, resolve_device, resolve_dtype
+    from .modeling.loading import LoadedModel, load_model, resolve_device, resolve_dtype
 
     path = Path(args.model).expanduser()
     if (path / RECORD_FILE).exists():
@@ -374,10 +368,10 @@ def _load_any(args):
 
 
 def cmd_eval(args, parser) -> dict:
-    from .calibration import read_eval_text
-    from .evaluate import eval_windows, generation_speed, model_size, perplexity
-    from .positions import eval_window, position_limit
-    from .quantize import quantize_weights, serialized_bytes
+    from .data.calibration import read_eval_text
+    from .metrics.evaluate import eval_windows, generation_speed, model_size, perplexity
+    from .modeling.positions import eval_window, position_limit
+    from .modeling.quantize import quantize_weights, serialized_bytes
 
     loaded = _load_any(args)
     model = quantize_weights(loaded.model, args.quantize) if args.quantize else loaded.model
@@ -407,7 +401,7 @@ def cmd_eval(args, parser) -> dict:
 
 def _speech_eval(loaded, model, audio: str) -> dict:
     """A speech model alone has no teacher to compare with, so it is scored against true texts only."""
-    from .speech import (
+    from .tasks.speech import (
         SYNTHETIC_SOURCES,
         clip_features,
         normalized_words,
@@ -450,7 +444,7 @@ def cmd_chat(args, parser) -> None:
 
 
 def cmd_transcribe(args, parser) -> None:
-    from .speech import read_wav, transcribe
+    from .tasks.speech import read_wav, transcribe
 
     loaded = _load_any(args)
     if loaded.feature_extractor is None:
@@ -464,12 +458,7 @@ def cmd_transcribe(args, parser) -> None:
 
 def cmd_export(args, parser) -> None:
     from .errors import ExportError
-    from .export import (
-        export_student,
-        load_compressed,
-        load_feature_extractor,
-        read_record,
-    )
+    from .export import export_student, load_compressed, load_feature_extractor, read_record
 
     model, tokenizer = load_compressed(args.source)
     record = read_record(args.source)
@@ -482,11 +471,11 @@ def cmd_export(args, parser) -> None:
 
 
 def cmd_plan(args, parser) -> None:
-    from .engine import PLANNING_TOKENS, SENSITIVITY_TOKENS, make_plan
-    from .failures import stage
-    from .models import load_model
+    from .modeling.loading import load_model
     from .pipeline import calibrate
-    from .ranks import ModelShape, summarize
+    from .planning.planner import PLANNING_TOKENS, SENSITIVITY_TOKENS, make_plan
+    from .planning.ranks import ModelShape, summarize
+    from .runtime.failures import stage
 
     loaded = load_model(_model_config(args))
     config = _plan_config(args)
@@ -522,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = COMMANDS[args.command](args, parser)
     except LillamaError as exc:
         if isinstance(exc, ModelForwardError) and exc.traceback_file is None:  # no run folder to keep it in
-            from .failures import keep_traceback
+            from .runtime.failures import keep_traceback
 
             keep_traceback(exc)
         print(f"lillama: error: {exc}", file=sys.stderr)

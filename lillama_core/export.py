@@ -19,12 +19,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import hf_modeling
-from .models import is_speech_seq2seq, share_weights_copy
 from .errors import ExportError
-from .finite import json_safe
-from .lowrank import LowRankLinear, merge_low_rank, set_submodule
-from .quantize import quantize_weights, quantized_modules
+from .factorize.svd import merge_low_rank
+from .modeling import shipped
+from .modeling.discovery import share_weights_copy
+from .modeling.loading import is_speech_seq2seq
+from .modeling.quantize import quantize_weights, quantized_modules
+from .modeling.shipped import LowRankLinear, set_submodule
+from .runtime.finite import json_safe
 
 FORMAT_VERSION = 1
 MODELING_FILE = "modeling_lillama.py"
@@ -36,9 +38,9 @@ def rank_map_of(model: nn.Module) -> dict[str, int]:
 
 
 def _modeling_source(base: type) -> str:
-    """hf_modeling.py itself plus one line binding the exported class, so exports never drift from
+    """modeling/shipped.py itself plus one line binding the exported class, so exports never drift from
     the code the library uses."""
-    source = Path(hf_modeling.__file__).read_text()
+    source = Path(shipped.__file__).read_text()
     return (f"{source}\n\nfrom {base.__module__} import {base.__name__} as _Base\n\n"
             f"Lillama{base.__name__} = lowrank_subclass(_Base)\n")
 
@@ -57,7 +59,7 @@ def merged_copy(model: nn.Module) -> nn.Module:
     """A dense copy in the original layout: every LowRankLinear multiplied back into an nn.Linear (float32
     product), and unfused MoE experts stacked back into their fused 3-D weights."""
     dense = share_weights_copy(model)
-    for kind, replace in ((hf_modeling.UnfusedExperts, lambda m: m.to_fused(_dense_weight)),
+    for kind, replace in ((shipped.UnfusedExperts, lambda m: m.to_fused(_dense_weight)),
                           (LowRankLinear, merge_low_rank)):
         for name, module in list(dense.named_modules()):
             if isinstance(module, kind):
@@ -106,7 +108,7 @@ def export_student(student: nn.Module, tokenizer, folder: str | os.PathLike, mer
         if quantize:
             model = quantize_weights(model, quantize)
             quantized = quantized_modules(model)
-        unfused = any(isinstance(m, hf_modeling.UnfusedExperts) for m in model.modules())
+        unfused = any(isinstance(m, shipped.UnfusedExperts) for m in model.modules())
         if ranks or quantized or unfused:  # layers stock transformers does not have: shipped code rebuilds them
             model.config.lillama_rank_map = ranks
             model.config.lillama_quantization = quantized
@@ -149,7 +151,7 @@ def load_compressed(folder: str | os.PathLike, device: str | torch.device = "cpu
         auto_class, mapping = _auto_class(config)
         cls = mapping[type(config)]
         if (getattr(config, "auto_map", None) or {}).get(auto_class, "").startswith(MODELING_FILE[:-3]):
-            cls = hf_modeling.lowrank_subclass(cls)
+            cls = shipped.lowrank_subclass(cls)
         model = cls.from_pretrained(folder, config=config, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, KeyError) as exc:

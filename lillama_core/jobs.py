@@ -19,18 +19,13 @@ from pathlib import Path
 from typing import Callable
 
 from .config import RunConfig
-from .devicelock import DeviceLock
-from .errors import (
-    ConfigError,
-    JobBusyError,
-    LillamaError,
-    ModelForwardError,
-    RunStopped,
-)
+from .errors import ConfigError, JobBusyError, LillamaError, ModelForwardError, RunStopped
 from .events import Event, Phase, RunError, read_events
-from .failures import TRACEBACK_FILE, keep_traceback
-from .finite import json_safe
-from .models import lillama_home, resolve_device
+from .modeling.loading import resolve_device
+from .runtime.devicelock import DeviceLock
+from .runtime.failures import TRACEBACK_FILE, keep_traceback
+from .runtime.finite import json_safe
+from .runtime.paths import lillama_home
 
 STUDENT_DIR = "student"
 LAYERS_DIR = "layers"
@@ -299,7 +294,7 @@ def compression_work(config: RunConfig, loaded=None, plan=None, evaluate: bool =
 def resumable(run_dir: Path):
     """(config, plan) of a run that can be continued in its own folder."""
     from .pipeline import PLAN_FILE
-    from .ranks import RankPlan
+    from .planning.ranks import RankPlan
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.json").exists() or not (run_dir / LAYERS_DIR / PLAN_FILE).exists():

@@ -12,21 +12,26 @@ from pathlib import Path
 
 import torch
 
-from .calibration import CalibrationData, load_calibration, read_eval_text
-from .checkpoints import LayerCheckpoints
+from .compress.checkpoints import LayerCheckpoints
+from .compress.loop import Compressor, RunResult, out_of_memory
 from .config import CalibrationConfig, RunConfig
-from .distributed import SINGLE, Parallel, device_for
-from .engine import Compressor, RunResult, make_plan, out_of_memory
+from .data.calibration import CalibrationData, load_calibration, read_eval_text
 from .errors import RunStopped
-from .evaluate import eval_windows, perplexity
 from .events import EventSink, Phase
-from .failures import stage
-from .models import LoadedModel, load_model
-from .positions import check_positions, eval_window
-from .ranks import ModelShape, RankPlan, summarize
-from .speech import (SYNTHETIC_AUDIO_WARNING, SYNTHETIC_SOURCES, reference_transcripts, speech_calibration,
-                     speech_metrics)
-
+from .metrics.evaluate import eval_windows, perplexity
+from .modeling.loading import LoadedModel, load_model
+from .modeling.positions import check_positions, eval_window
+from .planning.planner import make_plan
+from .planning.ranks import ModelShape, RankPlan, summarize
+from .runtime.distributed import SINGLE, Parallel, device_for
+from .runtime.failures import stage
+from .tasks.speech import (
+    SYNTHETIC_AUDIO_WARNING,
+    SYNTHETIC_SOURCES,
+    reference_transcripts,
+    speech_calibration,
+    speech_metrics,
+)
 
 PLAN_FILE = "plan.json"
 
@@ -158,7 +163,7 @@ def _run_pipeline(config: RunConfig, loaded: LoadedModel | None, plan: RankPlan 
     heal_metrics = {}
     # Healing is not data-parallel: the first process heals the student it will export.
     if config.heal.tokens and run.status == "completed" and run.applied.ranks and parallel.is_main:
-        from .heal import heal
+        from .compress.heal import heal
 
         try:
             with stage("healing", model=run.student):

@@ -20,7 +20,7 @@ def tiny():
 @pytest.fixture(scope="session")
 def smollm():
     """The real SmolLM2-135M-Instruct (converted from GGUF once, then cached)."""
-    from lillama_core.models import load_model
+    from lillama_core.modeling.loading import load_model
 
     return load_model(name="smollm2-135m-instruct", device="cpu")
 

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from app_server import running_app
+
 from lillama_core.export import load_compressed
-from lillama_core.lowrank import LowRankLinear
+from lillama_core.modeling.shipped import LowRankLinear
 
 pytestmark = pytest.mark.real_model
 

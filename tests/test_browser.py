@@ -5,7 +5,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from app_server import running_app
 
 pytestmark = [pytest.mark.browser, pytest.mark.real_model]

@@ -6,7 +6,7 @@ import functools
 
 import torch
 
-from lillama_core.models import LoadedModel
+from lillama_core.modeling.loading import LoadedModel
 
 SAMPLE_TEXT = (
     "The quick brown fox jumps over the lazy dog. A low-rank matrix stores fewer numbers than a dense one. "
@@ -55,11 +55,7 @@ def tiny_sequences(n: int = 12, seq_len: int = 32, vocab: int = 300, seed: int =
 def tiny_whisper(layers: int = 2, hidden: int = 64, seed: int = 0) -> LoadedModel:
     """A random Whisper (encoder and decoder, `layers` blocks each) over 1-second clips of 16 mel bins; weights
     large enough (init_std) that its greedy transcripts differ from clip to clip."""
-    from transformers import (
-        WhisperConfig,
-        WhisperFeatureExtractor,
-        WhisperForConditionalGeneration,
-    )
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
     torch.manual_seed(seed)
     tokenizer = tiny_tokenizer()

@@ -12,7 +12,7 @@ from benchmarks.bench import Budget  # noqa: E402
 from benchmarks.methods import recipe  # noqa: E402
 from benchmarks.report import generated_markdown  # noqa: E402
 from lillama_core.chat import SamplingConfig, decode  # noqa: E402
-from lillama_core.hf_modeling import LowRankLinear  # noqa: E402
+from lillama_core.modeling.shipped import LowRankLinear  # noqa: E402
 
 TINY = dict(hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=256)

@@ -1,5 +1,17 @@
-from components.charts import (duration, human, human_bytes, layer_table, loss_chart, memory_chart, pareto_front,
-                               plan_chart, run_progress, throughput_chart, tradeoff_chart, MAX_POINTS_PER_SERIES)
+from components.charts import (
+    MAX_POINTS_PER_SERIES,
+    duration,
+    human,
+    human_bytes,
+    layer_table,
+    loss_chart,
+    memory_chart,
+    pareto_front,
+    plan_chart,
+    run_progress,
+    throughput_chart,
+    tradeoff_chart,
+)
 from lillama_core.events import LayerFinished, LayerStarted, RunFinished, RunStarted, Step
 
 
@@ -102,6 +114,7 @@ def test_figures_are_plain_json_that_plotly_accepts():
     import json
 
     import plotly.graph_objects as go
+
     from components.charts import comparison_chart
 
     rows = [{"model": "teacher", "perplexity": 30.0, "parameters": 10, "weight_bytes": 40,

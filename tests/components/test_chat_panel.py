@@ -6,7 +6,7 @@ from components import chat
 from components.studio import Studio
 from lillama_core.chat import GenerationUpdate
 from lillama_core.jobs import JobManager
-from lillama_core.ranks import ModelShape
+from lillama_core.planning.ranks import ModelShape
 
 
 def test_closing_the_tab_mid_answer_stops_the_decoding(tmp_path, tiny, monkeypatch):
@@ -37,10 +37,10 @@ def test_closing_the_tab_mid_answer_stops_the_decoding(tmp_path, tiny, monkeypat
 def test_speech_models_transcribe_one_clip_with_teacher_and_student(tmp_path, tiny):
     import numpy as np
     import pytest
+    from tiny import tiny_whisper
 
     from components.studio import Student
-    from lillama_core.speech import synthetic_clips, to_mono, transcribe
-    from tiny import tiny_whisper
+    from lillama_core.tasks.speech import synthetic_clips, to_mono, transcribe
 
     studio = Studio(JobManager(tmp_path / "runs"), tmp_path / "exports")
     studio.loaded, studio.shape = tiny, ModelShape.of(tiny.model)

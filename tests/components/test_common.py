@@ -49,7 +49,7 @@ def test_a_job_seen_running_that_fails_is_toasted_once_with_its_one_line(monkeyp
 
 
 def test_a_failing_forward_in_a_panel_keeps_its_traceback(monkeypatch, tmp_path):
-    from lillama_core.failures import stage
+    from lillama_core.runtime.failures import stage
 
     monkeypatch.setenv("LILLAMA_HOME", str(tmp_path))
 

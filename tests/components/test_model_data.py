@@ -1,11 +1,12 @@
 import json
 from dataclasses import replace
 
+from tiny import SAMPLE_TEXT, STRICT_CHAT_TEMPLATE, tiny_llama
+
 from components.model_data import text_preview
 from components.studio import Studio
 from lillama_core.config import CalibrationConfig
 from lillama_core.jobs import JobManager
-from tiny import SAMPLE_TEXT, STRICT_CHAT_TEMPLATE, tiny_llama
 
 
 def test_preview_warns_about_chats_the_template_refused(tmp_path):

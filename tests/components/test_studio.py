@@ -6,7 +6,7 @@ from components.studio import Studio
 from lillama_core.config import PlanConfig
 from lillama_core.errors import ConfigError, ExportError, RankPlanError
 from lillama_core.jobs import JobManager
-from lillama_core.ranks import ModelShape
+from lillama_core.planning.ranks import ModelShape
 
 
 @pytest.fixture
@@ -96,12 +96,13 @@ def test_the_group_picker_offers_what_the_model_has(studio):
 
 
 def test_a_speech_model_plans_runs_evaluates_and_exports_through_the_studio(tmp_path):
+    from tiny import tiny_whisper
+
     from components.evaluate import measure_speech, table
     from components.model_data import speech_preview
     from lillama_core.config import CalibrationConfig, ModelConfig
     from lillama_core.export import export_student, load_feature_extractor
-    from lillama_core.speech import reference_transcripts
-    from tiny import tiny_whisper
+    from lillama_core.tasks.speech import reference_transcripts
 
     whisper = tiny_whisper()
     s = Studio(JobManager(tmp_path / "runs"), tmp_path / "exports", model=ModelConfig(name="tiny-whisper",
@@ -131,8 +132,9 @@ def test_a_speech_model_plans_runs_evaluates_and_exports_through_the_studio(tmp_
 
 
 def test_layer_titles_name_the_stack_only_when_there_are_several(studio):
-    from components.ranks import layer_titles
     from tiny import tiny_whisper
+
+    from components.ranks import layer_titles
 
     assert layer_titles(studio.shape) == {i: f"layer {i}" for i in range(studio.shape.num_layers)}
     whisper = ModelShape.of(tiny_whisper().model)

@@ -1,9 +1,9 @@
 import threading
 
 import torch
+from tiny import tiny_sequences
 
 from lillama_core.chat import SamplingConfig, build_prompt, complete, decode, pick_next, stream_chat
-from tiny import tiny_sequences
 
 
 def test_same_seed_same_answer_and_greedy_is_deterministic(tiny):

@@ -6,13 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import (
-    SAMPLE_TEXT,
-    STRICT_CHAT_TEMPLATE,
-    fail_in,
-    overflowing_float16_llama,
-    tiny_opt,
-)
+from tiny import SAMPLE_TEXT, STRICT_CHAT_TEMPLATE, fail_in, overflowing_float16_llama, tiny_opt
 
 from lillama_core.cli import COMMANDS, ProgressPrinter, build_parser, main
 from lillama_core.config import RunConfig
@@ -187,7 +181,7 @@ def test_console_script_is_installed():
 
 def _resume_counting_trained_layers(run_dir, out, capsys, monkeypatch) -> tuple[list, dict]:
     """`lillama resume RUN`; returns one entry per layer it trained (not restored) and the JSON summary."""
-    import lillama_core.engine as engine
+    import lillama_core.compress.loop as engine
 
     trained = []
     monkeypatch.setattr(engine.LayerDistiller, "train",
@@ -197,7 +191,7 @@ def _resume_counting_trained_layers(run_dir, out, capsys, monkeypatch) -> tuple[
 
 
 def test_interrupted_run_resumes_from_its_last_finished_layer(tiny_model_dir, texts, tmp_path, capsys, monkeypatch):
-    import lillama_core.engine as engine
+    import lillama_core.compress.loop as engine
     from lillama_core.jobs import LAYERS_DIR
 
     runs = tmp_path / "runs"

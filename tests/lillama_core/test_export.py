@@ -3,15 +3,15 @@ import os
 
 import pytest
 import torch
+from tiny import tiny_sequences
 
-from lillama_core.calibration import CalibrationData
+from lillama_core.compress.loop import Compressor
 from lillama_core.config import DistillConfig, PlanConfig
-from lillama_core.engine import Compressor
+from lillama_core.data.calibration import CalibrationData
 from lillama_core.errors import ExportError
 from lillama_core.export import RECORD_FILE, export_student, load_compressed, rank_map_of
-from lillama_core.lowrank import LowRankLinear
-from lillama_core.ranks import ModelShape, build_plan
-from tiny import tiny_sequences
+from lillama_core.modeling.shipped import LowRankLinear
+from lillama_core.planning.ranks import ModelShape, build_plan
 
 
 @pytest.fixture
@@ -99,7 +99,8 @@ def test_loading_a_folder_that_is_not_an_export_is_an_error(tmp_path):
 def test_quantized_export_reloads_to_the_quantized_model_and_is_smaller(student, tiny, tmp_path, mode, merge):
     from transformers import AutoModelForCausalLM
 
-    from lillama_core.quantize import QuantizedLinear, quantize_weights
+    from lillama_core.modeling.quantize import quantize_weights
+    from lillama_core.modeling.shipped import QuantizedLinear
 
     ids = tiny_sequences(2, 20, seed=10)
     plain = export_student(student, tiny.tokenizer, tmp_path / "plain", merge=merge)

@@ -2,13 +2,13 @@ import json
 import threading
 
 import pytest
+from tiny import SAMPLE_TEXT
 
 from lillama_core.config import RunConfig
 from lillama_core.errors import CalibrationError, JobBusyError, LillamaError
 from lillama_core.events import LayerFinished, Phase
 from lillama_core.export import load_compressed, rank_map_of
 from lillama_core.jobs import JobManager, compression_work, list_runs, read_run, resume_work
-from tiny import SAMPLE_TEXT
 
 
 @pytest.fixture
@@ -111,7 +111,7 @@ def test_run_names_from_the_browser_cannot_leave_the_runs_folder(manager, tmp_pa
 
 
 def test_stop_during_planning_ends_the_job_before_any_distillation(manager, tiny, tiny_config, monkeypatch):
-    import lillama_core.sensitivity as sensitivity
+    import lillama_core.planning.sensitivity as sensitivity
 
     tiny_config.plan.strategy = "sensitivity"
     real_probe = sensitivity.compressed_block
@@ -179,9 +179,8 @@ def test_runs_survive_a_restart_and_dead_runs_show_as_interrupted(manager, tiny_
 
 def test_a_failing_evaluation_fails_the_job_in_one_line_and_keeps_the_student(manager, tiny, tiny_config,
                                                                               monkeypatch):
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-
     from tiny import fail_in
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
     tiny_config.eval.seq_len = 48  # calibration sequences are 32 tokens: only evaluation reaches the failure
     fail_in(monkeypatch, LlamaDecoderLayer, lambda module, hidden: hidden.shape[1] == 48)

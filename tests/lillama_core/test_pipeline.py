@@ -4,14 +4,14 @@ import math
 
 import pytest
 import torch
+from tiny import SAMPLE_TEXT, fail_in, tiny_opt
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from lillama_core.config import RunConfig
 from lillama_core.errors import ConfigError, ModelForwardError
 from lillama_core.events import Phase
-from lillama_core.lowrank import LowRankLinear
+from lillama_core.modeling.shipped import LowRankLinear
 from lillama_core.pipeline import run_pipeline
-from tiny import SAMPLE_TEXT, fail_in, tiny_opt
 
 
 @pytest.fixture
@@ -93,14 +93,14 @@ def test_a_failing_forward_during_evaluation_names_the_stage_and_layer(small_con
 
 def test_a_failing_forward_during_healing_names_the_stage(small_config, tiny, monkeypatch):
     small_config.heal.tokens = 128
-    from lillama_core.heal import heal as real_heal
+    from lillama_core.compress.heal import heal as real_heal
 
 
     def heal_then_fail(student, *args, **kwargs):
         fail_in(monkeypatch, LlamaDecoderLayer, lambda module, hidden: module is student.model.layers[1])
         return real_heal(student, *args, **kwargs)
 
-    monkeypatch.setattr("lillama_core.heal.heal", heal_then_fail)
+    monkeypatch.setattr("lillama_core.compress.heal.heal", heal_then_fail)
     error = _failure(small_config, tiny)
     assert str(error) == "healing failed in LlamaForCausalLM at layer 1: RuntimeError: boom"
 
@@ -110,7 +110,7 @@ def test_position_limits_are_read_under_each_name_configs_give_them():
 
     from transformers import GPT2Config, MambaConfig, WhisperConfig
 
-    from lillama_core.positions import position_limit
+    from lillama_core.modeling.positions import position_limit
 
     assert position_limit(SimpleNamespace(config=GPT2Config(n_positions=32))) == 32
     assert position_limit(SimpleNamespace(config=WhisperConfig(max_target_positions=40))) == 40

@@ -6,13 +6,14 @@ import math
 import pytest
 import torch
 
-from lillama_core.calibration import load_calibration, read_eval_text
 from lillama_core.cli import main
+from lillama_core.compress.loop import Compressor
 from lillama_core.config import CalibrationConfig, DistillConfig, PlanConfig
-from lillama_core.engine import Compressor, make_plan
-from lillama_core.evaluate import eval_windows, perplexity
+from lillama_core.data.calibration import load_calibration, read_eval_text
 from lillama_core.export import export_student, load_compressed
-from lillama_core.ranks import ModelShape
+from lillama_core.metrics.evaluate import eval_windows, perplexity
+from lillama_core.planning.planner import make_plan
+from lillama_core.planning.ranks import ModelShape
 
 pytestmark = pytest.mark.real_model
 

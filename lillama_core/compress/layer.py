@@ -1,0 +1,227 @@
+"""Layer-local Teacher+Student distillation of one block.
+
+The student block (the teacher block with low-rank linears) is trained to reproduce the teacher
+block's outputs, fed two ways: the teacher's own inputs, and the inputs the already-compressed
+layers below produce. The first keeps each layer faithful on its own; the second teaches it to
+correct the error accumulated below it.
+
+The student runs in eval mode throughout, in training steps as in held-out checks: dropout and MoE
+router jitter stay off. The teacher's targets were recorded in eval mode, so the student fits that
+deterministic function; with dropout on, the held-out loss measured noise (a tiny Llama with attention
+dropout 0.5 never beat its initial state, and keep-best discarded all training).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import DistillConfig
+from ..errors import RunStopped
+from ..runtime.distributed import SINGLE, Parallel
+from .batching import run_block
+from .schedule import lr_at
+
+
+def feature_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error minus log sigmoid of the cosine similarity along the hidden dimension."""
+    prediction, target = prediction.float(), target.float()
+    cosine = F.cosine_similarity(prediction, target, dim=-1)
+    return (prediction - target).abs().mean() - F.logsigmoid(cosine).mean()
+
+
+@dataclass
+class LayerData:
+    """Activations of one block for every calibration sequence ([n, seq, hidden] each)."""
+
+    teacher_in: torch.Tensor
+    teacher_out: torch.Tensor
+    student_in: torch.Tensor | None  # None while no layer below is compressed: same as teacher_in
+    kwargs_for: Callable[[slice], dict]  # block keyword arguments (masks, rotary, cross-attention) for a batch
+    student_kwargs_for: Callable[[slice], dict] | None = None  # the student path's, where they differ
+
+
+@dataclass
+class StepMetrics:
+    step: int
+    steps: int
+    loss_teacher_input: float
+    loss_student_input: float
+    lr: float
+    tokens: int
+    skipped: bool
+
+
+@dataclass
+class LayerResult:
+    init_loss: float
+    best_loss: float
+    best_step: int
+    final_loss_teacher_input: float
+    final_loss_student_input: float
+    skipped_steps: int
+
+
+
+
+
+
+
+
+def _rows(batch: slice) -> int:
+    return batch.stop - batch.start
+
+
+def _cast_floats(value, dtype: torch.dtype):
+    """`value` with its floating-point tensors (also inside dicts, tuples and lists) cast to `dtype`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() else value
+    if isinstance(value, dict):
+        return {key: _cast_floats(item, dtype) for key, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        return type(value)(_cast_floats(item, dtype) for item in value)
+    return value
+
+
+class LayerDistiller:
+    """Trains the low-rank factors of one student block; everything else in the block stays frozen.
+
+    Under data parallelism the batches are this process's parts of the global batches, `train_rows`
+    the global row count of each, and every step's gradient is summed over processes."""
+
+    def __init__(self, student: nn.Module, data: LayerData, config: DistillConfig, device: torch.device,
+                 train_batches: list[slice], eval_batches: list[slice], autocast_dtype: torch.dtype | None,
+                 parallel: Parallel = SINGLE, train_rows: list[int] | None = None):
+        self.student, self.data, self.config, self.device = student, data, config, device
+        self.train_batches, self.eval_batches = train_batches, eval_batches
+        self.train_rows = train_rows or [_rows(b) for b in train_batches]
+        self.autocast_dtype = autocast_dtype
+        # Without autocast (the CPU) the float32 student would get a bf16 teacher's activations, masks and
+        # cross-attention states as they were recorded; casting them up is what autocast does on a GPU.
+        self.input_dtype = None if autocast_dtype is not None else next(student.parameters()).dtype
+        self.parallel = parallel
+        student.eval()  # in training steps as in held-out checks: see the module docstring
+        self.factors = [p for name, p in student.named_parameters() if name.endswith(("A.weight", "B.weight"))]
+        for p in student.parameters():
+            p.requires_grad_(False)
+        for p in self.factors:
+            p.requires_grad_(True)
+        parallel.broadcast_(self.factors)  # identical starting factors, whatever each process's SVD gave
+
+    @property
+    def steps(self) -> int:
+        return len(self.train_batches) * self.config.epochs
+
+    def _compute_form(self, value):
+        return value if self.input_dtype is None else _cast_floats(value, self.input_dtype)
+
+    def _fetch(self, tensor: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+        return None if tensor is None else self._compute_form(tensor[rows].to(self.device, non_blocking=True))
+
+    def _losses(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss on teacher inputs, loss on student inputs); the second equals the first while the
+        inputs have not diverged, and a path the config leaves out is not computed."""
+        target = self._fetch(self.data.teacher_out, rows)
+        kwargs = self._compute_form(self.data.kwargs_for(rows))
+        wanted = {"joint": ("teacher", "student"), "teacher": ("teacher",), "student": ("student",)}[self.config.loss]
+        student_in = self._fetch(self.data.student_in, rows)
+        losses = {}
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None):
+            if "teacher" in wanted or student_in is None:
+                teacher_in = self._fetch(self.data.teacher_in, rows)
+                losses["teacher"] = feature_loss(run_block(self.student, teacher_in, kwargs), target)
+            if "student" in wanted and student_in is not None:
+                student_kwargs = (self._compute_form(self.data.student_kwargs_for(rows)) if self.data.student_kwargs_for
+                                  else kwargs)
+                losses["student"] = feature_loss(run_block(self.student, student_in, student_kwargs), target)
+        teacher_loss = losses.get("teacher", losses.get("student"))
+        return teacher_loss, losses.get("student", teacher_loss)
+
+    def _objective(self, loss_t: torch.Tensor, loss_s: torch.Tensor) -> torch.Tensor:
+        if self.config.loss == "joint":
+            return loss_t + loss_s if loss_s is not loss_t else 2 * loss_t
+        return loss_t if self.config.loss == "teacher" else loss_s
+
+    @torch.no_grad()
+    def held_out_loss(self) -> float:
+        total, count = 0.0, 0
+        for rows in self.eval_batches:
+            if _rows(rows):
+                loss_t, loss_s = self._losses(rows)
+                paths = 2 if self.config.loss == "joint" else 1  # a per-path mean, comparable to step losses
+                total += self._objective(loss_t, loss_s).item() / paths * _rows(rows)
+                count += _rows(rows)
+        total, count = self.parallel.sum_values(total, count, device=self.device)
+        return total / max(count, 1)
+
+    def _sum_gradients(self) -> None:
+        """All-reduce the factor gradients as one flat tensor (one collective per step)."""
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.factors]
+        flat = self.parallel.all_reduce(torch.cat([g.reshape(-1) for g in grads]))
+        for p, chunk in zip(self.factors, flat.split([g.numel() for g in grads])):
+            p.grad = chunk.view_as(p)
+
+    def _snapshot(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.factors]
+
+    def _restore(self, snapshot: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p, saved in zip(self.factors, snapshot):
+                p.copy_(saved)
+
+    def train(self, on_step: Callable[[StepMetrics], None], should_stop: Callable[[], bool]) -> LayerResult:
+        config = self.config
+        optimizer = torch.optim.AdamW(self.factors, lr=config.lr, weight_decay=config.weight_decay)
+        init_loss = best_loss = self.held_out_loss()
+        best_state, best_step = self._snapshot() if config.keep_best else None, 0
+        step, skipped = 0, 0
+        sum_t = sum_s = float("nan")
+        total_rows = 1
+        for _ in range(config.epochs):
+            for rows, total_rows in zip(self.train_batches, self.train_rows):
+                lr = lr_at(step, self.steps, config.lr, config.warmup_steps, config.schedule)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                here = _rows(rows)
+                loss_t = loss_s = objective = torch.zeros((), device=self.device)
+                if here:
+                    loss_t, loss_s = self._losses(rows)
+                    objective = self._objective(loss_t, loss_s)
+                # Every process must agree on the step's mean losses and on skipping it.
+                sum_t, sum_s, bad = self.parallel.sum_values(
+                    loss_t.item() * here, loss_s.item() * here, float(not torch.isfinite(objective)),
+                    device=self.device)
+                finite = bad == 0
+                optimizer.zero_grad(set_to_none=True)
+                if finite:
+                    if here:
+                        (objective * (here / total_rows)).backward()
+                    if self.parallel.enabled:
+                        self._sum_gradients()
+                    if config.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(self.factors, config.grad_clip)
+                    optimizer.step()
+                else:
+                    skipped += 1
+                step += 1
+                on_step(StepMetrics(step, self.steps, sum_t / total_rows, sum_s / total_rows, lr,
+                                    total_rows * self.data.teacher_in.shape[1], not finite))
+                if self.parallel.any(should_stop(), device=self.device):
+                    raise RunStopped("stopped by request")
+                if config.keep_best and (step % config.eval_every == 0 or step == self.steps):
+                    current = self.held_out_loss()
+                    if current < best_loss:
+                        best_loss, best_state, best_step = current, self._snapshot(), step
+        if config.keep_best:
+            self._restore(best_state)
+        else:
+            best_loss = self.held_out_loss()
+            best_step = step
+        for p in self.factors:
+            p.requires_grad_(False)
+        return LayerResult(init_loss, best_loss, best_step, sum_t / total_rows, sum_s / total_rows, skipped)

@@ -1,0 +1,1 @@
+"""Calibration and evaluation data: text and audio sources turned into token sequences and clips."""

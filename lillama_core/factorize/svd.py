@@ -1,0 +1,183 @@
+"""Factorisation maths: W (out x in) ~ B (out x r) @ A (r x in). Pure tensors, no hooks.
+
+Plain SVD minimises ||W - BA||; the whitened variant (SVD-LLM) minimises ||(W - BA) X|| for the
+layer's real inputs X, which matters far more on small models.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..modeling.shipped import LowRankLinear
+
+__all__ = [
+    "svd_factors",
+    "whitened_factors",
+    "WhitenedSVD",
+    "balance_factors",
+    "is_near_zero",
+    "low_rank_from_factors",
+    "random_factors",
+    "cholesky_whitener",
+    "spectrum",
+    "whitened_spectrum",
+    "CovarianceAccumulator",
+    "to_low_rank",
+    "merge_low_rank",
+]
+
+
+def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T, in float64 then cast back."""
+    u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
+    root = s[:rank].sqrt()
+    return (u[:, :rank] * root).to(weight.dtype), (root[:, None] * vh[:rank]).to(weight.dtype)
+
+
+def cholesky_whitener(cov: torch.Tensor, max_tries: int = 8) -> torch.Tensor:
+    """Lower-triangular L with L L^T = cov (+ the smallest diagonal that makes it positive definite)."""
+    cov = cov.double()
+    scale = cov.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
+    jitter = 0.0
+    for attempt in range(max_tries):
+        factor, info = torch.linalg.cholesky_ex(cov + jitter * scale * eye)
+        if info.item() == 0:
+            return factor
+        jitter = 1e-6 * 10**attempt
+    # Still not positive definite (e.g. all-zero input columns): fall back to a strong ridge.
+    return torch.linalg.cholesky(cov + scale * eye)
+
+
+# Mean squared input (the covariance's mean diagonal) at or below which a module counts as having seen
+# no data: an RMS of 1e-4, under float16's smallest normal number's scale. An MoE expert no calibration
+# token reached has exactly zero.
+NEAR_ZERO_COVARIANCE = 1e-8
+
+
+def is_near_zero(cov: torch.Tensor) -> bool:
+    """Whether an input covariance (features x features) is zero or nearly so (see NEAR_ZERO_COVARIANCE)."""
+    return cov.diagonal().double().mean().item() <= NEAR_ZERO_COVARIANCE
+
+
+def balance_factors(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """B (out x r) and A (r x in) rescaled per rank component so column i of B and row i of A have the
+    same norm; B A is unchanged (up to rounding). A zero component is left as it is."""
+    b_norm, a_norm = b.norm(dim=0), a.norm(dim=1)
+    usable = (b_norm > 0) & (a_norm > 0)
+    scale = torch.where(usable, (a_norm / b_norm.where(usable, 1.0)).sqrt(), torch.ones_like(a_norm))
+    return b * scale, a / scale[:, None]
+
+
+class WhitenedSVD:
+    """The SVD of W L (L L^T = X^T X), computed once and truncated to any rank: probing several ranks of
+    one matrix costs one decomposition.
+
+    A (near-)zero covariance (an expert no calibration token reached) makes L a tiny ridge, so A would
+    carry its inverse (max|A| ~ 1e4, max|B| ~ 1e-5): the product is right but float16 overflows and
+    integer exports lose B. Such factors are balanced; for an all-zero covariance that gives exactly the
+    plain SVD split, the only sensible choice when there is no data to weigh by."""
+
+    def __init__(self, weight: torch.Tensor, cov: torch.Tensor):
+        self.dtype = weight.dtype
+        self.balanced = is_near_zero(cov)
+        self.lower = cholesky_whitener(cov)
+        self.u, self.s, self.vh = torch.linalg.svd(weight.double() @ self.lower, full_matrices=False)
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B: out x rank, A: rank x in) in the weight's dtype."""
+        root = self.s[:rank].sqrt()
+        # A = sqrt(S_r) V_r^T L^{-1}, computed as a triangular solve instead of an explicit inverse.
+        a = torch.linalg.solve_triangular(self.lower, (root[:, None] * self.vh[:rank]), upper=False, left=False)
+        b = self.u[:, :rank] * root
+        if self.balanced:
+            b, a = balance_factors(b, a)
+        return b.to(self.dtype), a.to(self.dtype)
+
+
+def whitened_factors(weight: torch.Tensor, cov: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated SVD of W L where L L^T = X^T X; A absorbs L^{-1} so B A approximates W on the data."""
+    return WhitenedSVD(weight, cov).factors(rank)
+
+
+def random_factors(weight: torch.Tensor, rank: int, generator: torch.Generator | None = None):
+    """Kaiming-like random factors whose product has roughly the scale of W, for ablations."""
+    out_f, in_f = weight.shape
+    std = weight.float().std().item() or 1.0 / in_f**0.5
+    a = torch.randn(rank, in_f, generator=generator, dtype=torch.float32) / in_f**0.5
+    b = torch.randn(out_f, rank, generator=generator, dtype=torch.float32) * std * (in_f / rank) ** 0.5
+    return b.to(weight.device, weight.dtype), a.to(weight.device, weight.dtype)
+
+
+def spectrum(weight: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.svdvals(weight.float())
+
+
+def whitened_spectrum(weight: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.svdvals((weight.double() @ cholesky_whitener(cov)).float())
+
+
+class CovarianceAccumulator:
+    """Running X^T X over every token seen, summed in float64 so millions of tokens stay exact enough."""
+
+    def __init__(self, features: int, device: torch.device):
+        self.sum = torch.zeros(features, features, dtype=torch.float64, device=device)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        flat = x.detach().reshape(-1, x.shape[-1]).float()
+        self.sum += (flat.T @ flat).double()
+        self.tokens += flat.shape[0]
+
+    def mean(self) -> torch.Tensor:
+        return self.sum / max(self.tokens, 1)
+
+
+def to_low_rank(
+    dense: nn.Linear,
+    rank: int,
+    init: str,
+    cov: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> LowRankLinear:
+    """A LowRankLinear initialised from a dense layer; keeps the bias on the output side."""
+    weight = dense.weight.detach().float()
+    if init == "svd":
+        b, a = svd_factors(weight, rank)
+    elif init == "whitened":
+        if cov is None:
+            raise ValueError("whitened init needs the input covariance of the layer")
+        b, a = whitened_factors(weight, cov.to(weight.device), rank)
+    elif init == "random":
+        b, a = random_factors(weight, rank, generator)
+    else:
+        raise ValueError(f"unknown init {init!r}")
+    return low_rank_from_factors(dense, b, a)
+
+
+def low_rank_from_factors(dense: nn.Linear, b: torch.Tensor, a: torch.Tensor) -> LowRankLinear:
+    """A float32 LowRankLinear with weights B and A, carrying the dense layer's bias on the output side."""
+    low = LowRankLinear(dense.in_features, dense.out_features, a.shape[0], bias=dense.bias is not None,
+                        device=dense.weight.device, dtype=torch.float32)
+    with torch.no_grad():
+        low.A.weight.copy_(a)
+        low.B.weight.copy_(b)
+        if dense.bias is not None:
+            low.B.bias.copy_(dense.bias.float())
+    return low
+
+
+def merge_low_rank(low: LowRankLinear) -> nn.Linear:
+    """Dense nn.Linear with W = B A, multiplied in float32 and checked before it is used."""
+    dtype = low.A.weight.dtype
+    weight = low.B.weight.float() @ low.A.weight.float()
+    if not torch.isfinite(weight).all():
+        raise ValueError("merged weight has NaN or inf values")
+    dense = nn.Linear(low.in_features, low.out_features, bias=low.B.bias is not None,
+                      device=weight.device, dtype=dtype)
+    with torch.no_grad():
+        dense.weight.copy_(weight.to(dtype))
+        if low.B.bias is not None:
+            dense.bias.copy_(low.B.bias)
+    return dense

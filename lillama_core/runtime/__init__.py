@@ -1,0 +1,1 @@
+"""Where and how the engine runs: paths, devices and their lock, data parallelism, offloading, telemetry."""

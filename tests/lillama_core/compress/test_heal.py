@@ -1,0 +1,80 @@
+import threading
+
+import pytest
+import torch
+from tiny import tiny_sequences
+
+from lillama_core.compress.heal import HEAL_LAYER, heal, kl_to_teacher
+from lillama_core.compress.loop import Compressor
+from lillama_core.config import DistillConfig, HealConfig, PlanConfig
+from lillama_core.data.calibration import CalibrationData
+from lillama_core.errors import ConfigError, RunStopped
+from lillama_core.planning.planner import make_plan
+
+
+def _data(seed: int = 0) -> CalibrationData:
+    return CalibrationData(tiny_sequences(40, 32, seed=seed), "random", 0)
+
+
+@pytest.fixture
+def student(tiny):
+    plan = make_plan(tiny, PlanConfig(strategy="uniform", rank=6, reduction=None))
+    return Compressor(tiny, CalibrationData(tiny_sequences(16, 32), "r", 0), plan,
+                      DistillConfig(init="svd", distill=False), batch_size=4).run().student
+
+
+def test_kl_is_zero_for_identical_logits_and_positive_otherwise():
+    logits = torch.randn(2, 5, 30)
+    assert kl_to_teacher(logits, logits).abs() < 1e-6
+    assert kl_to_teacher(logits + torch.randn_like(logits), logits) > 0
+
+
+def test_healing_lowers_the_held_out_kl_and_touches_only_the_factors(tiny, student):
+    frozen = {n: p.detach().clone() for n, p in student.named_parameters() if not n.endswith(("A.weight", "B.weight"))}
+    events = []
+    metrics = heal(student, tiny.model, _data(seed=1), HealConfig(tokens=1024, lr=3e-3),
+                   on_event=events.append)
+    assert metrics["heal_kl_after"] < 0.9 * metrics["heal_kl_before"]
+    assert any(e.kind == "step" and e.layer == HEAL_LAYER for e in events)
+    for name, p in student.named_parameters():
+        if name in frozen:
+            assert torch.equal(p, frozen[name]), name
+        assert not p.requires_grad
+
+
+def test_stop_keeps_the_distilled_factors(tiny, student):
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(RunStopped):
+        heal(student, tiny.model, _data(), HealConfig(tokens=512), stop=stop)
+    for name, p in student.named_parameters():
+        assert torch.equal(p, before[name])
+
+
+def test_non_finite_losses_are_skipped_and_reported_and_leave_the_factors(tiny, student, monkeypatch):
+    import lillama_core.compress.heal as healing
+
+    real_kl = healing.kl_to_teacher
+
+    def nan_while_training(student_logits, teacher_logits, *rest):
+        loss = real_kl(student_logits, teacher_logits, *rest)
+        return loss * float("nan") if student_logits.requires_grad else loss
+
+    monkeypatch.setattr(healing, "kl_to_teacher", nan_while_training)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    events = []
+    metrics = heal(student, tiny.model, _data(seed=1), HealConfig(tokens=512, lr=3e-3),
+                   on_event=events.append)
+    steps = [e for e in events if e.kind == "step"]
+    assert steps and all(e.skipped for e in steps)
+    assert metrics["heal_kl_after"] == metrics["heal_kl_before"]
+    for name, p in student.named_parameters():
+        assert torch.equal(p, before[name]), name
+
+
+def test_heal_config_is_validated():
+    with pytest.raises(ConfigError):
+        HealConfig(tokens=-1).validate()
+    with pytest.raises(ConfigError):
+        HealConfig(tokens=10, lr=0).validate()

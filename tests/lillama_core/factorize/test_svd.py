@@ -1,0 +1,135 @@
+import torch
+
+from lillama_core.factorize.svd import (
+    CovarianceAccumulator,
+    balance_factors,
+    cholesky_whitener,
+    is_near_zero,
+    low_rank_from_factors,
+    merge_low_rank,
+    svd_factors,
+    to_low_rank,
+    whitened_factors,
+)
+from lillama_core.modeling.shipped import LowRankLinear
+
+
+def test_full_rank_svd_reproduces_the_weight():
+    torch.manual_seed(0)
+    w = torch.randn(48, 32)
+    b, a = svd_factors(w, 32)
+    assert b.shape == (48, 32) and a.shape == (32, 32)
+    torch.testing.assert_close(b @ a, w, atol=1e-5, rtol=1e-5)
+
+
+def test_truncated_svd_is_the_best_rank_r_approximation():
+    torch.manual_seed(0)
+    w = torch.randn(40, 30)
+    b, a = svd_factors(w, 5)
+    s = torch.linalg.svdvals(w.double())
+    err = torch.linalg.matrix_norm((w - b @ a).double())
+    assert torch.isclose(err, s[5:].square().sum().sqrt(), rtol=1e-4)
+
+
+def _correlated_inputs(n=4096, d=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(d, d, generator=g) * torch.logspace(0, -3, d)  # strongly anisotropic inputs
+    return torch.randn(n, d, generator=g) @ mixing.T
+
+
+def test_whitened_init_has_lower_activation_error_than_svd_on_correlated_inputs():
+    torch.manual_seed(1)
+    w = torch.randn(24, 32)
+    x = _correlated_inputs()
+    cov = CovarianceAccumulator(32, torch.device("cpu"))
+    cov.add(x)
+    rank = 6
+    b_s, a_s = svd_factors(w, rank)
+    b_w, a_w = whitened_factors(w, cov.mean(), rank)
+    err_svd = ((x @ (w - b_s @ a_s).T).norm())
+    err_white = ((x @ (w - b_w @ a_w).T).norm())
+    assert err_white < 0.5 * err_svd
+
+
+def test_whitened_full_rank_reproduces_the_weight():
+    torch.manual_seed(2)
+    w = torch.randn(16, 16)
+    cov = CovarianceAccumulator(16, torch.device("cpu"))
+    cov.add(_correlated_inputs(d=16))
+    b, a = whitened_factors(w, cov.mean(), 16)
+    torch.testing.assert_close(b @ a, w, atol=1e-3, rtol=1e-3)
+
+
+def test_cholesky_falls_back_when_covariance_is_singular():
+    x = torch.randn(100, 8)
+    x[:, 3] = 0.0  # a dead input feature makes X^T X singular
+    cov = x.T @ x
+    assert torch.linalg.cholesky_ex(cov.double()).info.item() != 0
+    lower = cholesky_whitener(cov)
+    assert torch.isfinite(lower).all()
+    torch.testing.assert_close(lower @ lower.T, cov.double(), atol=1e-2, rtol=1e-3)
+
+
+def test_to_low_rank_keeps_bias_and_merge_matches_product():
+    torch.manual_seed(3)
+    dense = torch.nn.Linear(20, 12, bias=True)
+    low = to_low_rank(dense, 12, "svd")
+    x = torch.randn(5, 20)
+    torch.testing.assert_close(low(x), dense(x), atol=1e-5, rtol=1e-5)
+    merged = merge_low_rank(low)
+    torch.testing.assert_close(merged(x), low(x), atol=1e-5, rtol=1e-5)
+    assert isinstance(low, LowRankLinear) and low.rank == 12
+    assert sum(p.numel() for p in low.parameters()) == 12 * (20 + 12) + 12
+
+
+def test_random_init_has_the_requested_shapes():
+    dense = torch.nn.Linear(20, 12, bias=False)
+    low = to_low_rank(dense, 4, "random", generator=torch.Generator().manual_seed(0))
+    assert low.A.weight.shape == (4, 20) and low.B.weight.shape == (12, 4)
+    assert torch.isfinite(low(torch.randn(3, 20))).all()
+
+
+def _ratio(b, a):
+    return (a.abs().max() / b.abs().max()).item()
+
+
+def test_a_zero_covariance_gives_balanced_factors_with_the_plain_svd_product():
+    # An expert no calibration token reached: unbalanced, max|A| was ~1e4 and max|B| ~1e-5.
+    torch.manual_seed(3)
+    w = torch.randn(48, 32)
+    b, a = whitened_factors(w, torch.zeros(32, 32, dtype=torch.float64), 8)
+    assert 0.1 < _ratio(b, a) < 10
+    b_svd, a_svd = svd_factors(w, 8)
+    torch.testing.assert_close(b @ a, b_svd @ a_svd, atol=1e-5, rtol=1e-4)
+    low = low_rank_from_factors(torch.nn.Linear(32, 48, bias=False), b, a).half()
+    with torch.no_grad():
+        assert torch.isfinite(low(torch.randn(4, 32).half())).all()
+
+
+def test_a_nearly_zero_covariance_is_balanced_and_keeps_its_whitened_product():
+    torch.manual_seed(4)
+    w = torch.randn(24, 32)
+    cov = CovarianceAccumulator(32, torch.device("cpu"))
+    cov.add(_correlated_inputs())
+    b, a = whitened_factors(w, cov.mean(), 6)
+    tiny_b, tiny_a = whitened_factors(w, cov.mean() * 1e-12, 6)  # the same directions, almost no signal
+    assert 0.1 < _ratio(tiny_b, tiny_a) < 10
+    torch.testing.assert_close(tiny_b @ tiny_a, b @ a, atol=1e-3, rtol=1e-3)
+
+
+def test_balancing_keeps_the_product_and_equalises_every_component():
+    torch.manual_seed(5)
+    b, a = torch.randn(20, 4) * 1e-5, torch.randn(4, 12) * 1e4
+    b[:, 2] = 0.0  # a zero component stays as it is
+    balanced_b, balanced_a = balance_factors(b, a)
+    torch.testing.assert_close(balanced_b @ balanced_a, b @ a)
+    keep = [0, 1, 3]
+    torch.testing.assert_close(balanced_b.norm(dim=0)[keep], balanced_a.norm(dim=1)[keep])
+    torch.testing.assert_close(balanced_a[2], a[2])
+
+
+def test_ordinary_covariances_are_not_near_zero():
+    cov = CovarianceAccumulator(32, torch.device("cpu"))
+    cov.add(_correlated_inputs())
+    assert not is_near_zero(cov.mean())
+    assert is_near_zero(torch.zeros(32, 32)) and is_near_zero(cov.mean() * 1e-12)

@@ -1,0 +1,329 @@
+"""Speech-to-text (Whisper): encoder and decoder stacks, audio calibration, transcript metrics, export."""
+
+import dataclasses
+import json
+import wave
+
+import numpy as np
+import pytest
+import torch
+import transformers as T
+from tiny import tiny_whisper
+
+from lillama_core.cli import main
+from lillama_core.compress.capture import capture_block_inputs, run_block_over
+from lillama_core.compress.loop import Compressor
+from lillama_core.config import CalibrationConfig, DistillConfig, PlanConfig
+from lillama_core.data.calibration import CalibrationData
+from lillama_core.errors import CalibrationError
+from lillama_core.export import export_student, load_compressed, load_feature_extractor
+from lillama_core.modeling.discovery import find_blocks, stack_starts
+from lillama_core.modeling.shipped import LowRankLinear
+from lillama_core.planning.planner import make_plan
+from lillama_core.tasks import speech
+from lillama_core.tasks.speech import (
+    Reference,
+    audio_clips,
+    greedy_transcripts,
+    normalized_words,
+    read_wav,
+    reference_transcripts,
+    speech_calibration,
+    speech_metrics,
+    synthetic_clips,
+    transcribed_clips,
+    word_error_rate,
+)
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def whisper():
+    return tiny_whisper()
+
+
+@pytest.fixture(scope="module")
+def calibration(whisper):
+    config = CalibrationConfig(source="synthetic", tokens=48 * 16, seq_len=16, batch_size=4)
+    return speech_calibration(whisper.model, whisper.tokenizer, whisper.feature_extractor, config)
+
+
+def test_encoder_and_decoder_blocks_run_in_order_as_two_stacks(whisper):
+    blocks = find_blocks(whisper.model)
+    assert [b.name for b in blocks] == ["model.encoder.layers.0", "model.encoder.layers.1",
+                                        "model.decoder.layers.0", "model.decoder.layers.1"]
+    assert [b.index for b in stack_starts(blocks)] == [0, 2]
+
+
+def test_block_by_block_replay_reproduces_encoder_and_decoder(whisper, calibration):
+    """The decoder's blocks get masks positionally and cross-attention states that differ per batch:
+    replaying them from the recorded arguments must give the model's own outputs."""
+    model, blocks = whisper.model, find_blocks(whisper.model)
+    data = calibration.select(slice(0, 4))
+    batches = [slice(0, 2), slice(2, 4)]  # equal sizes: per-size arguments alone would mix the batches up
+    starts, recorded = capture_block_inputs(model, blocks, data, batches, CPU)
+    assert set(starts) == {0, 2}
+    outputs = {}
+    for start, stack in ((0, blocks[:2]), (2, blocks[2:])):
+        hidden = starts[start]
+        for block in stack:
+            run_block_over(block.module, hidden, hidden, recorded.kwargs_for(block.index), batches, CPU)
+        outputs[start] = hidden
+    with torch.no_grad():
+        reference = model.model(**data.model_inputs(slice(0, 4), CPU), use_cache=False)
+    torch.testing.assert_close(model.model.encoder.layer_norm(outputs[0]), reference.encoder_last_hidden_state,
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(model.model.decoder.layer_norm(outputs[2]), reference.last_hidden_state,
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_calibration_pairs_each_clip_with_the_teachers_transcript(whisper, calibration):
+    assert calibration.features.shape == (48, 16, 100) and calibration.sequences.shape == (48, 16)
+    assert (calibration.sequences[:, 0] == whisper.model.config.decoder_start_token_id).all()
+    assert len({tuple(row) for row in calibration.sequences.tolist()}) > 24  # transcripts follow the audio
+    with torch.no_grad():  # each token is the teacher's greedy choice given the clip and the tokens before
+        logits = whisper.model(**calibration.model_inputs(slice(0, 4), CPU)).logits
+    assert torch.equal(logits[:, :-1].argmax(-1), calibration.sequences[:4, 1:])
+    with pytest.raises(CalibrationError, match="seq_len"):
+        speech_calibration(whisper.model, whisper.tokenizer, whisper.feature_extractor,
+                           CalibrationConfig(source="synthetic", tokens=200, seq_len=100))
+
+
+def test_compress_evaluate_export_reload(whisper, calibration, tmp_path):
+    plan = make_plan(whisper, PlanConfig(strategy="uniform", rank=8, reduction=None))
+    assert any(".encoder." in n for n in plan.ranks) and any(".encoder_attn." in n for n in plan.ranks)
+    run = Compressor(whisper, calibration, plan, DistillConfig(lr=3e-3), batch_size=4).run()
+    assert run.status == "completed" and [e.layer for e in run.layers] == [0, 1, 2, 3]
+    assert all(e.best_loss < e.init_loss for e in run.layers)
+    student = run.student
+    assert sum(isinstance(m, LowRankLinear) for m in student.modules()) == len(plan.ranks)
+
+    reference = reference_transcripts(whisper.model, whisper.tokenizer, whisper.feature_extractor,
+                                      CalibrationConfig(seq_len=16, batch_size=4))
+    teacher_metrics = speech_metrics(whisper.model, reference, whisper.tokenizer)
+    student_metrics = speech_metrics(student, reference, whisper.tokenizer)
+    # The teacher agrees with its own transcripts; a student that decodes differently does not.
+    assert teacher_metrics["wer"] == 0 and student_metrics["wer"] > 0
+    assert student_metrics["perplexity"] > teacher_metrics["perplexity"]
+    crushed = Compressor(whisper, calibration, make_plan(whisper, PlanConfig(strategy="uniform", rank=1,
+                                                                                reduction=None)),
+                         DistillConfig(distill=False), batch_size=4).run().student
+    assert speech_metrics(crushed, reference, whisper.tokenizer)["perplexity"] > student_metrics["perplexity"]
+
+    inputs = calibration.model_inputs(slice(0, 2), CPU)
+    with torch.no_grad():
+        expected = student(**inputs).logits
+    folder = export_student(student, whisper.tokenizer, tmp_path / "compressed",
+                            feature_extractor=whisper.feature_extractor)
+    assert load_feature_extractor(folder).to_dict() == whisper.feature_extractor.to_dict()
+    reloaded, _ = load_compressed(folder)
+    remote = T.AutoModelForSpeechSeq2Seq.from_pretrained(folder, trust_remote_code=True)
+    merged = T.AutoModelForSpeechSeq2Seq.from_pretrained(export_student(student, whisper.tokenizer,
+                                                                        tmp_path / "dense", merge=True))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(**inputs).logits, expected)
+        torch.testing.assert_close(remote(**inputs).logits, expected)
+        torch.testing.assert_close(merged(**inputs).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_synthetic_clips_are_seeded_speech_like_audio():
+    first, again, other = synthetic_clips(3, seed=1), synthetic_clips(3, seed=1), synthetic_clips(3, seed=2)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not np.array_equal(first[0][:16000], other[0][:16000])
+    for clip in first:
+        assert clip.dtype == np.float32 and 2 * 16000 <= clip.size <= 6 * 16000
+        assert 0.05 < np.abs(clip).max() <= 1.0
+        frames = np.abs(clip[: clip.size // 800 * 800]).reshape(-1, 800).max(axis=1)
+        assert (frames < 0.02).any() and (frames > 0.1).any()  # pauses between syllables
+
+
+def _write_wav(path, samples: np.ndarray, rate: int, channels: int = 1):
+    with wave.open(str(path), "wb") as f:
+        f.setnchannels(channels)
+        f.setsampwidth(2)
+        f.setframerate(rate)
+        f.writeframes((np.repeat(samples, channels) * 32767).astype("<i2").tobytes())
+
+
+def test_wav_files_are_read_as_16khz_mono(tmp_path):
+    tone = 0.5 * np.sin(2 * np.pi * 440 * np.arange(8000) / 8000)  # one second at 8 kHz, stereo
+    _write_wav(tmp_path / "b.wav", tone, 8000, channels=2)
+    audio = read_wav(tmp_path / "b.wav")
+    assert audio.size == 16000 and abs(np.abs(audio).max() - 0.5) < 0.01
+    _write_wav(tmp_path / "a.wav", np.zeros(100), 16000)  # silent files are skipped
+    clips = audio_clips(str(tmp_path), 3, seed=0)
+    assert len(clips) == 3 and all(np.array_equal(c, audio) for c in clips)
+
+
+def test_bad_audio_sources_give_clear_errors(tmp_path):
+    with pytest.raises(CalibrationError, match="not found"):
+        audio_clips(str(tmp_path / "missing"), 2, 0)
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(CalibrationError, match=".wav audio"):
+        audio_clips(str(tmp_path / "notes.txt"), 2, 0)
+    with pytest.raises(CalibrationError, match="no audio"):
+        audio_clips(str(tmp_path), 2, 0)
+    (tmp_path / "broken.wav").write_bytes(b"RIFF0000WAVEjunk")
+    with pytest.raises(CalibrationError, match="not a PCM .wav"):
+        read_wav(tmp_path / "broken.wav")
+
+
+def test_word_error_rate_on_normalised_words():
+    assert word_error_rate("a b c".split(), "a b c".split()) == 0
+    assert word_error_rate("a b c d".split(), "a x c".split()) == 0.5  # one substitution, one deletion
+    assert word_error_rate([], ["a"]) == 1
+    assert normalized_words(" The fox, it's QUICK!") == ["the", "fox", "it's", "quick"]
+    reference = Reference(CalibrationData(torch.zeros(1, 4, dtype=torch.long), "x", 0), [4], 1, ["Hello, world."])
+    assert reference.words(None, 0) == ["hello", "world"]
+
+
+class Scripted(torch.nn.Module):
+    """A decoder that prefers to end (token 1) from `ends[row]` tokens on, and token 7 after that."""
+
+    def __init__(self, ends):
+        super().__init__()
+        self.ends, self.anchor = ends, torch.nn.Parameter(torch.zeros(1))
+
+    def get_encoder(self):
+        return lambda features: features
+
+    def forward(self, encoder_outputs, decoder_input_ids, use_cache, cache=None):
+        seen = (cache or 0) + decoder_input_ids.shape[1]  # the cache is the number of tokens seen so far
+        logits = torch.zeros(decoder_input_ids.shape[0], decoder_input_ids.shape[1], 10)
+        logits[:, -1, 7] = 0.5
+        for row, end in enumerate(self.ends):
+            if seen >= end:
+                logits[row, -1, 1] = 1.0
+        return type("Output", (), {"logits": logits, "cache": seen})
+
+
+def test_transcripts_fill_their_length_and_report_where_they_would_have_ended():
+    ids, ends = greedy_transcripts(Scripted([3, 99]), torch.zeros(2, 1), [0], 6, end_token=1, batch_size=2)
+    assert ids.tolist() == [[0, 7, 7, 7, 7, 7], [0, 7, 7, 7, 7, 7]] and ends == [3, 6]
+    ids, ends = greedy_transcripts(Scripted([2, 4]), torch.zeros(2, 1), [0], 8, end_token=1, until_end=True)
+    assert ends == [2, 4] and ids[:, :4].tolist() == [[0, 7, 7, 7]] * 2
+    assert (ids[:, 5:] == 1).all()  # decoding stopped once both had ended; the rest is the end token
+
+
+def test_cli_compresses_a_whisper_folder_and_reports_word_error_rate(whisper, tmp_path, capsys):
+    folder = tmp_path / "tiny-whisper"
+    for part in (whisper.model, whisper.tokenizer, whisper.feature_extractor):
+        part.save_pretrained(folder)
+    out = tmp_path / "student"
+    assert main(["compress", "--model", str(folder), "--device", "cpu", "--calibration", "synthetic",
+                 "--tokens", "256", "--seq-len", "16", "--batch-size", "4", "--reduction", "0.1",
+                 "--eval-audio", str(_recorded_speech(tmp_path / "recorded", 2, ["zzz", "zzz"])),
+                 "--runs-dir", str(tmp_path / "runs"), "--out", str(out), "--json"]) == 0
+    printed = capsys.readouterr()
+    summary = json.loads(printed.out.strip().splitlines()[-1])
+    assert summary["reduction"] >= 0.1 and summary["wer_reference"] == "true transcripts"
+    assert summary["teacher_wer"] >= 1.0 and summary["student_wer"] >= 0
+    assert "synthetic clips: enough to try the workflow" in printed.err
+    assert summary["student_ppl"] > 0 and summary["teacher_ppl"] > 0
+    assert (out / "preprocessor_config.json").exists()
+    model, _ = load_compressed(out)
+    assert any(isinstance(m, LowRankLinear) for m in model.modules())
+    assert main(["export", str(out), "--out", str(tmp_path / "merged"), "--merge"]) == 0
+    assert isinstance(T.AutoModelForSpeechSeq2Seq.from_pretrained(tmp_path / "merged"),
+                      T.WhisperForConditionalGeneration)
+    assert load_feature_extractor(tmp_path / "merged") is not None
+
+    _write_wav(tmp_path / "clip.wav", synthetic_clips(1, seed=5)[0], 16000)
+    capsys.readouterr()
+    assert main(["transcribe", "--model", str(out), "--device", "cpu", str(tmp_path / "clip.wav")]) == 0
+    printed = capsys.readouterr()
+    assert printed.out.startswith(f"{tmp_path / 'clip.wav'}: ") and "tokens/s" in printed.err
+    assert main(["transcribe", "--model", str(out), str(tmp_path / "missing.wav")]) == 2
+    assert "audio file not found" in capsys.readouterr().err
+
+
+def test_the_decoders_student_path_reads_the_student_encoders_states(whisper, calibration):
+    """With encoder blocks compressed, the first decoder block's two loss paths differ (same decoder input,
+    different cross-attention states); with the encoder left dense they coincide."""
+    shape = make_plan(whisper, PlanConfig(strategy="uniform", rank=8, reduction=None))
+    decoder_only = {n: r for n, r in shape.ranks.items() if ".decoder.layers.0." in n}
+    with_encoder = {**decoder_only, **{n: r for n, r in shape.ranks.items() if ".encoder.layers.1." in n}}
+    reports = {}
+    for label, ranks in (("decoder only", decoder_only), ("with encoder", with_encoder)):
+        plan = type(shape)(ranks, "custom", None, shape.model_type)
+        run = Compressor(whisper, calibration, plan, DistillConfig(lr=3e-3), batch_size=4).run()
+        reports[label] = run.layers[-1]
+        assert reports[label].layer == 2
+    dense = reports["decoder only"]
+    assert dense.final_loss_student_input == pytest.approx(dense.final_loss_teacher_input)
+    compressed = reports["with encoder"]
+    assert abs(compressed.final_loss_student_input - compressed.final_loss_teacher_input) > 1e-4
+
+
+def test_transcribing_with_a_text_model_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
+    _write_wav(tmp_path / "clip.wav", synthetic_clips(1, seed=5)[0], 16000)
+    assert main(["transcribe", "--model", str(tiny_model_dir), "--device", "cpu", str(tmp_path / "clip.wav")]) == 2
+    assert "needs a speech model" in capsys.readouterr().err
+
+
+def test_a_bf16_whisper_is_calibrated_and_distilled_on_the_cpu():
+    """A bf16 Whisper (the default on a GPU) gets bf16 features, so the capture's own forward accepts them;
+    without autocast (the CPU) its float32 student blocks get their bf16 inputs and cross-attention states
+    cast to float32 (Whisper's LayerNorm refuses mixed dtypes)."""
+    whisper = tiny_whisper()
+    whisper.model.to(torch.bfloat16)
+    whisper = dataclasses.replace(whisper, dtype=torch.bfloat16)
+    data = speech_calibration(whisper.model, whisper.tokenizer, whisper.feature_extractor,
+                              CalibrationConfig(tokens=32 * 16, seq_len=16, batch_size=4))
+    assert data.features.dtype == torch.bfloat16
+    starts, _ = capture_block_inputs(whisper.model, find_blocks(whisper.model), data, [slice(0, 4)], CPU)
+    assert starts[0].dtype == starts[2].dtype == torch.bfloat16
+    plan = make_plan(whisper, PlanConfig(strategy="uniform", rank=8, reduction=None))
+    run = Compressor(whisper, data, plan, DistillConfig(lr=3e-3), batch_size=4).run()
+    assert run.status == "completed" and [e.layer for e in run.layers] == [0, 1, 2, 3]
+    assert all(e.best_loss < e.init_loss for e in run.layers)
+
+
+def _recorded_speech(folder, count: int, texts: list[str] | None):
+    folder.mkdir()
+    for i, clip in enumerate(synthetic_clips(count, seed=7)):
+        _write_wav(folder / f"clip{i}.wav", clip, 16000)
+        if texts is not None:
+            (folder / f"clip{i}.txt").write_text(texts[i] + "\n")
+    return folder
+
+
+def test_held_out_speech_is_scored_against_its_true_texts(whisper, tmp_path):
+    recorded = _recorded_speech(tmp_path / "recorded", 3, ["zzz qqq", "zzz qqq", "zzz qqq"])
+    clips, texts = transcribed_clips(str(recorded))
+    assert len(clips) == 3 and texts == ["zzz qqq"] * 3
+    config = CalibrationConfig(seq_len=16, batch_size=4)
+    true = reference_transcripts(whisper.model, whisper.tokenizer, whisper.feature_extractor, config, str(recorded))
+    assert true.kind == "true transcripts" and len(true.ends) == 3
+    # Against its own transcripts the teacher is perfect; against texts it never wrote, it is not.
+    assert speech_metrics(whisper.model, true, whisper.tokenizer)["wer"] >= 1.0
+    untranscribed = _recorded_speech(tmp_path / "untranscribed", 2, None)
+    own = reference_transcripts(whisper.model, whisper.tokenizer, whisper.feature_extractor, config, str(untranscribed))
+    assert own.kind == "teacher transcripts" and speech_metrics(whisper.model, own, whisper.tokenizer)["wer"] == 0
+
+    (recorded / "clip1.txt").unlink()
+    with pytest.raises(CalibrationError, match="1 of 3 clips have no transcript"):
+        transcribed_clips(str(recorded))
+    with pytest.raises(CalibrationError, match="evaluation audio not found"):
+        transcribed_clips(str(tmp_path / "missing"))
+
+
+def test_cli_scores_a_speech_model_on_recorded_speech_only(whisper, tmp_path, capsys, monkeypatch):
+    folder = tmp_path / "tiny-whisper"
+    for part in (whisper.model, whisper.tokenizer, whisper.feature_extractor):
+        part.save_pretrained(folder)
+    recorded = _recorded_speech(tmp_path / "recorded", 2, ["zzz", "zzz"])
+    decoded = []
+
+    def counted(model, features, *args, **kwargs):
+        decoded.append(len(features))
+        return greedy_transcripts(model, features, *args, **kwargs)
+
+    monkeypatch.setattr(speech, "greedy_transcripts", counted)
+    assert main(["eval", "--model", str(folder), "--device", "cpu", "--eval-audio", str(recorded), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["wer"] >= 1.0 and summary["eval_clips"] == 2 and summary["parameters"] > 0
+    assert decoded == [2]  # each clip is transcribed once: a lone model has no teacher transcripts to make
+    assert main(["eval", "--model", str(folder), "--device", "cpu"]) == 2
+    assert "needs recorded speech with its true texts" in capsys.readouterr().err
