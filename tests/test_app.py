@@ -35,7 +35,10 @@ def wait_for(client, predicate, timeout=300):
     raise TimeoutError(f"last status: {status}")
 
 
-def test_end_to_end_compress_chat_export_reload(app):
+@pytest.fixture(scope="module")
+def distilled(app):
+    """The app's one real path, step by step: load the built-in model, preview the calibration set, apply a preset
+    and distil it. The tests below each take one step further from here, so none of them runs for minutes."""
     client, tmp = app
     card = client.predict("smollm2-135m-instruct", "", False, False, api_name="/load_model")
     assert "LlamaForCausalLM" in card and "134,515,008" in card
@@ -45,9 +48,17 @@ def test_end_to_end_compress_chat_export_reload(app):
     assert "reduction" in totals and "2." in totals
     client.predict("whitened", 3e-4, 1, "joint", 0, api_name="/start")
     status = wait_for(client, lambda s: s["status"] not in ("running", "queued"))
+    return client, tmp, status
+
+
+def test_a_distillation_started_in_the_app_completes_with_a_student(distilled):
+    _, _, status = distilled
     assert status["status"] == "completed", status
     assert status["student"] and "fewer" in status["student"]
 
+
+def test_chat_streams_teacher_and_student_with_their_speeds(distilled):
+    client, _, _ = distilled
     job = client.submit("Name a fruit.", [], [], 24, 0, 0.9, 50, 1.1, 0, api_name="/chat")
     outputs = list(job)
     teacher_msgs, student_msgs, teacher_speed, student_speed = job.result()[:4]
@@ -55,13 +66,19 @@ def test_end_to_end_compress_chat_export_reload(app):
     assert teacher_msgs[-1]["content"] and student_msgs[-1]["content"]
     assert "tokens/s" in teacher_speed and "tokens/s" in student_speed
 
-    table, _ = client.predict("default", 512, 128, False, True, "synthetic", api_name="/evaluate")
+
+def test_evaluate_compares_teacher_and_student(distilled):
+    client, _, _ = distilled
+    table, _ = client.predict("default", 512, 128, False, False, "synthetic", api_name="/evaluate")
     rows = {row[0]: row for row in table["data"]}
-    assert set(rows) == {"teacher", "student", "teacher int8", "student int8", "teacher int4", "student int4"}
+    assert set(rows) == {"teacher", "student"}
     headers = table["headers"]
     assert float(rows["student"][headers.index("perplexity")]) > 1
     assert rows["student"][headers.index("parameters")] != rows["teacher"][headers.index("parameters")]
 
+
+def test_exports_reload_the_standard_way_and_integer_weights_are_smaller(distilled):
+    client, tmp, _ = distilled
     note, _ = client.predict("e2e-student", "compressed (low-rank, smallest)", False, "float", api_name="/export")
     folder = tmp / "exports" / "e2e-student"
     assert str(folder) in note
