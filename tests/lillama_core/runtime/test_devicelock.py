@@ -40,7 +40,7 @@ def test_two_processes_cannot_compress_on_one_gpu(tmp_path, monkeypatch):
     assert other.wait(30) and other.status == "completed"
 
 
-HOLD = ("import sys; from pathlib import Path; from lillama_core.devicelock import DeviceLock; "
+HOLD = ("import sys; from pathlib import Path; from lillama_core.runtime.devicelock import DeviceLock; "
         "lock = DeviceLock('cuda:0', Path(sys.argv[1])).acquire('a script'); print('held', flush=True); "
         "sys.stdin.read()")
 

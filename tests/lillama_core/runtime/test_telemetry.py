@@ -47,9 +47,9 @@ import lillama_core
 for module in pkgutil.walk_packages(lillama_core.__path__, "lillama_core."):
     importlib.import_module(module.name)
 import torch
-from lillama_core.devicelock import DeviceLock
+from lillama_core.runtime.devicelock import DeviceLock
 from lillama_core.errors import JobBusyError
-from lillama_core.telemetry import MemoryMonitor
+from lillama_core.runtime.telemetry import MemoryMonitor
 root = Path(tempfile.mkdtemp())
 with DeviceLock("cuda:0", root).acquire("first"):
     try:
