@@ -3,10 +3,8 @@ against their true texts or the teacher's transcripts), speed, size and memory; 
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,6 +16,7 @@ from lillama_core.errors import ExportError
 from lillama_core.export import MODELING_FILE, export_student
 from lillama_core.metrics.evaluate import eval_windows, generation_speed, model_size, perplexity
 from lillama_core.modeling.quantize import MODES, quantize_weights, serialized_bytes
+from lillama_core.runtime.atomic import staged_file
 from lillama_core.tasks.speech import reference_transcripts, speech_metrics
 
 from .charts import comparison_chart, human, human_bytes
@@ -29,11 +28,9 @@ SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$")
 
 def zip_atomically(folder: Path) -> str:
     """folder.zip, written under a temporary name first so a half-written archive is never offered."""
-    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.zip-") as tmp:
-        partial = shutil.make_archive(str(Path(tmp) / folder.name), "zip", root_dir=folder.parent,
-                                      base_dir=folder.name)
-        final = folder.with_name(folder.name + ".zip")
-        os.replace(partial, final)
+    final = folder.with_name(folder.name + ".zip")
+    with staged_file(final) as staged:  # make_archive adds ".zip" to the name it is given
+        shutil.make_archive(str(staged.with_suffix("")), "zip", root_dir=folder.parent, base_dir=folder.name)
     return str(final)
 
 

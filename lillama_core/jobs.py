@@ -2,8 +2,9 @@
 
 A run folder holds config.json, plan.json, events.jsonl (appended as events happen), metrics.json and
 status.json, and the exported student in student/ (saved before the student is evaluated, so a failing
-evaluation loses nothing), and traceback.txt when something failed inside a model or the engine. The app polls a job's events; closing the browser
-does not touch the job, and reopening the page finds it again through the manager.
+evaluation loses nothing), and traceback.txt when something failed inside a model or the engine. The app
+polls a job's events; closing the browser does not touch the job, and reopening the page finds it again
+through the manager.
 """
 
 from __future__ import annotations
@@ -13,18 +14,18 @@ import re
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Callable
 
 from .config import RunConfig
 from .errors import ConfigError, JobBusyError, LillamaError, ModelForwardError, RunStopped
 from .events import Event, Phase, RunError, read_events
 from .modeling.loading import resolve_device
+from .runtime.atomic import write_json
 from .runtime.devicelock import DeviceLock
 from .runtime.failures import TRACEBACK_FILE, keep_traceback
-from .runtime.finite import json_safe
 from .runtime.paths import lillama_home
 
 STUDENT_DIR = "student"
@@ -55,14 +56,6 @@ def new_run_dir(root: Path, config: RunConfig, label: str = "") -> Path:
 def append_event(run_dir: Path, event: Event) -> None:
     with (run_dir / "events.jsonl").open("a", encoding="utf-8") as handle:
         handle.write(event.to_json() + "\n")
-
-
-def write_json(path: Path, data) -> None:
-    """Write through a temporary file and rename, so a reader never sees half a file. A NaN or inf
-    (a perplexity that overflowed) is written as null: they are not JSON."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(json_safe(data), indent=2, default=str, allow_nan=False))
-    tmp.replace(path)
 
 
 @dataclass
