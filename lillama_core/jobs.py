@@ -30,6 +30,7 @@ from .runtime.paths import lillama_home
 
 STUDENT_DIR = "student"
 LAYERS_DIR = "layers"
+STATUS_FILE = "status.json"
 
 
 def default_runs_root() -> Path:
@@ -51,6 +52,20 @@ def new_run_dir(root: Path, config: RunConfig, label: str = "") -> Path:
         path = base.with_name(f"{base.name}-{n}")
     path.mkdir(parents=True)
     return path
+
+
+def write_status(run_dir: Path, status: str, **facts) -> None:
+    """Record a run folder's state in its status.json, which `read_run` reads back after a restart.
+
+    Args:
+        run_dir: the run folder.
+        status: queued | running | completed | stopped | failed.
+        facts: what else the writer knows, e.g. message, the job's id and device, or the sweep it belongs to.
+
+    Raises:
+        OSError: the file could not be written; the previous status.json is left as it was.
+    """
+    write_json(run_dir / STATUS_FILE, {"status": status, **facts})
 
 
 def append_event(run_dir: Path, event: Event) -> None:
@@ -178,9 +193,8 @@ class JobManager:
 
     @staticmethod
     def _write_status(job: Job) -> None:
-        write_json(job.run_dir / "status.json", {"id": job.id, "kind": job.kind, "status": job.status,
-                                                 "message": job.message, "device": job.device,
-                                                 "started": job.started, "finished": job.finished})
+        write_status(job.run_dir, job.status, id=job.id, kind=job.kind, message=job.message, device=job.device,
+                     started=job.started, finished=job.finished)
 
 
 @dataclass
@@ -214,7 +228,7 @@ def read_run(path: Path) -> RunRecord:
         config = RunConfig.from_dict(raw_config) if raw_config else None
     except LillamaError:
         config = None
-    status = (load("status.json") or {}).get("status", "unknown")
+    status = (load(STATUS_FILE) or {}).get("status", "unknown")
     if status in ("queued", "running"):
         status = "interrupted"  # the process that ran it is gone
     return RunRecord(path, config, status, load("metrics.json") or {}, (path / STUDENT_DIR / "lillama.json").exists())
@@ -318,7 +332,7 @@ def sweep_work(base: RunConfig, reductions: list[float], runs_root: Path, loaded
             config.validate()
             run_dir = new_run_dir(runs_root, config)
             config.save(run_dir / "config.json")
-            write_json(run_dir / "status.json", {"status": "running", "sweep": job.id})
+            write_status(run_dir, "running", sweep=job.id)
             job.record(Phase("sweep", f"run {i}/{len(reductions)}: {reduction:.0%} fewer parameters -> {run_dir.name}"))
 
             def on_event(event, run_dir=run_dir):
@@ -333,10 +347,10 @@ def sweep_work(base: RunConfig, reductions: list[float], runs_root: Path, loaded
                 if isinstance(exc, ModelForwardError):
                     keep_traceback(exc, run_dir)
                 status = "stopped" if isinstance(exc, RunStopped) else "failed"
-                write_json(run_dir / "status.json", {"status": status, "message": str(exc), "sweep": job.id})
+                write_status(run_dir, status, message=str(exc), sweep=job.id)
                 raise
             ppl = result.metrics.get("teacher_ppl", ppl)
-            write_json(run_dir / "status.json", {"status": result.run.status, "sweep": job.id})
+            write_status(run_dir, result.run.status, sweep=job.id)
             results.append((run_dir, result))
         return results
 
