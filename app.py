@@ -16,6 +16,7 @@ import gradio as gr  # noqa: E402
 
 from components import chat, distill, evaluate, explore, model_data, ranks  # noqa: E402
 from components.charts import run_progress  # noqa: E402
+from components.controller import Controller  # noqa: E402
 from components.studio import Studio  # noqa: E402
 from components.theme import css, header_html, theme  # noqa: E402
 from lillama_core.config import ModelConfig  # noqa: E402
@@ -55,16 +56,17 @@ def job_status(studio: Studio) -> dict:
 
 
 def build_app(studio: Studio, uploads_root: Path) -> gr.Blocks:
+    controller = Controller(studio)  # the handlers of chat, evaluation and presets; one per app
     with gr.Blocks(title="Lillama Studio") as demo:
         header = gr.HTML(header_html(header_chips(studio)))
         panels = {}
         with gr.Tabs() as tabs:
             builders = [
                 ("model", lambda: model_data.build(studio, uploads_root)),
-                ("ranks", lambda: ranks.build(studio)),
+                ("ranks", lambda: ranks.build(controller)),
                 ("distill", lambda: distill.build(studio)),
-                ("chat", lambda: chat.build(studio)),
-                ("evaluate", lambda: evaluate.build(studio)),
+                ("chat", lambda: chat.build(controller)),
+                ("evaluate", lambda: evaluate.build(controller)),
                 ("explore", lambda: explore.build(studio)),
             ]
             tab_objects = {}

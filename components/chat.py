@@ -3,28 +3,32 @@ sampling settings and seed, and tokens/s under each answer; speech models transc
 
 from __future__ import annotations
 
-import queue
-import threading
+from collections.abc import Iterator
+from contextlib import closing
+from typing import TYPE_CHECKING
 
 import gradio as gr
 
-from lillama_core.chat import SamplingConfig, stream_chat
 from lillama_core.tasks.speech import SAMPLING_RATE, to_mono, transcribe
 
-from .common import friendly, user_errors
+from .common import user_errors
+from .settings import ChatFrame, ChatSettings
 from .studio import Studio
+
+if TYPE_CHECKING:  # the controller imports this module's helpers
+    from .controller import Controller
 
 NO_STUDENT = "No student yet: run a distillation in step 3, or load a finished run in step 6."
 
 
-def _speed(update) -> str:
+def speed_line(update) -> str:
     if update is None:
         return ""
     state = "" if update.done else " · generating…"
     return f"{update.new_tokens} tokens · {update.tokens_per_s:.1f} tokens/s{state}"
 
 
-def _history(messages: list[dict]) -> list[dict]:
+def plain_history(messages: list[dict]) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
@@ -48,7 +52,25 @@ def transcribe_both(studio: Studio, clip) -> tuple[str, str]:
     return shown[0], shown[1]
 
 
-def build(studio: Studio) -> dict:
+def chat_outputs(frames: Iterator[ChatFrame]) -> Iterator[tuple]:
+    """The chat outputs (both chatbots, both speed lines, the prompt box, the Send button) for each frame:
+    the prompt is cleared and Send disabled while the models answer; a blank prompt changes nothing."""
+    shown = False
+    for frame in frames:
+        both = (frame.teacher, frame.student, frame.teacher_speed, frame.student_speed)
+        if not shown:
+            yield *both, "", gr.update(interactive=False)
+        elif frame.done:
+            yield *both, "", gr.update(interactive=True)
+        else:
+            yield *both, gr.skip(), gr.skip()
+        shown = True
+    if not shown:
+        yield (gr.skip(),) * 6
+
+
+def build(controller: Controller) -> dict:
+    studio = controller.studio
     with gr.Row():
         with gr.Column():
             teacher_title = gr.Markdown("**Teacher**")
@@ -78,7 +100,6 @@ def build(studio: Studio) -> dict:
         with gr.Row():
             teacher_transcript = gr.Textbox(label="Teacher's transcript", interactive=False)
             student_transcript = gr.Textbox(label="Student's transcript", interactive=False)
-    stops: dict[str, threading.Event] = {}  # per browser session, so Stop ends only that tab's answer
 
     def titles():
         loaded = studio.loaded
@@ -86,77 +107,22 @@ def build(studio: Studio) -> dict:
         return (f"**Teacher** · {loaded.name if loaded else studio.model_config.name}",
                 f"**Student** · {student.label}" if student else f"**Student** · _{NO_STUDENT}_")
 
-    def respond(message, teacher_msgs, student_msgs, max_new_v, temp_v, top_p_v, top_k_v, penalty_v, seed_v,
-                request: gr.Request):
-        if not (message or "").strip():
-            yield gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
-            return
-        try:
-            loaded = studio.ensure_loaded()
-        except Exception as exc:
-            raise gr.Error(friendly(exc)) from None
-        if loaded.feature_extractor is not None:
-            raise gr.Error("this is a speech model: it transcribes audio rather than chats. Use 'transcribe audio "
-                           "with both' below, or step 5 (perplexity and word error rate on held-out clips)")
-        student = studio.current_student()
-        sampling = SamplingConfig(int(max_new_v), float(temp_v), float(top_p_v), int(top_k_v), float(penalty_v),
-                                  int(seed_v or 0))
-        stop = stops[request.session_hash] = threading.Event()
-        updates: queue.Queue = queue.Queue()
-        sides = {"teacher": (loaded.model, loaded.tokenizer, _history(teacher_msgs))}
-        if student:
-            sides["student"] = (student.model, student.tokenizer, _history(student_msgs))
-
-        def produce(side, model, tokenizer, history):
-            try:
-                for update in stream_chat(model, tokenizer, message, sampling, history, stop):
-                    updates.put((side, update, None))
-            except Exception as exc:  # shown in that model's pane; the other keeps going
-                updates.put((side, None, friendly(exc)))
-            updates.put((side, None, "done"))
-
-        threads = [threading.Thread(target=produce, args=(side, *args), daemon=True) for side, args in sides.items()]
-        for t in threads:
-            t.start()
-        try:
-            teacher_msgs = teacher_msgs + [{"role": "user", "content": message},
-                                           {"role": "assistant", "content": ""}]
-            student_msgs = student_msgs + [{"role": "user", "content": message},
-                                           {"role": "assistant", "content": "" if student else NO_STUDENT}]
-            latest = {"teacher": None, "student": None}
-            running = len(threads)
-            yield teacher_msgs, student_msgs, "", "", "", gr.update(interactive=False)
-            while running:
-                side, update, note = updates.get()
-                msgs = teacher_msgs if side == "teacher" else student_msgs
-                if note == "done":
-                    running -= 1
-                elif note:
-                    msgs[-1]["content"] = f"⚠ {note}"
-                else:
-                    latest[side] = update
-                    msgs[-1]["content"] = update.text
-                if updates.empty():  # coalesce bursts so the browser gets one update per batch of tokens
-                    yield (teacher_msgs, student_msgs, _speed(latest["teacher"]), _speed(latest["student"]),
-                           gr.skip(), gr.skip())
-            yield (teacher_msgs, student_msgs, _speed(latest["teacher"]), _speed(latest["student"]), "",
-                   gr.update(interactive=True))
-        finally:
-            # also when the browser goes away mid-answer and gradio closes this generator: no orphan decoding
-            stop.set()
-            if stops.get(request.session_hash) is stop:
-                stops.pop(request.session_hash)
+    def on_respond(message, teacher_msgs, student_msgs, max_new_v, temp_v, top_p_v, top_k_v, penalty_v, seed_v,
+                   request: gr.Request):
+        settings = ChatSettings.from_inputs(max_new_v, temp_v, top_p_v, top_k_v, penalty_v, seed_v,
+                                            request.session_hash)
+        frames = controller.respond(message, teacher_msgs, student_msgs, settings)
+        with closing(frames):  # gradio closes this generator when the tab goes away: stop the decoding too
+            yield from chat_outputs(frames)
 
     sampling_inputs = [max_new, temperature, top_p, top_k, penalty, seed]
     outputs = [teacher_box, student_box, teacher_speed, student_speed, prompt, send]
     for trigger, api_name in ((send.click, "chat"), (prompt.submit, "chat_submit")):
-        trigger(respond, [prompt, teacher_box, student_box, *sampling_inputs], outputs, concurrency_id="chat",
+        trigger(on_respond, [prompt, teacher_box, student_box, *sampling_inputs], outputs, concurrency_id="chat",
                 concurrency_limit=2, api_name=api_name)
 
     def on_halt(request: gr.Request):
-        stop = stops.get(request.session_hash)
-        if stop is not None:
-            stop.set()
+        controller.stop_chat(request.session_hash)
 
     @user_errors
     def on_transcribe(clip):

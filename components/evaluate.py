@@ -3,37 +3,36 @@ against their true texts or the teacher's transcripts), speed, size and memory; 
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import tempfile
-from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gradio as gr
 import pandas as pd
 
-from lillama_core.data.calibration import read_eval_text
 from lillama_core.errors import ExportError
 from lillama_core.export import MODELING_FILE, export_student
-from lillama_core.metrics.evaluate import eval_windows, generation_speed, model_size, perplexity
-from lillama_core.modeling.quantize import MODES, quantize_weights, serialized_bytes
-from lillama_core.tasks.speech import reference_transcripts, speech_metrics
+from lillama_core.metrics.evaluate import generation_speed, model_size, perplexity
+from lillama_core.modeling.quantize import MODES, serialized_bytes
+from lillama_core.runtime.atomic import staged_file
+from lillama_core.tasks.speech import speech_metrics
 
-from .charts import comparison_chart, human, human_bytes
-from .common import plot, user_errors
-from .studio import Studio
+from .charts import human, human_bytes
+from .common import user_errors
+from .settings import EvalSettings
+
+if TYPE_CHECKING:  # the controller imports this module's helpers
+    from .controller import Controller
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,80}$")
 
 
 def zip_atomically(folder: Path) -> str:
     """folder.zip, written under a temporary name first so a half-written archive is never offered."""
-    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=f".{folder.name}.zip-") as tmp:
-        partial = shutil.make_archive(str(Path(tmp) / folder.name), "zip", root_dir=folder.parent,
-                                      base_dir=folder.name)
-        final = folder.with_name(folder.name + ".zip")
-        os.replace(partial, final)
+    final = folder.with_name(folder.name + ".zip")
+    with staged_file(final) as staged:  # make_archive adds ".zip" to the name it is given
+        shutil.make_archive(str(staged.with_suffix("")), "zip", root_dir=folder.parent, base_dir=folder.name)
     return str(final)
 
 
@@ -90,7 +89,8 @@ def table(rows: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(shown)
 
 
-def build(studio: Studio) -> dict:
+def build(controller: Controller) -> dict:
+    studio = controller.studio
     with gr.Row():
         text = gr.Textbox(value="default", label="Held-out text file",
                           info="default: WikiText-2 test (never used for calibration)")
@@ -119,41 +119,10 @@ def build(studio: Studio) -> dict:
 
     @user_errors
     def on_evaluate(text_value, tokens_value, seq_value, batch16_value, int8_value, audio_value="synthetic",
-                    progress=gr.Progress()):
-        loaded = studio.ensure_loaded()
-        studio.eval = replace(studio.eval, text=studio.confine(text_value) or "default", tokens=int(tokens_value),
-                              seq_len=int(seq_value), audio=studio.confine(audio_value or "") or "synthetic")
-        if loaded.feature_extractor is not None:
-            progress(0, desc="the teacher transcribes held-out clips")
-            reference = reference_transcripts(loaded.model, loaded.tokenizer, loaded.feature_extractor,
-                                              studio.calibration, studio.eval.audio)
-            windows = None
-        else:
-            windows = eval_windows(loaded.tokenizer, read_eval_text(studio.eval.text), studio.eval.tokens,
-                                   studio.eval.seq_len)
-        batches = (1, 16) if batch16_value else (1,)
-        key = (studio.model_config.name, studio.eval.text, studio.eval.tokens, studio.eval.seq_len)
-        models = [("teacher", loaded.model, loaded.tokenizer)]
-        student = studio.current_student()
-        if student is None:
-            gr.Warning("no student yet: showing the teacher alone")
-        else:
-            models.append(("student", student.model, student.tokenizer))
-        if int8_value:
-            models += [(f"{label} {mode}", quantize_weights(model, mode), tok)
-                       for label, model, tok in models for mode in MODES]
-        rows = []
-        for i, (label, model, tok) in enumerate(models):
-            progress(i / len(models), desc=label)
-            if windows is None:
-                rows.append(measure_speech(model, tok, reference, label, studio.calibration.batch_size))
-            else:
-                rows.append(measure(model, tok, windows, label, batches))
-            base, _, mode = label.partition(" ")
-            if mode:  # integer weights are buffers, not nn.Parameters: the count is the float model's
-                rows[-1]["parameters"] = next(r["parameters"] for r in rows if r["model"] == base)
-        studio.teacher_ppl[key] = rows[0]["perplexity"]
-        return table(rows), plot(comparison_chart(rows))
+                    progress=gr.Progress()):  # noqa: B008 - gradio injects the progress tracker through this default
+        settings = EvalSettings(text_value, int(tokens_value), int(seq_value), bool(batch16_value), bool(int8_value),
+                                audio_value)
+        return controller.evaluate(settings, progress)
 
     run.click(on_evaluate, [text, tokens, seq_len, batch16, int8, audio], [results, chart], concurrency_id="model",
               concurrency_limit=1, api_name="evaluate")

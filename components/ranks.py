@@ -7,6 +7,7 @@ import math
 import tempfile
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gradio as gr
 
@@ -15,7 +16,11 @@ from lillama_core.planning.ranks import ModelShape, ModuleShape
 
 from .charts import human, human_bytes, plan_chart
 from .common import plot, user_errors
+from .settings import PresetSettings
 from .studio import Studio
+
+if TYPE_CHECKING:  # the controller imports this module's helpers
+    from .controller import Controller
 
 STRATEGY_LABELS = {"sensitivity": "Sensitivity (measured: spare the layers that hurt most)",
                    "energy": "Energy (rank where the spectrum needs it)", "uniform": "Uniform rank",
@@ -96,7 +101,20 @@ def layer_titles(shape: ModelShape) -> dict[int, str]:
     return titles
 
 
-def build(studio: Studio) -> dict:
+def shown_plan(studio: Studio, current_version: int) -> tuple:
+    """The Ranks panel's outputs (totals, chart, version, then the preset inputs) for the plan as the server
+    holds it: it may have changed from another tab or the API. Nothing changes before a model is loaded."""
+    if studio.loaded is None:
+        return (gr.skip(),) * 9
+    studio.current_plan()
+    config = studio.plan_config
+    return (totals_html(studio), chart(studio), current_version + 1, config.strategy,
+            round(100 * (config.reduction or 0.2)), round(100 * config.layer_keep), config.rank or 0,
+            gr.update(**group_picker(studio)), config.rank_multiple)
+
+
+def build(controller: Controller) -> dict:
+    studio = controller.studio
     version = gr.State(0)  # bumped when the whole plan changes, so the sliders are drawn again
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
@@ -170,13 +188,9 @@ def build(studio: Studio) -> dict:
     @user_errors
     def on_apply(strategy_value, reduction_value, keep_value, rank_value, group_values, current_version,
                  multiple_value=PlanConfig.rank_multiple):
-        rank = int(rank_value) if rank_value else None
-        config = PlanConfig(strategy=strategy_value, reduction=None if rank else reduction_value / 100, rank=rank,
-                            layer_keep=keep_value / 100, groups=list(group_values), rank_multiple=int(multiple_value))
-        if config.strategy == "energy" and studio.loaded is not None:
-            gr.Info("measuring whitened spectra on a slice of the calibration set…")
-        studio.apply_preset(config)
-        return (*refresh(), current_version + 1)
+        settings = PresetSettings(strategy_value, reduction_value, keep_value, rank_value, tuple(group_values),
+                                  multiple_value)
+        return (*controller.apply_preset(settings), current_version + 1)
 
     apply.click(on_apply, [strategy, reduction, layer_keep, fixed_rank, groups, version, multiple],
                 [totals, plot, version],
@@ -198,14 +212,7 @@ def build(studio: Studio) -> dict:
     load.upload(on_load, [load, version], [totals, plot, version])
 
     def on_show(current_version):
-        """Draw the plan as the server holds it: it may have changed from another tab or the API."""
-        if studio.loaded is None:
-            return (gr.skip(),) * 9
-        studio.current_plan()
-        config = studio.plan_config
-        return (*refresh(), current_version + 1, config.strategy, round(100 * (config.reduction or 0.2)),
-                round(100 * config.layer_keep), config.rank or 0, gr.update(**group_picker(studio)),
-                config.rank_multiple)
+        return shown_plan(studio, current_version)
 
     return {"on_show": (on_show, [version],
                         [totals, plot, version, strategy, reduction, layer_keep, fixed_rank, groups, multiple])}

@@ -251,7 +251,3 @@ def from_dict(cls, data):
         hint = hints[key]
         kwargs[key] = from_dict(hint, value) if dataclasses.is_dataclass(hint) else value
     return cls(**kwargs)
-
-
-def field_help(cls) -> dict[str, str]:
-    return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}

@@ -1,6 +1,18 @@
 """Exceptions a user can cause. Each carries one sentence that the CLI and the app show as is."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's message, for a one-line error built on a library's error.
+
+    Args:
+        exc: any exception; its message may be empty or span many lines.
+
+    Returns:
+        That line, stripped, or the exception's type name when the message has no text.
+    """
+    return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+
 class LillamaError(Exception):
     """Base for every error caused by user input or the environment, never by a bug in the engine."""
 

@@ -2,8 +2,9 @@
 
 A run folder holds config.json, plan.json, events.jsonl (appended as events happen), metrics.json and
 status.json, and the exported student in student/ (saved before the student is evaluated, so a failing
-evaluation loses nothing), and traceback.txt when something failed inside a model or the engine. The app polls a job's events; closing the browser
-does not touch the job, and reopening the page finds it again through the manager.
+evaluation loses nothing), and traceback.txt when something failed inside a model or the engine. The app
+polls a job's events; closing the browser does not touch the job, and reopening the page finds it again
+through the manager.
 """
 
 from __future__ import annotations
@@ -13,22 +14,23 @@ import re
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Callable
 
 from .config import RunConfig
 from .errors import ConfigError, JobBusyError, LillamaError, ModelForwardError, RunStopped
 from .events import Event, Phase, RunError, read_events
 from .modeling.loading import resolve_device
+from .runtime.atomic import write_json
 from .runtime.devicelock import DeviceLock
 from .runtime.failures import TRACEBACK_FILE, keep_traceback
-from .runtime.finite import json_safe
 from .runtime.paths import lillama_home
 
 STUDENT_DIR = "student"
 LAYERS_DIR = "layers"
+STATUS_FILE = "status.json"
 
 
 def default_runs_root() -> Path:
@@ -52,17 +54,23 @@ def new_run_dir(root: Path, config: RunConfig, label: str = "") -> Path:
     return path
 
 
+def write_status(run_dir: Path, status: str, **facts) -> None:
+    """Record a run folder's state in its status.json, which `read_run` reads back after a restart.
+
+    Args:
+        run_dir: the run folder.
+        status: queued | running | completed | stopped | failed.
+        facts: what else the writer knows, e.g. message, the job's id and device, or the sweep it belongs to.
+
+    Raises:
+        OSError: the file could not be written; the previous status.json is left as it was.
+    """
+    write_json(run_dir / STATUS_FILE, {"status": status, **facts})
+
+
 def append_event(run_dir: Path, event: Event) -> None:
     with (run_dir / "events.jsonl").open("a", encoding="utf-8") as handle:
         handle.write(event.to_json() + "\n")
-
-
-def write_json(path: Path, data) -> None:
-    """Write through a temporary file and rename, so a reader never sees half a file. A NaN or inf
-    (a perplexity that overflowed) is written as null: they are not JSON."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(json_safe(data), indent=2, default=str, allow_nan=False))
-    tmp.replace(path)
 
 
 @dataclass
@@ -185,9 +193,8 @@ class JobManager:
 
     @staticmethod
     def _write_status(job: Job) -> None:
-        write_json(job.run_dir / "status.json", {"id": job.id, "kind": job.kind, "status": job.status,
-                                                 "message": job.message, "device": job.device,
-                                                 "started": job.started, "finished": job.finished})
+        write_status(job.run_dir, job.status, id=job.id, kind=job.kind, message=job.message, device=job.device,
+                     started=job.started, finished=job.finished)
 
 
 @dataclass
@@ -221,7 +228,7 @@ def read_run(path: Path) -> RunRecord:
         config = RunConfig.from_dict(raw_config) if raw_config else None
     except LillamaError:
         config = None
-    status = (load("status.json") or {}).get("status", "unknown")
+    status = (load(STATUS_FILE) or {}).get("status", "unknown")
     if status in ("queued", "running"):
         status = "interrupted"  # the process that ran it is gone
     return RunRecord(path, config, status, load("metrics.json") or {}, (path / STUDENT_DIR / "lillama.json").exists())
@@ -325,7 +332,7 @@ def sweep_work(base: RunConfig, reductions: list[float], runs_root: Path, loaded
             config.validate()
             run_dir = new_run_dir(runs_root, config)
             config.save(run_dir / "config.json")
-            write_json(run_dir / "status.json", {"status": "running", "sweep": job.id})
+            write_status(run_dir, "running", sweep=job.id)
             job.record(Phase("sweep", f"run {i}/{len(reductions)}: {reduction:.0%} fewer parameters -> {run_dir.name}"))
 
             def on_event(event, run_dir=run_dir):
@@ -340,10 +347,10 @@ def sweep_work(base: RunConfig, reductions: list[float], runs_root: Path, loaded
                 if isinstance(exc, ModelForwardError):
                     keep_traceback(exc, run_dir)
                 status = "stopped" if isinstance(exc, RunStopped) else "failed"
-                write_json(run_dir / "status.json", {"status": status, "message": str(exc), "sweep": job.id})
+                write_status(run_dir, status, message=str(exc), sweep=job.id)
                 raise
             ppl = result.metrics.get("teacher_ppl", ppl)
-            write_json(run_dir / "status.json", {"status": result.run.status, "sweep": job.id})
+            write_status(run_dir, result.run.status, sweep=job.id)
             results.append((run_dir, result))
         return results
 

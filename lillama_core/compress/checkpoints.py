@@ -18,6 +18,7 @@ from torch import nn
 
 from ..events import LayerFinished
 from ..modeling.shipped import apply_rank_map
+from ..runtime.atomic import staged_file, write_text
 
 
 class LayerCheckpoints:
@@ -32,17 +33,9 @@ class LayerCheckpoints:
         self.folder.mkdir(parents=True, exist_ok=True)
         weights, meta = self._paths(index)
         state = {k: v.detach().contiguous().cpu() for k, v in block.state_dict().items()}
-        tmp = weights.with_name(f".{weights.name}.tmp")
-        save_file(state, str(tmp))
-        os.replace(tmp, weights)
-        tmp = meta.with_name(f".{meta.name}.tmp")
-        tmp.write_text(json.dumps({"ranks": ranks, "report": asdict(report)}))
-        os.replace(tmp, meta)
-
-    def done(self) -> list[int]:
-        if not self.folder.exists():
-            return []
-        return sorted(int(p.stem.split("_")[1]) for p in self.folder.glob("layer_*.json"))
+        with staged_file(weights) as staged:
+            save_file(state, str(staged))
+        write_text(meta, json.dumps({"ranks": ranks, "report": asdict(report)}))
 
     def restore(self, index: int, teacher_block: nn.Module) -> tuple[nn.Module, dict[str, int], LayerFinished] | None:
         """The saved student block (built on a copy of the teacher block), its ranks and report."""

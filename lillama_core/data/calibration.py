@@ -21,7 +21,7 @@ import torch
 from jinja2 import TemplateError  # what a chat template's raise_exception() raises in transformers
 
 from ..config import CalibrationConfig
-from ..errors import CalibrationError
+from ..errors import CalibrationError, first_line
 from ..runtime.paths import ASSETS
 
 DEFAULT_SOURCES = (ASSETS / "calibration" / "wikitext2_valid.txt", ASSETS / "calibration" / "alpaca_seed_tasks.jsonl")
@@ -133,9 +133,8 @@ def _dataset(config: CalibrationConfig) -> Iterator[dict]:
         stream = datasets.load_dataset(config.source, config.dataset_config, split=config.split, streaming=True)
         yield from stream
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise CalibrationError(
-            f"could not read dataset {config.source!r} (split {config.split!r}): {first}. "
+            f"could not read dataset {config.source!r} (split {config.split!r}): {first_line(exc)}. "
             "Without internet, use the built-in set or a local file."
         ) from None
 

@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import os
-import shutil
-import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
 from ..config import ModelConfig
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, first_line
+from ..runtime.atomic import staged_folder
 from ..runtime.offload import stream_blocks
 from ..runtime.paths import lillama_home
 from .discovery import count_parameters, find_blocks, find_linears, weight_bytes
@@ -70,11 +68,6 @@ class LoadedModel:
     dtype: torch.dtype
     feature_extractor: object | None = None  # audio features of speech models (Whisper); None for text models
 
-    def __post_init__(self):
-        # Fused MoE experts (3-D tensors) become per-expert nn.Linear modules, checked to give the same
-        # output, so every step after this sees the experts as ordinary linear layers.
-        unfuse_experts(self.model)
-
     @property
     def num_layers(self) -> int:
         return len(find_blocks(self.model))
@@ -115,26 +108,19 @@ def convert_gguf(gguf: Path) -> Path:
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as exc:  # transformers raises many types for a bad file
-        raise ModelLoadError(f"could not read GGUF file {gguf}: {_first_line(exc)}") from None
+        raise ModelLoadError(f"could not read GGUF file {gguf}: {first_line(exc)}") from None
     # The de-quantised weights are ordinary tensors; the GGUF quantizer only blocks saving them.
     model.config.__dict__.pop("quantization_config", None)
     model.hf_quantizer = None
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
     try:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        os.replace(staging, target)
+        with staged_folder(target) as staging:
+            model.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
     except OSError:
-        shutil.rmtree(staging, ignore_errors=True)
         if not (target / "config.json").exists():  # another process may have won the race
             raise
     return target
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0]
 
 
 WEIGHT_FILES = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
@@ -194,6 +180,9 @@ def load_model(config: ModelConfig | None = None, **overrides) -> LoadedModel:
     if not blocks:
         raise ModelLoadError(f"{config.name}: found no repeated blocks with linear layers to compress")
     model.eval()
+    # Fused MoE experts (3-D tensors) become per-expert nn.Linear modules, checked to give the same
+    # output, so every step after this sees the experts as ordinary linear layers.
+    unfuse_experts(model)
     if config.offload and device.type != "cpu":
         stream_blocks(model, [block.module for block in blocks], device)
     else:
@@ -211,7 +200,7 @@ def is_speech_seq2seq(model_config) -> bool:
 
 
 def _explain_load_failure(name: str, exc: BaseException) -> str:
-    detail = _first_line(exc)
+    detail = first_line(exc)
     if "trust_remote_code" in str(exc):
         return f"{name} needs code from its repository; enable trust_remote_code only if you trust it"
     if any(k in detail.lower() for k in ("connection", "offline", "resolve", "couldn't connect", "network")):

@@ -8,7 +8,7 @@ from lillama_core.config import RunConfig
 from lillama_core.errors import CalibrationError, JobBusyError, LillamaError
 from lillama_core.events import LayerFinished, Phase
 from lillama_core.export import load_compressed, rank_map_of
-from lillama_core.jobs import JobManager, compression_work, list_runs, read_run, resume_work
+from lillama_core.jobs import JobManager, compression_work, list_runs, read_run, resume_work, sweep_work, write_status
 
 
 @pytest.fixture
@@ -197,3 +197,41 @@ def test_a_failing_evaluation_fails_the_job_in_one_line_and_keeps_the_student(ma
     assert job.result is not None and job.result.run.applied.ranks  # the app can still chat with it
     model, _ = load_compressed(job.run_dir / "student")
     assert model is not None
+
+
+def test_write_status_keeps_the_state_and_the_facts_read_run_reads_back(tmp_path):
+    write_status(tmp_path, "running", sweep="sweep-1", message="")
+    assert json.loads((tmp_path / "status.json").read_text()) == {"status": "running", "sweep": "sweep-1",
+                                                                  "message": ""}
+    assert read_run(tmp_path).status == "interrupted"  # nobody in this process runs it
+
+
+def test_a_sweep_records_each_run_folder_status_with_the_same_writer_as_jobs(manager, tiny, tiny_config, tmp_path,
+                                                                             monkeypatch):
+    from lillama_core import jobs, pipeline
+
+    written = []
+    real = jobs.write_status
+
+    def spy(run_dir, status, **facts):
+        written.append((run_dir, status))
+        real(run_dir, status, **facts)
+
+    monkeypatch.setattr(jobs, "write_status", spy)
+    job = manager.submit("sweep", tiny_config, sweep_work(tiny_config, [0.1], manager.runs_root, tiny), label="sweep")
+    assert job.wait(120) and job.status == "completed", job.message
+    (run_dir, _), = job.result
+    assert json.loads((run_dir / "status.json").read_text()) == {"status": "completed", "sweep": job.id}
+    assert [s for d, s in written if d == run_dir] == ["running", "completed"]
+    assert [s for d, s in written if d == job.run_dir] == ["queued", "running", "completed"]
+
+    def no_data(*args, **kwargs):
+        raise CalibrationError("calibration text is empty")
+
+    monkeypatch.setattr(pipeline, "run_pipeline", no_data)
+    job = manager.submit("sweep", tiny_config, sweep_work(tiny_config, [0.2], manager.runs_root, tiny), label="sweep")
+    assert job.wait(60) and job.status == "failed"
+    failed = next(r for r in list_runs(manager.runs_root) if r.config and r.config.plan.reduction == 0.2
+                  and r.path != job.run_dir)
+    assert json.loads((failed.path / "status.json").read_text()) == {
+        "status": "failed", "message": "calibration text is empty", "sweep": job.id}

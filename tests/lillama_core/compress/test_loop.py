@@ -13,7 +13,7 @@ from lillama_core.errors import NonFiniteError, RankPlanError
 from lillama_core.events import RunFinished, Step, event_from_dict
 from lillama_core.modeling.discovery import share_weights_copy
 from lillama_core.modeling.loading import LoadedModel
-from lillama_core.modeling.shipped import LowRankLinear
+from lillama_core.modeling.shipped import LowRankLinear, unfuse_experts
 from lillama_core.planning.planner import make_plan
 from lillama_core.planning.ranks import ModelShape, RankPlan, build_plan
 
@@ -235,6 +235,7 @@ def _mixtral_routing_only_to_experts_0_and_1():
         gate = model.model.layers[0].mlp.gate.weight
         gate[1] = -gate[0]
         gate[2:] = 0.0
+    unfuse_experts(model)  # as load_model does
     return LoadedModel(model, tokenizer, "mixtral", "random", torch.device("cpu"), torch.float32)
 
 

@@ -12,7 +12,7 @@ from lillama_core.data.calibration import CalibrationData
 from lillama_core.export import export_student, load_compressed
 from lillama_core.modeling.discovery import find_blocks, find_linears, module_group
 from lillama_core.modeling.loading import LoadedModel
-from lillama_core.modeling.shipped import LowRankLinear
+from lillama_core.modeling.shipped import LowRankLinear, unfuse_experts
 from lillama_core.planning.planner import make_plan
 
 COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -37,6 +37,7 @@ def build(name):
     tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
     model = model_cls(config_cls(vocab_size=len(tokenizer), **kwargs)).eval()
+    unfuse_experts(model)  # as load_model does: fused MoE experts become linears the planner can see
     return LoadedModel(model, tokenizer, name, "random", torch.device("cpu"), torch.float32)
 
 

@@ -167,3 +167,22 @@ def test_unknown_architecture_and_remote_code_need_opt_in(tmp_path, tiny):
     (plain / "config.json").write_text(json.dumps({"model_type": "lillama_made_up_arch"}))
     with pytest.raises(ModelLoadError, match="not supported by the installed transformers"):
         load_model(ModelConfig(name=str(plain), device="cpu"))
+
+
+def test_load_model_unfuses_moe_experts_and_a_loaded_model_leaves_its_model_alone(tmp_path):
+    import transformers as T
+    from tiny import tiny_tokenizer
+
+    from lillama_core.modeling.loading import LoadedModel
+    from lillama_core.modeling.shipped import UnfusedExperts, is_fused_experts
+
+    tokenizer = tiny_tokenizer()
+    config = T.MixtralConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+    model = T.MixtralForCausalLM(config).eval()
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    by_hand = LoadedModel(model, tokenizer, "mixtral", "random", torch.device("cpu"), torch.float32)
+    assert is_fused_experts(by_hand.model.model.layers[0].mlp.experts)  # building one rewrites nothing
+    loaded = load_model(ModelConfig(name=str(tmp_path), device="cpu"))
+    assert all(isinstance(layer.mlp.experts, UnfusedExperts) for layer in loaded.model.model.layers)

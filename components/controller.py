@@ -1,0 +1,205 @@
+"""The app's handlers, as named methods on one controller over the Studio (as LlamaBoard's Runner holds
+run_eval / set_abort / monitor): the panels' build() functions only lay out components and adapt gradio
+inputs to the settings dataclasses below, so the handlers can be called and tested without a browser."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+
+import gradio as gr
+
+from lillama_core.chat import SamplingConfig, stream_chat
+from lillama_core.data.calibration import read_eval_text
+from lillama_core.metrics.evaluate import eval_windows
+from lillama_core.modeling.quantize import MODES, quantize_weights
+from lillama_core.tasks.speech import reference_transcripts
+
+from . import chat, evaluate, ranks
+from .charts import comparison_chart
+from .common import friendly, plot
+from .settings import ChatFrame, ChatSettings, EvalSettings, PresetSettings
+from .studio import Studio
+
+
+def _no_progress(fraction: float, desc: str = "") -> None:
+    pass
+
+
+class Controller:
+    """Chat, evaluation and rank presets for every browser tab, over one Studio."""
+
+    def __init__(self, studio: Studio):
+        self.studio = studio
+        self._chat_stops: dict[str, threading.Event] = {}  # per browser session
+
+    # ---- chat ----
+
+    def respond(self, message: str, teacher_msgs: list[dict], student_msgs: list[dict],
+                settings: ChatSettings) -> Iterator[ChatFrame]:
+        """Stream the teacher's and the student's answers to `message`, side by side.
+
+        Args:
+            message: the user's prompt; a blank one yields nothing.
+            teacher_msgs, student_msgs: each side's conversation so far (chatbot messages).
+            settings: sampling shared by both models and the session that may stop them.
+
+        Returns:
+            An iterator of frames; closing it early (the browser went away) stops both decodings.
+
+        Raises:
+            gradio.Error: the teacher cannot be loaded, or it is a speech model.
+        """
+        if not (message or "").strip():
+            return
+        studio = self.studio
+        try:
+            loaded = studio.ensure_loaded()
+        except Exception as exc:
+            raise gr.Error(friendly(exc)) from None
+        if loaded.feature_extractor is not None:
+            raise gr.Error("this is a speech model: it transcribes audio rather than chats. Use 'transcribe audio "
+                           "with both' below, or step 5 (perplexity and word error rate on held-out clips)")
+        student = studio.current_student()
+        stop = self._chat_stops[settings.session] = threading.Event()
+        sides = {"teacher": (loaded.model, loaded.tokenizer, chat.plain_history(teacher_msgs))}
+        if student:
+            sides["student"] = (student.model, student.tokenizer, chat.plain_history(student_msgs))
+        updates = self._produce(message, settings.sampling, sides, stop)
+        try:
+            yield from self._frames(message, teacher_msgs, student_msgs, student is not None, len(sides), updates)
+        finally:
+            # also when the browser goes away mid-answer and gradio closes the generator: no orphan decoding
+            stop.set()
+            if self._chat_stops.get(settings.session) is stop:
+                self._chat_stops.pop(settings.session)
+
+    @staticmethod
+    def _produce(message: str, sampling: SamplingConfig, sides: dict, stop: threading.Event) -> queue.Queue:
+        """Start one decoding thread per side; each puts (side, update, None), (side, None, error) and
+        finally (side, None, "done") on the returned queue."""
+        updates: queue.Queue = queue.Queue()
+
+        def produce(side, model, tokenizer, history):
+            try:
+                for update in stream_chat(model, tokenizer, message, sampling, history, stop):
+                    updates.put((side, update, None))
+            except Exception as exc:  # shown in that model's pane; the other keeps going
+                updates.put((side, None, friendly(exc)))
+            updates.put((side, None, "done"))
+
+        for side, args in sides.items():
+            threading.Thread(target=produce, args=(side, *args), daemon=True).start()
+        return updates
+
+    @staticmethod
+    def _frames(message, teacher_msgs, student_msgs, has_student: bool, running: int,
+                updates: queue.Queue) -> Iterator[ChatFrame]:
+        teacher_msgs = teacher_msgs + [{"role": "user", "content": message}, {"role": "assistant", "content": ""}]
+        student_msgs = student_msgs + [{"role": "user", "content": message},
+                                       {"role": "assistant", "content": "" if has_student else chat.NO_STUDENT}]
+        latest = {"teacher": None, "student": None}
+
+        def frame(done: bool = False) -> ChatFrame:
+            return ChatFrame(teacher_msgs, student_msgs, chat.speed_line(latest["teacher"]),
+                             chat.speed_line(latest["student"]), done)
+
+        yield frame()
+        while running:
+            side, update, note = updates.get()
+            msgs = teacher_msgs if side == "teacher" else student_msgs
+            if note == "done":
+                running -= 1
+            elif note:
+                msgs[-1]["content"] = f"⚠ {note}"
+            else:
+                latest[side] = update
+                msgs[-1]["content"] = update.text
+            if updates.empty():  # coalesce bursts so the browser gets one update per batch of tokens
+                yield frame()
+        yield frame(done=True)
+
+    def stop_chat(self, session: str) -> None:
+        """End the answer streaming to this browser session, if any; other tabs' answers go on."""
+        stop = self._chat_stops.get(session)
+        if stop is not None:
+            stop.set()
+
+    # ---- evaluation ----
+
+    def evaluate(self, settings: EvalSettings, progress: Callable = _no_progress):
+        """Teacher vs student (and their integer-weight copies) on held-out text or speech clips.
+
+        Args:
+            settings: what to score; kept as the studio's evaluation settings.
+            progress: called as progress(fraction, desc=...) before each model.
+
+        Returns:
+            (the comparison table as a DataFrame, its chart for gr.Plot).
+
+        Raises:
+            LillamaError: a path outside the allowed folders, unreadable held-out data, a model that fails.
+        """
+        studio = self.studio
+        loaded = studio.ensure_loaded()
+        studio.eval = replace(studio.eval, text=studio.confine(settings.text) or "default", tokens=int(settings.tokens),
+                              seq_len=int(settings.seq_len), audio=studio.confine(settings.audio or "") or "synthetic")
+        if loaded.feature_extractor is not None:
+            progress(0, desc="the teacher transcribes held-out clips")
+            reference = reference_transcripts(loaded.model, loaded.tokenizer, loaded.feature_extractor,
+                                              studio.calibration, studio.eval.audio)
+            windows = None
+        else:
+            windows = eval_windows(loaded.tokenizer, read_eval_text(studio.eval.text), studio.eval.tokens,
+                                   studio.eval.seq_len)
+        batches = (1, 16) if settings.batch16 else (1,)
+        key = (studio.model_config.name, studio.eval.text, studio.eval.tokens, studio.eval.seq_len)
+        models = self._models_to_score(settings.quantized)
+        rows = []
+        for i, (label, model, tok) in enumerate(models):
+            progress(i / len(models), desc=label)
+            if windows is None:
+                rows.append(evaluate.measure_speech(model, tok, reference, label, studio.calibration.batch_size))
+            else:
+                rows.append(evaluate.measure(model, tok, windows, label, batches))
+            base, _, mode = label.partition(" ")
+            if mode:  # integer weights are buffers, not nn.Parameters: the count is the float model's
+                rows[-1]["parameters"] = next(r["parameters"] for r in rows if r["model"] == base)
+        studio.teacher_ppl[key] = rows[0]["perplexity"]
+        return evaluate.table(rows), plot(comparison_chart(rows))
+
+    def _models_to_score(self, quantized: bool) -> list[tuple]:
+        loaded = self.studio.loaded
+        models = [("teacher", loaded.model, loaded.tokenizer)]
+        student = self.studio.current_student()
+        if student is None:
+            gr.Warning("no student yet: showing the teacher alone")
+        else:
+            models.append(("student", student.model, student.tokenizer))
+        if quantized:
+            models += [(f"{label} {mode}", quantize_weights(model, mode), tok)
+                       for label, model, tok in models for mode in MODES]
+        return models
+
+    # ---- ranks ----
+
+    def apply_preset(self, settings: PresetSettings):
+        """Make the plan a preset asks for and make it the studio's plan.
+
+        Args:
+            settings: the preset inputs.
+
+        Returns:
+            (the totals as HTML, the parameters-per-layer chart for gr.Plot) of the new plan.
+
+        Raises:
+            LillamaError: invalid settings, or a model or calibration set that cannot be loaded; the
+                previous plan is kept.
+        """
+        config = settings.plan_config()
+        if config.strategy == "energy" and self.studio.loaded is not None:
+            gr.Info("measuring whitened spectra on a slice of the calibration set…")
+        self.studio.apply_preset(config)
+        return ranks.totals_html(self.studio), ranks.chart(self.studio)
