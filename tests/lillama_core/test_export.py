@@ -264,3 +264,38 @@ def test_a_class_whose_code_an_export_cannot_carry_is_refused_at_export(student,
     with pytest.raises(ExportError, match="cannot carry"):
         export_student(student, tiny.tokenizer, tmp_path / "out")
     assert os.listdir(tmp_path) == []
+
+
+def test_every_export_has_a_model_card_with_metrics_plan_loading_and_the_teachers_licence(student, tiny, tmp_path):
+    from huggingface_hub import ModelCard
+
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "README.md").write_text("---\nlicense: gemma\n---\n# A Gemma teacher\n")
+    (teacher / "LICENSE").write_text("the teacher's terms")
+    record = {"config": {"model": {"name": str(teacher)}, "plan": {"strategy": "uniform"}},
+              "metrics": {"teacher_ppl": 36.9, "student_ppl": 48.25, "params_before": 1000, "params_after": 800,
+                          "reduction": 0.2}}
+    folder = export_student(student, tiny.tokenizer, tmp_path / "student", record=record)
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.license == "gemma"
+    assert "| perplexity (held-out text) | 36.90 | 48.25 |" in card.text
+    assert "1,000 -> 800 (20.0% fewer" in card.text and "`uniform` strategy" in card.text
+    assert f"{len(rank_map_of(student))} linear modules factorised, ranks 8 to 8" in card.text
+    assert 'AutoModelForCausalLM.from_pretrained("student", trust_remote_code=True)' in card.text
+    assert "Remote code" in card.text
+    assert (folder / "LICENSE").read_text() == "the teacher's terms"
+    assert "subject to the Gemma Terms of Use" in (folder / "NOTICE").read_text()
+    merged = ModelCard.load(export_student(student, tiny.tokenizer, tmp_path / "dense", merge=True, record=record)
+                            / "README.md")
+    assert "teacher-sized" in merged.text and "trust_remote_code" not in merged.text
+
+
+def test_built_in_teachers_terms_come_from_their_packages():
+    from lillama_core.model_card import teacher_terms
+
+    gemma = teacher_terms("gemma3-270m")
+    assert gemma.licence == "gemma" and "ai.google.dev/gemma/terms" in gemma.notice
+    assert "GEMMA_TERMS.html" in {p.name for p in gemma.files}
+    smollm = teacher_terms("smollm2-135m-instruct")
+    assert smollm.licence == "apache-2.0" and smollm.notice is None and smollm.files
