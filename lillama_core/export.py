@@ -1,16 +1,16 @@
 """Save and load compressed students.
 
-A compressed export is an ordinary transformers folder (safetensors, config.json, tokenizer) whose
-config carries the rank map and an `auto_map` to a shipped `modeling_lillama.py`, so stock
-`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` loads it
-(`AutoModelForSpeechSeq2Seq` for Whisper). A merged export
-multiplies the factors back into dense weights and needs no custom code at all. Exports are
-written to a hidden staging folder and renamed into place, so a half-written export never exists.
+A compressed export is an ordinary transformers folder (safetensors, config.json, tokenizer, model card)
+whose config carries the rank map, its own `model_type` ("lillama_" + the teacher's) and an `auto_map` to a
+shipped `modeling_lillama.py` (with the teacher's own code files when it had any), so stock
+`AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` loads it (`AutoModelForSpeechSeq2Seq`
+for Whisper) and refuses it without remote code. A merged export multiplies the factors back into dense weights
+in the teacher's own classes. Exports are written to a hidden staging folder and renamed into place, so a
+half-written export never exists.
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -22,10 +22,10 @@ import torch
 from torch import nn
 
 from . import hf_modeling
-from .models import share_weights_copy
 from .errors import ExportError
-from .model_card import write_model_card
 from .lowrank import LowRankLinear, merge_low_rank, set_submodule
+from .model_card import write_model_card
+from .models import share_weights_copy
 from .quantize import quantize_weights, quantized_modules
 
 FORMAT_VERSION = 1
@@ -119,6 +119,11 @@ def merged_copy(model: nn.Module) -> nn.Module:
         dense.config.__dict__.pop(key, None)
     if MODELING_FILE[:-3] in json.dumps(getattr(dense.config, "auto_map", None)):
         del dense.config.auto_map
+    if not type(dense).__module__.startswith("transformers."):
+        # A remote-code teacher's classes, e.g. rebuilt from a compressed export: registered, save_pretrained
+        # copies their code files and names them in auto_map, as for the teacher itself.
+        type(dense.config).register_for_auto_class()
+        type(dense).register_for_auto_class(_auto_class(dense.config)[0])
     return dense
 
 

@@ -141,8 +141,8 @@ def write_model_card(folder: Path, title: str, record: dict, auto_class: str, re
             f"model = {auto_class}.from_pretrained(\"{title}\"{trust})\n"
             f"tokenizer = AutoTokenizer.from_pretrained(\"{title}\"{trust})\n```\n")
     if remote_code:
-        load += (f"\n**Remote code:** `trust_remote_code=True` runs the Python files shipped in this folder "
-                 f"(`modeling_lillama.py`, and any teacher code beside it). Read them before loading. Without it, "
+        load += ("\n**Remote code:** `trust_remote_code=True` runs the Python files shipped in this folder "
+                 "(`modeling_lillama.py`, and any teacher code beside it). Read them before loading. Without it, "
                  "transformers refuses the folder rather than load it wrongly.\n")
     licence = f"The teacher's licence: **{terms.licence or 'not found'}**. This export is a modified version of " \
               f"{name} and is distributed under the teacher's terms."

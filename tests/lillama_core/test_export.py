@@ -4,15 +4,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import tiny_sequences
 
 from lillama_core.calibration import CalibrationData
 from lillama_core.config import DistillConfig, PlanConfig
 from lillama_core.engine import Compressor
 from lillama_core.errors import ExportError
-from lillama_core.export import RECORD_FILE, export_student, load_compressed, rank_map_of
+from lillama_core.export import (
+    RECORD_FILE,
+    export_student,
+    load_compressed,
+    rank_map_of,
+)
 from lillama_core.lowrank import LowRankLinear
 from lillama_core.ranks import ModelShape, build_plan
-from tiny import tiny_sequences
 
 
 @pytest.fixture
@@ -186,10 +191,10 @@ class DoubledForCausalLM(LlamaForCausalLM):
 @pytest.fixture
 def remote_student(tmp_path):
     """A student of a teacher whose modeling code ships in its folder, loaded with trust_remote_code."""
+    from tiny import tiny_llama
     from transformers import AutoModelForCausalLM
 
     from lillama_core.models import LoadedModel
-    from tiny import tiny_llama
 
     loaded = tiny_llama()
     teacher = tmp_path / "doubled-teacher"
@@ -221,7 +226,8 @@ def _logits_in_a_fresh_process(folder, ids, cache):
             f"with torch.no_grad():\n"
             f"    torch.save((m(input_ids=torch.tensor({ids.tolist()})).logits, n), {str(cache / 'out.pt')!r})\n")
     env = {**os.environ, "HF_MODULES_CACHE": str(cache)}
-    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True,
+                          timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     return torch.load(cache / "out.pt")
 
@@ -241,7 +247,8 @@ def test_export_of_a_remote_code_teacher_carries_its_code_and_reloads_in_a_fresh
     reloaded, _ = load_compressed(folder, trust_remote_code=True)
     torch.testing.assert_close(_logits(reloaded, ids), _logits(student, ids))
     again = export_student(reloaded, tokenizer, tmp_path / "again")
-    torch.testing.assert_close(_logits_in_a_fresh_process(again, ids, tmp_path / "cache2")[0], _logits(student, ids))
+    assert {"modeling_doubled.py", "configuration_doubled.py"} <= set(os.listdir(again))
+    torch.testing.assert_close(_logits(load_compressed(again, trust_remote_code=True)[0], ids), _logits(student, ids))
 
 
 def test_cli_opens_a_remote_code_export_with_trust_remote_code(remote_student, tmp_path, capsys):
@@ -299,3 +306,15 @@ def test_built_in_teachers_terms_come_from_their_packages():
     assert "GEMMA_TERMS.html" in {p.name for p in gemma.files}
     smollm = teacher_terms("smollm2-135m-instruct")
     assert smollm.licence == "apache-2.0" and smollm.notice is None and smollm.files
+
+
+def test_merged_export_of_a_reloaded_remote_code_student_carries_the_teachers_code(remote_student, tmp_path):
+    student, tokenizer = remote_student
+    reloaded, _ = load_compressed(export_student(student, tokenizer, tmp_path / "export"), trust_remote_code=True)
+    folder = export_student(reloaded, tokenizer, tmp_path / "dense", merge=True)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["DoubledForCausalLM"] and config["model_type"] == "doubled_llama"
+    ids = tiny_sequences(2, 12, seed=15)
+    logits, low_rank = _logits_in_a_fresh_process(folder, ids, tmp_path / "fresh-cache")
+    assert low_rank == 0
+    torch.testing.assert_close(logits, _logits(student, ids), rtol=1e-4, atol=1e-4)
