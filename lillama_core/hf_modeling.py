@@ -236,6 +236,12 @@ def lowrank_config(base):
         model_type = LILLAMA_MODEL_TYPE + base.model_type
         _auto_class = None  # a remote-code base's registration would make save_pretrained ship this file instead
 
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # config.json carries the class's model_type; in memory the student keeps its base's, which
+            # transformers branches on (Whisper's generate keeps a decoder prompt as given only for "whisper").
+            self.__dict__["model_type"] = base.model_type
+
     LowRankConfig.__name__ = LowRankConfig.__qualname__ = "Lillama" + base.__name__
     return LowRankConfig
 

@@ -318,3 +318,25 @@ def test_merged_export_of_a_reloaded_remote_code_student_carries_the_teachers_co
     logits, low_rank = _logits_in_a_fresh_process(folder, ids, tmp_path / "fresh-cache")
     assert low_rank == 0
     torch.testing.assert_close(logits, _logits(student, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_a_reloaded_speech_export_generates_as_the_student_does(tmp_path):
+    """transformers branches on config.model_type (Whisper keeps a decoder prompt as given only for "whisper"):
+    the export's own model_type must not change how the student generates."""
+    import copy
+
+    from tiny import tiny_whisper
+
+    from lillama_core.hf_modeling import apply_rank_map
+
+    whisper = tiny_whisper()
+    student = apply_rank_map(copy.deepcopy(whisper.model), {"model.decoder.layers.0.fc1": 8})
+    for factor in (student.model.decoder.layers[0].fc1.A, student.model.decoder.layers[0].fc1.B):
+        torch.nn.init.normal_(factor.weight, std=0.3, generator=torch.Generator().manual_seed(0))
+    folder = export_student(student, whisper.tokenizer, tmp_path / "whisper", feature_extractor=whisper.feature_extractor)
+    reloaded, _ = load_compressed(folder)
+    features = torch.randn(2, 16, 100, generator=torch.Generator().manual_seed(1))
+    prompt = torch.tensor([[7, 5, 6]] * 2)  # a decoder prompt that does not start with the start token
+    expected, got = (m.generate(input_features=features, decoder_input_ids=prompt, max_new_tokens=6, do_sample=False)
+                     for m in (student, reloaded))
+    assert torch.equal(got, expected)
