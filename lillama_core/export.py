@@ -28,7 +28,7 @@ from .model_card import write_model_card
 from .models import share_weights_copy
 from .quantize import quantize_weights, quantized_modules
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: compressed exports have their own model_type; 1 (tests/fixtures/v1_export) still loads
 MODELING_FILE = "modeling_lillama.py"
 RECORD_FILE = "lillama.json"
 
@@ -154,7 +154,9 @@ def export_student(student: nn.Module, tokenizer, folder: str | os.PathLike, mer
                    overwrite: bool = False, record: dict | None = None, quantize: str | None = None,
                    feature_extractor=None) -> Path:
     """Write the student (compressed, or merged dense; with `quantize` "int8"/"int4", its linear weights
-    stored as integers) with its tokenizer, its audio feature extractor (speech models) and run record."""
+    stored as integers) with its tokenizer, its audio feature extractor (speech models), its run record
+    (`record`: config, metrics, plan) and a model card with the teacher's licence terms. Raises ExportError when
+    the folder exists (without `overwrite`), cannot be written, or the model's code cannot be carried."""
     folder = Path(folder).expanduser()
     _check_target(folder, overwrite)
     ranks = {} if merge else rank_map_of(student)
