@@ -109,7 +109,8 @@ def build(controller: Controller) -> dict:
     with gr.Row():
         name = gr.Textbox(label="Export name", placeholder="smollm2-20pct")
         fmt = gr.Radio(["compressed (low-rank, smallest)", "merged dense (plain transformers)"],
-                       value="compressed (low-rank, smallest)", label="Format")
+                       value="compressed (low-rank, smallest)", label="Format",
+                       info="merged: factors multiplied back, teacher-sized; keeps the quality change, not the savings")
         weights = gr.Radio(list(EXPORT_WEIGHTS), value="float", label="Weights",
                            info="int8/int4: integer weights, smaller files; loads with trust_remote_code")
         overwrite = gr.Checkbox(value=False, label="Replace an existing export of that name")
@@ -134,10 +135,9 @@ def build(controller: Controller) -> dict:
             raise gr.Error("no student to export yet: run a distillation or load a run in step 6")
         folder = studio.exports_root / check_export_name(name_value)
         progress(0.1, desc="writing safetensors")
-        record = {"source_run": str(student.run_dir) if student.run_dir else None}
         merge = fmt_value.startswith("merged")
         out = export_student(student.model, student.tokenizer, folder, merge=merge, overwrite=overwrite_value,
-                             record=record, quantize=EXPORT_WEIGHTS[weights_value],
+                             record=studio.export_record(student), quantize=EXPORT_WEIGHTS[weights_value],
                              feature_extractor=student.feature_extractor)
         progress(0.6, desc="zipping")
         archive = zip_atomically(out)
@@ -145,6 +145,8 @@ def build(controller: Controller) -> dict:
         remote = ", trust_remote_code=True" if (out / MODELING_FILE).exists() else ""
         auto = "AutoModelForSpeechSeq2Seq" if student.feature_extractor is not None else "AutoModelForCausalLM"
         note = f"Exported to `{out}` ({human_bytes(size)}). Load it with `{auto}.from_pretrained('{out}'{remote})`."
+        if merge:
+            note += " A merged export is teacher-sized: it keeps the quality change of compression, not the savings."
         return note, gr.update(value=archive, visible=True)
 
     export.click(on_export, [name, fmt, overwrite, weights], [export_note, download], api_name="export")

@@ -4,6 +4,7 @@ closed and reopened finds everything as it was, including a running job."""
 
 from __future__ import annotations
 
+import json
 import threading
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,7 +21,16 @@ from lillama_core.config import (
 from lillama_core.data.calibration import CalibrationData
 from lillama_core.errors import ConfigError, RankPlanError
 from lillama_core.export import load_compressed, load_feature_extractor
-from lillama_core.jobs import STUDENT_DIR, Job, JobManager, compression_work, resumable, resume_work, sweep_work
+from lillama_core.jobs import (
+    STUDENT_DIR,
+    Job,
+    JobManager,
+    compression_work,
+    read_run,
+    resumable,
+    resume_work,
+    sweep_work,
+)
 from lillama_core.modeling.loading import LoadedModel, describe, load_model
 from lillama_core.pipeline import calibrate
 from lillama_core.planning.planner import make_plan
@@ -194,6 +204,15 @@ class Studio:
                                        f"{run_dir.name} ({result.metrics['reduction']:.1%} fewer)", run_dir,
                                        self.loaded.feature_extractor)
         return self.student
+
+    def export_record(self, student: Student) -> dict:
+        """What an export of `student` records, as `lillama compress` does: its run's config, metrics and plan."""
+        if student.run_dir is None:
+            return {}
+        run = read_run(student.run_dir)
+        plan = student.run_dir / "plan.json"
+        return {"config": run.config.to_dict() if run.config else None, "metrics": run.metrics,
+                "plan": json.loads(plan.read_text()) if plan.exists() else None, "run_dir": str(student.run_dir)}
 
     def load_student(self, run_dir: Path) -> Student:
         folder = Path(run_dir) / STUDENT_DIR

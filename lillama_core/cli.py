@@ -178,9 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="re-export a compressed folder, e.g. merged to dense")
     x.add_argument("source")
     x.add_argument("--out", required=True)
-    x.add_argument("--merge", action="store_true")
+    x.add_argument("--merge", action="store_true",
+                   help="dense weights in the teacher's classes: teacher-sized, keeps the quality change, not the savings")
     x.add_argument("--quantize", choices=list(QUANTIZE_MODES), help=QUANTIZE_EXPORT_HELP)
     x.add_argument("--overwrite", action="store_true")
+    x.add_argument("--trust-remote-code", action="store_true",
+                   help="run the teacher code an export of a trust_remote_code model ships")
 
     pl = sub.add_parser("plan", help="print the rank plan and parameter accounting without compressing")
     _add_model_args(pl)
@@ -361,7 +364,7 @@ def _load_any(args):
     path = Path(args.model).expanduser()
     if (path / RECORD_FILE).exists():
         device = resolve_device(args.device)
-        model, tokenizer = load_compressed(path, device, resolve_dtype(args.dtype, device))
+        model, tokenizer = load_compressed(path, device, resolve_dtype(args.dtype, device), args.trust_remote_code)
         return LoadedModel(model, tokenizer, str(path), str(path), device, next(model.parameters()).dtype,
                            load_feature_extractor(path))
     return load_model(_model_config(args))
@@ -460,7 +463,7 @@ def cmd_export(args, parser) -> None:
     from .errors import ExportError
     from .export import export_student, load_compressed, load_feature_extractor, read_record
 
-    model, tokenizer = load_compressed(args.source)
+    model, tokenizer = load_compressed(args.source, trust_remote_code=args.trust_remote_code)
     record = read_record(args.source)
     if record.get("quantize"):
         raise ExportError(f"{args.source} is already quantized ({record['quantize']}); export from the float student")

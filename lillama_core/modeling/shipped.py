@@ -2,7 +2,8 @@
 
 An exported checkpoint copies this file next to its weights and subclasses the original model class,
 so `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` rebuilds the student
-without lillama_core installed. Keep it importing torch alone.
+without lillama_core installed. Keep it importing torch and transformers alone (it imports neither
+transformers nor lillama_core itself; the exported file adds the lines that bind its base classes).
 """
 
 import copy
@@ -223,17 +224,62 @@ def unfuse_experts(model, check=True):
     return replaced
 
 
-def lowrank_subclass(base):
-    """A subclass of a transformers model class whose constructor applies `config.lillama_rank_map`,
-    so `from_pretrained` builds the low-rank modules before it loads their weights."""
+LILLAMA_MODEL_TYPE = "lillama_"
+
+
+def lowrank_config(base):
+    """A subclass of a transformers config class with its own `model_type` ("lillama_" + the base's), so
+    transformers cannot mistake a compressed export for its dense base: without the shipped code, Auto classes
+    refuse the folder instead of building the dense model with random weights where the factors are."""
+
+    class LowRankConfig(base):
+        model_type = LILLAMA_MODEL_TYPE + base.model_type
+        _auto_class = None  # a remote-code base's registration would make save_pretrained ship this file instead
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            # config.json carries the class's model_type; in memory the student keeps its base's, which
+            # transformers branches on (Whisper's generate keeps a decoder prompt as given only for "whisper").
+            self.__dict__["model_type"] = base.model_type
+
+    LowRankConfig.__name__ = LowRankConfig.__qualname__ = "Lillama" + base.__name__
+    return LowRankConfig
+
+
+def _local_names(model, names):
+    """Module names of the task model (`model.layers.0...`) as they are in `model`, which may be the backbone
+    alone (`layers.0...`, what AutoModel builds); names of modules the backbone lacks (the head) are dropped."""
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    owned = dict(model.named_modules())
+    local = {}
+    for name, value in names.items():
+        if name not in owned and name.startswith(prefix) and name[len(prefix):] in owned:
+            name = name[len(prefix):]
+        if name in owned:
+            local[name] = value
+    return local
+
+
+def lowrank_subclass(base, config_class=None):
+    """A subclass of a transformers model class (task model or backbone) whose constructor applies
+    `config.lillama_rank_map`, so `from_pretrained` builds the low-rank modules before it loads their weights.
+    `config_class` (from `lowrank_config`) is the class `from_pretrained` reads config.json with."""
 
     class LowRankModel(base):
+        _auto_class = None  # a remote-code base's registration would make save_pretrained ship this file instead
+
         def __init__(self, config, *args, **kwargs):
             super().__init__(config, *args, **kwargs)
             if getattr(config, "lillama_unfused_experts", False):
                 unfuse_experts(self, check=False)
-            apply_rank_map(self, getattr(config, "lillama_rank_map", None) or {})
-            apply_quantization(self, getattr(config, "lillama_quantization", None))
+            apply_rank_map(self, _local_names(self, getattr(config, "lillama_rank_map", None) or {}))
+            quantization = getattr(config, "lillama_quantization", None) or {}
+            if quantization:
+                quantization = {**quantization, "modules": list(_local_names(
+                    self, dict.fromkeys(quantization.get("modules", []))))}
+            apply_quantization(self, quantization)
 
+    if config_class is not None:
+        LowRankModel.config_class = config_class
     LowRankModel.__name__ = LowRankModel.__qualname__ = "Lillama" + base.__name__
     return LowRankModel

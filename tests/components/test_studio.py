@@ -140,3 +140,22 @@ def test_layer_titles_name_the_stack_only_when_there_are_several(studio):
     whisper = ModelShape.of(tiny_whisper().model)
     assert layer_titles(whisper) == {0: "layer 0 · encoder 0", 1: "layer 1 · encoder 1", 2: "layer 2 · decoder 0",
                                      3: "layer 3 · decoder 1"}
+
+
+def test_exports_from_the_app_record_the_runs_config_metrics_and_plan(studio, tiny, tmp_path):
+    import json
+
+    from components.studio import Student
+    from lillama_core.export import export_student, read_record
+    from lillama_core.jobs import write_json
+
+    run_dir = tmp_path / "runs" / "a-run"
+    run_dir.mkdir(parents=True)
+    studio.run_config().save(run_dir / "config.json")
+    write_json(run_dir / "metrics.json", {"teacher_ppl": 36.9, "student_ppl": 40.5})
+    write_json(run_dir / "plan.json", json.loads(studio.plan.to_json()))
+    record = studio.export_record(Student(tiny.model, tiny.tokenizer, "a-run", run_dir))
+    folder = export_student(tiny.model, tiny.tokenizer, tmp_path / "export", record=record)
+    saved = read_record(folder)
+    assert saved["config"] == studio.run_config().to_dict() and saved["plan"]["ranks"] == studio.plan.ranks
+    assert saved["metrics"]["student_ppl"] == 40.5 and "| 36.90 | 40.50 |" in (folder / "README.md").read_text()

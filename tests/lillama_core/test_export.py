@@ -1,5 +1,6 @@
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -114,3 +115,224 @@ def test_quantized_export_reloads_to_the_quantized_model_and_is_smaller(student,
     weights = lambda f: (f / "model.safetensors").stat().st_size  # noqa: E731
     assert weights(folder) < 0.8 * weights(plain)
     assert json.loads((folder / RECORD_FILE).read_text())["quantize"] == mode
+
+
+FIXTURES = Path(__file__).parents[1] / "fixtures"
+
+
+def test_stock_transformers_refuses_a_compressed_export_without_remote_code(student, tiny, tmp_path):
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    folder = export_student(student, tiny.tokenizer, tmp_path / "student")
+    for auto in (AutoConfig, AutoModel, AutoModelForCausalLM):
+        with pytest.raises(ValueError, match="trust_remote_code=True"):
+            auto.from_pretrained(folder, trust_remote_code=False)
+    # each Auto class the config names builds the student: the backbone gives the student's hidden states
+    ids = tiny_sequences(2, 20, seed=11)
+    backbone = AutoModel.from_pretrained(folder, trust_remote_code=True)
+    with torch.no_grad():
+        torch.testing.assert_close(backbone(input_ids=ids).last_hidden_state,
+                                   student.model(input_ids=ids).last_hidden_state)
+
+
+def test_exports_in_the_format_before_their_own_model_type_still_load():
+    from safetensors.torch import load_file
+
+    reference = load_file(FIXTURES / "v1_reference.safetensors")
+    model, _ = load_compressed(FIXTURES / "v1_export")
+    assert rank_map_of(model) == {"model.layers.0.self_attn.q_proj": 4, "model.layers.0.mlp.down_proj": 8}
+    torch.testing.assert_close(_logits(model, reference["input_ids"]), reference["logits"])
+
+
+def test_merged_export_of_a_reloaded_student_names_the_base_class(student, tiny, tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    reloaded, tokenizer = load_compressed(export_student(student, tiny.tokenizer, tmp_path / "student"))
+    folder = export_student(reloaded, tokenizer, tmp_path / "dense", merge=True)
+    config = json.loads((folder / "config.json").read_text())
+    assert (config["architectures"], config["model_type"], "auto_map" in config) == (["LlamaForCausalLM"], "llama",
+                                                                                    False)
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    assert type(model) is LlamaForCausalLM
+    ids = tiny_sequences(2, 20, seed=12)
+    torch.testing.assert_close(_logits(model, ids), _logits(student, ids), rtol=1e-4, atol=1e-4)
+    assert "teacher-sized" in (folder / "README.md").read_text()
+
+
+REMOTE_CONFIG = '''
+from transformers import LlamaConfig
+
+
+class DoubledConfig(LlamaConfig):
+    model_type = "doubled_llama"
+'''
+REMOTE_MODELING = '''
+from transformers import LlamaForCausalLM
+
+from .configuration_doubled import DoubledConfig
+
+
+class DoubledForCausalLM(LlamaForCausalLM):
+    """Llama with doubled logits: an export that loses this code loads visibly wrong."""
+
+    config_class = DoubledConfig
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        out.logits = 2 * out.logits
+        return out
+'''
+
+
+@pytest.fixture
+def remote_student(tmp_path):
+    """A student of a teacher whose modeling code ships in its folder, loaded with trust_remote_code."""
+    from tiny import tiny_llama
+    from transformers import AutoModelForCausalLM
+
+    from lillama_core.modeling.loading import LoadedModel
+
+    loaded = tiny_llama()
+    teacher = tmp_path / "doubled-teacher"
+    loaded.model.save_pretrained(teacher)
+    loaded.tokenizer.save_pretrained(teacher)
+    (teacher / "configuration_doubled.py").write_text(REMOTE_CONFIG)
+    (teacher / "modeling_doubled.py").write_text(REMOTE_MODELING)
+    config = json.loads((teacher / "config.json").read_text())
+    config.update(model_type="doubled_llama", architectures=["DoubledForCausalLM"],
+                  auto_map={"AutoConfig": "configuration_doubled.DoubledConfig",
+                            "AutoModelForCausalLM": "modeling_doubled.DoubledForCausalLM"})
+    (teacher / "config.json").write_text(json.dumps(config))
+    model = AutoModelForCausalLM.from_pretrained(teacher, trust_remote_code=True).eval()
+    plan = build_plan(ModelShape.of(model), PlanConfig(strategy="uniform", rank=8, reduction=None))
+    teacher_model = LoadedModel(model, loaded.tokenizer, str(teacher), str(teacher), torch.device("cpu"), torch.float32)
+    calibration = CalibrationData(tiny_sequences(8, 16), "random", 0)
+    return Compressor(teacher_model, calibration, plan, DistillConfig(), batch_size=8).run().student, loaded.tokenizer
+
+
+def _logits_in_a_fresh_process(folder, ids, cache):
+    """Logits and low-rank module count of `folder` loaded by stock transformers in a new interpreter whose
+    modules cache is empty, as on another machine."""
+    import subprocess
+    import sys
+
+    code = (f"import torch, transformers\n"
+            f"m = transformers.AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True)\n"
+            f"n = sum(type(x).__name__ == 'LowRankLinear' for x in m.modules())\n"
+            f"with torch.no_grad():\n"
+            f"    torch.save((m(input_ids=torch.tensor({ids.tolist()})).logits, n), {str(cache / 'out.pt')!r})\n")
+    env = {**os.environ, "HF_MODULES_CACHE": str(cache)}
+    done = subprocess.run([sys.executable, "-c", code], check=False, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return torch.load(cache / "out.pt")
+
+
+def test_export_of_a_remote_code_teacher_carries_its_code_and_reloads_in_a_fresh_process(remote_student, tmp_path):
+    student, tokenizer = remote_student
+    ids = tiny_sequences(2, 12, seed=13)
+    folder = export_student(student, tokenizer, tmp_path / "export")
+    assert {"modeling_doubled.py", "configuration_doubled.py"} <= set(os.listdir(folder))
+    assert "transformers_modules" not in (folder / "modeling_lillama.py").read_text()
+    logits, low_rank = _logits_in_a_fresh_process(folder, ids, tmp_path / "fresh-cache")
+    assert low_rank == len(rank_map_of(student)) > 0
+    torch.testing.assert_close(logits, _logits(student, ids))
+    # lillama_core reloads it only with remote code allowed, and re-exports it
+    with pytest.raises(ExportError, match="trust_remote_code"):
+        load_compressed(folder)
+    reloaded, _ = load_compressed(folder, trust_remote_code=True)
+    torch.testing.assert_close(_logits(reloaded, ids), _logits(student, ids))
+    again = export_student(reloaded, tokenizer, tmp_path / "again")
+    assert {"modeling_doubled.py", "configuration_doubled.py"} <= set(os.listdir(again))
+    torch.testing.assert_close(_logits(load_compressed(again, trust_remote_code=True)[0], ids), _logits(student, ids))
+
+
+def test_cli_opens_a_remote_code_export_with_trust_remote_code(remote_student, tmp_path, capsys):
+    from lillama_core.cli import main
+
+    student, tokenizer = remote_student
+    folder = export_student(student, tokenizer, tmp_path / "export")
+    assert main(["export", str(folder), "--out", str(tmp_path / "refused")]) == 2
+    assert "--trust-remote-code" in capsys.readouterr().err
+    assert main(["export", str(folder), "--out", str(tmp_path / "again"), "--trust-remote-code"]) == 0
+    ids = tiny_sequences(2, 12, seed=14)
+    torch.testing.assert_close(_logits(load_compressed(tmp_path / "again", trust_remote_code=True)[0], ids),
+                               _logits(student, ids))
+    assert main(["chat", "--model", str(folder), "--trust-remote-code", "--prompt", "fox", "--max-new-tokens", "2",
+                 "--device", "cpu"]) == 0
+
+
+def test_a_class_whose_code_an_export_cannot_carry_is_refused_at_export(student, tiny, tmp_path):
+    student.__class__ = type("LocalLlamaForCausalLM", (type(student),), {})  # defined here, not in a model folder
+    with pytest.raises(ExportError, match="cannot carry"):
+        export_student(student, tiny.tokenizer, tmp_path / "out")
+    assert os.listdir(tmp_path) == []
+
+
+def test_every_export_has_a_model_card_with_metrics_plan_loading_and_the_teachers_licence(student, tiny, tmp_path):
+    from huggingface_hub import ModelCard
+
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "README.md").write_text("---\nlicense: gemma\n---\n# A Gemma teacher\n")
+    (teacher / "LICENSE").write_text("the teacher's terms")
+    record = {"config": {"model": {"name": str(teacher)}, "plan": {"strategy": "uniform"}},
+              "metrics": {"teacher_ppl": 36.9, "student_ppl": 48.25, "params_before": 1000, "params_after": 800,
+                          "reduction": 0.2}}
+    folder = export_student(student, tiny.tokenizer, tmp_path / "student", record=record)
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.license == "gemma"
+    assert "| perplexity (held-out text) | 36.90 | 48.25 |" in card.text
+    assert "1,000 -> 800 (20.0% fewer" in card.text and "`uniform` strategy" in card.text
+    assert f"{len(rank_map_of(student))} linear modules factorised, ranks 8 to 8" in card.text
+    assert 'AutoModelForCausalLM.from_pretrained("student", trust_remote_code=True)' in card.text
+    assert "Remote code" in card.text
+    assert (folder / "LICENSE").read_text() == "the teacher's terms"
+    assert "subject to the Gemma Terms of Use" in (folder / "NOTICE").read_text()
+    merged = ModelCard.load(export_student(student, tiny.tokenizer, tmp_path / "dense", merge=True, record=record)
+                            / "README.md")
+    assert "teacher-sized" in merged.text and "trust_remote_code" not in merged.text
+
+
+def test_built_in_teachers_terms_come_from_their_packages():
+    from lillama_core.model_card import teacher_terms
+
+    gemma = teacher_terms("gemma3-270m")
+    assert gemma.licence == "gemma" and "ai.google.dev/gemma/terms" in gemma.notice
+    assert "GEMMA_TERMS.html" in {p.name for p in gemma.files}
+    smollm = teacher_terms("smollm2-135m-instruct")
+    assert smollm.licence == "apache-2.0" and smollm.notice is None and smollm.files
+
+
+def test_merged_export_of_a_reloaded_remote_code_student_carries_the_teachers_code(remote_student, tmp_path):
+    student, tokenizer = remote_student
+    reloaded, _ = load_compressed(export_student(student, tokenizer, tmp_path / "export"), trust_remote_code=True)
+    folder = export_student(reloaded, tokenizer, tmp_path / "dense", merge=True)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["architectures"] == ["DoubledForCausalLM"] and config["model_type"] == "doubled_llama"
+    ids = tiny_sequences(2, 12, seed=15)
+    logits, low_rank = _logits_in_a_fresh_process(folder, ids, tmp_path / "fresh-cache")
+    assert low_rank == 0
+    torch.testing.assert_close(logits, _logits(student, ids), rtol=1e-4, atol=1e-4)
+
+
+def test_a_reloaded_speech_export_generates_as_the_student_does(tmp_path):
+    """transformers branches on config.model_type (Whisper keeps a decoder prompt as given only for "whisper"):
+    the export's own model_type must not change how the student generates."""
+    import copy
+
+    from tiny import tiny_whisper
+
+    from lillama_core.modeling.shipped import apply_rank_map
+
+    whisper = tiny_whisper()
+    student = apply_rank_map(copy.deepcopy(whisper.model), {"model.decoder.layers.0.fc1": 8})
+    for factor in (student.model.decoder.layers[0].fc1.A, student.model.decoder.layers[0].fc1.B):
+        torch.nn.init.normal_(factor.weight, std=0.3, generator=torch.Generator().manual_seed(0))
+    folder = export_student(student, whisper.tokenizer, tmp_path / "whisper", feature_extractor=whisper.feature_extractor)
+    reloaded, _ = load_compressed(folder)
+    features = torch.randn(2, 16, 100, generator=torch.Generator().manual_seed(1))
+    prompt = torch.tensor([[7, 5, 6]] * 2)  # a decoder prompt that does not start with the start token
+    expected, got = (m.generate(input_features=features, decoder_input_ids=prompt, max_new_tokens=6, do_sample=False)
+                     for m in (student, reloaded))
+    assert torch.equal(got, expected)

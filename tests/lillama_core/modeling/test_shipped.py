@@ -54,3 +54,24 @@ def test_an_expert_bank_whose_output_differs_is_left_fused():
     assert unfuse_experts(model) == 1
     assert model.model.layers[0].mlp.experts is experts
     assert isinstance(model.model.layers[1].mlp.experts, UnfusedExperts)
+
+
+def test_lowrank_classes_have_their_own_model_type_and_build_the_backbone_from_task_names():
+    from lillama_core.hf_modeling import (
+        LowRankLinear,
+        QuantizedLinear,
+        lowrank_config,
+        lowrank_subclass,
+    )
+
+    config_class = lowrank_config(T.LlamaConfig)
+    assert config_class.model_type == "lillama_llama" and issubclass(config_class, T.LlamaConfig)
+    config = config_class(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2)
+    config.lillama_rank_map = {"model.layers.1.mlp.down_proj": 4, "lm_head": 8}  # names in the task model
+    config.lillama_quantization = {"bits": 8, "modules": ["model.layers.0.self_attn.o_proj"]}
+    backbone = lowrank_subclass(T.LlamaModel, config_class)(config)
+    assert isinstance(backbone.layers[1].mlp.down_proj, LowRankLinear) and backbone.layers[1].mlp.down_proj.rank == 4
+    assert isinstance(backbone.layers[0].self_attn.o_proj, QuantizedLinear)
+    task = lowrank_subclass(T.LlamaForCausalLM, config_class)(config)
+    assert isinstance(task.lm_head, LowRankLinear) and isinstance(task.model.layers[1].mlp.down_proj, LowRankLinear)
