@@ -281,7 +281,9 @@ class ConfigArgs:
     """The generated flags for some config fields on one parser, and the RunConfig a parse of them describes."""
 
     def __init__(self, selection: Iterable[str] | None = None, reserved: Iterable[str] = ()):
-        """Args:
+        """Choose the fields and name their flags.
+
+        Args:
             selection: sections ("model"), field paths ("calibration.source"), or None for every field.
             reserved: option strings no short form may take (a hand-written flag meaning something else).
         Raises:
@@ -317,7 +319,9 @@ class ConfigArgs:
         return given
 
     def apply(self, config: RunConfig, namespace: argparse.Namespace) -> RunConfig:
-        """Args:
+        """Lay the flags given over a base config.
+
+        Args:
             config: the base, from a recipe file or the defaults (not changed).
             namespace: a parse of this parser's flags.
         Returns:
