@@ -20,6 +20,7 @@ from components.controller import Controller  # noqa: E402
 from components.studio import Studio  # noqa: E402
 from components.theme import css, header_html, theme  # noqa: E402
 from lillama_core.config import ModelConfig  # noqa: E402
+from lillama_core.config_args import add_field_flag  # noqa: E402
 from lillama_core.errors import LillamaError  # noqa: E402
 from lillama_core.jobs import JobManager  # noqa: E402
 from lillama_core.runtime.paths import lillama_home  # noqa: E402
@@ -97,10 +98,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true",
                         help="also open a public gradio.live link (anyone with it can use the app)")
-    parser.add_argument("--model", default="smollm2-135m-instruct", help="model loaded at start")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--offload", action="store_true",
-                        help="keep the model's blocks in host memory, one at a time on the GPU (models bigger than it)")
+    add_field_flag(parser, "model.name", "--model", help="model loaded at start")
+    add_field_flag(parser, "model.device", "--device")
+    add_field_flag(parser, "model.offload", "--offload")
     parser.add_argument("--runs-dir", default=None, help=f"run folders (default {lillama_home() / 'runs'})")
     parser.add_argument("--exports-dir", default="exports", help="where exports are written")
     parser.add_argument("--allow-remote-code", action="store_true",
@@ -110,7 +110,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "machines (--share or a --host other than this machine); repeatable")
     parser.add_argument("--max-upload", default="512mb", help="largest file a browser may upload, e.g. 512mb")
     parser.add_argument("--no-preload", action="store_true", help="do not load the model before serving")
-    parser.add_argument("--eval-tokens", type=int, default=8192, help="held-out tokens scored after each run")
+    add_field_flag(parser, "eval.tokens", "--eval-tokens", default=8192, help="held-out tokens scored after each run")
     return parser.parse_args(argv)
 
 

@@ -21,6 +21,9 @@ import sys
 import time
 from pathlib import Path
 
+from lillama_core.config_args import add_field_flag, parse_assignment
+from lillama_core.errors import ConfigError
+
 from .methods import DEFAULT_METHODS, METHODS
 
 
@@ -51,14 +54,15 @@ def _budget(args):
 
 
 def _common(p: argparse.ArgumentParser, tokens: int = 16_384, eval_tokens: int = 8_192) -> None:
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16")
-    p.add_argument("--tokens", type=int, default=tokens, help="calibration tokens (same for every method)")
-    p.add_argument("--seq-len", type=int, default=256, help="calibration sequence length")
-    p.add_argument("--batch-size", type=int, default=8, help="distillation batch (sequences)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-tokens", type=int, default=eval_tokens, help="WikiText-2 test tokens scored")
-    p.add_argument("--eval-seq-len", type=int, default=512)
+    add_field_flag(p, "model.device", "--device")
+    add_field_flag(p, "model.dtype", "--dtype")
+    add_field_flag(p, "calibration.tokens", "--tokens", default=tokens,
+                   help="calibration tokens (same for every method)")
+    add_field_flag(p, "calibration.seq_len", "--seq-len", help="calibration sequence length")
+    add_field_flag(p, "calibration.batch_size", "--batch-size", help="distillation batch (sequences)")
+    add_field_flag(p, "calibration.seed", "--seed")
+    add_field_flag(p, "eval.tokens", "--eval-tokens", default=eval_tokens, help="WikiText-2 test tokens scored")
+    add_field_flag(p, "eval.seq_len", "--eval-seq-len")
     p.add_argument("--tag", default=None, help="free-form label stored in each record")
     p.add_argument("--results", default=None, help="results folder (default benchmarks/results)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("LILLAMA_BENCH_THREADS", 0)),
@@ -67,18 +71,18 @@ def _common(p: argparse.ArgumentParser, tokens: int = 16_384, eval_tokens: int =
 
 
 def _parse_sets(items: list[str] | None) -> dict:
-    """--set distill.lr=1e-3 --set plan.overrides='{"*.layers.0.*": null}' -> {"distill": {...}, "plan": {...}}"""
+    """--set distill.lr=1e-3 --set plan.overrides='{"*.layers.0.*": null}' -> {"distill": {...}, "plan": {...}},
+    each value typed as its config field is (an unknown field or a mistyped value stops here, not mid-suite)."""
     out: dict = {}
     for item in items or []:
-        key, _, value = item.partition("=")
-        part, _, name = key.partition(".")
-        if part not in ("plan", "distill") or not name:
-            raise SystemExit(f"--set expects plan.NAME=VALUE or distill.NAME=VALUE, not {item!r}")
         try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError:
-            parsed = value
-        out.setdefault(part, {})[name] = parsed
+            path, value = parse_assignment(item)
+        except ConfigError as exc:
+            raise SystemExit(f"--set: {exc}") from None
+        part, _, name = path.partition(".")
+        if part not in ("plan", "distill"):
+            raise SystemExit(f"--set expects plan.NAME=VALUE or distill.NAME=VALUE, not {item!r}")
+        out.setdefault(part, {})[name] = value
     return out
 
 

@@ -3,40 +3,34 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
 import sys
 from pathlib import Path
 
-from .config import (
-    ACTIVATION_STORAGES,
-    DEFAULT_GROUPS,
-    GROUPS,
-    INITS,
-    LOSS_PATHS,
-    STRATEGIES,
-    CalibrationConfig,
-    DistillConfig,
-    EvalConfig,
-    ModelConfig,
-    PlanConfig,
-    RunConfig,
-)
+from .config import CalibrationConfig, ModelConfig, RunConfig
+from .config_args import ConfigArgs
 from .errors import ConfigError, LillamaError, ModelForwardError
 from .events import Event, LayerFinished, Phase, RunFinished, RunStarted, Step
 from .modeling.quantize import MODES as QUANTIZE_MODES
 from .runtime.distributed import Parallel, device_for, from_environment
 from .runtime.finite import json_safe
 
-
-def field_help(config_class, name: str) -> str:
-    """A config field's help text for argparse, which %-formats help strings: a literal % is doubled."""
-    return config_class.__dataclass_fields__[name].metadata["help"].replace("%", "%%")
-
-
-RANK_MULTIPLE_HELP = field_help(PlanConfig, "rank_multiple")
 QUANTIZE_EXPORT_HELP = "store the exported linear weights as int8 (per channel) or int4 (groups of 64)"
+
+# The config fields each subcommand reads (sections, or single fields); `compress` reads them all.
+SELECTIONS: dict[str, tuple[str, ...] | None] = {
+    "compress": None,
+    "plan": ("model", "plan", "calibration.source", "calibration.text_field", "calibration.dataset_config",
+             "calibration.split", "calibration.chat_template"),
+    "eval": ("model", "eval"),
+    "chat": ("model",),
+    "transcribe": ("model",),
+}
+# chat's sampling --temperature: a compress --temperature (the healing KL's) would read as the same knob
+NO_SHORT_FORMS = ("--temperature",)
 
 
 def _quiet_transformers() -> None:
@@ -82,24 +76,19 @@ class ProgressPrinter:
                 tqdm.write(event.message, file=sys.stderr)
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2-135m-instruct", help=field_help(ModelConfig, "name"))
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with a hub model")
-    p.add_argument("--offload", action="store_true", help=field_help(ModelConfig, "offload"))
+def _add_config_args(p: argparse.ArgumentParser, command: str) -> None:
+    """The generated flags of the fields `command` reads, and a recipe to start from."""
+    flags = ConfigArgs(SELECTIONS[command], reserved=NO_SHORT_FORMS)
+    flags.add_to(p)
+    p.add_argument("--config", help="a recipe to start from: .yaml/.yml, or JSON such as a run folder's config.json; "
+                                    "flags given override it, even where they repeat a default")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the effective recipe as YAML and exit, loading no model")
+    p.set_defaults(config_args=flags)
 
 
 def _model_config(args) -> ModelConfig:
-    return ModelConfig(args.model, args.device, args.dtype, args.trust_remote_code, offload=args.offload)
-
-
-def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--eval-text", default="default", help="held-out text file (default: WikiText-2 test)")
-    p.add_argument("--eval-tokens", type=int, default=EvalConfig.tokens)
-    p.add_argument("--eval-seq-len", type=int, default=EvalConfig.seq_len)
-    p.add_argument("--eval-audio", default=EvalConfig.audio,
-                   help=field_help(EvalConfig, "audio"))
+    return args.run_config.model
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,42 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compress", help="compress a model and export the student")
     c.set_defaults(subparser=c)
-    _add_model_args(c)
-    c.add_argument("--config", help="a saved run config JSON; flags given explicitly override it")
-    c.add_argument("--calibration", default="default",
-                   help=field_help(CalibrationConfig, "source"))
-    c.add_argument("--text-field", default=None)
-    c.add_argument("--dataset-config", default=None)
-    c.add_argument("--split", default="train")
-    c.add_argument("--tokens", type=int, default=CalibrationConfig.tokens)
-    c.add_argument("--seq-len", type=int, default=CalibrationConfig.seq_len)
-    c.add_argument("--batch-size", type=int, default=CalibrationConfig.batch_size)
-    c.add_argument("--reduction", type=float, default=PlanConfig.reduction, help="share of all parameters to remove")
-    c.add_argument("--rank", type=int, default=None, help="one fixed rank instead of a reduction target")
-    c.add_argument("--strategy", choices=STRATEGIES, default=PlanConfig.strategy)
-    c.add_argument("--layer-keep", type=float, default=PlanConfig.layer_keep)
-    c.add_argument("--rank-multiple", type=int, default=PlanConfig.rank_multiple, help=RANK_MULTIPLE_HELP)
-    c.add_argument("--groups", default=",".join(DEFAULT_GROUPS), help=f"comma-separated: {', '.join(GROUPS)}")
     c.add_argument("--plan", help="a rank plan JSON file (overrides --reduction/--rank/--strategy)")
-    c.add_argument("--init", choices=INITS, default=DistillConfig.init)
-    c.add_argument("--lr", type=float, default=DistillConfig.lr)
-    c.add_argument("--epochs", type=int, default=DistillConfig.epochs)
-    c.add_argument("--loss", choices=LOSS_PATHS, default=DistillConfig.loss)
-    c.add_argument("--no-distill", action="store_true", help="factorise only (training-free baseline)")
-    c.add_argument("--activations", choices=ACTIVATION_STORAGES, default=DistillConfig.activations,
-                   help=field_help(DistillConfig, "activations"))
-    c.add_argument("--heal-tokens", type=int, default=0, help="end-to-end KL healing after distillation (0 = off)")
-    c.add_argument("--heal-lr", type=float, default=1e-4)
-    c.add_argument("--seed", type=int, default=0)
-    _eval_args(c)
     c.add_argument("--no-eval", action="store_true", help="skip perplexity")
-    c.add_argument("--out", required=True, help="export folder")
+    c.add_argument("--out", help="export folder (required unless --print-config)")
     c.add_argument("--merge", action="store_true", help="export dense merged weights (no custom code needed)")
     c.add_argument("--quantize", choices=list(QUANTIZE_MODES), help=QUANTIZE_EXPORT_HELP)
     c.add_argument("--overwrite", action="store_true")
     c.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
-
     c.add_argument("--runs-dir", default=None, help="where run folders go (default $LILLAMA_HOME/runs)")
+    _add_config_args(c, "compress")
 
     r = sub.add_parser("resume", help="continue an interrupted run from its last finished layer")
     r.add_argument("run_dir")
@@ -155,25 +117,24 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true")
 
     e = sub.add_parser("eval", help="perplexity, speed and size of a model or an export")
-    _add_model_args(e)
-    _eval_args(e)
     e.add_argument("--no-speed", action="store_true")
     e.add_argument("--quantize", choices=list(QUANTIZE_MODES),
                    help="evaluate a weight-only quantized copy: int8 per channel, or int4 in groups of 64")
     e.add_argument("--json", action="store_true")
+    _add_config_args(e, "eval")
 
     ch = sub.add_parser("chat", help="chat with a model or an export, streamed")
-    _add_model_args(ch)
     ch.add_argument("--prompt", help="one prompt; without it, read prompts from stdin")
     ch.add_argument("--max-new-tokens", type=int, default=200)
     ch.add_argument("--temperature", type=float, default=0.7)
     ch.add_argument("--top-p", type=float, default=0.9)
     ch.add_argument("--seed", type=int, default=0)
+    _add_config_args(ch, "chat")
 
     tr = sub.add_parser("transcribe", help="transcribe .wav files with a speech model (Whisper) or its export")
-    _add_model_args(tr)
     tr.add_argument("audio", nargs="+", help=".wav files")
     tr.add_argument("--max-new-tokens", type=int, default=128)
+    _add_config_args(tr, "transcribe")
 
     x = sub.add_parser("export", help="re-export a compressed folder, e.g. merged to dense")
     x.add_argument("source")
@@ -186,63 +147,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the teacher code an export of a trust_remote_code model ships")
 
     pl = sub.add_parser("plan", help="print the rank plan and parameter accounting without compressing")
-    _add_model_args(pl)
-    pl.add_argument("--reduction", type=float, default=PlanConfig.reduction)
-    pl.add_argument("--rank", type=int, default=None)
-    pl.add_argument("--strategy", choices=STRATEGIES, default=PlanConfig.strategy)
-    pl.add_argument("--layer-keep", type=float, default=PlanConfig.layer_keep)
-    pl.add_argument("--rank-multiple", type=int, default=PlanConfig.rank_multiple, help=RANK_MULTIPLE_HELP)
-    pl.add_argument("--groups", default=",".join(DEFAULT_GROUPS))
-    pl.add_argument("--calibration", default="default", help="data the sensitivity and whitened energy plans measure")
-    pl.add_argument("--text-field", default=None)
     pl.add_argument("--save", help="write the plan JSON here")
+    _add_config_args(pl, "plan")
     return parser
 
 
-def _plan_config(args) -> PlanConfig:
-    return PlanConfig(strategy=args.strategy, reduction=None if args.rank else args.reduction, rank=args.rank,
-                      layer_keep=args.layer_keep, groups=_groups(args.groups), rank_multiple=args.rank_multiple)
+def _run_config(args) -> RunConfig:
+    """The recipe a command runs: the --config file (or the defaults) under the flags given, which win even
+    where they repeat a default.
 
-
-def _groups(text: str) -> list[str]:
-    return [g.strip() for g in text.split(",") if g.strip()]
-
-
-# compress flag -> (config section, key, conversion)
-COMPRESS_FLAGS = {
-    "model": ("model", "name", str), "device": ("model", "device", str), "dtype": ("model", "dtype", str),
-    "trust_remote_code": ("model", "trust_remote_code", bool), "offload": ("model", "offload", bool),
-    "calibration": ("calibration", "source", str), "text_field": ("calibration", "text_field", str),
-    "dataset_config": ("calibration", "dataset_config", str), "split": ("calibration", "split", str),
-    "tokens": ("calibration", "tokens", int), "seq_len": ("calibration", "seq_len", int),
-    "batch_size": ("calibration", "batch_size", int),
-    "reduction": ("plan", "reduction", float), "rank": ("plan", "rank", int), "strategy": ("plan", "strategy", str),
-    "layer_keep": ("plan", "layer_keep", float), "groups": ("plan", "groups", _groups),
-    "rank_multiple": ("plan", "rank_multiple", int),
-    "init": ("distill", "init", str), "lr": ("distill", "lr", float), "epochs": ("distill", "epochs", int),
-    "loss": ("distill", "loss", str), "no_distill": ("distill", "distill", lambda v: not v),
-    "activations": ("distill", "activations", str),
-    "heal_tokens": ("heal", "tokens", int), "heal_lr": ("heal", "lr", float),
-    "eval_text": ("eval", "text", str), "eval_tokens": ("eval", "tokens", int),
-    "eval_seq_len": ("eval", "seq_len", int), "eval_audio": ("eval", "audio", str),
-}
-
-
-def _run_config(args, parser) -> RunConfig:
-    """Flags over defaults; with --config, flags over the file, counting only flags changed from
-    their default (so a file's value cannot be reset to the default from the command line)."""
-    data = RunConfig.load(args.config).to_dict() if args.config else RunConfig().to_dict()
-    defaults = args.subparser
-    for dest, (section, key, convert) in COMPRESS_FLAGS.items():
-        value = getattr(args, dest)
-        if args.config and value == defaults.get_default(dest):
-            continue
-        data[section][key] = None if value is None else convert(value)
-    if args.rank is not None:
-        data["plan"]["reduction"] = None
-    if args.seed != defaults.get_default("seed") or not args.config:
-        data["seed"] = data["calibration"]["seed"] = args.seed
-    return RunConfig.from_dict(data).validate()
+    Raises:
+        ConfigError: an unreadable recipe, or settings that fail validation.
+    """
+    flags: ConfigArgs = args.config_args
+    config = flags.apply(RunConfig.load(args.config) if args.config else RunConfig(), args)
+    if flags.given(args).get("plan.rank") is not None:  # a fixed rank replaces the reduction target
+        config.plan.reduction = None
+    return config.validate()
 
 
 def _compress_in(run_dir: Path, config: RunConfig, plan, args, parallel: Parallel) -> dict | None:
@@ -317,7 +238,7 @@ def cmd_compress(args, parser) -> dict:
     from .planning.ranks import RankPlan
 
     parallel = from_environment()
-    config = _run_config(args, parser)
+    config = args.run_config
     plan = RankPlan.load(args.plan) if args.plan else None
     run_dir = None
     if parallel.is_main:
@@ -481,12 +402,11 @@ def cmd_plan(args, parser) -> None:
     from .runtime.failures import stage
 
     loaded = load_model(_model_config(args))
-    config = _plan_config(args)
+    config = args.run_config.plan
     calibration = None
     if config.uses_calibration:
         tokens = SENSITIVITY_TOKENS if config.strategy == "sensitivity" else PLANNING_TOKENS  # all make_plan reads
-        calibration = calibrate(loaded, CalibrationConfig(source=args.calibration, text_field=args.text_field,
-                                                          tokens=tokens))
+        calibration = calibrate(loaded, dataclasses.replace(args.run_config.calibration, tokens=tokens))
         for warning in calibration.warnings:
             print(f"warning: {warning}", file=sys.stderr)
     with stage("planning", model=loaded.model):
@@ -509,8 +429,16 @@ COMMANDS = {"compress": cmd_compress, "resume": cmd_resume, "eval": cmd_eval, "c
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _quiet_transformers()
+    if args.command == "compress" and args.out is None and not args.print_config:
+        args.subparser.error("the following arguments are required: --out")
     try:
+        if hasattr(args, "config_args"):
+            args.run_config = _run_config(args)
+            args.config_args.expose(args, args.run_config)  # command bodies read args.model, args.eval_tokens
+            if args.print_config:
+                print(args.run_config.to_yaml(), end="")
+                return 0
+        _quiet_transformers()
         summary = COMMANDS[args.command](args, parser)
     except LillamaError as exc:
         if isinstance(exc, ModelForwardError) and exc.traceback_file is None:  # no run folder to keep it in

@@ -1,4 +1,4 @@
-"""Dataclass configs for every part of a run, with help text, validation and a JSON round trip.
+"""Dataclass configs for every part of a run, with help text, validation and a JSON or YAML round trip.
 
 A run's full config is saved beside its results so any run can be reproduced from its folder.
 """
@@ -7,11 +7,28 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from .errors import ConfigError
+
+YAML_SUFFIXES = (".yaml", ".yml")
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """SafeLoader reading floats as YAML 1.2 does: PyYAML's 1.1 rules make `3e-4` (no dot) a string."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+               r"|[0-9][0-9_]*[eE][-+]?[0-9]+|\.(?:inf|Inf|INF)|[-+]\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."),
+)
 
 
 def _help(text: str, default, **kw):
@@ -229,12 +246,53 @@ class RunConfig:
             raise ConfigError(f"config is not valid JSON: {exc}") from None
         return cls.from_dict(data)
 
-    def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json())
+    def to_yaml(self) -> str:
+        # through JSON so enum members are written as their plain values
+        return yaml.safe_dump(json.loads(self.to_json()), sort_keys=False)
 
     @classmethod
-    def load(cls, path: str | Path) -> "RunConfig":
-        return cls.from_json(Path(path).read_text())
+    def from_yaml(cls, text: str) -> RunConfig:
+        """Read a recipe written as YAML. Floats follow YAML 1.2, so `lr: 3e-4` is a number.
+
+        Args:
+            text: the YAML document.
+        Returns:
+            The config, not yet validated.
+        Raises:
+            ConfigError: invalid YAML, or settings the configs do not have.
+        """
+        try:
+            data = yaml.load(text, Loader=_RecipeLoader)  # a SafeLoader: plain data only
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config is not valid YAML: {exc}") from None
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> None:
+        """Write the config as YAML for a .yaml/.yml path, else as JSON.
+
+        Args:
+            path: the file to write.
+        """
+        path = Path(path)
+        path.write_text(self.to_yaml() if path.suffix.lower() in YAML_SUFFIXES else self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        """Read a recipe file, YAML or JSON by its suffix.
+
+        Args:
+            path: a .yaml/.yml recipe, or a JSON config such as a run folder's config.json.
+        Returns:
+            The config, not yet validated.
+        Raises:
+            ConfigError: the file is missing or unreadable, its syntax is wrong, or it names unknown settings.
+        """
+        path = Path(path).expanduser()
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}: {exc.strerror or exc}") from None
+        return cls.from_yaml(text) if path.suffix.lower() in YAML_SUFFIXES else cls.from_json(text)
 
 
 def from_dict(cls, data):

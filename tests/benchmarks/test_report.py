@@ -54,6 +54,14 @@ def test_allocation_axis_parses_protected_layers_and_free_variants():
                                                                      "plan": {"strategy": "top"}}
 
 
+def test_set_values_are_typed_by_their_config_field_and_unknown_ones_stop_the_suite():
+    assert _parse_sets(["plan.rank=none", "distill.keep_best=false", "plan.rank_multiple=8"]) == {
+        "plan": {"rank": None, "rank_multiple": 8}, "distill": {"keep_best": False}}
+    for bad in ("distill.learning_rate=1", "distill.epochs=two", "heal.lr=1e-4"):
+        with pytest.raises(SystemExit):
+            _parse_sets([bad])
+
+
 def test_report_tables_hold_every_measured_cell(tmp_path):
     records = [_quality("teacher", 0.0, 29.6), _quality("whitened", 0.2, 120.2), _quality("ours", 0.2, 47.81),
                _quality("ours", 0.4, 80.5),

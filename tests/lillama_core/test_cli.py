@@ -10,6 +10,7 @@ from tiny import SAMPLE_TEXT, STRICT_CHAT_TEMPLATE, fail_in, overflowing_float16
 
 from lillama_core.cli import COMMANDS, ProgressPrinter, build_parser, main
 from lillama_core.config import RunConfig
+from lillama_core.config_args import ALIASES
 from lillama_core.events import LayerFinished, Step, read_events
 from lillama_core.export import load_compressed, read_record
 
@@ -64,6 +65,120 @@ def test_config_file_reproduces_a_run_and_flags_override_it(tiny_model_dir, text
     saved = RunConfig.from_dict(read_record(out)["config"])
     assert saved.plan.strategy == "uniform" and saved.calibration.tokens == 256
     assert saved.distill.lr == 0.001
+
+
+# Every flag `lillama` had before its flags were generated from the configs, and the values it set then.
+OLD_FLAGS = [
+    (["--model", "m"], {"model.name": "m"}),
+    (["--device", "cpu"], {"model.device": "cpu"}),
+    (["--dtype", "float16"], {"model.dtype": "float16"}),
+    (["--trust-remote-code"], {"model.trust_remote_code": True}),
+    (["--offload"], {"model.offload": True}),
+    (["--calibration", "c.jsonl"], {"calibration.source": "c.jsonl"}),
+    (["--text-field", "body"], {"calibration.text_field": "body"}),
+    (["--dataset-config", "wikitext-2-raw-v1"], {"calibration.dataset_config": "wikitext-2-raw-v1"}),
+    (["--split", "validation"], {"calibration.split": "validation"}),
+    (["--tokens", "4096"], {"calibration.tokens": 4096}),
+    (["--seq-len", "128"], {"calibration.seq_len": 128}),
+    (["--batch-size", "2"], {"calibration.batch_size": 2}),
+    (["--reduction", "0.3"], {"plan.reduction": 0.3}),
+    (["--rank", "64"], {"plan.rank": 64, "plan.reduction": None}),
+    (["--rank", "64", "--reduction", "0.3"], {"plan.rank": 64, "plan.reduction": None}),
+    (["--strategy", "energy"], {"plan.strategy": "energy"}),
+    (["--layer-keep", "0.5"], {"plan.layer_keep": 0.5}),
+    (["--rank-multiple", "1"], {"plan.rank_multiple": 1}),
+    (["--groups", "attention, mlp,"], {"plan.groups": ["attention", "mlp"]}),
+    (["--init", "svd"], {"distill.init": "svd"}),
+    (["--lr", "3e-4"], {"distill.lr": 3e-4}),
+    (["--epochs", "2"], {"distill.epochs": 2}),
+    (["--loss", "teacher"], {"distill.loss": "teacher"}),
+    (["--no-distill"], {"distill.distill": False}),
+    (["--activations", "disk"], {"distill.activations": "disk"}),
+    (["--heal-tokens", "256"], {"heal.tokens": 256}),
+    (["--heal-lr", "1e-5"], {"heal.lr": 1e-5}),
+    (["--seed", "7"], {"seed": 7, "calibration.seed": 7}),
+    (["--eval-text", "e.txt"], {"eval.text": "e.txt"}),
+    (["--eval-tokens", "128"], {"eval.tokens": 128}),
+    (["--eval-seq-len", "64"], {"eval.seq_len": 64}),
+    (["--eval-audio", "clips"], {"eval.audio": "clips"}),
+]
+MODEL_FLAGS = {"--model", "--device", "--dtype", "--trust-remote-code", "--offload"}
+EVAL_FLAGS = {"--eval-text", "--eval-tokens", "--eval-seq-len", "--eval-audio"}
+PLAN_FLAGS = {"--reduction", "--rank", "--strategy", "--layer-keep", "--rank-multiple", "--groups", "--calibration",
+              "--text-field"}
+OLD_FLAGS_OF = {"compress": {words[0] for words, _ in OLD_FLAGS}, "plan": MODEL_FLAGS | PLAN_FLAGS,
+                "eval": MODEL_FLAGS | EVAL_FLAGS, "chat": MODEL_FLAGS, "transcribe": MODEL_FLAGS}
+
+
+def _with(values: dict) -> RunConfig:
+    config = RunConfig()
+    for path, value in values.items():
+        *sections, name = path.split(".")
+        target = config
+        for section in sections:
+            target = getattr(target, section)
+        setattr(target, name, value)
+    return config
+
+
+def test_the_old_flag_table_covers_every_alias():
+    assert OLD_FLAGS_OF["compress"] == {flag for flag in ALIASES if flag != "--distill"} | {"--no-distill"}
+
+
+@pytest.mark.parametrize("command, words, expected", [
+    (command, words, expected) for command, flags in OLD_FLAGS_OF.items()
+    for words, expected in OLD_FLAGS if words[0] in flags])
+def test_every_old_flag_sets_the_config_value_it_set_before(command, words, expected, capsys):
+    extra = ["audio.wav"] if command == "transcribe" else []
+    assert main([command, *extra, *words, "--print-config"]) == 0
+    assert RunConfig.from_yaml(capsys.readouterr().out) == _with(expected)  # and nothing else moved
+
+
+def test_a_yaml_recipe_loads_and_a_flag_given_overrides_it_even_at_its_default(tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("model:\n  name: my-model\nplan:\n  strategy: uniform\n  reduction: 0.3\n"
+                      "distill:\n  lr: 3e-4\n  schedule: constant\n  keep_best: false\n")
+    assert main(["compress", "--config", str(recipe), "--lr", "0.001", "--keep-best", "--print-config"]) == 0
+    config = RunConfig.from_yaml(capsys.readouterr().out)
+    assert config.distill.lr == 0.001 == RunConfig().distill.lr and config.distill.keep_best  # defaults, given
+    assert (config.model.name, config.plan.strategy, config.plan.reduction, config.distill.schedule) == (
+        "my-model", "uniform", 0.3, "constant")
+    assert config.calibration == RunConfig().calibration  # what the recipe leaves out keeps its default
+
+
+def test_print_config_parses_back_to_the_same_recipe_and_loads_no_model(tmp_path, capsys):
+    expected = _with({"model.name": "/no/such/model", "distill.weight_decay": 0.01, "heal.temperature": 2.0,
+                      "plan.overrides": {"*.layers.0.*": None}, "calibration.chat_template": False,
+                      "distill.warmup_steps": 0, "heal.warmup_steps": 8})
+    args = ["compress", "--model", "/no/such/model", "--weight-decay", "0.01", "--heal.temperature", "2",
+            "--overrides", '{"*.layers.0.*": null}', "--no-chat-template", "--distill.warmup-steps", "0",
+            "--heal.warmup-steps", "8", "--print-config"]
+    assert main(args) == 0  # no --out needed, and the missing model is never loaded
+    printed = capsys.readouterr().out
+    assert RunConfig.from_yaml(printed) == expected
+    (tmp_path / "again.yaml").write_text(printed)
+    assert main(["compress", "--config", str(tmp_path / "again.yaml"), "--print-config"]) == 0
+    assert capsys.readouterr().out == printed
+
+
+def test_compress_still_needs_out_unless_printing(capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["compress", "--lr", "0.001"])
+    assert exited.value.code == 2 and "required: --out" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("recipe, message", [
+    (None, "cannot read config"),
+    ("distill:\n  learning_rate: 0.1\n", "learning_rate"),
+    ("plan:\n  reduction: 2\n", "between 0 and 1"),
+])
+def test_bad_recipes_exit_2_in_one_line(recipe, message, tmp_path, capsys):
+    path = tmp_path / "recipe.yaml"
+    if recipe is not None:
+        path.write_text(recipe)
+    assert main(["compress", "--config", str(path), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lillama: error:") and message in err[0]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -167,6 +282,11 @@ def test_help_of_every_subcommand(capsys):
             build_parser().parse_args([command, "--help"])
         assert exited.value.code == 0, command
         assert capsys.readouterr().out.startswith(f"usage: lillama {command}")
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compress", "--help"])
+    shown = capsys.readouterr().out
+    assert all(flag in shown for flag in ("--distill.weight-decay", "--heal.temperature", "--no-distill",
+                                          "--config", "--print-config"))
     # A help text with a literal % (argparse %-formats help) once crashed `compress --help` and `plan --help`.
     result = subprocess.run([sys.executable, "-m", "lillama_core.cli", "plan", "--help"], capture_output=True,
                             text=True, check=False)

@@ -57,3 +57,39 @@ def test_every_field_has_help_text():
 
 def test_to_json_is_plain_json():
     assert json.loads(RunConfig().to_json())["model"]["name"] == "smollm2-135m-instruct"
+
+
+def test_run_config_round_trips_through_yaml_chosen_by_suffix(tmp_path):
+    config = RunConfig()
+    config.plan.overrides = {"*.layers.0.*": None}
+    config.distill.lr, config.heal.tokens, config.plan.reduction = 3e-4, 512, None
+    config.plan.rank = 64
+    for name in ("recipe.yaml", "recipe.YML"):
+        config.save(tmp_path / name)
+        assert not (tmp_path / name).read_text().lstrip().startswith("{")  # YAML, not JSON
+        assert RunConfig.load(tmp_path / name) == config
+    config.save(tmp_path / "config.json")
+    assert json.loads((tmp_path / "config.json").read_text())["distill"]["lr"] == 3e-4
+
+
+def test_yaml_reads_exponent_floats_as_numbers():
+    # PyYAML's YAML 1.1 rules read `3e-4` (no dot) as a string; a recipe means the number
+    config = RunConfig.from_yaml("distill:\n  lr: 3e-4\n  weight_decay: 1E-2\nheal:\n  lr: .5\n")
+    assert (config.distill.lr, config.distill.weight_decay, config.heal.lr) == (3e-4, 1e-2, 0.5)
+    assert RunConfig.from_yaml("calibration:\n  tokens: 1000\n").calibration.tokens == 1000
+
+
+@pytest.mark.parametrize("text, message", [
+    ("distill: [unclosed", "not valid YAML"),
+    ("plan:\n  target: 0.2\n", "target"),
+    ("- a list\n", "expects an object"),
+    ("seed: !!python/object:os.system {}\n", "not valid YAML"),  # safe loading only
+])
+def test_bad_yaml_recipes_are_config_errors(text, message):
+    with pytest.raises(ConfigError, match=message):
+        RunConfig.from_yaml(text)
+
+
+def test_a_missing_config_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        RunConfig.load(tmp_path / "absent.yaml")
