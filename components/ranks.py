@@ -10,16 +10,14 @@ from pathlib import Path
 
 import gradio as gr
 
-from lillama_core.config import GROUPS, STRATEGIES, PlanConfig
+from lillama_core.config import GROUPS, PlanConfig
 from lillama_core.planning.ranks import ModelShape, ModuleShape
+from lillama_core.planning.strategies import all_strategies, strategy_named
 
 from .charts import human, human_bytes, plan_chart
 from .common import plot, user_errors
 from .studio import Studio
 
-STRATEGY_LABELS = {"sensitivity": "Sensitivity (measured: spare the layers that hurt most)",
-                   "energy": "Energy (rank where the spectrum needs it)", "uniform": "Uniform rank",
-                   "bottom": "Bottom-first layers", "top": "Top-first layers"}
 RANK_MULTIPLES = [1, 8, 16, 32, 64]
 
 
@@ -101,7 +99,7 @@ def build(studio: Studio) -> dict:
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
             with gr.Row():
-                strategy = gr.Dropdown([(STRATEGY_LABELS[s], s) for s in STRATEGIES], value=studio.plan_config.strategy,
+                strategy = gr.Dropdown([(s.label, s.name) for s in all_strategies()], value=studio.plan_config.strategy,
                                        label="Preset")
                 reduction = gr.Slider(1, 70, value=round(100 * (studio.plan_config.reduction or 0.2)), step=1,
                                       label="Target reduction (% of all parameters)")
@@ -173,8 +171,9 @@ def build(studio: Studio) -> dict:
         rank = int(rank_value) if rank_value else None
         config = PlanConfig(strategy=strategy_value, reduction=None if rank else reduction_value / 100, rank=rank,
                             layer_keep=keep_value / 100, groups=list(group_values), rank_multiple=int(multiple_value))
-        if config.strategy == "energy" and studio.loaded is not None:
-            gr.Info("measuring whitened spectra on a slice of the calibration set…")
+        notice = strategy_named(config.strategy).measuring(config)
+        if notice and studio.loaded is not None:
+            gr.Info(notice)
         studio.apply_preset(config)
         return (*refresh(), current_version + 1)
 

@@ -217,7 +217,7 @@ COMPRESS_FLAGS = {
     "layer_keep": ("plan", "layer_keep", float), "groups": ("plan", "groups", _groups),
     "rank_multiple": ("plan", "rank_multiple", int),
     "init": ("distill", "init", str), "lr": ("distill", "lr", float), "epochs": ("distill", "epochs", int),
-    "loss": ("distill", "loss", str), "no_distill": ("distill", "distill", lambda v: not v),
+    "loss": ("distill", "loss", str), "no_distill": ("distill", "train", lambda v: not v),
     "activations": ("distill", "activations", str),
     "heal_tokens": ("heal", "tokens", int), "heal_lr": ("heal", "lr", float),
     "eval_text": ("eval", "text", str), "eval_tokens": ("eval", "tokens", int),
@@ -473,7 +473,7 @@ def cmd_export(args, parser) -> None:
 def cmd_plan(args, parser) -> None:
     from .modeling.loading import load_model
     from .pipeline import calibrate
-    from .planning.planner import PLANNING_TOKENS, SENSITIVITY_TOKENS, make_plan
+    from .planning.planner import make_plan
     from .planning.ranks import ModelShape, summarize
     from .runtime.failures import stage
 
@@ -481,9 +481,8 @@ def cmd_plan(args, parser) -> None:
     config = _plan_config(args)
     calibration = None
     if config.uses_calibration:
-        tokens = SENSITIVITY_TOKENS if config.strategy == "sensitivity" else PLANNING_TOKENS  # all make_plan reads
         calibration = calibrate(loaded, CalibrationConfig(source=args.calibration, text_field=args.text_field,
-                                                          tokens=tokens))
+                                                          tokens=config.calibration_tokens))  # all make_plan reads
         for warning in calibration.warnings:
             print(f"warning: {warning}", file=sys.stderr)
     with stage("planning", model=loaded.model):

@@ -19,8 +19,19 @@ from torch import nn
 from ..config import DistillConfig
 from ..data.calibration import CalibrationData
 from ..errors import CalibrationError, ConfigError, LillamaError, OutOfMemoryError, RankPlanError, RunStopped
-from ..events import Event, EventSink, LayerFinished, LayerStarted, Phase, RunError, RunFinished, RunStarted, Step
-from ..factorize.svd import to_low_rank
+from ..events import (
+    Event,
+    EventSink,
+    LayerFinished,
+    LayerStarted,
+    Phase,
+    RunError,
+    RunFinished,
+    RunStarted,
+    RunStatus,
+    Step,
+)
+from ..factorize.inits import init_named, to_low_rank
 from ..modeling.discovery import Block, find_blocks, share_weights_copy
 from ..modeling.loading import LoadedModel
 from ..modeling.shipped import set_submodule
@@ -71,7 +82,7 @@ class RunResult:
     student: nn.Module
     plan: RankPlan  # requested
     applied: RankPlan  # what the student really has (fewer layers if stopped)
-    status: str
+    status: RunStatus
     layers: list[LayerFinished] = field(default_factory=list)
     seconds: float = 0.0
     tokens: int = 0
@@ -195,22 +206,22 @@ class Compressor:
         ranks_by_layer = self._ranks_by_layer(blocks)
         split = split_calibration(self.calibration, self.batch_size, self.parallel)
         layers = sorted(ranks_by_layer)
-        steps_per_layer = len(split.train) * self.config.epochs if self.config.distill else 0
+        steps_per_layer = len(split.train) * self.config.epochs if self.config.train else 0
         self.emit(RunStarted(model=self.loaded.name, device=str(self.device), layers_total=len(blocks),
                              layers_to_compress=layers, steps_total=steps_per_layer * len(layers),
                              tokens=self.calibration.tokens, params_before=after.params_before,
                              params_after=after.params_after))
         student = share_weights_copy(self.loaded.model)
         result = RunResult(student, self.plan, RankPlan({}, self.plan.strategy, self.plan.target_reduction,
-                                                        self.plan.model_type), "completed")
+                                                        self.plan.model_type), RunStatus.COMPLETED)
         result.tokens = self.calibration.tokens
         if not layers:
-            return self._finish(result, start, "completed")
+            return self._finish(result, start, RunStatus.COMPLETED)
         walk = self._prepare(blocks, ranks_by_layer, layers, split, steps_per_layer, student)
         try:
             status = self._walk(walk, result)
         except RunStopped:
-            status = "stopped"
+            status = RunStatus.STOPPED
         return self._finish(result, start, status)
 
     def _prepare(self, blocks: list[Block], ranks_by_layer: dict[int, dict[str, int]], layers: list[int],
@@ -232,7 +243,7 @@ class Compressor:
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
         return Walk(blocks, ranks_by_layer, layers, split, steps_per_layer, store, starts, inputs, student, generator)
 
-    def _walk(self, walk: Walk, result: RunResult) -> str:
+    def _walk(self, walk: Walk, result: RunResult) -> RunStatus:
         """Run the blocks up to the last one in the plan; returns the run's status.
 
         Raises:
@@ -255,8 +266,8 @@ class Compressor:
                     result.applied.ranks[f"{block.name}.{local}"] = rank
                 self.emit(result.layers[-1])
                 if self.parallel.any(self.stop.is_set(), device=self.device):  # every process stops together
-                    return "stopped"
-        return "completed"
+                    return RunStatus.STOPPED
+        return RunStatus.COMPLETED
 
     def _start_stack(self, acts: Activations, first_input: torch.Tensor, walk: Walk, compressed_below: bool):
         """A new stack (the decoder after the encoder) starts from the model's own inputs, the same for
@@ -298,7 +309,7 @@ class Compressor:
         kwargs_for, student_kwargs_for = self._kwargs(block, acts, walk)
         restored = self.checkpoints.restore(block.index, block.module) if self.checkpoints else None
         covariances = None
-        if self.config.init == "whitened" and restored is None:
+        if init_named(self.config.init).needs_covariance and restored is None:
             covariances = InputCovariances(block.module, list(local_ranks), self.device)
         teacher_y = self._teacher_outputs(block, acts.teacher, kwargs_for, walk, covariances)
         self.emit(LayerStarted(layer=block.index, position=walk.layers.index(block.index) + 1, of=len(walk.layers),
@@ -340,7 +351,7 @@ class Compressor:
             walk.global_step += 1
             self._emit_step(block.index, m, walk)
 
-        if self.config.distill:
+        if self.config.train:
             layer_result = distiller.train(on_step, self.stop.is_set)
         else:
             loss = distiller.held_out_loss()
@@ -415,11 +426,11 @@ class Compressor:
                        vram_total_bytes=mem.total_bytes, torch_peak_allocated_bytes=mem.peak_allocated_bytes,
                        torch_peak_reserved_bytes=mem.peak_reserved_bytes, skipped=m.skipped, rss_bytes=mem.rss_bytes))
 
-    def _finish(self, result: RunResult, start: float, status: str) -> RunResult:
+    def _finish(self, result: RunResult, start: float, status: RunStatus) -> RunResult:
         result.status = status
         result.seconds = time.time() - start
         done = result.applied.layers(self.shape)
-        message = "" if status == "completed" else f"stopped by request; {len(done)} finished layer(s) kept"
+        message = "" if status == RunStatus.COMPLETED else f"stopped by request; {len(done)} finished layer(s) kept"
         self.emit(RunFinished(status=status, layers_done=done, seconds=result.seconds, tokens=result.tokens,
                               message=message))
         return result

@@ -181,7 +181,7 @@ def test_other_threads_using_the_teacher_do_not_disturb_a_run(tiny):
     layers_before = list(tiny.model.model.layers)
     seen = []
     plan = RankPlan({"model.layers.1.mlp.up_proj": 8})
-    Compressor(tiny, _calibration(), plan, DistillConfig(distill=False),
+    Compressor(tiny, _calibration(), plan, DistillConfig(train=False),
                on_event=lambda e: seen.append(list(tiny.model.model.layers))).run()
     assert all(layers == layers_before for layers in seen)  # blocks were never swapped out
 
