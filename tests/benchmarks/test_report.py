@@ -105,3 +105,12 @@ def test_parallel_table_and_command_line(tmp_path):
     text = generated_markdown(rows, tmp_path)
     assert "| 1 × 1 | 8,192 | 217 | 1.00× | 0.0e+00 |" in text
     assert "| 2 × 1 | 8,192 | 145 | 1.50× | 1.1e-04 |" in text
+
+
+def test_settings_reads_training_free_results_written_before_and_after_the_rename_of_distill():
+    from benchmarks.report import settings
+
+    plan = {"strategy": "uniform", "overrides": {}}
+    for key in ("distill", "train"):  # results/*.jsonl before the rename say "distill"
+        record = {"plan_config": plan, "distill_config": {"init": "svd", key: False}}
+        assert settings(record) == "uniform, svd, no training"
