@@ -122,5 +122,5 @@ def heal(student: nn.Module, teacher: nn.Module, calibration: CalibrationData, c
 
 @torch.no_grad()
 def _restore(factors: list[nn.Parameter], saved: list[torch.Tensor]) -> None:
-    for p, value in zip(factors, saved):
+    for p, value in zip(factors, saved, strict=True):
         p.copy_(value)
