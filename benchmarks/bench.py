@@ -21,8 +21,9 @@ from lillama_core.data.calibration import DEFAULT_EVAL_TEXT, CalibrationData, lo
 from lillama_core.events import LayerFinished, Step
 from lillama_core.metrics.evaluate import eval_windows, perplexity
 from lillama_core.modeling.loading import load_model
-from lillama_core.planning.planner import PLANNING_TOKENS, SENSITIVITY_TOKENS, compute_spectra
+from lillama_core.planning.planner import compute_spectra
 from lillama_core.planning.ranks import ModelShape, RankPlan, build_plan, reduction_target, summarize
+from lillama_core.planning.strategies import SENSITIVITY_TOKENS, SPECTRA_TOKENS
 
 from .common import PeakMemory, environment
 from .methods import Recipe, describe_recipe, resolve_overrides
@@ -105,11 +106,11 @@ class Bench:
         return self._windows[key]
 
     def spectra(self, tokens: int | None = None) -> tuple[dict, float]:
-        """Whitened spectra exactly as make_plan computes them (first PLANNING_TOKENS of the calibration)."""
+        """Whitened spectra exactly as make_plan computes them (first SPECTRA_TOKENS of the calibration)."""
         tokens = tokens or self.budget.tokens
         if tokens not in self._spectra:
             calibration = self.calibration(tokens)
-            subset = calibration.first_tokens(PLANNING_TOKENS)
+            subset = calibration.first_tokens(SPECTRA_TOKENS)
             start = time.time()
             spectra = compute_spectra(self.loaded, self.shape, subset, self.budget.batch_size, True)
             self._spectra[tokens] = (spectra, time.time() - start)
@@ -248,7 +249,7 @@ class Bench:
         n = calibration.sequences.shape[0]
         from lillama_core.compress.loop import held_out_count
         train_tokens = (n - held_out_count(n)) * calibration.sequences.shape[1] * distill_config.epochs
-        layer_tokens = train_tokens * len(layers) if distill_config.distill else 0
+        layer_tokens = train_tokens * len(layers) if distill_config.train else 0
         log(f"  compressed in {result.seconds:.1f}s; evaluating")
         ppl = perplexity(result.student, self.windows(), self.budget.eval_batch)
         record = {
@@ -305,7 +306,7 @@ class Bench:
         """Training-free student with the recipe's plan: same architecture and speed as a distilled one."""
         plan_config = recipe.plan_config(reduction)
         plan, _, _ = self.plan(plan_config, exact=recipe.exact)
-        distill = dataclasses.replace(recipe.distill_config(), distill=False)
+        distill = dataclasses.replace(recipe.distill_config(), train=False)
         result = Compressor(self.loaded, self.calibration(), plan, distill, self.budget.batch_size).run()
         return result.student, summarize(plan, self.shape)
 

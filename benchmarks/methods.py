@@ -65,9 +65,9 @@ def resolve_overrides(overrides: dict, num_layers: int) -> dict:
 METHODS: dict[str, Recipe] = {
     "teacher": Recipe("teacher", teacher=True, description="uncompressed model"),
     # The baselines keep exact ranks, as published; only "ours" follows the engine's rank multiple.
-    "svd": Recipe("svd", {"strategy": "uniform", "rank_multiple": 1}, {"init": "svd", "distill": False},
+    "svd": Recipe("svd", {"strategy": "uniform", "rank_multiple": 1}, {"init": "svd", "train": False},
                   "plain truncated SVD, uniform rank, training-free"),
-    "whitened": Recipe("whitened", {"strategy": "uniform", "rank_multiple": 1}, {"init": "whitened", "distill": False},
+    "whitened": Recipe("whitened", {"strategy": "uniform", "rank_multiple": 1}, {"init": "whitened", "train": False},
                        "activation-whitened SVD (SVD-LLM style), uniform rank, training-free"),
     "paper": Recipe("paper", {"strategy": "bottom", "layer_keep": 0.4, "rank_multiple": 1},
                     {"init": "svd", "lr": 8.6e-5, "schedule": "constant", "warmup_steps": 0, "loss": "joint"},

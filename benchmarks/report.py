@@ -163,7 +163,7 @@ def settings(r: dict) -> str:
     dense = [k.split(".layers.")[1].split(".")[0] for k, v in (plan.get("overrides") or {}).items()
              if v is None and ".layers." in k]
     text = plan.get("strategy", "?") + (f" (L{','.join(dense)} dense)" if dense else "")
-    if d.get("distill") is False:
+    if d.get("train", d.get("distill")) is False:  # results before the rename say "distill"
         return text + f", {d.get('init')}, no training"
     return text + f", {d.get('init')}, lr {d.get('lr'):g} {d.get('schedule')}, {d.get('loss')}"
 

@@ -104,7 +104,7 @@ def ablation_variants(what: str, base: Recipe, values: list[str] | None, free: b
     else:
         raise SystemExit(f"unknown ablation {what!r}")
     if free:
-        out = [(label + " (no training)", r.with_changes(r.name, distill={"distill": False}), t) for label, r, t in out]
+        out = [(label + " (no training)", r.with_changes(r.name, distill={"train": False}), t) for label, r, t in out]
     return out
 
 

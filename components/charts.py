@@ -6,8 +6,7 @@ import math
 
 import pandas as pd
 
-from lillama_core.compress.heal import HEAL_LAYER
-from lillama_core.events import Event, LayerFinished, LayerStarted, RunFinished, RunStarted, Step
+from lillama_core.events import Event, LayerFinished, LayerStarted, RunFinished, RunStarted, Step, StepStage
 
 ACCENT = "#7c3aed"
 ACCENT_2 = "#0ea5e9"
@@ -99,20 +98,20 @@ def plan_chart(layers: list[dict], budget_after: int | None = None) -> dict:
 
 def loss_chart(events: list[Event]) -> dict:
     """Loss per step for both paths and every layer, on a log scale."""
-    series: dict[int, dict[str, list]] = {}
+    series: dict[int | None, dict[str, list]] = {}  # layer -> points; None: healing, which trains every layer
     for e in events:
         if isinstance(e, Step):
-            s = series.setdefault(e.layer, {"x": [], "t": [], "s": []})
+            s = series.setdefault(None if e.stage == StepStage.HEAL else e.layer, {"x": [], "t": [], "s": []})
             s["x"].append(e.global_step)
             s["t"].append(e.loss_teacher_input)
             s["s"].append(e.loss_student_input)
     data = []
     limit = max(50, min(MAX_POINTS_PER_SERIES, MAX_POINTS_PER_CHART // max(2 * len(series), 1)))
-    for i, (layer, s) in enumerate(sorted(series.items())):
+    for i, (layer, s) in enumerate(sorted(series.items(), key=lambda item: -1 if item[0] is None else item[0])):
         color = PALETTE[i % len(PALETTE)]
         x, t = _thin(s["x"], s["t"], limit)
         _, st = _thin(s["x"], s["s"], limit)
-        if layer == HEAL_LAYER:  # end-to-end healing: one KL curve
+        if layer is None:  # end-to-end healing: one KL curve
             data.append(line(x, t, "healing KL", "#111827", legendgroup="heal"))
             continue
         data.append(line(x, t, f"L{layer} teacher-input", color, legendgroup=str(layer)))

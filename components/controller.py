@@ -15,6 +15,7 @@ from lillama_core.chat import SamplingConfig, stream_chat
 from lillama_core.data.calibration import read_eval_text
 from lillama_core.metrics.evaluate import eval_windows
 from lillama_core.modeling.quantize import MODES, quantize_weights
+from lillama_core.planning.strategies import strategy_named
 from lillama_core.tasks.speech import reference_transcripts
 
 from . import chat, evaluate, ranks
@@ -199,7 +200,8 @@ class Controller:
                 previous plan is kept.
         """
         config = settings.plan_config()
-        if config.strategy == "energy" and self.studio.loaded is not None:
-            gr.Info("measuring whitened spectra on a slice of the calibration set…")
+        notice = strategy_named(config.strategy).measuring(config)
+        if notice and self.studio.loaded is not None:
+            gr.Info(notice)
         self.studio.apply_preset(config)
         return ranks.totals_html(self.studio), ranks.chart(self.studio)

@@ -24,7 +24,7 @@ def run_rows(studio: Studio) -> list[dict]:
         rows.append({
             "name": record.name, "status": record.status, "model": c.model.name if c else "?",
             "strategy": c.plan.strategy if c else "?", "init": c.distill.init if c else "?",
-            "distilled": c.distill.distill if c else "?", "tokens": m.get("tokens"),
+            "distilled": c.distill.train if c else "?", "tokens": m.get("tokens"),
             "reduction": m.get("reduction"), "params_after": m.get("params_after"),
             "weight_bytes_after": m.get("weight_bytes_after"), "teacher_ppl": m.get("teacher_ppl"),
             "student_ppl": m.get("student_ppl"), "seconds": m.get("seconds"), "student": record.has_student,

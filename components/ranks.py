@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING
 
 import gradio as gr
 
-from lillama_core.config import GROUPS, STRATEGIES, PlanConfig
+from lillama_core.config import GROUPS, PlanConfig
 from lillama_core.planning.ranks import ModelShape, ModuleShape
+from lillama_core.planning.strategies import all_strategies
 
 from .charts import human, human_bytes, plan_chart
 from .common import plot, user_errors
@@ -21,10 +22,6 @@ from .studio import Studio
 
 if TYPE_CHECKING:  # the controller imports this module's helpers
     from .controller import Controller
-
-STRATEGY_LABELS = {"sensitivity": "Sensitivity (measured: spare the layers that hurt most)",
-                   "energy": "Energy (rank where the spectrum needs it)", "uniform": "Uniform rank",
-                   "bottom": "Bottom-first layers", "top": "Top-first layers"}
 RANK_MULTIPLES = [1, 8, 16, 32, 64]
 
 
@@ -119,7 +116,7 @@ def build(controller: Controller) -> dict:
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
             with gr.Row():
-                strategy = gr.Dropdown([(STRATEGY_LABELS[s], s) for s in STRATEGIES], value=studio.plan_config.strategy,
+                strategy = gr.Dropdown([(s.label, s.name) for s in all_strategies()], value=studio.plan_config.strategy,
                                        label="Preset")
                 reduction = gr.Slider(1, 70, value=round(100 * (studio.plan_config.reduction or 0.2)), step=1,
                                       label="Target reduction (% of all parameters)")

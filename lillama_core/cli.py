@@ -397,7 +397,7 @@ def cmd_export(args, parser) -> None:
 def cmd_plan(args, parser) -> None:
     from .modeling.loading import load_model
     from .pipeline import calibrate
-    from .planning.planner import PLANNING_TOKENS, SENSITIVITY_TOKENS, make_plan
+    from .planning.planner import make_plan
     from .planning.ranks import ModelShape, summarize
     from .runtime.failures import stage
 
@@ -405,8 +405,8 @@ def cmd_plan(args, parser) -> None:
     config = args.run_config.plan
     calibration = None
     if config.uses_calibration:
-        tokens = SENSITIVITY_TOKENS if config.strategy == "sensitivity" else PLANNING_TOKENS  # all make_plan reads
-        calibration = calibrate(loaded, dataclasses.replace(args.run_config.calibration, tokens=tokens))
+        calibration = calibrate(loaded, dataclasses.replace(args.run_config.calibration,
+                                                             tokens=config.calibration_tokens))  # all make_plan reads
         for warning in calibration.warnings:
             print(f"warning: {warning}", file=sys.stderr)
     with stage("planning", model=loaded.model):

@@ -10,6 +10,7 @@ import json
 import re
 import typing
 from dataclasses import dataclass, field
+from enum import Enum, StrEnum
 from pathlib import Path
 
 import yaml
@@ -83,19 +84,54 @@ class CalibrationConfig:
             )
 
 
-ACTIVATION_STORAGES = ("auto", "accelerator", "host", "disk")
-STRATEGIES = ("sensitivity", "energy", "uniform", "bottom", "top")
+class Strategy(StrEnum):
+    """The built-in planning strategies (planning/strategies.py says what each measures and allocates)."""
+
+    SENSITIVITY = "sensitivity"
+    ENERGY = "energy"
+    UNIFORM = "uniform"
+    BOTTOM = "bottom"
+    TOP = "top"
+
+
+class Init(StrEnum):
+    """How the factors start (factorize/inits.py)."""
+
+    WHITENED = "whitened"
+    SVD = "svd"
+    RANDOM = "random"
+
+
+class LossPath(StrEnum):
+    """Which inputs the student layer is trained on."""
+
+    JOINT = "joint"
+    TEACHER = "teacher"
+    STUDENT = "student"
+
+
+class ActivationStorage(StrEnum):
+    """Where cached activations live."""
+
+    AUTO = "auto"
+    ACCELERATOR = "accelerator"
+    HOST = "host"
+    DISK = "disk"
+
+
+ACTIVATION_STORAGES = tuple(ActivationStorage)
+STRATEGIES = tuple(Strategy)
 GROUPS = ("attention", "mlp", "experts", "ssm", "router", "other")
 DEFAULT_GROUPS = ["attention", "mlp", "experts", "ssm"]
 
 
 @dataclass
 class PlanConfig:
-    strategy: str = _help(
+    strategy: Strategy = _help(
         "sensitivity: layers kept where compressing them hurts the output most (measured); "
         "energy: ranks where the spectrum needs them; uniform: one rank everywhere; "
         "bottom/top: whole layers from the first/last until the target",
-        "sensitivity",
+        Strategy.SENSITIVITY,
     )
     reduction: float | None = _help("target share of all parameters to remove (0-1)", 0.2)
     rank: int | None = _help("fixed rank for every selected module instead of a reduction target", None)
@@ -119,12 +155,23 @@ class PlanConfig:
     @property
     def uses_calibration(self) -> bool:
         """Whether building this plan measures the model on calibration data (whitened energy, sensitivity)."""
-        return self.rank is None and (self.strategy == "sensitivity"
-                                      or (self.strategy == "energy" and self.whitened_energy))
+        return self.calibration_tokens > 0
+
+    @property
+    def calibration_tokens(self) -> int:
+        """Calibration tokens building this plan reads (0: none); the strategy registry knows.
+
+        Raises:
+            ConfigError: an unknown strategy.
+        """
+        from .planning.strategies import strategy_named  # the registry imports this module
+
+        return strategy_named(self.strategy).tokens(self)
 
     def validate(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ConfigError(f"strategy must be one of {', '.join(STRATEGIES)}, not {self.strategy!r}")
+        from .planning.strategies import strategy_named  # strategies registered later (tests, plugins) count
+
+        strategy_named(self.strategy)
         if self.rank is None and self.reduction is None:
             raise ConfigError("give either a target reduction or a fixed rank")
         if self.reduction is not None and not (0.0 < float(self.reduction) < 1.0):
@@ -140,34 +187,37 @@ class PlanConfig:
             raise ConfigError(f"groups must be a non-empty subset of {', '.join(GROUPS)}, not {self.groups!r}")
 
 
-INITS = ("whitened", "svd", "random")
-LOSS_PATHS = ("joint", "teacher", "student")
+INITS = tuple(Init)
+LOSS_PATHS = tuple(LossPath)
 
 
 @dataclass
 class DistillConfig:
-    init: str = _help("factor initialisation: whitened (activation-aware SVD), svd or random", "whitened")
+    init: Init = _help("factor initialisation: whitened (activation-aware SVD), svd or random", Init.WHITENED)
     lr: float = _help("AdamW learning rate of each layer's optimiser", 1e-3)
     weight_decay: float = _help("AdamW weight decay", 0.0)
     schedule: str = _help("learning-rate schedule over the layer's steps: constant or cosine", "cosine")
     warmup_steps: int = _help("linear warm-up steps at the start of each layer", 4)
     epochs: int = _help("passes over the calibration tokens per layer", 1)
-    loss: str = _help(
-        "joint: student fed teacher inputs + its own inputs; teacher or student: one path only", "joint"
+    loss: LossPath = _help(
+        "joint: student fed teacher inputs + its own inputs; teacher or student: one path only", LossPath.JOINT
     )
     grad_clip: float | None = _help("clip the gradient norm of each step (None: off)", 1.0)
     keep_best: bool = _help("restore the state with the lowest held-out layer loss", True)
     eval_every: int = _help("steps between held-out checks of the layer loss", 16)
-    distill: bool = _help("train the factors; off gives the training-free factorisation only", True)
-    activations: str = _help(
+    train: bool = _help("train the factors; off gives the training-free factorisation only", True)
+    activations: ActivationStorage = _help(
         "where cached activations live: auto (accelerator if they fit, else host memory, else disk), "
-        "accelerator, host or disk (memory-mapped files under $LILLAMA_HOME/activations)", "auto")
+        "accelerator, host or disk (memory-mapped files under $LILLAMA_HOME/activations)", ActivationStorage.AUTO)
+
+    RENAMED: typing.ClassVar[dict[str, str]] = {"distill": "train"}  # old key -> field, for older run folders
 
     def validate(self) -> None:
         if self.activations not in ACTIVATION_STORAGES:
             raise ConfigError(f"activations must be one of {', '.join(ACTIVATION_STORAGES)}, not {self.activations!r}")
-        if self.init not in INITS:
-            raise ConfigError(f"init must be one of {', '.join(INITS)}, not {self.init!r}")
+        from .factorize.inits import init_named  # the registry imports this module
+
+        init_named(self.init)
         if self.loss not in LOSS_PATHS:
             raise ConfigError(f"loss must be one of {', '.join(LOSS_PATHS)}, not {self.loss!r}")
         if self.schedule not in ("constant", "cosine"):
@@ -300,6 +350,8 @@ def from_dict(cls, data):
     if not isinstance(data, dict):
         raise ConfigError(f"{cls.__name__} expects an object, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
+    renamed = getattr(cls, "RENAMED", {})
+    data = {renamed.get(key, key): value for key, value in data.items()}
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
@@ -307,5 +359,13 @@ def from_dict(cls, data):
     kwargs = {}
     for key, value in data.items():
         hint = hints[key]
-        kwargs[key] = from_dict(hint, value) if dataclasses.is_dataclass(hint) else value
+        kwargs[key] = from_dict(hint, value) if dataclasses.is_dataclass(hint) else _member(hint, value)
     return cls(**kwargs)
+
+
+def _member(hint, value):
+    """`value` as a member of the enum `hint` where it names one; anything else is left for validate()."""
+    if isinstance(hint, type) and issubclass(hint, Enum) and value in hint._value2member_map_:
+        return hint(value)
+    return value
+

@@ -34,7 +34,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     "--reduction": ("plan.reduction",), "--rank": ("plan.rank",), "--strategy": ("plan.strategy",),
     "--layer-keep": ("plan.layer_keep",), "--rank-multiple": ("plan.rank_multiple",), "--groups": ("plan.groups",),
     "--init": ("distill.init",), "--lr": ("distill.lr",), "--epochs": ("distill.epochs",),
-    "--loss": ("distill.loss",), "--distill": ("distill.distill",), "--activations": ("distill.activations",),
+    "--loss": ("distill.loss",), "--distill": ("distill.train",), "--activations": ("distill.activations",),
     "--heal-tokens": ("heal.tokens",), "--heal-lr": ("heal.lr",),
     "--eval-text": ("eval.text",), "--eval-tokens": ("eval.tokens",), "--eval-seq-len": ("eval.seq_len",),
     "--eval-audio": ("eval.audio",),

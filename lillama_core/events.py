@@ -1,17 +1,36 @@
 """Typed progress events. The engine emits them; the CLI (tqdm), the job runner (events.jsonl) and
-the app (live plots) consume them. Each event is a flat dataclass that round-trips through JSON."""
+the app (live plots) consume them. Each event is a flat dataclass that round-trips through JSON; fields
+are keyword-only so a new field never shifts the meaning of a positional argument."""
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Callable
+from enum import StrEnum
 
 
-@dataclass
+class RunStatus(StrEnum):
+    """How a compression run ended (RunFinished.status)."""
+
+    COMPLETED = "completed"
+    STOPPED = "stopped"
+
+
+class StepStage(StrEnum):
+    """What an optimiser step trains (Step.stage)."""
+
+    DISTILL = "distill"  # one layer, against the teacher layer's outputs
+    HEAL = "heal"  # every low-rank factor at once, against the teacher's logits
+
+
+WHOLE_MODEL = -1  # Step.layer of steps that train no single layer (healing)
+
+
+@dataclass(kw_only=True)
 class Event:
-    time: float = field(default_factory=time.time, kw_only=True)
+    time: float = field(default_factory=time.time)
 
     @property
     def kind(self) -> str:
@@ -24,7 +43,7 @@ class Event:
         return json.dumps(self.to_dict())
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunStarted(Event):
     model: str
     device: str
@@ -36,7 +55,7 @@ class RunStarted(Event):
     params_after: int
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Phase(Event):
     """A stage outside the layer loop (loading, tokenising, capturing inputs, planning)."""
 
@@ -44,7 +63,7 @@ class Phase(Event):
     detail: str = ""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LayerStarted(Event):
     layer: int
     position: int  # 1-based index among the layers being compressed
@@ -53,7 +72,7 @@ class LayerStarted(Event):
     steps: int
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Step(Event):
     layer: int
     step: int  # 1-based within the layer
@@ -72,9 +91,10 @@ class Step(Event):
     torch_peak_reserved_bytes: int | None = None
     skipped: bool = False  # the loss was not finite and the update was skipped
     rss_bytes: int | None = None  # CPU runs: resident memory now (peak: torch_peak_allocated_bytes); older logs lack it
+    stage: StepStage = StepStage.DISTILL  # older logs lack it: their healing steps carry layer WHOLE_MODEL
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LayerFinished(Event):
     layer: int
     init_loss: float  # held-out loss right after factorisation
@@ -89,16 +109,16 @@ class LayerFinished(Event):
     unreached_experts: int = 0  # experts of this layer no calibration token was routed to (whitened init)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunFinished(Event):
-    status: str  # completed | stopped
+    status: RunStatus
     layers_done: list[int]
     seconds: float
     tokens: int
     message: str = ""
 
 
-@dataclass
+@dataclass(kw_only=True)
 class RunError(Event):
     message: str
     error_type: str
@@ -112,8 +132,16 @@ EventSink = Callable[[Event], None]
 
 
 def event_from_dict(data: dict) -> Event:
+    """The event a `to_dict()` wrote, from this or an older version (unknown fields are dropped).
+
+    Raises:
+        KeyError: an unknown kind.
+        TypeError: a required field is missing.
+    """
     data = dict(data)
     cls = EVENT_CLASSES[data.pop("kind")]
+    if cls is Step and "stage" not in data and data.get("layer") == WHOLE_MODEL:
+        data["stage"] = StepStage.HEAL  # logs from before Step.stage marked healing by its layer alone
     names = {f.name for f in fields(cls)}
     return cls(**{k: v for k, v in data.items() if k in names})
 

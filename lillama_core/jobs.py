@@ -17,6 +17,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
+from enum import StrEnum
 from pathlib import Path
 
 from .config import RunConfig
@@ -73,6 +74,18 @@ def append_event(run_dir: Path, event: Event) -> None:
         handle.write(event.to_json() + "\n")
 
 
+class JobStatus(StrEnum):
+    """A job's state, as status.json and the app show it (plain strings in JSON)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    COMPLETED = "completed"
+    STOPPED = "stopped"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"  # read back from a folder whose process is gone
+    UNKNOWN = "unknown"  # a folder without status.json
+
+
 @dataclass
 class Job:
     """One background task (a compression run or a sweep) and everything it has reported."""
@@ -83,7 +96,7 @@ class Job:
     run_dir: Path
     stop_event: threading.Event = field(default_factory=threading.Event)
     events: list[Event] = field(default_factory=list)
-    status: str = "queued"  # queued | running | completed | stopped | failed
+    status: JobStatus = JobStatus.QUEUED
     message: str = ""
     result: object = None  # the PipelineResult (or list of them for a sweep) while the process lives
     started: float = field(default_factory=time.time)
@@ -102,7 +115,7 @@ class Job:
 
     @property
     def running(self) -> bool:
-        return self.status in ("queued", "running")
+        return self.status in (JobStatus.QUEUED, JobStatus.RUNNING)
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -165,7 +178,7 @@ class JobManager:
             self.jobs[job.id] = job
         self._write_status(job)
         job.thread = threading.Thread(target=self._run, args=(job, work, device_lock), name=job.id, daemon=True)
-        job.status = "running"
+        job.status = JobStatus.RUNNING
         job.thread.start()
         return job
 
@@ -173,19 +186,19 @@ class JobManager:
         self._write_status(job)
         try:
             job.result = work(job)
-            job.status = "stopped" if job.stop_event.is_set() else "completed"
+            job.status = JobStatus.STOPPED if job.stop_event.is_set() else JobStatus.COMPLETED
         except RunStopped as exc:  # stopped before distillation began: nothing to keep, nothing wrong
-            job.status, job.message = "stopped", str(exc)
+            job.status, job.message = JobStatus.STOPPED, str(exc)
         except LillamaError as exc:
             if isinstance(exc, ModelForwardError) and exc.traceback_file is None:
                 keep_traceback(exc, job.run_dir)
-            job.status, job.message = "failed", str(exc)
+            job.status, job.message = JobStatus.FAILED, str(exc)
             if not any(isinstance(e, RunError) for e in job.events):
-                job.record(RunError(str(exc), type(exc).__name__))
+                job.record(RunError(message=str(exc), error_type=type(exc).__name__))
         except Exception as exc:  # a bug: keep the trace in the run folder, show one line in the UI
-            job.status, job.message = "failed", f"internal error: {type(exc).__name__}: {exc}"
+            job.status, job.message = JobStatus.FAILED, f"internal error: {type(exc).__name__}: {exc}"
             (job.run_dir / TRACEBACK_FILE).write_text(traceback.format_exc())
-            job.record(RunError(job.message, type(exc).__name__))
+            job.record(RunError(message=job.message, error_type=type(exc).__name__))
         finally:
             device_lock.release()
             job.finished = time.time()
@@ -228,9 +241,9 @@ def read_run(path: Path) -> RunRecord:
         config = RunConfig.from_dict(raw_config) if raw_config else None
     except LillamaError:
         config = None
-    status = (load(STATUS_FILE) or {}).get("status", "unknown")
-    if status in ("queued", "running"):
-        status = "interrupted"  # the process that ran it is gone
+    status = (load(STATUS_FILE) or {}).get("status", JobStatus.UNKNOWN)
+    if status in (JobStatus.QUEUED, JobStatus.RUNNING):
+        status = JobStatus.INTERRUPTED  # the process that ran it is gone
     return RunRecord(path, config, status, load("metrics.json") or {}, (path / STUDENT_DIR / "lillama.json").exists())
 
 
@@ -332,8 +345,9 @@ def sweep_work(base: RunConfig, reductions: list[float], runs_root: Path, loaded
             config.validate()
             run_dir = new_run_dir(runs_root, config)
             config.save(run_dir / "config.json")
-            write_status(run_dir, "running", sweep=job.id)
-            job.record(Phase("sweep", f"run {i}/{len(reductions)}: {reduction:.0%} fewer parameters -> {run_dir.name}"))
+            write_status(run_dir, JobStatus.RUNNING, sweep=job.id)
+            job.record(Phase(name="sweep",
+                             detail=f"run {i}/{len(reductions)}: {reduction:.0%} fewer parameters -> {run_dir.name}"))
 
             def on_event(event, run_dir=run_dir):
                 job.record(event)
@@ -346,7 +360,7 @@ def sweep_work(base: RunConfig, reductions: list[float], runs_root: Path, loaded
             except LillamaError as exc:
                 if isinstance(exc, ModelForwardError):
                     keep_traceback(exc, run_dir)
-                status = "stopped" if isinstance(exc, RunStopped) else "failed"
+                status = JobStatus.STOPPED if isinstance(exc, RunStopped) else JobStatus.FAILED
                 write_status(run_dir, status, message=str(exc), sweep=job.id)
                 raise
             ppl = result.metrics.get("teacher_ppl", ppl)

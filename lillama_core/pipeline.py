@@ -110,7 +110,7 @@ def evaluate_run(result: PipelineResult, config: RunConfig, on_event: EventSink 
     if stop is not None and stop.is_set():
         return metrics
     start = time.time()
-    emit(Phase("evaluate", "perplexity of teacher and student"))
+    emit(Phase(name="evaluate", detail="perplexity of teacher and student"))
     try:
         with stage("evaluation", model=loaded.model):
             if loaded.feature_extractor is not None:
@@ -132,21 +132,22 @@ def _run_pipeline(config: RunConfig, loaded: LoadedModel | None, plan: RankPlan 
     start = time.time()
     stop = stop or threading.Event()
     if loaded is None:
-        emit(Phase("load", f"loading {config.model.name}"))
+        emit(Phase(name="load", detail=f"loading {config.model.name}"))
         loaded = load_model(dataclasses.replace(config.model, device=device_for(parallel, config.model.device)))
     stop_point(stop, "loading the model")
     if loaded.feature_extractor is None:  # a speech model's transcript length is checked by its calibration
         for notice in check_positions(config, loaded.model):
-            emit(Phase("check", notice))
-    emit(Phase("calibration", f"tokenising {config.calibration.tokens} tokens from {config.calibration.source}"))
+            emit(Phase(name="check", detail=notice))
+    emit(Phase(name="calibration",
+               detail=f"tokenising {config.calibration.tokens} tokens from {config.calibration.source}"))
     if loaded.feature_extractor is not None and config.calibration.source in SYNTHETIC_SOURCES:
-        emit(Phase("calibration", SYNTHETIC_AUDIO_WARNING))
+        emit(Phase(name="calibration", detail=SYNTHETIC_AUDIO_WARNING))
     calibration = calibrate(loaded, config.calibration)
     for warning in calibration.warnings:
-        emit(Phase("calibration", warning))
+        emit(Phase(name="calibration", detail=warning))
     stop_point(stop, "reading the calibration data")
     if plan is None:
-        emit(Phase("plan", f"{config.plan.strategy} plan"))
+        emit(Phase(name="plan", detail=f"{config.plan.strategy} plan"))
         if parallel.is_main:
             with stage("planning", model=loaded.model):
                 plan = make_plan(loaded, config.plan, calibration, config.calibration.batch_size, emit, stop)

@@ -18,13 +18,11 @@ from torch import nn
 from ..config import HealConfig
 from ..data.calibration import CalibrationData
 from ..errors import RunStopped
-from ..events import EventSink, Phase, Step
+from ..events import WHOLE_MODEL, EventSink, Phase, Step, StepStage
 from ..modeling.shipped import LowRankLinear
 from ..runtime.telemetry import MemoryMonitor, Throughput, eta_seconds
 from .batching import batch_slices
 from .schedule import lr_at
-
-HEAL_LAYER = -1  # the layer index healing steps carry in events
 
 
 def kl_to_teacher(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -71,7 +69,7 @@ def heal(student: nn.Module, teacher: nn.Module, calibration: CalibrationData, c
 
     before = held_out_kl()
     initial = [p.detach().clone() for p in factors]
-    emit(Phase("heal", f"end-to-end healing on {train_rows * seq_len:,} tokens; held-out KL {before:.4f}"))
+    emit(Phase(name="heal", detail=f"end-to-end healing on {train_rows * seq_len:,} tokens; held-out KL {before:.4f}"))
     optimizer = torch.optim.AdamW(factors, lr=config.lr, weight_decay=0.0)
     memory, throughput = MemoryMonitor(device), Throughput()
     start = time.time()
@@ -92,10 +90,13 @@ def heal(student: nn.Module, teacher: nn.Module, calibration: CalibrationData, c
                 optimizer.step()
             elapsed = time.time() - start
             mem = memory.sample()
-            emit(Step(HEAL_LAYER, step, len(train_batches), step, len(train_batches), loss.item(), loss.item(),
-                      optimizer.param_groups[0]["lr"], throughput.update((rows.stop - rows.start) * seq_len), elapsed,
-                      eta_seconds(elapsed, step, len(train_batches)), mem.used_bytes, mem.total_bytes,
-                      mem.peak_allocated_bytes, mem.peak_reserved_bytes, not finite, rss_bytes=mem.rss_bytes))
+            emit(Step(layer=WHOLE_MODEL, stage=StepStage.HEAL, step=step, steps=len(train_batches), global_step=step,
+                      steps_total=len(train_batches), loss_teacher_input=loss.item(), loss_student_input=loss.item(),
+                      lr=optimizer.param_groups[0]["lr"],
+                      tokens_per_s=throughput.update((rows.stop - rows.start) * seq_len), elapsed_s=elapsed,
+                      eta_s=eta_seconds(elapsed, step, len(train_batches)), vram_used_bytes=mem.used_bytes,
+                      vram_total_bytes=mem.total_bytes, torch_peak_allocated_bytes=mem.peak_allocated_bytes,
+                      torch_peak_reserved_bytes=mem.peak_reserved_bytes, skipped=not finite, rss_bytes=mem.rss_bytes))
             if stop.is_set():
                 raise RunStopped("stopped by request")
     except RunStopped:
@@ -110,10 +111,10 @@ def heal(student: nn.Module, teacher: nn.Module, calibration: CalibrationData, c
     after = held_out_kl()
     if not after <= before:  # healing must never leave the student worse than it found it
         _restore(factors, initial)
-        emit(Phase("heal", f"held-out KL rose {before:.4f} -> {after:.4f}; kept the distilled factors"))
+        emit(Phase(name="heal", detail=f"held-out KL rose {before:.4f} -> {after:.4f}; kept the distilled factors"))
         after = before
     else:
-        emit(Phase("heal", f"held-out KL {before:.4f} -> {after:.4f}"))
+        emit(Phase(name="heal", detail=f"held-out KL {before:.4f} -> {after:.4f}"))
     return {"heal_steps": len(train_batches), "heal_tokens": train_rows * seq_len, "heal_kl_before": before,
             "heal_kl_after": after, "heal_seconds": time.time() - start}
 
@@ -121,5 +122,5 @@ def heal(student: nn.Module, teacher: nn.Module, calibration: CalibrationData, c
 
 @torch.no_grad()
 def _restore(factors: list[nn.Parameter], saved: list[torch.Tensor]) -> None:
-    for p, value in zip(factors, saved):
+    for p, value in zip(factors, saved, strict=True):
         p.copy_(value)

@@ -19,8 +19,19 @@ from torch import nn
 from ..config import DistillConfig
 from ..data.calibration import CalibrationData
 from ..errors import CalibrationError, ConfigError, LillamaError, OutOfMemoryError, RankPlanError, RunStopped
-from ..events import Event, EventSink, LayerFinished, LayerStarted, Phase, RunError, RunFinished, RunStarted, Step
-from ..factorize.svd import to_low_rank
+from ..events import (
+    Event,
+    EventSink,
+    LayerFinished,
+    LayerStarted,
+    Phase,
+    RunError,
+    RunFinished,
+    RunStarted,
+    RunStatus,
+    Step,
+)
+from ..factorize.inits import init_named, to_low_rank
 from ..modeling.discovery import Block, find_blocks, share_weights_copy
 from ..modeling.loading import LoadedModel
 from ..modeling.shipped import set_submodule
@@ -32,7 +43,7 @@ from ..runtime.offload import is_streamed, resident, stream_block
 from ..runtime.paths import lillama_home
 from ..runtime.telemetry import MemoryMonitor, Throughput, eta_seconds
 from .batching import batch_slices
-from .capture import InputCovariances, block_label, capture_block_inputs, run_block_over, unreached_experts
+from .capture import BlockInputs, InputCovariances, block_label, capture_block_inputs, run_block_over, unreached_experts
 from .checkpoints import LayerCheckpoints
 from .layer import LayerData, LayerDistiller, LayerResult, StepMetrics
 from .storage import ActivationStore
@@ -62,7 +73,7 @@ def out_of_memory(emit: EventSink) -> OutOfMemoryError:
     """Release what the failed work held, report it, and return the user error to raise."""
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    emit(RunError(OUT_OF_MEMORY_ADVICE, "OutOfMemoryError"))
+    emit(RunError(message=OUT_OF_MEMORY_ADVICE, error_type="OutOfMemoryError"))
     return OutOfMemoryError(OUT_OF_MEMORY_ADVICE)
 
 
@@ -71,20 +82,86 @@ class RunResult:
     student: nn.Module
     plan: RankPlan  # requested
     applied: RankPlan  # what the student really has (fewer layers if stopped)
-    status: str
+    status: RunStatus
     layers: list[LayerFinished] = field(default_factory=list)
     seconds: float = 0.0
     tokens: int = 0
 
 
+@dataclass
+class Split:
+    """This process's share of the calibration data, cut into training and held-out batches."""
+
+    calibration: CalibrationData  # this process's sequences only
+    batches: list[slice]  # every batch of this process over `calibration`: training, then held-out
+    train: list[slice]
+    held_out: list[slice]
+    train_rows: list[int]  # rows of each training batch over all processes (the loss weights)
 
 
+def split_calibration(calibration: CalibrationData, batch_size: int, parallel: Parallel = SINGLE) -> Split:
+    """Cut the calibration sequences into training and held-out batches and keep this process's rows.
+
+    Args:
+        calibration: every calibration sequence ([n, seq]).
+        batch_size: sequences per batch over all processes.
+        parallel: this process's place among data-parallel processes.
+    Returns:
+        The split; with one process, all rows in their order.
+    Raises:
+        CalibrationError: fewer than 2 sequences.
+        ConfigError: a batch too small to give every process a share.
+    """
+    n = calibration.sequences.shape[0]
+    held_out = held_out_count(n)
+    global_train = batch_slices(0, n - held_out, batch_size)
+    global_eval = batch_slices(n - held_out, n, batch_size)
+    if parallel.enabled and min(batch_size, n - held_out) < parallel.world_size:
+        raise ConfigError(f"each of the {parallel.world_size} processes needs a share of every batch: "
+                          f"raise the batch size ({batch_size}) and the calibration tokens")
+    mine, batches, rows_per_batch = parallel.shard(global_train + global_eval)
+    cut = len(global_train)
+    return Split(calibration.select(mine), batches, batches[:cut], batches[cut:], rows_per_batch[:cut])
 
 
+@dataclass
+class Activations:
+    """The inputs of the next block on both paths ([n, seq, hidden] each)."""
+
+    teacher: torch.Tensor | None = None
+    student: torch.Tensor | None = None  # None while equal to `teacher` (no block below compressed)
+    student_states: torch.Tensor | None = None  # the student's encoder output, read by cross-attention
+
+
+@dataclass
+class Walk:
+    """What the walk over blocks reads and updates: prepared once, after the inputs are captured."""
+
+    blocks: list[Block]
+    ranks_by_layer: dict[int, dict[str, int]]
+    layers: list[int]  # indices of the blocks to compress, ascending
+    split: Split
+    steps_per_layer: int
+    store: ActivationStore
+    starts: dict[int, torch.Tensor]  # block index -> first input of a stack (see capture_block_inputs)
+    inputs: BlockInputs
+    student: nn.Module
+    generator: torch.Generator
+    train_start: float = field(default_factory=time.time)
+    global_step: int = 0
+
+    @property
+    def steps_total(self) -> int:
+        return self.steps_per_layer * len(self.layers)
 
 
 class Compressor:
-    """Runs the layer-local distillation of a rank plan on a loaded teacher; the teacher stays intact."""
+    """Runs the layer-local distillation of a rank plan on a loaded teacher; the teacher stays intact.
+
+    `run` prepares (batches, held-out split, sharding, activation store, captured inputs), then walks the
+    blocks bottom-up; a block in the plan is compressed by `_compress_layer` (restore or train), and
+    `_advance` moves both activation paths one block up.
+    """
 
     def __init__(self, loaded: LoadedModel, calibration: CalibrationData, plan: RankPlan, config: DistillConfig,
                  batch_size: int = 8, on_event: EventSink | None = None, stop: threading.Event | None = None,
@@ -118,42 +195,40 @@ class Compressor:
             with stage("distillation", model=self.loaded.model) as self.where:  # names the layer if a forward fails
                 return self._run(start)
         except LillamaError as exc:
-            self.emit(RunError(str(exc), type(exc).__name__))
+            self.emit(RunError(message=str(exc), error_type=type(exc).__name__))
             raise
         except torch.OutOfMemoryError:
             raise out_of_memory(self.emit) from None
 
     def _run(self, start: float) -> RunResult:
-        summarize(self.plan, self.shape)  # validates the plan against this model before any work
+        after = summarize(self.plan, self.shape)  # validates the plan against this model before any work
         blocks = find_blocks(self.loaded.model)
         ranks_by_layer = self._ranks_by_layer(blocks)
-        n = self.calibration.sequences.shape[0]
-        held_out = held_out_count(n)
-        global_train = batch_slices(0, n - held_out, self.batch_size)
-        global_eval = batch_slices(n - held_out, n, self.batch_size)
-        if self.parallel.enabled and min(self.batch_size, n - held_out) < self.parallel.world_size:
-            raise ConfigError(f"each of the {self.parallel.world_size} processes needs a share of every batch: "
-                              f"raise the batch size ({self.batch_size}) and the calibration tokens")
-        # This process's rows of every batch; with one process, all of them in their order.
-        mine, batches, rows_per_batch = self.parallel.shard(global_train + global_eval)
-        calibration = self.calibration.select(mine)
-        train_batches, eval_batches = batches[:len(global_train)], batches[len(global_train):]
-        steps_per_layer = len(train_batches) * self.config.epochs
-        if not self.config.distill:
-            steps_per_layer = 0
+        split = split_calibration(self.calibration, self.batch_size, self.parallel)
         layers = sorted(ranks_by_layer)
-        steps_total = steps_per_layer * len(layers)
-        after = summarize(self.plan, self.shape)
-        self.emit(RunStarted(self.loaded.name, str(self.device), len(blocks), layers, steps_total,
-                             self.calibration.tokens, after.params_before, after.params_after))
+        steps_per_layer = len(split.train) * self.config.epochs if self.config.train else 0
+        self.emit(RunStarted(model=self.loaded.name, device=str(self.device), layers_total=len(blocks),
+                             layers_to_compress=layers, steps_total=steps_per_layer * len(layers),
+                             tokens=self.calibration.tokens, params_before=after.params_before,
+                             params_after=after.params_after))
         student = share_weights_copy(self.loaded.model)
         result = RunResult(student, self.plan, RankPlan({}, self.plan.strategy, self.plan.target_reduction,
-                                                        self.plan.model_type), "completed")
+                                                        self.plan.model_type), RunStatus.COMPLETED)
         result.tokens = self.calibration.tokens
         if not layers:
-            return self._finish(result, start, "completed")
+            return self._finish(result, start, RunStatus.COMPLETED)
+        walk = self._prepare(blocks, ranks_by_layer, layers, split, steps_per_layer, student)
+        try:
+            status = self._walk(walk, result)
+        except RunStopped:
+            status = RunStatus.STOPPED
+        return self._finish(result, start, status)
 
+    def _prepare(self, blocks: list[Block], ranks_by_layer: dict[int, dict[str, int]], layers: list[int],
+                 split: Split, steps_per_layer: int, student: nn.Module) -> Walk:
+        """Choose where activations live and record the inputs of the first block of each stack."""
         self.memory.reset_peak()
+        calibration = split.calibration
         hidden = getattr(self.loaded.model.config, "hidden_size", 0) or 0
         sequence_count, positions = calibration.sequences.shape
         if calibration.features is not None:  # a speech encoder sees the audio frames (Whisper: half of them)
@@ -161,101 +236,147 @@ class Compressor:
         bytes_needed = 3 * sequence_count * positions * hidden * torch.finfo(self.dtype).bits // 8
         store = ActivationStore.choose(self.config.activations, self.device, bytes_needed,
                                        lillama_home() / "activations")
-        self.emit(Phase("capture", f"recording the inputs of the first block; activations kept {store.describe()}"))
-        starts, inputs = capture_block_inputs(self.loaded.model, blocks, calibration, batches, self.device, store)
-        teacher_x = student_x = student_states = None
+        self.emit(Phase(name="capture",
+                        detail=f"recording the inputs of the first block; activations kept {store.describe()}"))
+        starts, inputs = capture_block_inputs(self.loaded.model, blocks, calibration, split.batches, self.device,
+                                              store)
         generator = torch.Generator(device="cpu").manual_seed(self.seed)
-        global_step = 0
-        train_start = time.time()
+        return Walk(blocks, ranks_by_layer, layers, split, steps_per_layer, store, starts, inputs, student, generator)
 
-        for block in blocks[: layers[-1] + 1]:
+    def _walk(self, walk: Walk, result: RunResult) -> RunStatus:
+        """Run the blocks up to the last one in the plan; returns the run's status.
+
+        Raises:
+            RunStopped: a stop request during a layer's training.
+        """
+        acts = Activations()
+        for block in walk.blocks[: walk.layers[-1] + 1]:
             self.where.layer = block.index
-            if block.index in starts:
-                # A new stack (the decoder after the encoder) starts from the model's own inputs, the same
-                # for teacher and student. The student path's cross-attention reads the student's encoder
-                # states once encoder blocks are compressed, as the student will at inference.
-                teacher_x, student_x = starts.pop(block.index), None  # student_x: None while equal to teacher_x
-                student_states = self._student_encoder_states(student, calibration, batches, store) \
-                    if result.applied.ranks else None
-                if student_states is not None:
-                    student_x = store.copy(teacher_x)
+            if block.index in walk.starts:
+                self._start_stack(acts, walk.starts.pop(block.index), walk, bool(result.applied.ranks))
             with resident(block.module):  # a streamed teacher block stays on the accelerator for its layer
-                kwargs_for = student_kwargs_for = inputs.kwargs_for(block.index)
-                if student_states is not None and inputs.takes(block.index, "encoder_hidden_states"):
-                    student_kwargs_for = _with_encoder_states(kwargs_for, student_states, self.device)
-                local_ranks = ranks_by_layer.get(block.index, {})
-                restored = None
-                if local_ranks and self.checkpoints:
-                    restored = self.checkpoints.restore(block.index, block.module)
-                covariances = None
-                if local_ranks and self.config.init == "whitened" and restored is None:
-                    covariances = InputCovariances(block.module, list(local_ranks), self.device)
-                try:
-                    teacher_y = run_block_over(block.module, teacher_x, store.empty_like(teacher_x), kwargs_for,
-                                               batches, self.device, block_label(block))
-                finally:
-                    if covariances:
-                        covariances.close()
+                local_ranks = walk.ranks_by_layer.get(block.index, {})
                 if not local_ranks:
-                    if student_x is not None:
-                        run_block_over(block.module, student_x, student_x, student_kwargs_for, batches, self.device,
-                                       f"{block_label(block)} on the student's inputs")
-                    teacher_x = teacher_y
+                    kwargs_for, student_kwargs_for = self._kwargs(block, acts, walk)
+                    teacher_y = self._teacher_outputs(block, acts.teacher, kwargs_for, walk)
+                    self._advance(acts, block, teacher_y, student_kwargs_for, walk)
                     continue
-
-                position = layers.index(block.index) + 1
-                self.emit(LayerStarted(block.index, position, len(layers), local_ranks, steps_per_layer))
-                layer_start = time.time()
-                if restored is not None:
-                    if restored[1] != local_ranks:
-                        raise RankPlanError(f"the checkpoint of layer {block.index} has other ranks than the plan")
-                    student_block, _, finished = restored
-                    global_step += steps_per_layer
-                    self.emit(Phase("resume", f"layer {block.index} restored from its checkpoint"))
-                else:
-                    require_finite_weights(block.module, list(local_ranks), block_label(block), self.dtype)
-                    means = covariances.means(self.parallel) if covariances else None
-                    student_block = self._student_block(block.module, local_ranks, means, generator)
-                    data = LayerData(teacher_x, teacher_y, student_x, kwargs_for, student_kwargs_for)
-                    distiller = LayerDistiller(student_block, data, self.config, self.device, train_batches,
-                                               eval_batches, _autocast_dtype(self.device, self.dtype), self.parallel,
-                                               rows_per_batch[:len(global_train)])
-
-                    def on_step(m: StepMetrics, layer=block.index):
-                        nonlocal global_step
-                        global_step += 1
-                        self._emit_step(layer, m, global_step, steps_total, train_start)
-
-                    try:
-                        if self.config.distill:
-                            layer_result = distiller.train(on_step, self.stop.is_set)
-                        else:
-                            loss = distiller.held_out_loss()
-                            layer_result = LayerResult(loss, loss, 0, float("nan"), float("nan"), 0)
-                    except RunStopped:
-                        return self._finish(result, start, "stopped")
-                    finished = self._layer_report(block, local_ranks, layer_result, time.time() - layer_start,
-                                                  unreached_experts(means) if means else 0)
-                self.throughput.pause()
-                student_block.to(self.dtype)
-                set_submodule(student, block.name, student_block)
-                source = student_x if student_x is not None else teacher_x
-                student_x = run_block_over(student_block, source,
-                                           source if student_x is not None else store.empty_like(source),
-                                           student_kwargs_for, batches, self.device,
-                                           f"the student of {block_label(block)}")
-                if is_streamed(block.module):  # the finished student block joins the teacher's in host memory
-                    stream_block(student_block, self.device)
-                teacher_x = teacher_y
+                result.layers.append(self._compress_layer(block, local_ranks, acts, walk))
                 for local, rank in local_ranks.items():
                     result.applied.ranks[f"{block.name}.{local}"] = rank
-                if self.checkpoints and restored is None and self.parallel.is_main:
-                    self.checkpoints.save(block.index, student_block, local_ranks, finished)
-                result.layers.append(finished)
-                self.emit(finished)
+                self.emit(result.layers[-1])
                 if self.parallel.any(self.stop.is_set(), device=self.device):  # every process stops together
-                    return self._finish(result, start, "stopped")
-        return self._finish(result, start, "completed")
+                    return RunStatus.STOPPED
+        return RunStatus.COMPLETED
+
+    def _start_stack(self, acts: Activations, first_input: torch.Tensor, walk: Walk, compressed_below: bool):
+        """A new stack (the decoder after the encoder) starts from the model's own inputs, the same for
+        teacher and student. The student path's cross-attention reads the student's encoder states once
+        encoder blocks are compressed, as the student will at inference."""
+        acts.teacher, acts.student = first_input, None
+        acts.student_states = self._student_encoder_states(walk.student, walk.split.calibration,
+                                                           walk.split.batches, walk.store) \
+            if compressed_below else None
+        if acts.student_states is not None:
+            acts.student = walk.store.copy(acts.teacher)
+
+    def _kwargs(self, block: Block, acts: Activations, walk: Walk):
+        """The block's recorded keyword arguments per batch: (teacher path, student path)."""
+        kwargs_for = walk.inputs.kwargs_for(block.index)
+        if acts.student_states is not None and walk.inputs.takes(block.index, "encoder_hidden_states"):
+            return kwargs_for, _with_encoder_states(kwargs_for, acts.student_states, self.device)
+        return kwargs_for, kwargs_for
+
+    def _teacher_outputs(self, block: Block, teacher_x: torch.Tensor, kwargs_for, walk: Walk,
+                         covariances: InputCovariances | None = None) -> torch.Tensor:
+        """The teacher block's outputs on the teacher path; `covariances`, if given, record its inputs."""
+        try:
+            return run_block_over(block.module, teacher_x, walk.store.empty_like(teacher_x), kwargs_for,
+                                  walk.split.batches, self.device, block_label(block))
+        finally:
+            if covariances:
+                covariances.close()
+
+    def _compress_layer(self, block: Block, local_ranks: dict[str, int], acts: Activations,
+                        walk: Walk) -> LayerFinished:
+        """Restore the block's student from its checkpoint or train it, install it in the student model
+        and advance both paths through it.
+
+        Raises:
+            RankPlanError: the checkpoint holds other ranks than the plan.
+            RunStopped: a stop request during training.
+        """
+        kwargs_for, student_kwargs_for = self._kwargs(block, acts, walk)
+        restored = self.checkpoints.restore(block.index, block.module) if self.checkpoints else None
+        covariances = None
+        if init_named(self.config.init).needs_covariance and restored is None:
+            covariances = InputCovariances(block.module, list(local_ranks), self.device)
+        teacher_y = self._teacher_outputs(block, acts.teacher, kwargs_for, walk, covariances)
+        self.emit(LayerStarted(layer=block.index, position=walk.layers.index(block.index) + 1, of=len(walk.layers),
+                               modules=local_ranks, steps=walk.steps_per_layer))
+        if restored is not None:
+            if restored[1] != local_ranks:
+                raise RankPlanError(f"the checkpoint of layer {block.index} has other ranks than the plan")
+            student_block, _, finished = restored
+            walk.global_step += walk.steps_per_layer
+            self.emit(Phase(name="resume", detail=f"layer {block.index} restored from its checkpoint"))
+        else:
+            data = LayerData(acts.teacher, teacher_y, acts.student, kwargs_for, student_kwargs_for)
+            student_block, finished = self._train_layer(block, local_ranks, data, covariances, walk)
+        self.throughput.pause()
+        student_block.to(self.dtype)
+        set_submodule(walk.student, block.name, student_block)
+        self._advance(acts, block, teacher_y, student_kwargs_for, walk, student_block)
+        if self.checkpoints and restored is None and self.parallel.is_main:
+            self.checkpoints.save(block.index, student_block, local_ranks, finished)
+        return finished
+
+    def _train_layer(self, block: Block, local_ranks: dict[str, int], data: LayerData,
+                     covariances: InputCovariances | None, walk: Walk) -> tuple[nn.Module, LayerFinished]:
+        """Factorise the block's planned linears and distil them on `data` (float32 student, not installed).
+
+        Raises:
+            NonFiniteError: the teacher's weights are not finite.
+            RunStopped: a stop request during training.
+        """
+        layer_start = time.time()
+        require_finite_weights(block.module, list(local_ranks), block_label(block), self.dtype)
+        means = covariances.means(self.parallel) if covariances else None
+        student_block = self._student_block(block.module, local_ranks, means, walk.generator)
+        split = walk.split
+        distiller = LayerDistiller(student_block, data, self.config, self.device, split.train, split.held_out,
+                                   _autocast_dtype(self.device, self.dtype), self.parallel, split.train_rows)
+
+        def on_step(m: StepMetrics):
+            walk.global_step += 1
+            self._emit_step(block.index, m, walk)
+
+        if self.config.train:
+            layer_result = distiller.train(on_step, self.stop.is_set)
+        else:
+            loss = distiller.held_out_loss()
+            layer_result = LayerResult(loss, loss, 0, float("nan"), float("nan"), 0)
+        finished = self._layer_report(block, local_ranks, layer_result, time.time() - layer_start,
+                                      unreached_experts(means) if means else 0)
+        return student_block, finished
+
+    def _advance(self, acts: Activations, block: Block, teacher_y: torch.Tensor, student_kwargs_for, walk: Walk,
+                 student_block: nn.Module | None = None) -> None:
+        """Move both paths one block up: the teacher's to `teacher_y`, the student's through `student_block`
+        (None: the block is not compressed, so the student path runs the teacher's block, if it differs)."""
+        batches, label = walk.split.batches, block_label(block)
+        if student_block is None:
+            if acts.student is not None:
+                run_block_over(block.module, acts.student, acts.student, student_kwargs_for, batches, self.device,
+                               f"{label} on the student's inputs")
+        else:
+            source = acts.student if acts.student is not None else acts.teacher
+            out = source if acts.student is not None else walk.store.empty_like(source)
+            acts.student = run_block_over(student_block, source, out, student_kwargs_for, batches, self.device,
+                                          f"the student of {label}")
+            if is_streamed(block.module):  # the finished student block joins the teacher's in host memory
+                stream_block(student_block, self.device)
+        acts.teacher = teacher_y
 
     @torch.no_grad()
     def _student_encoder_states(self, student: nn.Module, calibration: CalibrationData, batches: list[slice],
@@ -278,9 +399,11 @@ class Compressor:
                       unreached: int):
         summary = summarize(RankPlan({f"{block.name}.{k}": rank for k, rank in local_ranks.items()}), self.shape)
         row = summary.layers[block.index]
-        return LayerFinished(block.index, r.init_loss, r.best_loss, r.final_loss_teacher_input,
-                             r.final_loss_student_input, r.best_step, seconds, row["params_before"],
-                             row["params_after"], r.skipped_steps, unreached)
+        return LayerFinished(layer=block.index, init_loss=r.init_loss, best_loss=r.best_loss,
+                             final_loss_teacher_input=r.final_loss_teacher_input,
+                             final_loss_student_input=r.final_loss_student_input, best_step=r.best_step,
+                             seconds=seconds, params_before=row["params_before"], params_after=row["params_after"],
+                             skipped_steps=r.skipped_steps, unreached_experts=unreached)
 
     def _student_block(self, teacher_block: nn.Module, local_ranks: dict[str, int],
                        covariances: dict[str, torch.Tensor] | None, generator: torch.Generator) -> nn.Module:
@@ -292,20 +415,23 @@ class Compressor:
             set_submodule(block, local, to_low_rank(dense, rank, self.config.init, cov, generator))
         return block
 
-    def _emit_step(self, layer: int, m: StepMetrics, global_step: int, steps_total: int, train_start: float):
+    def _emit_step(self, layer: int, m: StepMetrics, walk: Walk):
         rate = self.throughput.update(m.tokens)
-        elapsed = time.time() - train_start
+        elapsed = time.time() - walk.train_start
         mem = self.memory.sample()
-        self.emit(Step(layer, m.step, m.steps, global_step, steps_total, m.loss_teacher_input,
-                       m.loss_student_input, m.lr, rate, elapsed, eta_seconds(elapsed, global_step, steps_total),
-                       mem.used_bytes, mem.total_bytes, mem.peak_allocated_bytes, mem.peak_reserved_bytes,
-                       m.skipped, rss_bytes=mem.rss_bytes))
+        self.emit(Step(layer=layer, step=m.step, steps=m.steps, global_step=walk.global_step,
+                       steps_total=walk.steps_total, loss_teacher_input=m.loss_teacher_input,
+                       loss_student_input=m.loss_student_input, lr=m.lr, tokens_per_s=rate, elapsed_s=elapsed,
+                       eta_s=eta_seconds(elapsed, walk.global_step, walk.steps_total), vram_used_bytes=mem.used_bytes,
+                       vram_total_bytes=mem.total_bytes, torch_peak_allocated_bytes=mem.peak_allocated_bytes,
+                       torch_peak_reserved_bytes=mem.peak_reserved_bytes, skipped=m.skipped, rss_bytes=mem.rss_bytes))
 
-    def _finish(self, result: RunResult, start: float, status: str) -> RunResult:
+    def _finish(self, result: RunResult, start: float, status: RunStatus) -> RunResult:
         result.status = status
         result.seconds = time.time() - start
         done = result.applied.layers(self.shape)
-        message = "" if status == "completed" else f"stopped by request; {len(done)} finished layer(s) kept"
-        self.emit(RunFinished(status, done, result.seconds, result.tokens, message))
+        message = "" if status == RunStatus.COMPLETED else f"stopped by request; {len(done)} finished layer(s) kept"
+        self.emit(RunFinished(status=status, layers_done=done, seconds=result.seconds, tokens=result.tokens,
+                              message=message))
         return result
 

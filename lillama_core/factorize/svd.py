@@ -23,7 +23,6 @@ __all__ = [
     "spectrum",
     "whitened_spectrum",
     "CovarianceAccumulator",
-    "to_low_rank",
     "merge_low_rank",
 ]
 
@@ -132,28 +131,6 @@ class CovarianceAccumulator:
 
     def mean(self) -> torch.Tensor:
         return self.sum / max(self.tokens, 1)
-
-
-def to_low_rank(
-    dense: nn.Linear,
-    rank: int,
-    init: str,
-    cov: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
-) -> LowRankLinear:
-    """A LowRankLinear initialised from a dense layer; keeps the bias on the output side."""
-    weight = dense.weight.detach().float()
-    if init == "svd":
-        b, a = svd_factors(weight, rank)
-    elif init == "whitened":
-        if cov is None:
-            raise ValueError("whitened init needs the input covariance of the layer")
-        b, a = whitened_factors(weight, cov.to(weight.device), rank)
-    elif init == "random":
-        b, a = random_factors(weight, rank, generator)
-    else:
-        raise ValueError(f"unknown init {init!r}")
-    return low_rank_from_factors(dense, b, a)
 
 
 def low_rank_from_factors(dense: nn.Linear, b: torch.Tensor, a: torch.Tensor) -> LowRankLinear:

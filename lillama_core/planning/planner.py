@@ -18,6 +18,7 @@ from ..modeling.discovery import find_blocks, find_linears
 from ..modeling.loading import LoadedModel
 from ..runtime.offload import resident
 from .ranks import ModelShape, RankPlan, build_plan, reduction_target
+from .strategies import Measurement, strategy_named
 
 
 def compute_spectra(loaded: LoadedModel, shape: ModelShape, calibration: CalibrationData | None,
@@ -45,35 +46,44 @@ def compute_spectra(loaded: LoadedModel, shape: ModelShape, calibration: Calibra
                 weight = block.module.get_submodule(local).weight.detach()
                 spectra[f"{block.name}.{local}"] = whitened_spectrum(weight.float(), cov)
         if on_event:
-            on_event(Phase("spectra", f"layer {block.index + 1}/{len(blocks)}"))
+            on_event(Phase(name="spectra", detail=f"layer {block.index + 1}/{len(blocks)}"))
     return spectra
-
-
-PLANNING_TOKENS = 16_384  # whitened spectra for planning need far fewer tokens than distillation
-
-
-SENSITIVITY_TOKENS = 2048  # covariances for the probes; the KL itself is measured on two sequences
 
 
 def make_plan(loaded: LoadedModel, config: PlanConfig, calibration: CalibrationData | None = None,
               batch_size: int = 8, on_event: EventSink | None = None,
               stop: threading.Event | None = None) -> RankPlan:
+    """Measure what the config's strategy needs on the teacher, then allocate ranks (see build_plan).
+
+    Args:
+        loaded: the teacher.
+        config: the plan settings.
+        calibration: sequences to measure on; the strategy reads its first `strategy.tokens(config)` tokens.
+        batch_size: sequences per forward while measuring.
+        on_event: receives Phase events while measuring.
+        stop: set to end the sensitivity measurement early.
+    Raises:
+        CalibrationError: a strategy measuring sensitivity without calibration data.
+        RankPlanError: an unreachable target (checked before any measuring).
+        RunStopped: a stop request while measuring sensitivity.
+    """
     shape = ModelShape.of(loaded.model)
     config.validate()
+    strategy = strategy_named(config.strategy)
     spectra = damage = None
-    if config.rank is None:  # an unreachable target is refused before minutes of measuring
-        target = reduction_target(shape, config)
-    if config.strategy == "energy" and config.rank is None:
-        subset = None
-        if config.whitened_energy and calibration is not None:
-            subset = calibration.first_tokens(PLANNING_TOKENS)
+    if config.rank is not None:
+        return build_plan(shape, config)
+    target = reduction_target(shape, config)  # an unreachable target is refused before minutes of measuring
+    tokens = strategy.tokens(config)
+    if strategy.measures is Measurement.SPECTRA:
+        subset = calibration.first_tokens(tokens) if tokens and calibration is not None else None
         spectra = compute_spectra(loaded, shape, subset, batch_size, config.whitened_energy, on_event)
-    if config.strategy == "sensitivity" and config.rank is None:
+    elif strategy.measures is Measurement.SENSITIVITY:
         if calibration is None:
-            raise CalibrationError("the sensitivity strategy measures the model on calibration data; give some")
+            raise CalibrationError(f"the {config.strategy} strategy measures the model on calibration data; give some")
         from .sensitivity import measure_sensitivity, probe_keeps
 
         keeps = probe_keeps(shape, config.groups, target)
-        damage = measure_sensitivity(loaded, calibration.first_tokens(SENSITIVITY_TOKENS), config.groups, keeps,
+        damage = measure_sensitivity(loaded, calibration.first_tokens(tokens), config.groups, keeps,
                                      batch_size=batch_size, on_event=on_event, stop=stop)
     return build_plan(shape, config, spectra, damage)

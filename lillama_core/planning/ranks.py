@@ -406,9 +406,23 @@ def reduction_target(shape: ModelShape, config: PlanConfig) -> int:
 
 def build_plan(shape: ModelShape, config: PlanConfig, spectra: dict[str, torch.Tensor] | None = None,
                damage: dict[int, dict[float, float]] | None = None) -> RankPlan:
-    """Turn a PlanConfig into a validated RankPlan for this model. The energy strategy needs the
-    spectra of the weights; the sensitivity strategy needs measured per-layer damage."""
+    """Turn a PlanConfig into a validated RankPlan for this model, allocating with the registered strategy.
+
+    Args:
+        shape: the model's linears and parameter counts.
+        config: the strategy, target or fixed rank, groups and overrides.
+        spectra: module name -> singular values, for strategies measuring spectra (energy).
+        damage: layer -> kept share -> KL, for strategies measuring sensitivity.
+    Returns:
+        The plan, with notes on modules that save nothing.
+    Raises:
+        ConfigError: an invalid config or unknown strategy.
+        RankPlanError: an unreachable target, a fixed rank where the strategy takes none, a missing measurement.
+    """
+    from .strategies import Allocation, strategy_named  # the registry imports the allocators above
+
     config.validate()
+    strategy = strategy_named(config.strategy)
     modules = _selected(shape, config.groups)
     if not modules:
         raise RankPlanError(f"the model has no linear modules in groups {config.groups}")
@@ -418,22 +432,11 @@ def build_plan(shape: ModelShape, config: PlanConfig, spectra: dict[str, torch.T
         ranks = uniform_rank_plan(shape, config.rank, modules)
         if not ranks:
             raise RankPlanError(f"rank {config.rank} saves no weights on any selected module; choose a smaller rank")
-        if config.strategy in ("bottom", "top", "sensitivity"):
+        if not strategy.fixed_rank:
             raise RankPlanError(f"a fixed rank applies to every layer; use a reduction target with {config.strategy}")
     else:
         target = reduction_target(shape, config)
-        if config.strategy == "uniform":
-            ranks = _largest_rank_meeting(shape, target, lambda r: uniform_rank_plan(shape, r, modules))
-        elif config.strategy in ("bottom", "top"):
-            ranks = layer_order_plan(shape, target, modules, config.layer_keep, config.strategy == "top")
-        elif config.strategy == "sensitivity":
-            if damage is None:
-                raise RankPlanError("the sensitivity strategy needs measured layer sensitivities")
-            ranks = sensitivity_plan(shape, target, modules, damage)
-        else:
-            if spectra is None:
-                raise RankPlanError("the energy strategy needs the spectra of the weights")
-            ranks = energy_plan(shape, target, modules, spectra)
+        ranks = strategy.allocate(Allocation(shape, target, modules, config, spectra, damage))
         ranks = align_ranks(shape, ranks, target, config.rank_multiple)
     ranks = apply_overrides(ranks, shape, config.overrides)
     plan = RankPlan(ranks, config.strategy, config.reduction if config.rank is None else None, shape.model_type)

@@ -143,7 +143,7 @@ def measure_sensitivity(loaded: LoadedModel, calibration: CalibrationData, group
                 result[block.index][keep] = reference.kl(_logits(replay, probe_inputs)).mean().item()
             _put(replay, block, Passthrough(block.module))
             if on_event:
-                on_event(Phase("sensitivity", f"layer {block.index + 1}/{len(blocks)}: KL at keep "
+                on_event(Phase(name="sensitivity", detail=f"layer {block.index + 1}/{len(blocks)}: KL at keep "
                                               + ", ".join(f"{k:.0%}={v:.3f}" for k, v in result[block.index].items())))
     return result
 

@@ -28,7 +28,7 @@ def test_ours_tracks_the_engine_defaults_and_the_paper_recipe_is_the_published_o
     assert paper.plan_config(0.2).strategy == "bottom"
     assert (paper.distill_config().init, paper.distill_config().lr, paper.distill_config().loss) == ("svd", 8.6e-5,
                                                                                                     "joint")
-    assert all(not METHODS[m].distill_config().distill for m in ("svd", "whitened"))
+    assert all(not METHODS[m].distill_config().train for m in ("svd", "whitened"))
     assert all(METHODS[m].plan_config(0.2).rank_multiple == 1 for m in ("svd", "whitened", "paper"))
     with pytest.raises(SystemExit, match="unknown method"):
         recipe("nope")
@@ -45,7 +45,7 @@ def test_allocation_axis_parses_protected_layers_and_free_variants():
     (label, r, tokens), (label2, r2, _) = variants
     assert label == "energy+L0+last dense (no training)" and tokens is None
     assert r.plan["strategy"] == "energy" and set(r.plan["overrides"]) == {"*.layers.0.*", "*.layers.{last}.*"}
-    assert r.distill["distill"] is False and r2.plan["strategy"] == "bottom"
+    assert r.distill["train"] is False and r2.plan["strategy"] == "bottom"
     with pytest.raises(SystemExit):
         ablation_variants("allocation", recipe("tuned"), ["uniform+X"], False, "m")
     (label, healed, _), = ablation_variants("heal", recipe("ours"), ["16384"], False, "m")
@@ -113,3 +113,12 @@ def test_parallel_table_and_command_line(tmp_path):
     text = generated_markdown(rows, tmp_path)
     assert "| 1 × 1 | 8,192 | 217 | 1.00× | 0.0e+00 |" in text
     assert "| 2 × 1 | 8,192 | 145 | 1.50× | 1.1e-04 |" in text
+
+
+def test_settings_reads_training_free_results_written_before_and_after_the_rename_of_distill():
+    from benchmarks.report import settings
+
+    plan = {"strategy": "uniform", "overrides": {}}
+    for key in ("distill", "train"):  # results/*.jsonl before the rename say "distill"
+        record = {"plan_config": plan, "distill_config": {"init": "svd", key: False}}
+        assert settings(record) == "uniform, svd, no training"

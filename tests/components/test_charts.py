@@ -15,19 +15,28 @@ from components.charts import (
 from lillama_core.events import LayerFinished, LayerStarted, RunFinished, RunStarted, Step
 
 
+def _step(layer, s, steps, g, total, **more):
+    return Step(layer=layer, step=s, steps=steps, global_step=g, steps_total=total, loss_teacher_input=0.5 / s,
+                loss_student_input=0.6 / s, lr=1e-3, tokens_per_s=100.0 * s, elapsed_s=g, eta_s=10.0 - g,
+                torch_peak_allocated_bytes=2**30, **more)
+
+
 def _events(layers=2, steps=3, finish=True):
-    events = [RunStarted("m", "cpu", 4, list(range(layers)), layers * steps, 1000, 100, 80)]
+    events = [RunStarted(model="m", device="cpu", layers_total=4, layers_to_compress=list(range(layers)),
+                         steps_total=layers * steps, tokens=1000, params_before=100, params_after=80)]
     g = 0
     for layer in range(layers):
-        events.append(LayerStarted(layer, layer + 1, layers, {"mlp.up_proj": 8, "mlp.down_proj": 4}, steps))
+        events.append(LayerStarted(layer=layer, position=layer + 1, of=layers,
+                                   modules={"mlp.up_proj": 8, "mlp.down_proj": 4}, steps=steps))
         for s in range(1, steps + 1):
             g += 1
-            events.append(Step(layer, s, steps, g, layers * steps, 0.5 / s, 0.6 / s, 1e-3, 100.0 * s, g, 10.0 - g,
-                               None, None, 2**30, None))
+            events.append(_step(layer, s, steps, g, layers * steps))
         if finish or layer < layers - 1:
-            events.append(LayerFinished(layer, 0.7, 0.2, 0.25, 0.3, steps, 12.0, 1000, 400))
+            events.append(LayerFinished(layer=layer, init_loss=0.7, best_loss=0.2, final_loss_teacher_input=0.25,
+                                        final_loss_student_input=0.3, best_step=steps, seconds=12.0,
+                                        params_before=1000, params_after=400))
     if finish:
-        events.append(RunFinished("completed", list(range(layers)), 30.0, 1000))
+        events.append(RunFinished(status="completed", layers_done=list(range(layers)), seconds=30.0, tokens=1000))
     return events
 
 
@@ -55,7 +64,7 @@ def test_progress_and_table_follow_the_events():
     assert table.loc[0, "params kept"] == "40%" and table.loc[0, "rank"] == "4–8"
     done = run_progress(_events())
     assert done["fraction"] == 1.0 and done["status"] == "completed" and done["eta_s"] == 0.0
-    stopped = running + [RunFinished("stopped", [0], 10.0, 1000)]
+    stopped = running + [RunFinished(status="stopped", layers_done=[0], seconds=10.0, tokens=1000)]
     assert list(layer_table(stopped)["state"]) == ["done", "stopped (kept dense)"]
 
 
@@ -125,3 +134,19 @@ def test_figures_are_plain_json_that_plotly_accepts():
     for fig in (loss_chart(events), throughput_chart(events), memory_chart(events), comparison_chart(rows),
                 plan_chart([{"layer": 0, "params_before": 1, "params_after": 1}], 1), tradeoff_chart([])):
         go.Figure(json.loads(json.dumps(fig)))  # raises on any property plotly does not know
+
+
+def test_healing_steps_chart_as_one_kl_curve_and_old_logs_still_do():
+    from lillama_core.events import StepStage, event_from_dict
+
+    heal = [_step(-1, s, 2, s, 2, stage=StepStage.HEAL) for s in (1, 2)]
+    names = [trace["name"] for trace in loss_chart(_events(layers=1) + heal)["data"]]
+    assert names.count("healing KL") == 1 and "L-1 teacher-input" not in names
+    old = []  # an events.jsonl from before Step.stage: healing was known by layer -1 alone
+    for step in heal:
+        data = step.to_dict()
+        del data["stage"]
+        old.append(event_from_dict(data))
+    assert [e.stage for e in old] == ["heal", "heal"]
+    assert [t["name"] for t in loss_chart(_events(layers=1) + old)["data"]] == names
+    assert event_from_dict(_step(0, 1, 2, 1, 2).to_dict()).stage == StepStage.DISTILL

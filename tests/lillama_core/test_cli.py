@@ -92,7 +92,7 @@ OLD_FLAGS = [
     (["--lr", "3e-4"], {"distill.lr": 3e-4}),
     (["--epochs", "2"], {"distill.epochs": 2}),
     (["--loss", "teacher"], {"distill.loss": "teacher"}),
-    (["--no-distill"], {"distill.distill": False}),
+    (["--no-distill"], {"distill.train": False}),
     (["--activations", "disk"], {"distill.activations": "disk"}),
     (["--heal-tokens", "256"], {"heal.tokens": 256}),
     (["--heal-lr", "1e-5"], {"heal.lr": 1e-5}),
@@ -413,7 +413,9 @@ def test_a_nan_perplexity_is_written_as_json_null(overflowing_model_dir, texts, 
 
 
 def test_progress_names_the_experts_no_token_reached(capsys):
-    ProgressPrinter()(LayerFinished(3, 1.0, 0.5, 0.5, 0.5, 4, 1.0, 100, 50, unreached_experts=2))
+    ProgressPrinter()(LayerFinished(layer=3, init_loss=1.0, best_loss=0.5, final_loss_teacher_input=0.5,
+                                    final_loss_student_input=0.5, best_step=4, seconds=1.0, params_before=100,
+                                    params_after=50, unreached_experts=2))
     assert "layer 3: 2 expert(s) saw no calibration token" in capsys.readouterr().err
 
 @pytest.fixture(scope="module")

@@ -93,3 +93,38 @@ def test_bad_yaml_recipes_are_config_errors(text, message):
 def test_a_missing_config_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="cannot read config"):
         RunConfig.load(tmp_path / "absent.yaml")
+
+
+def test_a_config_json_from_before_the_rename_of_distill_to_train_still_loads(tmp_path):
+    data = RunConfig().to_dict()
+    del data["distill"]["train"]
+    data["distill"]["distill"] = False  # how older run folders wrote "factorise only"
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(data))
+    loaded = RunConfig.load(path)
+    assert loaded.distill.train is False
+    assert "distill" not in loaded.to_dict()["distill"] and loaded.to_dict()["distill"]["train"] is False
+
+
+def test_closed_sets_are_enums_in_python_and_plain_strings_in_json():
+    from lillama_core.config import ActivationStorage, Init, LossPath, Strategy
+
+    config = RunConfig(plan=PlanConfig(strategy="energy"), distill=DistillConfig(init="svd", loss="student",
+                                                                                  activations="disk"))
+    text = config.to_json()
+    data = json.loads(text)
+    assert (data["plan"]["strategy"], data["distill"]["init"], data["distill"]["loss"],
+            data["distill"]["activations"]) == ("energy", "svd", "student", "disk")
+    assert '"strategy": "energy"' in text and "Strategy" not in text
+    loaded = RunConfig.from_json(text)
+    assert loaded.plan.strategy is Strategy.ENERGY and loaded.distill.init is Init.SVD
+    assert loaded.distill.loss is LossPath.STUDENT and loaded.distill.activations is ActivationStorage.DISK
+    assert loaded == config  # members equal the plain strings they came from
+    assert RunConfig().to_dict()["plan"]["strategy"] == "sensitivity"
+
+
+def test_an_unknown_init_or_loss_path_is_one_config_error():
+    with pytest.raises(ConfigError, match="init must be one of whitened, svd, random, not 'pca'"):
+        DistillConfig(init="pca").validate()
+    with pytest.raises(ConfigError, match="loss must be one of joint, teacher, student"):
+        RunConfig.from_dict({"distill": {"loss": "both"}}).validate()

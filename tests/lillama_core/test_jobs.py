@@ -138,7 +138,7 @@ def test_stop_marks_the_job_stopped(manager, tiny_config):
     def work(job):
         started.set()
         job.stop_event.wait(30)
-        job.record(Phase("stopping", "saw the stop"))
+        job.record(Phase(name="stopping", detail="saw the stop"))
 
     job = manager.submit("compression", tiny_config, work)
     started.wait(10)

@@ -31,7 +31,7 @@ def setting(smollm):
 def test_distilled_student_beats_plain_svd_at_the_same_ranks(smollm, setting, tmp_path):
     calibration, plan, windows = setting
     assert plan.layers(ModelShape.of(smollm.model)) == [10, 11, 12]
-    svd = Compressor(smollm, calibration, plan, DistillConfig(init="svd", distill=False)).run().student
+    svd = Compressor(smollm, calibration, plan, DistillConfig(init="svd", train=False)).run().student
     ours = Compressor(smollm, calibration, plan, DistillConfig()).run().student
     teacher_ppl = perplexity(smollm.model, windows).perplexity
     svd_ppl = perplexity(svd, windows).perplexity

@@ -4,11 +4,12 @@ import pytest
 import torch
 from tiny import tiny_sequences
 
-from lillama_core.compress.heal import HEAL_LAYER, heal, kl_to_teacher
+from lillama_core.compress.heal import heal, kl_to_teacher
 from lillama_core.compress.loop import Compressor
 from lillama_core.config import DistillConfig, HealConfig, PlanConfig
 from lillama_core.data.calibration import CalibrationData
 from lillama_core.errors import ConfigError, RunStopped
+from lillama_core.events import StepStage
 from lillama_core.planning.planner import make_plan
 
 
@@ -20,7 +21,7 @@ def _data(seed: int = 0) -> CalibrationData:
 def student(tiny):
     plan = make_plan(tiny, PlanConfig(strategy="uniform", rank=6, reduction=None))
     return Compressor(tiny, CalibrationData(tiny_sequences(16, 32), "r", 0), plan,
-                      DistillConfig(init="svd", distill=False), batch_size=4).run().student
+                      DistillConfig(init="svd", train=False), batch_size=4).run().student
 
 
 def test_kl_is_zero_for_identical_logits_and_positive_otherwise():
@@ -35,7 +36,7 @@ def test_healing_lowers_the_held_out_kl_and_touches_only_the_factors(tiny, stude
     metrics = heal(student, tiny.model, _data(seed=1), HealConfig(tokens=1024, lr=3e-3),
                    on_event=events.append)
     assert metrics["heal_kl_after"] < 0.9 * metrics["heal_kl_before"]
-    assert any(e.kind == "step" and e.layer == HEAL_LAYER for e in events)
+    assert any(e.kind == "step" and e.stage == StepStage.HEAL for e in events)
     for name, p in student.named_parameters():
         if name in frozen:
             assert torch.equal(p, frozen[name]), name

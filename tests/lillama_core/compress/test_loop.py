@@ -6,7 +6,7 @@ import transformers as T
 from tiny import overflowing_float16_llama, tiny_llama, tiny_sequences, tiny_tokenizer
 
 from lillama_core.compress.capture import InputCovariances
-from lillama_core.compress.loop import Compressor
+from lillama_core.compress.loop import Activations, Compressor, split_calibration
 from lillama_core.config import DistillConfig, PlanConfig
 from lillama_core.data.calibration import CalibrationData
 from lillama_core.errors import NonFiniteError, RankPlanError
@@ -181,7 +181,7 @@ def test_other_threads_using_the_teacher_do_not_disturb_a_run(tiny):
     layers_before = list(tiny.model.model.layers)
     seen = []
     plan = RankPlan({"model.layers.1.mlp.up_proj": 8})
-    Compressor(tiny, _calibration(), plan, DistillConfig(distill=False),
+    Compressor(tiny, _calibration(), plan, DistillConfig(train=False),
                on_event=lambda e: seen.append(list(tiny.model.model.layers))).run()
     assert all(layers == layers_before for layers in seen)  # blocks were never swapped out
 
@@ -287,3 +287,77 @@ def test_non_finite_weights_are_refused_before_factorising():
     with pytest.raises(NonFiniteError, match=r"^layer 0 \(model\.layers\.0\) module mlp\.experts\.3\.down_proj has "
                                              r"inf/NaN weights in float32"):
         Compressor(loaded, _calibration(12), plan, DistillConfig(epochs=1), batch_size=4).run()
+
+
+# The pieces of a run, each alone: preparation, one layer's training, advancing the activations.
+
+def _walk(tiny, plan, **distill):
+    from lillama_core.modeling.discovery import find_blocks
+
+    compressor = Compressor(tiny, _calibration(), plan, DistillConfig(**distill), batch_size=8)
+    blocks = find_blocks(tiny.model)
+    split = split_calibration(compressor.calibration, 8)
+    ranks = compressor._ranks_by_layer(blocks)
+    walk = compressor._prepare(blocks, ranks, sorted(ranks), split, len(split.train),
+                               share_weights_copy(tiny.model))
+    return compressor, walk
+
+
+def test_split_keeps_the_last_sequences_for_held_out_checks():
+    split = split_calibration(_calibration(n=24), 8)
+    assert split.train == [slice(0, 8), slice(8, 16), slice(16, 23)] and split.held_out == [slice(23, 24)]
+    assert split.batches == split.train + split.held_out and split.train_rows == [8, 8, 7]
+    assert torch.equal(split.calibration.sequences, _calibration(n=24).sequences)
+
+
+def test_split_gives_each_process_its_share_of_every_batch():
+    from lillama_core.errors import ConfigError
+    from lillama_core.runtime.distributed import Parallel
+
+    calibration = _calibration(n=24)
+    split = split_calibration(calibration, 8, Parallel(rank=1, world_size=2))
+    assert split.train_rows == [8, 8, 7]  # loss weights count every process's rows
+    assert [s.stop - s.start for s in split.batches] == [4, 4, 4, 1]
+    torch.testing.assert_close(split.calibration.sequences[:4], calibration.sequences[4:8])
+    with pytest.raises(ConfigError, match="share of every batch"):
+        split_calibration(calibration, 1, Parallel(rank=0, world_size=2))
+
+
+def test_advance_runs_the_student_path_only_once_it_differs(tiny):
+    import copy
+
+    compressor, walk = _walk(tiny, RankPlan({"model.layers.1.mlp.up_proj": 8}))
+    first, second = walk.blocks[0], walk.blocks[1]
+    acts = Activations(teacher=walk.starts[0])
+    kwargs, _ = compressor._kwargs(first, acts, walk)
+    teacher_y = compressor._teacher_outputs(first, acts.teacher, kwargs, walk)
+    compressor._advance(acts, first, teacher_y, kwargs, walk)
+    assert acts.teacher is teacher_y and acts.student is None  # nothing compressed below: one path
+    teacher_z = compressor._teacher_outputs(second, acts.teacher, kwargs, walk)
+    compressor._advance(acts, second, teacher_z, kwargs, walk, copy.deepcopy(second.module))
+    assert acts.teacher is teacher_z and acts.student is not teacher_z
+    torch.testing.assert_close(acts.student, teacher_z)  # an unchanged copy reproduces the teacher
+    student = acts.student
+    compressor._advance(acts, walk.blocks[2], teacher_z, kwargs, walk)
+    assert acts.student is student  # the student path is advanced in place
+
+
+def test_one_layer_is_trained_installed_and_advanced(tiny):
+    compressor, walk = _walk(tiny, RankPlan({"model.layers.0.mlp.up_proj": 8}))
+    acts = Activations(teacher=walk.starts[0])
+    report = compressor._compress_layer(walk.blocks[0], {"mlp.up_proj": 8}, acts, walk)
+    assert report.layer == 0 and report.best_loss <= report.init_loss
+    assert walk.global_step == walk.steps_per_layer == walk.steps_total
+    assert isinstance(walk.student.get_submodule("model.layers.0.mlp.up_proj"), LowRankLinear)
+    assert acts.student is not None and not torch.equal(acts.student, acts.teacher)
+
+
+def test_a_checkpoint_with_other_ranks_than_the_plan_is_refused(tiny, tmp_path):
+    from lillama_core.compress.checkpoints import LayerCheckpoints
+
+    plan = RankPlan({"model.layers.0.mlp.up_proj": 8})
+    Compressor(tiny, _calibration(), plan, DistillConfig(), checkpoints=LayerCheckpoints(tmp_path)).run()
+    compressor, walk = _walk(tiny, RankPlan({"model.layers.0.mlp.up_proj": 4}))
+    compressor.checkpoints = LayerCheckpoints(tmp_path)
+    with pytest.raises(RankPlanError, match="other ranks"):
+        compressor._compress_layer(walk.blocks[0], {"mlp.up_proj": 4}, Activations(teacher=walk.starts[0]), walk)

@@ -1,5 +1,6 @@
 import torch
 
+from lillama_core.factorize.inits import to_low_rank
 from lillama_core.factorize.svd import (
     CovarianceAccumulator,
     balance_factors,
@@ -8,7 +9,6 @@ from lillama_core.factorize.svd import (
     low_rank_from_factors,
     merge_low_rank,
     svd_factors,
-    to_low_rank,
     whitened_factors,
 )
 from lillama_core.modeling.shipped import LowRankLinear

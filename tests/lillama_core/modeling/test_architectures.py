@@ -78,7 +78,7 @@ def test_biases_survive_factorisation():
     assert q.bias is not None
     plan = make_plan(loaded, PlanConfig(strategy="uniform", rank=8, reduction=None))
     student = Compressor(loaded, CalibrationData(tiny_sequences(8, 16, vocab=300), "r", 0), plan,
-                         DistillConfig(distill=False), batch_size=4).run().student
+                         DistillConfig(train=False), batch_size=4).run().student
     low = student.model.layers[0].self_attn.q_proj
     assert isinstance(low, LowRankLinear)
     torch.testing.assert_close(low.B.bias, q.bias)

@@ -36,7 +36,7 @@ def test_weights_round_trip_within_half_a_step(bits, columns, int4_bytes_per_row
 def test_quantized_student_is_smaller_close_and_keeps_tied_heads(tiny):
     plan = make_plan(tiny, PlanConfig(strategy="uniform", rank=16, reduction=None))
     student = Compressor(tiny, CalibrationData(tiny_sequences(8, 16), "r", 0), plan,
-                         DistillConfig(distill=False), batch_size=4).run().student
+                         DistillConfig(train=False), batch_size=4).run().student
     ids = tiny_sequences(2, 16, seed=4)
     with torch.no_grad():
         reference = student(input_ids=ids).logits

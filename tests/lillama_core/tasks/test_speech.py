@@ -108,7 +108,7 @@ def test_compress_evaluate_export_reload(whisper, calibration, tmp_path):
     assert student_metrics["perplexity"] > teacher_metrics["perplexity"]
     crushed = Compressor(whisper, calibration, make_plan(whisper, PlanConfig(strategy="uniform", rank=1,
                                                                                 reduction=None)),
-                         DistillConfig(distill=False), batch_size=4).run().student
+                         DistillConfig(train=False), batch_size=4).run().student
     assert speech_metrics(crushed, reference, whisper.tokenizer)["perplexity"] > student_metrics["perplexity"]
 
     inputs = calibration.model_inputs(slice(0, 2), CPU)
