@@ -57,7 +57,7 @@ def test_an_expert_bank_whose_output_differs_is_left_fused():
 
 
 def test_lowrank_classes_have_their_own_model_type_and_build_the_backbone_from_task_names():
-    from lillama_core.hf_modeling import LowRankLinear, QuantizedLinear, lowrank_config, lowrank_subclass
+    from lillama_core.modeling.shipped import LowRankLinear, QuantizedLinear, lowrank_config, lowrank_subclass
 
     config_class = lowrank_config(T.LlamaConfig)
     assert config_class.model_type == "lillama_llama" and issubclass(config_class, T.LlamaConfig)
