@@ -19,7 +19,7 @@ from lillama_core.compress.loop import Compressor
 from lillama_core.config import CalibrationConfig, ModelConfig, PlanConfig
 from lillama_core.data.calibration import DEFAULT_EVAL_TEXT, CalibrationData, load_calibration, read_eval_text
 from lillama_core.events import LayerFinished, Step
-from lillama_core.metrics.evaluate import eval_windows, perplexity
+from lillama_core.metrics.perplexity import eval_windows, perplexity
 from lillama_core.modeling.loading import load_model
 from lillama_core.planning.planner import PLANNING_TOKENS, SENSITIVITY_TOKENS, compute_spectra
 from lillama_core.planning.ranks import ModelShape, RankPlan, build_plan, reduction_target, summarize

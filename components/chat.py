@@ -9,7 +9,6 @@ import threading
 import gradio as gr
 
 from lillama_core.chat import SamplingConfig, stream_chat
-from lillama_core.tasks.speech import SAMPLING_RATE, to_mono, transcribe
 
 from .common import friendly, user_errors
 from .studio import Studio
@@ -31,19 +30,18 @@ def _history(messages: list[dict]) -> list[dict]:
 def transcribe_both(studio: Studio, clip) -> tuple[str, str]:
     """Teacher's and student's transcripts of one (sampling rate, samples) clip, with decoding speed."""
     loaded = studio.ensure_loaded()
-    if loaded.feature_extractor is None:
+    if not loaded.task.transcribes:
         raise gr.Error("transcription needs a speech model (Whisper); this teacher is a text model: use the chat")
     if clip is None:
         raise gr.Error("record or upload an audio clip first")
     rate, samples = clip
-    audio = to_mono(samples, rate, getattr(loaded.feature_extractor, "sampling_rate", SAMPLING_RATE))
     shown = []
     student = studio.current_student()
     for model in (loaded.model, student.model if student else None):
         if model is None:
             shown.append(NO_STUDENT)
             continue
-        result = transcribe(model, loaded.tokenizer, loaded.feature_extractor, audio)
+        result = loaded.task.transcribe(loaded, model, samples, rate)
         shown.append(f"{result['text']}\n\n({result['tokens']} tokens · {result['tokens_per_s']:.1f} tokens/s)")
     return shown[0], shown[1]
 
@@ -95,7 +93,7 @@ def build(studio: Studio) -> dict:
             loaded = studio.ensure_loaded()
         except Exception as exc:
             raise gr.Error(friendly(exc)) from None
-        if loaded.feature_extractor is not None:
+        if not loaded.task.chats:
             raise gr.Error("this is a speech model: it transcribes audio rather than chats. Use 'transcribe audio "
                            "with both' below, or step 5 (perplexity and word error rate on held-out clips)")
         student = studio.current_student()

@@ -13,12 +13,12 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from lillama_core.data.calibration import read_eval_text
+from lillama_core.config import RunConfig
 from lillama_core.errors import ExportError
 from lillama_core.export import MODELING_FILE, export_student
-from lillama_core.metrics.evaluate import eval_windows, generation_speed, model_size, perplexity
-from lillama_core.modeling.quantize import MODES, quantize_weights, serialized_bytes
-from lillama_core.tasks.speech import reference_transcripts, speech_metrics
+from lillama_core.metrics.evaluate import evaluate
+from lillama_core.modeling.quantize import MODES, quantize_weights
+from lillama_core.tasks import task_for
 
 from .charts import comparison_chart, human, human_bytes
 from .common import plot, user_errors
@@ -47,29 +47,13 @@ def check_export_name(name: str) -> str:
     return name
 
 
-def measure(model, tokenizer, windows, label: str, batch_sizes=(1,)) -> dict:
-    row = {"model": label, "perplexity": perplexity(model, windows).perplexity}
-    for batch in batch_sizes:
-        speed = generation_speed(model, model.config.vocab_size, batch_size=batch, prompt_tokens=64, new_tokens=32)
-        row["generate_tokens_per_s" if batch == 1 else f"generate_tokens_per_s_b{batch}"] = speed.generate_tokens_per_s
-        if batch == 1:
-            row["prefill_tokens_per_s"] = speed.prefill_tokens_per_s
-    size = model_size(model)
-    row.update(parameters=size.parameters, weight_bytes=serialized_bytes(model))
-    if size.peak_memory_bytes is not None:
-        row["peak_memory_bytes"] = size.peak_memory_bytes
+def measure(model, tokenizer, task, held_out, label: str, batch_size: int, speed_batches=(1,)) -> dict:
+    """One table row: the model's EvalRecord on the held-out data, labelled. Speech models' transcription
+    speed stands in the generation-speed column."""
+    row = {"model": label, **evaluate(model, tokenizer, task, held_out, batch_size, speed_batches).to_dict()}
+    if "transcribe_tokens_per_s" in row:
+        row.setdefault("generate_tokens_per_s", row["transcribe_tokens_per_s"])
     return row
-
-
-def measure_speech(model, tokenizer, reference, label: str, batch_size: int) -> dict:
-    """A speech model on held-out clips: perplexity of the teacher's transcripts, word error rate against the
-    clips' true texts where they have them, else against the teacher's transcripts."""
-    metrics = speech_metrics(model, reference, tokenizer, batch_size)
-    size = model_size(model)
-    return {"model": label, "perplexity": metrics["perplexity"], "wer": metrics["wer"],
-            "wer_reference": reference.kind,
-            "generate_tokens_per_s": metrics["transcribe_tokens_per_s"], "parameters": size.parameters,
-            "weight_bytes": serialized_bytes(model)}
 
 
 def table(rows: list[dict]) -> pd.DataFrame:
@@ -123,14 +107,10 @@ def build(studio: Studio) -> dict:
         loaded = studio.ensure_loaded()
         studio.eval = replace(studio.eval, text=studio.confine(text_value) or "default", tokens=int(tokens_value),
                               seq_len=int(seq_value), audio=studio.confine(audio_value or "") or "synthetic")
-        if loaded.feature_extractor is not None:
-            progress(0, desc="the teacher transcribes held-out clips")
-            reference = reference_transcripts(loaded.model, loaded.tokenizer, loaded.feature_extractor,
-                                              studio.calibration, studio.eval.audio)
-            windows = None
-        else:
-            windows = eval_windows(loaded.tokenizer, read_eval_text(studio.eval.text), studio.eval.tokens,
-                                   studio.eval.seq_len)
+        task = loaded.task
+        progress(0, desc="preparing the held-out data")
+        config = RunConfig(calibration=studio.calibration, eval=studio.eval)
+        held_out, batch = task.held_out(loaded, config), task.eval_batch_size(config)
         batches = (1, 16) if batch16_value else (1,)
         key = (studio.model_config.name, studio.eval.text, studio.eval.tokens, studio.eval.seq_len)
         models = [("teacher", loaded.model, loaded.tokenizer)]
@@ -145,10 +125,7 @@ def build(studio: Studio) -> dict:
         rows = []
         for i, (label, model, tok) in enumerate(models):
             progress(i / len(models), desc=label)
-            if windows is None:
-                rows.append(measure_speech(model, tok, reference, label, studio.calibration.batch_size))
-            else:
-                rows.append(measure(model, tok, windows, label, batches))
+            rows.append(measure(model, tok, task, held_out, label, batch, batches))
             base, _, mode = label.partition(" ")
             if mode:  # integer weights are buffers, not nn.Parameters: the count is the float model's
                 rows[-1]["parameters"] = next(r["parameters"] for r in rows if r["model"] == base)
@@ -174,7 +151,7 @@ def build(studio: Studio) -> dict:
         archive = zip_atomically(out)
         size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
         remote = ", trust_remote_code=True" if (out / MODELING_FILE).exists() else ""
-        auto = "AutoModelForSpeechSeq2Seq" if student.feature_extractor is not None else "AutoModelForCausalLM"
+        auto = task_for(student.model.config).auto_class
         note = f"Exported to `{out}` ({human_bytes(size)}). Load it with `{auto}.from_pretrained('{out}'{remote})`."
         return note, gr.update(value=archive, visible=True)
 
