@@ -12,10 +12,10 @@ from .speed import generation_speed, model_size
 
 
 def evaluate(model: nn.Module, tokenizer, task, held_out, batch_size: int = 4, speed_batches: tuple[int, ...] = (),
-             fit_positions: bool = False) -> EvalRecord:
+             fit_positions: bool = False, size: bool = True) -> EvalRecord:
     """Score `model` on `held_out` (from `task.held_out`), then measure its generation speed at each of
     `speed_batches` the task can measure (64 prompt + 32 new tokens; with `fit_positions`, shortened to the
-    model's positions), and its size: parameters, serialised weight bytes, CUDA peak memory.
+    model's positions), and (with `size`) its size: parameters, serialised weight bytes, CUDA peak memory.
 
     Args:
         model: the model to measure, on its device.
@@ -24,6 +24,8 @@ def evaluate(model: nn.Module, tokenizer, task, held_out, batch_size: int = 4, s
         held_out: that task's held-out data.
         batch_size: sequences per forward while scoring.
         speed_batches: batch sizes to time greedy decoding at (1 and 16 are recorded).
+        fit_positions: shorten the timed prompt and continuation to the model's positions.
+        size: measure the size; serialising the weights costs a copy of them in host memory.
     Returns:
         An EvalRecord; what was not measured is None.
     Raises:
@@ -42,7 +44,8 @@ def evaluate(model: nn.Module, tokenizer, task, held_out, batch_size: int = 4, s
         suffix = "" if batch == 1 else f"_b{batch}"
         setattr(record, f"prefill_tokens_per_s{suffix}", speed.prefill_tokens_per_s)
         setattr(record, f"generate_tokens_per_s{suffix}", speed.generate_tokens_per_s)
-    size = model_size(model)
-    record.parameters, record.weight_bytes = size.parameters, serialized_bytes(model)
-    record.peak_memory_bytes = size.peak_memory_bytes
+    if size:
+        measured = model_size(model)
+        record.parameters, record.weight_bytes = measured.parameters, serialized_bytes(model)
+        record.peak_memory_bytes = measured.peak_memory_bytes
     return record
