@@ -49,8 +49,11 @@ def evaluate_pair(teacher: LoadedModel, student, config: RunConfig,
     task = teacher.task
     held_out = task.held_out(teacher, config)
     batch = task.eval_batch_size(config)
-    teacher_record = teacher_record or evaluation.evaluate(teacher.model, teacher.tokenizer, task, held_out, batch)
-    return teacher_record, evaluation.evaluate(student, teacher.tokenizer, task, held_out, batch)
+
+    def score(model) -> EvalRecord:  # quality only: sizes are in the run's metrics already
+        return evaluation.evaluate(model, teacher.tokenizer, task, held_out, batch, size=False)
+
+    return teacher_record or score(teacher.model), score(student)
 
 
 def stop_point(stop: threading.Event, stage: str) -> None:
