@@ -16,7 +16,7 @@ from ..errors import CalibrationError
 from ..runtime.failures import stage
 
 
-def _device_of(model: nn.Module) -> torch.device:
+def device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
@@ -43,7 +43,7 @@ class PerplexityResult:
 def perplexity(model: nn.Module, windows: torch.Tensor, batch_size: int = 4,
                on_progress: Callable[[int, int], None] | None = None) -> PerplexityResult:
     """exp(mean next-token NLL) over every window; each window predicts its own seq_len - 1 tokens."""
-    device = _device_of(model)
+    device = device_of(model)
     start = time.perf_counter()
     total_nll, count = 0.0, 0
     for i in range(0, windows.shape[0], batch_size):

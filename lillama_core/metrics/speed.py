@@ -12,7 +12,7 @@ from ..chat import SamplingConfig, decode
 from ..modeling.discovery import count_parameters, weight_bytes
 from ..runtime.failures import stage
 from ..runtime.telemetry import synchronize
-from .perplexity import _device_of
+from .perplexity import device_of
 
 
 @dataclass
@@ -29,7 +29,7 @@ class SpeedResult:
 def generation_speed(model: nn.Module, vocab_size: int, batch_size: int = 1, prompt_tokens: int = 64,
                      new_tokens: int = 32, seed: int = 0) -> SpeedResult:
     """Greedy decoding from random prompts, after one warm-up; prefill timed separately."""
-    device = _device_of(model)
+    device = device_of(model)
     generator = torch.Generator().manual_seed(seed)
     prompt = torch.randint(0, vocab_size, (batch_size, prompt_tokens), generator=generator).to(device)
     greedy = SamplingConfig(max_new_tokens=new_tokens, temperature=0, repetition_penalty=1.0)
@@ -56,6 +56,6 @@ class SizeResult:
 
 
 def model_size(model: nn.Module) -> SizeResult:
-    device = _device_of(model)
+    device = device_of(model)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return SizeResult(count_parameters(model), weight_bytes(model), peak)
