@@ -19,7 +19,9 @@ from lillama_core.compress.loop import Compressor
 from lillama_core.config import CalibrationConfig, ModelConfig, PlanConfig
 from lillama_core.data.calibration import DEFAULT_EVAL_TEXT, CalibrationData, load_calibration, read_eval_text
 from lillama_core.events import LayerFinished, Step
-from lillama_core.metrics.evaluate import eval_windows, perplexity
+from lillama_core.metrics.evaluate import evaluate
+from lillama_core.metrics.perplexity import eval_windows
+from lillama_core.metrics.record import EvalRecord
 from lillama_core.modeling.loading import load_model
 from lillama_core.planning.planner import compute_spectra
 from lillama_core.planning.ranks import ModelShape, RankPlan, build_plan, reduction_target, summarize
@@ -178,13 +180,18 @@ class Bench:
 
     # ---- measurements ----
 
+    def evaluate(self, model) -> EvalRecord:
+        """Quality on the cached evaluation windows (speed and size are measured by their own suites)."""
+        return evaluate(model, self.loaded.tokenizer, self.loaded.task, self.windows(), self.budget.eval_batch,
+                        size=False)
+
     def teacher_perplexity(self) -> dict:
         key = (self.budget.eval_tokens, self.budget.eval_seq_len)
         if key not in self._teacher_ppl:
             log(f"teacher perplexity on {key[0]} tokens (seq {key[1]})")
-            result = perplexity(self.loaded.model, self.windows(), self.budget.eval_batch)
+            result = self.evaluate(self.loaded.model)
             self._teacher_ppl[key] = {"ppl": result.perplexity, "nll": result.nll,
-                                      "eval_tokens_scored": result.tokens_scored, "eval_seconds": result.seconds}
+                                      "eval_tokens_scored": result.tokens_scored, "eval_seconds": result.eval_seconds}
         return self._teacher_ppl[key]
 
     def base_record(self) -> dict:
@@ -251,7 +258,7 @@ class Bench:
         train_tokens = (n - held_out_count(n)) * calibration.sequences.shape[1] * distill_config.epochs
         layer_tokens = train_tokens * len(layers) if distill_config.train else 0
         log(f"  compressed in {result.seconds:.1f}s; evaluating")
-        ppl = perplexity(result.student, self.windows(), self.budget.eval_batch)
+        ppl = self.evaluate(result.student)
         record = {
             **self.base_record(),
             "method": name,
@@ -275,7 +282,7 @@ class Bench:
             "ppl": ppl.perplexity,
             "nll": ppl.nll,
             "eval_tokens_scored": ppl.tokens_scored,
-            "eval_seconds": ppl.seconds,
+            "eval_seconds": ppl.eval_seconds,
             "plan_seconds": plan_seconds,
             "compress_seconds": result.seconds,
             "heal_seconds": heal_seconds,
@@ -295,7 +302,7 @@ class Bench:
         if inspect is not None:
             record.update(inspect(result.student))
         log(f"  {name} @ {applied.reduction:.1%}: ppl {ppl.perplexity:.2f} "
-            f"(compress {result.seconds:.0f}s, eval {ppl.seconds:.0f}s)")
+            f"(compress {result.seconds:.0f}s, eval {ppl.eval_seconds:.0f}s)")
         del result, compressor
         gc.collect()
         if math.isnan(record["ppl"]):

@@ -23,18 +23,13 @@ import torch
 from lillama_core.compress.loop import Compressor
 from lillama_core.config import CalibrationConfig, ModelConfig
 from lillama_core.data.calibration import DEFAULT_SOURCES, read_eval_text
+from lillama_core.metrics.evaluate import evaluate
 from lillama_core.modeling.discovery import count_parameters
 from lillama_core.modeling.loading import LoadedModel, load_model
 from lillama_core.planning.planner import make_plan
 from lillama_core.planning.ranks import ModelShape, summarize
 from lillama_core.runtime.paths import lillama_home
-from lillama_core.tasks.speech import (
-    read_wav,
-    speech_calibration,
-    speech_metrics,
-    synthetic_clips,
-    transcribe_reference,
-)
+from lillama_core.tasks.speech import read_wav, speech_calibration, synthetic_clips, transcribe_reference
 
 from .bench import log
 from .common import environment
@@ -81,9 +76,9 @@ def spoken(texts: list[str], folder: Path) -> list:
 
 
 def _evaluate(model, loaded: LoadedModel, reference, batch_size: int) -> dict:
-    metrics = speech_metrics(model, reference, loaded.tokenizer, batch_size)
-    return {"wer": metrics["wer"], "transcript_ppl": metrics["perplexity"],
-            "transcribe_tokens_per_s": metrics["transcribe_tokens_per_s"], "params": count_parameters(model)}
+    record = evaluate(model, loaded.tokenizer, loaded.task, reference, batch_size, size=False)
+    return {"wer": record.wer, "transcript_ppl": record.perplexity,
+            "transcribe_tokens_per_s": record.transcribe_tokens_per_s, "params": count_parameters(model)}
 
 
 def run_speech(reductions: list[float], methods: list[str], calibrations: list[str], clips: int, eval_clips: int,

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import torch
 
-from lillama_core.metrics.evaluate import generation_speed, perplexity
+from lillama_core.metrics.perplexity import perplexity
+from lillama_core.metrics.speed import generation_speed
 from lillama_core.modeling.discovery import count_parameters, weight_bytes
 from lillama_core.modeling.loading import resolve_device, resolve_dtype
 from lillama_core.modeling.shipped import apply_rank_map

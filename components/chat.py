@@ -9,8 +9,6 @@ from typing import TYPE_CHECKING
 
 import gradio as gr
 
-from lillama_core.tasks.speech import SAMPLING_RATE, to_mono, transcribe
-
 from .common import user_errors
 from .settings import ChatFrame, ChatSettings
 from .studio import Studio
@@ -35,19 +33,18 @@ def plain_history(messages: list[dict]) -> list[dict]:
 def transcribe_both(studio: Studio, clip) -> tuple[str, str]:
     """Teacher's and student's transcripts of one (sampling rate, samples) clip, with decoding speed."""
     loaded = studio.ensure_loaded()
-    if loaded.feature_extractor is None:
+    if not loaded.task.transcribes:
         raise gr.Error("transcription needs a speech model (Whisper); this teacher is a text model: use the chat")
     if clip is None:
         raise gr.Error("record or upload an audio clip first")
     rate, samples = clip
-    audio = to_mono(samples, rate, getattr(loaded.feature_extractor, "sampling_rate", SAMPLING_RATE))
     shown = []
     student = studio.current_student()
     for model in (loaded.model, student.model if student else None):
         if model is None:
             shown.append(NO_STUDENT)
             continue
-        result = transcribe(model, loaded.tokenizer, loaded.feature_extractor, audio)
+        result = loaded.task.transcribe(loaded, model, samples, rate)
         shown.append(f"{result['text']}\n\n({result['tokens']} tokens · {result['tokens_per_s']:.1f} tokens/s)")
     return shown[0], shown[1]
 

@@ -12,11 +12,9 @@ from dataclasses import replace
 import gradio as gr
 
 from lillama_core.chat import SamplingConfig, stream_chat
-from lillama_core.data.calibration import read_eval_text
-from lillama_core.metrics.evaluate import eval_windows
+from lillama_core.config import RunConfig
 from lillama_core.modeling.quantize import MODES, quantize_weights
 from lillama_core.planning.strategies import strategy_named
-from lillama_core.tasks.speech import reference_transcripts
 
 from . import chat, evaluate, ranks
 from .charts import comparison_chart
@@ -60,7 +58,7 @@ class Controller:
             loaded = studio.ensure_loaded()
         except Exception as exc:
             raise gr.Error(friendly(exc)) from None
-        if loaded.feature_extractor is not None:
+        if not loaded.task.chats:
             raise gr.Error("this is a speech model: it transcribes audio rather than chats. Use 'transcribe audio "
                            "with both' below, or step 5 (perplexity and word error rate on held-out clips)")
         student = studio.current_student()
@@ -147,24 +145,17 @@ class Controller:
         loaded = studio.ensure_loaded()
         studio.eval = replace(studio.eval, text=studio.confine(settings.text) or "default", tokens=int(settings.tokens),
                               seq_len=int(settings.seq_len), audio=studio.confine(settings.audio or "") or "synthetic")
-        if loaded.feature_extractor is not None:
-            progress(0, desc="the teacher transcribes held-out clips")
-            reference = reference_transcripts(loaded.model, loaded.tokenizer, loaded.feature_extractor,
-                                              studio.calibration, studio.eval.audio)
-            windows = None
-        else:
-            windows = eval_windows(loaded.tokenizer, read_eval_text(studio.eval.text), studio.eval.tokens,
-                                   studio.eval.seq_len)
+        task = loaded.task
+        progress(0, desc="preparing the held-out data")
+        config = RunConfig(calibration=studio.calibration, eval=studio.eval)
+        held_out, batch = task.held_out(loaded, config), task.eval_batch_size(config)
         batches = (1, 16) if settings.batch16 else (1,)
         key = (studio.model_config.name, studio.eval.text, studio.eval.tokens, studio.eval.seq_len)
         models = self._models_to_score(settings.quantized)
         rows = []
         for i, (label, model, tok) in enumerate(models):
             progress(i / len(models), desc=label)
-            if windows is None:
-                rows.append(evaluate.measure_speech(model, tok, reference, label, studio.calibration.batch_size))
-            else:
-                rows.append(evaluate.measure(model, tok, windows, label, batches))
+            rows.append(evaluate.measure(model, tok, task, held_out, label, batch, batches))
             base, _, mode = label.partition(" ")
             if mode:  # integer weights are buffers, not nn.Parameters: the count is the float model's
                 rows[-1]["parameters"] = next(r["parameters"] for r in rows if r["model"] == base)

@@ -13,10 +13,10 @@ import pandas as pd
 
 from lillama_core.errors import ExportError
 from lillama_core.export import MODELING_FILE, export_student
-from lillama_core.metrics.evaluate import generation_speed, model_size, perplexity
-from lillama_core.modeling.quantize import MODES, serialized_bytes
+from lillama_core.metrics.evaluate import evaluate
+from lillama_core.modeling.quantize import MODES
 from lillama_core.runtime.atomic import staged_file
-from lillama_core.tasks.speech import speech_metrics
+from lillama_core.tasks import task_for
 
 from .charts import human, human_bytes
 from .common import user_errors
@@ -46,29 +46,13 @@ def check_export_name(name: str) -> str:
     return name
 
 
-def measure(model, tokenizer, windows, label: str, batch_sizes=(1,)) -> dict:
-    row = {"model": label, "perplexity": perplexity(model, windows).perplexity}
-    for batch in batch_sizes:
-        speed = generation_speed(model, model.config.vocab_size, batch_size=batch, prompt_tokens=64, new_tokens=32)
-        row["generate_tokens_per_s" if batch == 1 else f"generate_tokens_per_s_b{batch}"] = speed.generate_tokens_per_s
-        if batch == 1:
-            row["prefill_tokens_per_s"] = speed.prefill_tokens_per_s
-    size = model_size(model)
-    row.update(parameters=size.parameters, weight_bytes=serialized_bytes(model))
-    if size.peak_memory_bytes is not None:
-        row["peak_memory_bytes"] = size.peak_memory_bytes
+def measure(model, tokenizer, task, held_out, label: str, batch_size: int, speed_batches=(1,)) -> dict:
+    """One table row: the model's EvalRecord on the held-out data, labelled. Speech models' transcription
+    speed stands in the generation-speed column."""
+    row = {"model": label, **evaluate(model, tokenizer, task, held_out, batch_size, speed_batches).to_dict()}
+    if "transcribe_tokens_per_s" in row:
+        row.setdefault("generate_tokens_per_s", row["transcribe_tokens_per_s"])
     return row
-
-
-def measure_speech(model, tokenizer, reference, label: str, batch_size: int) -> dict:
-    """A speech model on held-out clips: perplexity of the teacher's transcripts, word error rate against the
-    clips' true texts where they have them, else against the teacher's transcripts."""
-    metrics = speech_metrics(model, reference, tokenizer, batch_size)
-    size = model_size(model)
-    return {"model": label, "perplexity": metrics["perplexity"], "wer": metrics["wer"],
-            "wer_reference": reference.kind,
-            "generate_tokens_per_s": metrics["transcribe_tokens_per_s"], "parameters": size.parameters,
-            "weight_bytes": serialized_bytes(model)}
 
 
 def table(rows: list[dict]) -> pd.DataFrame:
@@ -143,7 +127,7 @@ def build(controller: Controller) -> dict:
         archive = zip_atomically(out)
         size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
         remote = ", trust_remote_code=True" if (out / MODELING_FILE).exists() else ""
-        auto = "AutoModelForSpeechSeq2Seq" if student.feature_extractor is not None else "AutoModelForCausalLM"
+        auto = task_for(student.model.config).auto_class
         note = f"Exported to `{out}` ({human_bytes(size)}). Load it with `{auto}.from_pretrained('{out}'{remote})`."
         if merge:
             note += " A merged export is teacher-sized: it keeps the quality change of compression, not the savings."

@@ -9,11 +9,8 @@ from pathlib import Path
 import gradio as gr
 
 from lillama_core.config import CalibrationConfig
-from lillama_core.data.calibration import load_calibration, preview
 from lillama_core.errors import LillamaError
 from lillama_core.modeling.loading import BUILTIN_MODELS
-from lillama_core.pipeline import calibrate
-from lillama_core.tasks.speech import SYNTHETIC_AUDIO_WARNING, SYNTHETIC_SOURCES, transcript_prompt
 
 from .charts import human, human_bytes
 from .common import facts_table, user_errors
@@ -47,29 +44,11 @@ def calibration_from_inputs(studio: Studio, kind, path, text_field, dataset_conf
     return config
 
 
-def text_preview(studio: Studio, loaded, config: CalibrationConfig) -> str:
-    """Count the sequences, warn about chat records the template refused, and show the first records."""
-    data = load_calibration(config, loaded.tokenizer)
-    samples = preview(config, loaded.tokenizer, count=3, chars=300)
+def calibration_preview(studio: Studio, loaded, config: CalibrationConfig) -> str:
+    """Keep the settings and show what the model's task makes of them (sequences or clips, first samples)."""
+    shown = loaded.task.preview(loaded, config)
     studio.calibration = config
-    shown = "\n\n".join(f"> {s.strip()[:300].replace(chr(10), ' ')}" for s in samples)
-    warnings = "".join(f"\n\n⚠ {warning}." for warning in data.warnings)
-    return (f"**{data.sequences.shape[0]} sequences × {config.seq_len} tokens = {data.tokens:,} tokens**, "
-            f"sampled (seed {config.seed}) from the first {data.pool_tokens:,} tokens read.{warnings}\n\n{shown}")
-
-
-def speech_preview(studio: Studio, loaded, config: CalibrationConfig) -> str:
-    """A speech model calibrates on audio clips: count them and show the teacher's first transcripts."""
-    data = calibrate(loaded, config)
-    prompt = len(transcript_prompt(loaded.model, loaded.tokenizer))
-    studio.calibration = config
-    shown = "\n\n".join(f"> {loaded.tokenizer.decode(row[prompt:], skip_special_tokens=True).strip()[:300]}"
-                         for row in data.sequences[:3].tolist())
-    synthetic = config.source in SYNTHETIC_SOURCES
-    where = "synthetic speech-like clips" if synthetic else config.source
-    warning = f"\n\n⚠ {SYNTHETIC_AUDIO_WARNING}." if synthetic else ""
-    return (f"**{data.sequences.shape[0]} audio clips × {config.seq_len} transcript tokens = {data.tokens:,} "
-            f"tokens** from {where}. The teacher's transcripts of the first clips:\n\n{shown}{warning}")
+    return shown
 
 
 def build(studio: Studio, uploads_root: Path) -> dict:
@@ -125,9 +104,8 @@ def build(studio: Studio, uploads_root: Path) -> dict:
             raise gr.Error("type a Hugging Face id, a local folder or a .gguf path")
         gr.Info(f"loading {name}: the first load of a GGUF model converts it once, which can take a minute")
         loaded = studio.load(name, trust, offload=offload_value)
-        if loaded.feature_extractor is not None:
-            gr.Info("a speech model: it calibrates on audio clips (built-in: synthetic speech-like clips; or a .wav "
-                    "file or folder) with the teacher's transcripts; sequence length = transcript tokens")
+        if loaded.task.load_note:
+            gr.Info(loaded.task.load_note)
         return model_card(studio)
 
     load_button.click(on_load, [choice, custom, remote, offload], card, concurrency_id="model", concurrency_limit=1,
@@ -159,9 +137,7 @@ def build(studio: Studio, uploads_root: Path) -> dict:
     def on_preview(*values):
         config = calibration_from_inputs(studio, *values)
         loaded = studio.ensure_loaded()
-        if loaded.feature_extractor is not None:
-            return speech_preview(studio, loaded, config)
-        return text_preview(studio, loaded, config)
+        return calibration_preview(studio, loaded, config)
 
     preview_button.click(on_preview, inputs, preview_box, api_name="calibration")
     return {"card": card, "load": load_button}

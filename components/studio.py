@@ -201,7 +201,7 @@ class Studio:
             run_dir, result = job.result[-1] if isinstance(job.result, list) else (job.run_dir, job.result)
             if result.run.applied.ranks:
                 self.student = Student(result.run.student, self.loaded.tokenizer,
-                                       f"{run_dir.name} ({result.metrics['reduction']:.1%} fewer)", run_dir,
+                                       f"{run_dir.name} ({result.metrics.reduction:.1%} fewer)", run_dir,
                                        self.loaded.feature_extractor)
         return self.student
 

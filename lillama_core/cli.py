@@ -10,7 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .config import CalibrationConfig, ModelConfig, RunConfig
+from .config import ModelConfig, RunConfig
 from .config_args import ConfigArgs
 from .errors import ConfigError, LillamaError, ModelForwardError
 from .events import Event, LayerFinished, Phase, RunFinished, RunStarted, Step
@@ -203,7 +203,7 @@ def _compress_export_evaluate(run_dir: Path, config: RunConfig, plan, args, para
             parallel.finish()
             return None
         save_run(run_dir, config, result, keep_student=False)
-        record = {"config": config.to_dict(), "metrics": result.metrics,
+        record = {"config": config.to_dict(), "metrics": result.metrics.to_dict(),
                   "plan": json.loads(result.run.applied.to_json()),
                   "layers": [e.to_dict() for e in result.run.layers], "run_dir": str(run_dir)}
         out = export_student(result.run.student, result.loaded.tokenizer, args.out, merge=args.merge,
@@ -212,20 +212,25 @@ def _compress_export_evaluate(run_dir: Path, config: RunConfig, plan, args, para
         parallel.finish()  # the other processes wait here until the export is written
         if not args.no_eval:  # after the export: a failing evaluation must not lose the student
             evaluate_and_record(result, config, run_dir, on_event, None)
-            update_record_metrics(out, result.metrics)
-    summary = {k: result.metrics.get(k) for k in ("params_before", "params_after", "reduction", "teacher_ppl",
-                                                   "student_ppl", "seconds", "status", "tokens")}
-    if "student_wer" in result.metrics:  # speech models
-        summary.update({k: result.metrics[k] for k in ("teacher_wer", "student_wer", "wer_reference")})
+            update_record_metrics(out, result.metrics.to_dict())
+    return _compress_summary(result.metrics, out, args.json)
+
+
+def _compress_summary(m, out: Path, quiet: bool) -> dict:
+    """What `compress` prints and returns: sizes, then whichever quality its task measured (RunMetrics m)."""
+    summary = {"params_before": m.params_before, "params_after": m.params_after, "reduction": m.reduction,
+               "teacher_ppl": m.teacher_ppl, "student_ppl": m.student_ppl, "seconds": m.seconds, "status": m.status,
+               "tokens": m.tokens}
+    if m.student_wer is not None:
+        summary.update(teacher_wer=m.teacher_wer, student_wer=m.student_wer, wer_reference=m.wer_reference)
     summary["out"] = str(out)
-    if not args.json:
-        print(f"{summary['params_before']:,} -> {summary['params_after']:,} parameters "
-              f"({summary['reduction']:.1%} fewer); exported to {out}")
-        if "teacher_ppl" in result.metrics:
-            print(f"perplexity: teacher {summary['teacher_ppl']:.2f}, student {summary['student_ppl']:.2f}")
-        if "student_wer" in summary:
-            print(f"word error rate against the {summary['wer_reference']}: teacher {summary['teacher_wer']:.1%}, "
-                  f"student {summary['student_wer']:.1%}")
+    if not quiet:
+        print(f"{m.params_before:,} -> {m.params_after:,} parameters ({m.reduction:.1%} fewer); exported to {out}")
+        if m.teacher_ppl is not None:
+            print(f"perplexity: teacher {m.teacher_ppl:.2f}, student {m.student_ppl:.2f}")
+        if m.student_wer is not None:
+            print(f"word error rate against the {m.wer_reference}: teacher {m.teacher_wer:.1%}, "
+                  f"student {m.student_wer:.1%}")
     return summary
 
 
@@ -291,62 +296,38 @@ def _load_any(args):
     return load_model(_model_config(args))
 
 
+# The EvalRecord fields `lillama eval` shows, in order, where measured; renamed where its output always
+# spelled them differently (kept for scripts that read --json).
+EVAL_FIELDS = ("perplexity", "tokens_scored", "wer", "clips", "transcribe_tokens_per_s", "parameters", "weight_bytes",
+               "prefill_tokens_per_s", "generate_tokens_per_s")
+EVAL_KEYS = {"tokens_scored": "eval_tokens", "clips": "eval_clips"}
+
+
 def cmd_eval(args, parser) -> dict:
-    from .data.calibration import read_eval_text
-    from .metrics.evaluate import eval_windows, generation_speed, model_size, perplexity
-    from .modeling.positions import eval_window, position_limit
-    from .modeling.quantize import quantize_weights, serialized_bytes
+    """A model alone on held-out data of its task: quality, size, and (text models) speed at batch 1."""
+    from .config import EvalConfig, RunConfig
+    from .metrics.evaluate import evaluate
+    from .modeling.discovery import count_parameters
+    from .modeling.quantize import quantize_weights
 
     loaded = _load_any(args)
+    task = loaded.task
     model = quantize_weights(loaded.model, args.quantize) if args.quantize else loaded.model
+    config = RunConfig(eval=EvalConfig(text=args.eval_text, tokens=args.eval_tokens, seq_len=args.eval_seq_len,
+                                       audio=args.eval_audio))
+    for notice in task.eval_notices(config, model):
+        tqdm_note(notice)
+    held_out = task.held_out(loaded, config, standalone=True)
+    record = evaluate(model, loaded.tokenizer, task, held_out, speed_batches=() if args.no_speed else (1,),
+                      fit_positions=True)
+    record.parameters = count_parameters(loaded.model)  # integer weights are buffers: count the float model's
+    measured = record.to_dict()
     summary = {"model": args.model, "quantize": args.quantize}
-    if loaded.feature_extractor is not None:
-        summary.update(_speech_eval(loaded, model, args.eval_audio))
-    else:
-        seq_len, notice = eval_window(args.eval_seq_len, model)
-        if notice:
-            tqdm_note(notice)
-        windows = eval_windows(loaded.tokenizer, read_eval_text(args.eval_text), args.eval_tokens, seq_len)
-        ppl = perplexity(model, windows)
-        summary.update(perplexity=ppl.perplexity, eval_tokens=ppl.tokens_scored)
-    summary.update(parameters=model_size(loaded.model).parameters, weight_bytes=serialized_bytes(model))
-    if loaded.feature_extractor is None and not args.no_speed:
-        # a prompt and its continuation within the model's positions (64 + 32 where it allows)
-        prompt_tokens = min(64, 2 * (position_limit(model) or 96) // 3)
-        speed = generation_speed(model, loaded.model.config.vocab_size, prompt_tokens=prompt_tokens,
-                                 new_tokens=min(32, (position_limit(model) or 96) - prompt_tokens))
-        summary.update(prefill_tokens_per_s=speed.prefill_tokens_per_s,
-                       generate_tokens_per_s=speed.generate_tokens_per_s)
+    summary.update({EVAL_KEYS.get(k, k): measured[k] for k in EVAL_FIELDS if k in measured})
     if not args.json:
         for key, value in summary.items():
             print(f"{key:>24}: {value:,.3f}" if isinstance(value, float) else f"{key:>24}: {value}")
     return summary
-
-
-def _speech_eval(loaded, model, audio: str) -> dict:
-    """A speech model alone has no teacher to compare with, so it is scored against true texts only."""
-    from .tasks.speech import (
-        SYNTHETIC_SOURCES,
-        clip_features,
-        normalized_words,
-        transcribed_clips,
-        transcript_prompt,
-        transcription_scores,
-    )
-
-    needs = ("scoring a speech model needs recorded speech with its true texts: --eval-audio FOLDER of .wav clips, "
-             "each with a .txt transcript of the same name")
-    if audio in SYNTHETIC_SOURCES:
-        raise ConfigError(needs)
-    clips, texts = transcribed_clips(audio)
-    if texts is None:
-        raise ConfigError(f"{audio}: no transcripts beside the clips; {needs}")
-    prompt = transcript_prompt(model, loaded.tokenizer)
-    longest = getattr(model.config, "max_target_positions", CalibrationConfig.seq_len)
-    result = transcription_scores(model, loaded.tokenizer, clip_features(loaded.feature_extractor, clips), prompt,
-                                  min(CalibrationConfig.seq_len, longest), [normalized_words(t) for t in texts])
-    return {"wer": result["wer"], "eval_clips": result["clips"],
-            "transcribe_tokens_per_s": result["transcribe_tokens_per_s"]}
 
 
 def cmd_chat(args, parser) -> None:
@@ -368,14 +349,14 @@ def cmd_chat(args, parser) -> None:
 
 
 def cmd_transcribe(args, parser) -> None:
-    from .tasks.speech import read_wav, transcribe
+    from .tasks.speech import SAMPLING_RATE, read_wav
 
     loaded = _load_any(args)
-    if loaded.feature_extractor is None:
+    if not loaded.task.transcribes:
         raise ConfigError(f"{args.model} is a text model; `lillama transcribe` needs a speech model (Whisper)")
     for path in args.audio:
-        result = transcribe(loaded.model, loaded.tokenizer, loaded.feature_extractor, read_wav(Path(path)),
-                            args.max_new_tokens)
+        result = loaded.task.transcribe(loaded, loaded.model, read_wav(Path(path)), SAMPLING_RATE,
+                                        args.max_new_tokens)
         print(f"{path}: {result['text']}")
         print(f"[{result['tokens']} tokens, {result['tokens_per_s']:.1f} tokens/s]", file=sys.stderr)
 

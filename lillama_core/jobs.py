@@ -268,11 +268,11 @@ def save_run(run_dir: Path, config: RunConfig, result, keep_student: bool = True
     from .export import export_student
 
     write_json(run_dir / "plan.json", json.loads(result.plan.to_json()))
-    write_json(run_dir / "metrics.json", result.metrics)
+    write_json(run_dir / "metrics.json", result.metrics.to_dict())
     if keep_student and result.run.applied.ranks:  # a run stopped before its first layer has nothing to keep
         # A resumed run holds more finished layers than the student saved when it stopped: replace it (atomically).
         export_student(result.run.student, result.loaded.tokenizer, run_dir / STUDENT_DIR, overwrite=True,
-                       record={"config": config.to_dict(), "metrics": result.metrics},
+                       record={"config": config.to_dict(), "metrics": result.metrics.to_dict()},
                        feature_extractor=result.loaded.feature_extractor)
 
 
@@ -289,9 +289,9 @@ def evaluate_and_record(result, config: RunConfig, run_dir: Path, on_event, stop
     from .pipeline import evaluate_run
 
     evaluate_run(result, config, on_event, stop, teacher_ppl)
-    write_json(run_dir / "metrics.json", result.metrics)
+    write_json(run_dir / "metrics.json", result.metrics.to_dict())
     if (run_dir / STUDENT_DIR / "lillama.json").exists():
-        update_record_metrics(run_dir / STUDENT_DIR, result.metrics)
+        update_record_metrics(run_dir / STUDENT_DIR, result.metrics.to_dict())
 
 
 def compression_work(config: RunConfig, loaded=None, plan=None, evaluate: bool = True,
@@ -363,7 +363,7 @@ def sweep_work(base: RunConfig, reductions: list[float], runs_root: Path, loaded
                 status = JobStatus.STOPPED if isinstance(exc, RunStopped) else JobStatus.FAILED
                 write_status(run_dir, status, message=str(exc), sweep=job.id)
                 raise
-            ppl = result.metrics.get("teacher_ppl", ppl)
+            ppl = result.metrics.teacher_ppl if result.metrics.teacher_ppl is not None else ppl
             write_status(run_dir, result.run.status, sweep=job.id)
             results.append((run_dir, result))
         return results

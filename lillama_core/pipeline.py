@@ -15,23 +15,16 @@ import torch
 from .compress.checkpoints import LayerCheckpoints
 from .compress.loop import Compressor, RunResult, out_of_memory
 from .config import CalibrationConfig, RunConfig
-from .data.calibration import CalibrationData, load_calibration, read_eval_text
+from .data.calibration import CalibrationData
 from .errors import RunStopped
 from .events import EventSink, Phase
-from .metrics.evaluate import eval_windows, perplexity
+from .metrics import evaluate as evaluation
+from .metrics.record import EvalRecord, RunMetrics
 from .modeling.loading import LoadedModel, load_model
-from .modeling.positions import check_positions, eval_window
 from .planning.planner import make_plan
 from .planning.ranks import ModelShape, RankPlan, summarize
 from .runtime.distributed import SINGLE, Parallel, device_for
 from .runtime.failures import stage
-from .tasks.speech import (
-    SYNTHETIC_AUDIO_WARNING,
-    SYNTHETIC_SOURCES,
-    reference_transcripts,
-    speech_calibration,
-    speech_metrics,
-)
 
 PLAN_FILE = "plan.json"
 
@@ -41,35 +34,26 @@ class PipelineResult:
     run: RunResult
     loaded: LoadedModel  # the teacher; the student shares its untouched weights
     plan: RankPlan
-    metrics: dict = field(default_factory=dict)
-
-
-def evaluate_perplexity(model, tokenizer, config: RunConfig) -> float:
-    """Perplexity on the held-out text, in windows shortened to the model's positions where needed."""
-    windows = eval_windows(tokenizer, read_eval_text(config.eval.text), config.eval.tokens,
-                           eval_window(config.eval.seq_len, model)[0])
-    return perplexity(model, windows).perplexity
+    metrics: RunMetrics = field(default_factory=RunMetrics)
 
 
 def calibrate(loaded: LoadedModel, config: CalibrationConfig) -> CalibrationData:
-    """Token sequences for a text model; audio clips with the teacher's transcripts for a speech model."""
-    if loaded.feature_extractor is None:
-        return load_calibration(config, loaded.tokenizer)
-    return speech_calibration(loaded.model, loaded.tokenizer, loaded.feature_extractor, config)
+    """The calibration data of the loaded model's task (text: token sequences; speech: clips and transcripts)."""
+    return loaded.task.calibrate(loaded, config)
 
 
-def evaluate_speech(teacher: LoadedModel, student, config: RunConfig) -> dict:
-    """Held-out clips stand in for text: perplexity of the teacher's transcripts, and word error rate against
-    the clips' true texts where the evaluation audio has them, else against the teacher's transcripts."""
-    reference = reference_transcripts(teacher.model, teacher.tokenizer, teacher.feature_extractor, config.calibration,
-                                      config.eval.audio)
-    metrics = {}
-    for name, model in (("teacher", teacher.model), ("student", student)):
-        result = speech_metrics(model, reference, teacher.tokenizer, config.calibration.batch_size)
-        metrics.update({f"{name}_ppl": result["perplexity"], f"{name}_wer": result["wer"]})
-    metrics["eval_clips"] = len(reference.ends)
-    metrics["wer_reference"] = reference.kind
-    return metrics
+def evaluate_pair(teacher: LoadedModel, student, config: RunConfig,
+                  teacher_record: EvalRecord | None = None) -> tuple[EvalRecord, EvalRecord]:
+    """Teacher and student scored on the same held-out data of the teacher's task; a known teacher record
+    is reused. Raises CalibrationError (held-out data unreadable), ModelForwardError."""
+    task = teacher.task
+    held_out = task.held_out(teacher, config)
+    batch = task.eval_batch_size(config)
+
+    def score(model) -> EvalRecord:  # quality only: sizes are in the run's metrics already
+        return evaluation.evaluate(model, teacher.tokenizer, task, held_out, batch, size=False)
+
+    return teacher_record or score(teacher.model), score(student)
 
 
 def stop_point(stop: threading.Event, stage: str) -> None:
@@ -101,7 +85,7 @@ def run_pipeline(config: RunConfig, loaded: LoadedModel | None = None, plan: Ran
 
 
 def evaluate_run(result: PipelineResult, config: RunConfig, on_event: EventSink | None = None,
-                 stop: threading.Event | None = None, teacher_ppl: float | None = None) -> dict:
+                 stop: threading.Event | None = None, teacher_ppl: float | None = None) -> RunMetrics:
     """Teacher and student quality on held-out data, added to `result.metrics` (returned too). After a stop
     nothing is measured: the partial student is evaluated later. Raises OutOfMemoryError (advice) and
     ModelForwardError (a model's forward failed); the student is untouched either way."""
@@ -113,17 +97,14 @@ def evaluate_run(result: PipelineResult, config: RunConfig, on_event: EventSink 
     emit(Phase(name="evaluate", detail="perplexity of teacher and student"))
     try:
         with stage("evaluation", model=loaded.model):
-            if loaded.feature_extractor is not None:
-                metrics.update(evaluate_speech(loaded, result.run.student, config))
-            else:
-                if teacher_ppl is None:
-                    teacher_ppl = evaluate_perplexity(loaded.model, loaded.tokenizer, config)
-                metrics["teacher_ppl"] = teacher_ppl
-                metrics["student_ppl"] = evaluate_perplexity(result.run.student, loaded.tokenizer, config)
-                metrics["eval_seq_len"] = eval_window(config.eval.seq_len, loaded.model)[0]
+            reuse = teacher_ppl is not None and loaded.task.teacher_is_perplexity
+            known = EvalRecord(perplexity=teacher_ppl) if reuse else None
+            teacher, student = evaluate_pair(loaded, result.run.student, config, known)
+            metrics.add_evaluation(teacher, student)
+            metrics.eval_seq_len = loaded.task.eval_window(config, loaded.model)
     except torch.OutOfMemoryError:
         raise out_of_memory(emit) from None
-    metrics["seconds"] = metrics.get("seconds", 0.0) + time.time() - start
+    metrics.seconds = (metrics.seconds or 0.0) + time.time() - start
     return metrics
 
 
@@ -135,13 +116,12 @@ def _run_pipeline(config: RunConfig, loaded: LoadedModel | None, plan: RankPlan 
         emit(Phase(name="load", detail=f"loading {config.model.name}"))
         loaded = load_model(dataclasses.replace(config.model, device=device_for(parallel, config.model.device)))
     stop_point(stop, "loading the model")
-    if loaded.feature_extractor is None:  # a speech model's transcript length is checked by its calibration
-        for notice in check_positions(config, loaded.model):
-            emit(Phase(name="check", detail=notice))
+    for notice in loaded.task.check(config, loaded.model):
+        emit(Phase(name="check", detail=notice))
     emit(Phase(name="calibration",
                detail=f"tokenising {config.calibration.tokens} tokens from {config.calibration.source}"))
-    if loaded.feature_extractor is not None and config.calibration.source in SYNTHETIC_SOURCES:
-        emit(Phase(name="calibration", detail=SYNTHETIC_AUDIO_WARNING))
+    for warning in loaded.task.calibration_warnings(config.calibration):
+        emit(Phase(name="calibration", detail=warning))
     calibration = calibrate(loaded, config.calibration)
     for warning in calibration.warnings:
         emit(Phase(name="calibration", detail=warning))
@@ -172,21 +152,13 @@ def _run_pipeline(config: RunConfig, loaded: LoadedModel | None, plan: RankPlan 
         except RunStopped:
             run.status = "stopped"  # the distilled layers stand; only the healing was cut short
     applied = summarize(run.applied, ModelShape.of(loaded.model))
-    metrics = {
-        "model": config.model.name,
-        "status": run.status,
-        "device": str(loaded.device),
-        "params_before": applied.params_before,
-        "params_after": applied.params_after,
-        "reduction": applied.reduction,
-        "weight_bytes_before": applied.weight_bytes_before,
-        "weight_bytes_after": applied.weight_bytes_after,
-        "planned_reduction": summarize(plan, ModelShape.of(loaded.model)).reduction,
-        "tokens": run.tokens,
-        "compress_seconds": run.seconds,
-        "layers_done": run.applied.layers(ModelShape.of(loaded.model)),
-        "unreached_experts": sum(layer.unreached_experts for layer in run.layers),
-        **heal_metrics,
-    }
-    metrics["seconds"] = time.time() - start
+    shape = ModelShape.of(loaded.model)
+    metrics = RunMetrics(model=config.model.name, status=run.status, device=str(loaded.device),
+                         params_before=applied.params_before, params_after=applied.params_after,
+                         reduction=applied.reduction, weight_bytes_before=applied.weight_bytes_before,
+                         weight_bytes_after=applied.weight_bytes_after,
+                         planned_reduction=summarize(plan, shape).reduction, tokens=run.tokens,
+                         compress_seconds=run.seconds, layers_done=run.applied.layers(shape),
+                         unreached_experts=sum(layer.unreached_experts for layer in run.layers), extra=heal_metrics)
+    metrics.seconds = time.time() - start
     return PipelineResult(run, loaded, plan, metrics)

@@ -230,9 +230,7 @@ class Compressor:
         self.memory.reset_peak()
         calibration = split.calibration
         hidden = getattr(self.loaded.model.config, "hidden_size", 0) or 0
-        sequence_count, positions = calibration.sequences.shape
-        if calibration.features is not None:  # a speech encoder sees the audio frames (Whisper: half of them)
-            positions = max(positions, calibration.features.shape[-1] // 2)
+        sequence_count, positions = calibration.sequences.shape[0], self.loaded.task.activation_positions(calibration)
         bytes_needed = 3 * sequence_count * positions * hidden * torch.finfo(self.dtype).bits // 8
         store = ActivationStore.choose(self.config.activations, self.device, bytes_needed,
                                        lillama_home() / "activations")
@@ -381,19 +379,8 @@ class Compressor:
     @torch.no_grad()
     def _student_encoder_states(self, student: nn.Module, calibration: CalibrationData, batches: list[slice],
                                 store: ActivationStore) -> torch.Tensor | None:
-        """The student's encoder output for every calibration clip (speech encoder-decoder models only)."""
-        if calibration.features is None or not hasattr(student, "get_encoder"):
-            return None
-        encoder, states = student.get_encoder(), None
-        for rows in batches:
-            if rows.stop == rows.start:
-                continue
-            features = calibration.features[rows].to(self.device, self.dtype)
-            out = encoder(input_features=features).last_hidden_state
-            if states is None:
-                states = store.empty((calibration.sequences.shape[0], *out.shape[1:]), out.dtype)
-            states[rows] = out.to(states.device)
-        return states
+        """The student's encoder output for every calibration row, where the task's models have an encoder."""
+        return self.loaded.task.student_encoder_states(student, calibration, batches, store, self.device, self.dtype)
 
     def _layer_report(self, block: Block, local_ranks: dict[str, int], r: LayerResult, seconds: float,
                       unreached: int):

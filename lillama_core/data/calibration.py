@@ -291,31 +291,34 @@ def preview(config: CalibrationConfig, tokenizer, count: int = 3, chars: int = 4
 
 @dataclass
 class CalibrationData:
-    sequences: torch.Tensor  # [n, seq_len] token ids (the decoder's, for speech models)
+    """Fixed-length token sequences and, for models that read more than tokens, the other inputs of each row
+    (a speech model's audio features), all cut together."""
+
+    sequences: torch.Tensor  # [n, seq_len] token ids (the decoder's, for encoder-decoder models)
     source: str
     pool_tokens: int  # tokens read before sampling
-    features: torch.Tensor | None = None  # [n, mel bins, frames] audio features of speech models, else None
+    inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # forward keyword -> [n, ...] per-row inputs
     warnings: list[str] = field(default_factory=list)  # what the user should know about how the data was read
+    sequence_input: str = "input_ids"  # the forward keyword the token ids go to
 
     @property
     def tokens(self) -> int:
         return self.sequences.numel()
 
     def select(self, rows) -> "CalibrationData":
-        """The chosen sequences (a slice or index tensor), with their audio features if any."""
-        features = None if self.features is None else self.features[rows]
-        return CalibrationData(self.sequences[rows], self.source, self.pool_tokens, features)
+        """The chosen rows (a slice or index tensor) of the sequences and of every other input."""
+        return CalibrationData(self.sequences[rows], self.source, self.pool_tokens,
+                               {name: value[rows] for name, value in self.inputs.items()},
+                               sequence_input=self.sequence_input)
 
     def first_tokens(self, tokens: int) -> "CalibrationData":
         """A prefix of about `tokens` tokens, at least two sequences."""
         return self.select(slice(0, max(2, tokens // self.sequences.shape[1])))
 
     def model_inputs(self, rows, device: torch.device) -> dict:
-        """Keyword arguments of the model's forward for these sequences."""
-        ids = self.sequences[rows].to(device)
-        if self.features is None:
-            return {"input_ids": ids}
-        return {"input_features": self.features[rows].to(device), "decoder_input_ids": ids}
+        """Keyword arguments of the model's forward for these rows."""
+        return {self.sequence_input: self.sequences[rows].to(device),
+                **{name: value[rows].to(device) for name, value in self.inputs.items()}}
 
 
 def token_stream(texts: Iterable[str], tokenizer, separator: int | None) -> Iterator[int]:

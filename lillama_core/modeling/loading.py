@@ -20,6 +20,7 @@ from ..errors import ModelLoadError, first_line
 from ..runtime.atomic import staged_folder
 from ..runtime.offload import stream_blocks
 from ..runtime.paths import lillama_home
+from ..tasks import Task, task_for
 from .discovery import count_parameters, find_blocks, find_linears, weight_bytes
 from .shipped import unfuse_experts
 
@@ -67,6 +68,11 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     feature_extractor: object | None = None  # audio features of speech models (Whisper); None for text models
+    task: Task | None = None  # the modality; found from the model's config when not given
+
+    def __post_init__(self):
+        if self.task is None:
+            self.task = task_for(self.model.config)
 
     @property
     def num_layers(self) -> int:
@@ -147,13 +153,14 @@ def resolve_source(name: str) -> tuple[str, dict]:
 
 
 def load_model(config: ModelConfig | None = None, **overrides) -> LoadedModel:
-    """Load a causal LM and its tokenizer on the configured device and dtype."""
+    """Load a model with its tokenizer (and its task's preprocessor) on the configured device and dtype, built
+    by the Auto class of the task its config belongs to. Raises ModelLoadError."""
     config = config or ModelConfig(**overrides)
     config.validate()
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     source, extra = resolve_source(config.name)
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     kwargs = dict(extra, trust_remote_code=config.trust_remote_code, revision=config.revision)
     try:
@@ -164,16 +171,11 @@ def load_model(config: ModelConfig | None = None, **overrides) -> LoadedModel:
     folder = Path(source)
     if folder.is_dir() and not any(next(folder.glob(pattern), None) for pattern in WEIGHT_FILES):
         raise ModelLoadError(f"folder {folder} has a config.json but no weights ({', '.join(WEIGHT_FILES)})")
-    feature_extractor = None
+    task = task_for(model_config)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        if is_speech_seq2seq(model_config):
-            from transformers import AutoFeatureExtractor, AutoModelForSpeechSeq2Seq
-
-            feature_extractor = AutoFeatureExtractor.from_pretrained(source, **kwargs)
-            model = AutoModelForSpeechSeq2Seq.from_pretrained(source, dtype=dtype, **kwargs)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **kwargs)
+        feature_extractor = task.load_preprocessor(source, **kwargs)
+        model = task.model_class().from_pretrained(source, dtype=dtype, **kwargs)
     except Exception as exc:  # transformers, hub and safetensors raise many types for one user error
         raise ModelLoadError(_explain_load_failure(config.name, exc)) from None
     blocks = find_blocks(model)
@@ -189,14 +191,13 @@ def load_model(config: ModelConfig | None = None, **overrides) -> LoadedModel:
         model.to(device)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return LoadedModel(model, tokenizer, config.name, source, device, dtype, feature_extractor)
+    return LoadedModel(model, tokenizer, config.name, source, device, dtype, feature_extractor, task)
 
 
 def is_speech_seq2seq(model_config) -> bool:
-    """Whether transformers builds this config as a speech-to-text encoder-decoder (Whisper and kin)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING
-
-    return type(model_config) in MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING
+    """Whether transformers builds this config as a speech-to-text encoder-decoder (Whisper and kin).
+    Kept for export._auto_class, which can route through `tasks.auto_class_for` instead."""
+    return task_for(model_config).transcribes
 
 
 def _explain_load_failure(name: str, exc: BaseException) -> str:
@@ -220,7 +221,7 @@ def describe(loaded: LoadedModel) -> dict:
     return {
         "name": loaded.name,
         "architecture": type(loaded.model).__name__,
-        "task": "speech to text (encoder + decoder)" if loaded.feature_extractor is not None else "text generation",
+        "task": loaded.task.description,
         "model_type": getattr(cfg, "model_type", "?"),
         "layers": len(blocks),
         "linear_modules_per_layer": len(find_linears(blocks[0].module)) if blocks else 0,

@@ -279,8 +279,9 @@ def transcribe_reference(teacher: nn.Module, tokenizer, feature_extractor, clips
     # In the model's dtype: capture, probes and healing pass the features to the model as they are.
     features = clip_features(feature_extractor, clips).to(next(teacher.parameters()).dtype)
     ids, ends = greedy_transcripts(teacher, features, prompt, seq_len, tokenizer.eos_token_id, batch_size)
-    return Reference(CalibrationData(ids, f"{len(clips)} held-out clips", ids.numel(), features), ends, len(prompt),
-                     texts)
+    data = CalibrationData(ids, f"{len(clips)} held-out clips", ids.numel(), {"input_features": features},
+                           sequence_input="decoder_input_ids")
+    return Reference(data, ends, len(prompt), texts)
 
 
 def reference_transcripts(teacher: nn.Module, tokenizer, feature_extractor, config: CalibrationConfig,
@@ -311,8 +312,8 @@ def speech_metrics(model: nn.Module, reference: Reference, tokenizer, batch_size
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
         count += targets.numel()
     references = [reference.words(tokenizer, row) for row in range(data.sequences.shape[0])]
-    scores = transcription_scores(model, tokenizer, data.features, data.sequences[0, :start_at].tolist(),
-                                  data.sequences.shape[1], references, batch_size)
+    features, prompt = data.inputs["input_features"], data.sequences[0, :start_at].tolist()
+    scores = transcription_scores(model, tokenizer, features, prompt, data.sequences.shape[1], references, batch_size)
     nll = total / max(count, 1)
     return {"perplexity": math.exp(min(nll, 700)), "nll": nll, "tokens_scored": count, **scores}
 

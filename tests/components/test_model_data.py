@@ -3,7 +3,7 @@ from dataclasses import replace
 
 from tiny import SAMPLE_TEXT, STRICT_CHAT_TEMPLATE, tiny_llama
 
-from components.model_data import text_preview
+from components.model_data import calibration_preview
 from components.studio import Studio
 from lillama_core.config import CalibrationConfig
 from lillama_core.jobs import JobManager
@@ -19,9 +19,9 @@ def test_preview_warns_about_chats_the_template_refused(tmp_path):
                                                         {"role": "user", "content": SAMPLE_TEXT[:100]}]})
                                for _ in range(3)))
     config = CalibrationConfig(source=str(chats), tokens=64, seq_len=16)
-    shown = text_preview(studio, loaded, config)
+    shown = calibration_preview(studio, loaded, config)
     assert ("⚠ the chat template refused 3 of 3 chat records (first: record 1, 'System role not supported'); used 3 "
             "with system turns folded into the first user turn and repeated roles merged.") in shown
     assert "> <user>Be brief.  The quick brown fox" in shown  # the system turn leads the first user turn
     assert studio.calibration == config  # a preview that worked keeps its settings
-    assert "⚠" not in text_preview(studio, loaded, replace(config, chat_template=False))
+    assert "⚠" not in calibration_preview(studio, loaded, replace(config, chat_template=False))

@@ -98,8 +98,8 @@ def test_the_group_picker_offers_what_the_model_has(studio):
 def test_a_speech_model_plans_runs_evaluates_and_exports_through_the_studio(tmp_path):
     from tiny import tiny_whisper
 
-    from components.evaluate import measure_speech, table
-    from components.model_data import speech_preview
+    from components.evaluate import measure, table
+    from components.model_data import calibration_preview
     from lillama_core.config import CalibrationConfig, ModelConfig
     from lillama_core.export import export_student, load_feature_extractor
     from lillama_core.tasks.speech import reference_transcripts
@@ -109,20 +109,20 @@ def test_a_speech_model_plans_runs_evaluates_and_exports_through_the_studio(tmp_
                                                                                       device="cpu"))
     s.loaded, s.shape = whisper, ModelShape.of(whisper.model)
     s.calibration = CalibrationConfig(source="default", tokens=24 * 16, seq_len=16, batch_size=4)
-    preview = speech_preview(s, whisper, s.calibration)
+    preview = calibration_preview(s, whisper, s.calibration)
     assert "24 audio clips" in preview and "not to keep the student" in preview
     plan = s.apply_preset(PlanConfig(strategy="sensitivity", reduction=0.1))  # measured on audio calibration
     assert any(".encoder." in n for n in plan.ranks) or any(".decoder." in n for n in plan.ranks)
     job = s.start_distillation()
     assert job.wait(120) and job.status == "completed", job.message
     metrics = job.result.metrics
-    assert metrics["student_wer"] >= 0 and metrics["student_ppl"] > 0 and metrics["teacher_wer"] == 0
+    assert metrics.student_wer >= 0 and metrics.student_ppl > 0 and metrics.teacher_wer == 0
     student = s.current_student()
     assert student.feature_extractor is whisper.feature_extractor
 
     reference = reference_transcripts(whisper.model, whisper.tokenizer, whisper.feature_extractor, s.calibration)
-    rows = [measure_speech(whisper.model, whisper.tokenizer, reference, "teacher", 4),
-            measure_speech(student.model, student.tokenizer, reference, "student", 4)]
+    rows = [measure(whisper.model, whisper.tokenizer, whisper.task, reference, "teacher", 4),
+            measure(student.model, student.tokenizer, whisper.task, reference, "student", 4)]
     shown = table(rows)
     assert list(shown["word error rate vs teacher transcripts"])[0] == "0.0%" and "transcribe tok/s" in shown.columns
     assert rows[1]["parameters"] < rows[0]["parameters"]

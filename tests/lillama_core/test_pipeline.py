@@ -41,8 +41,8 @@ def test_an_eval_window_longer_than_the_positions_is_shortened_with_a_notice(sma
     result = run_pipeline(small_config, loaded=tiny_opt(64), on_event=events.append)
     notices = [e.detail for e in events if isinstance(e, Phase) and e.name == "check"]
     assert notices == ["evaluation window shortened from 512 to 64 tokens, the positions OPTForCausalLM was built for"]
-    assert result.metrics["eval_seq_len"] == 64
-    assert math.isfinite(result.metrics["student_ppl"]) and math.isfinite(result.metrics["teacher_ppl"])
+    assert result.metrics.eval_seq_len == 64
+    assert math.isfinite(result.metrics.student_ppl) and math.isfinite(result.metrics.teacher_ppl)
 
 
 def _failure(config, loaded, **kwargs) -> ModelForwardError:

@@ -11,7 +11,7 @@ from lillama_core.compress.loop import Compressor
 from lillama_core.config import CalibrationConfig, DistillConfig, PlanConfig
 from lillama_core.data.calibration import load_calibration, read_eval_text
 from lillama_core.export import export_student, load_compressed
-from lillama_core.metrics.evaluate import eval_windows, perplexity
+from lillama_core.metrics.perplexity import eval_windows, perplexity
 from lillama_core.planning.planner import make_plan
 from lillama_core.planning.ranks import ModelShape
 

@@ -235,7 +235,8 @@ def test_preview_selection_and_model_inputs(tokenizer):
     assert torch.equal(data.select(torch.tensor([3, 1])).sequences, data.sequences[[3, 1]])
     assert data.model_inputs(slice(1, 3), torch.device("cpu")).keys() == {"input_ids"}
     # Speech models get their audio features with the decoder's token ids, row for row.
-    speech = CalibrationData(data.sequences, "clips", 0, features=torch.arange(4.0).view(4, 1, 1).expand(4, 2, 3))
+    features = torch.arange(4.0).view(4, 1, 1).expand(4, 2, 3)
+    speech = CalibrationData(data.sequences, "clips", 0, {"input_features": features}, sequence_input="decoder_input_ids")
     inputs = speech.select(slice(2, 4)).model_inputs(slice(0, 2), torch.device("cpu"))
     assert torch.equal(inputs["decoder_input_ids"], data.sequences[2:4])
     assert inputs["input_features"][:, 0, 0].tolist() == [2.0, 3.0]
@@ -262,7 +263,7 @@ def test_sequences_and_eval_windows_start_with_the_tokenizers_bos(tokenizer):
     from tokenizers.processors import TemplateProcessing
 
     from lillama_core.data.calibration import leading_tokens
-    from lillama_core.metrics.evaluate import eval_windows
+    from lillama_core.metrics.perplexity import eval_windows
 
     with_bos = tiny_tokenizer()
     bos = with_bos.convert_tokens_to_ids("<eos>")

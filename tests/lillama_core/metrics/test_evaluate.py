@@ -4,7 +4,9 @@ import torch
 import torch.nn.functional as F
 from tiny import SAMPLE_TEXT, tiny_sequences
 
-from lillama_core.metrics.evaluate import eval_windows, evaluate_model, generation_speed, model_size, perplexity
+from lillama_core.metrics.evaluate import evaluate
+from lillama_core.metrics.perplexity import eval_windows, perplexity
+from lillama_core.metrics.speed import generation_speed, model_size
 from lillama_core.modeling.discovery import count_parameters
 
 
@@ -33,6 +35,11 @@ def test_speed_and_size_numbers(tiny):
     assert size.weight_bytes >= size.parameters * 4
 
 
-def test_evaluate_model_record(tiny):
-    record = evaluate_model(tiny.model, tiny.tokenizer, tiny_sequences(2, 16), speed=False)
-    assert record["perplexity"] > 1 and record["parameters"] == count_parameters(tiny.model)
+def test_evaluate_is_the_task_score_plus_speed_and_size(tiny):
+    windows = tiny_sequences(2, 16)
+    record = evaluate(tiny.model, tiny.tokenizer, tiny.task, windows, speed_batches=(1,))
+    assert record.perplexity == perplexity(tiny.model, windows).perplexity
+    assert record.tokens_scored == 2 * 15 and record.parameters == count_parameters(tiny.model)
+    assert record.generate_tokens_per_s > 0 and record.prefill_tokens_per_s > 0
+    assert record.generate_tokens_per_s_b16 is None and record.wer is None  # not measured: None, left out
+    assert "wer" not in record.to_dict() and "generate_tokens_per_s_b16" not in record.to_dict()

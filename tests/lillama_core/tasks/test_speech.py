@@ -79,7 +79,7 @@ def test_block_by_block_replay_reproduces_encoder_and_decoder(whisper, calibrati
 
 
 def test_calibration_pairs_each_clip_with_the_teachers_transcript(whisper, calibration):
-    assert calibration.features.shape == (48, 16, 100) and calibration.sequences.shape == (48, 16)
+    assert calibration.inputs["input_features"].shape == (48, 16, 100) and calibration.sequences.shape == (48, 16)
     assert (calibration.sequences[:, 0] == whisper.model.config.decoder_start_token_id).all()
     assert len({tuple(row) for row in calibration.sequences.tolist()}) > 24  # transcripts follow the audio
     with torch.no_grad():  # each token is the teacher's greedy choice given the clip and the tokens before
@@ -271,7 +271,7 @@ def test_a_bf16_whisper_is_calibrated_and_distilled_on_the_cpu():
     whisper = dataclasses.replace(whisper, dtype=torch.bfloat16)
     data = speech_calibration(whisper.model, whisper.tokenizer, whisper.feature_extractor,
                               CalibrationConfig(tokens=32 * 16, seq_len=16, batch_size=4))
-    assert data.features.dtype == torch.bfloat16
+    assert data.inputs["input_features"].dtype == torch.bfloat16
     starts, _ = capture_block_inputs(whisper.model, find_blocks(whisper.model), data, [slice(0, 4)], CPU)
     assert starts[0].dtype == starts[2].dtype == torch.bfloat16
     plan = make_plan(whisper, PlanConfig(strategy="uniform", rank=8, reduction=None))
