@@ -28,6 +28,7 @@ from .modeling.discovery import share_weights_copy
 from .modeling.quantize import quantize_weights, quantized_modules
 from .modeling.shipped import LowRankLinear, set_submodule
 from .runtime.atomic import staged_folder, write_json
+from .tasks import auto_class_for
 
 FORMAT_VERSION = 2  # 2: compressed exports have their own model_type; 1 (tests/fixtures/v1_export) still loads
 MODELING_FILE = "modeling_lillama.py"
@@ -143,12 +144,9 @@ def _check_target(folder: Path, overwrite: bool) -> None:
 
 
 def _auto_class(config) -> tuple[str, object]:
-    """(the transformers Auto class name that builds this config, its config -> model class mapping)."""
-    from transformers.models.auto import modeling_auto
-
-    if _dense_class(type(config)) in modeling_auto.MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING:
-        return "AutoModelForSpeechSeq2Seq", modeling_auto.MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING
-    return "AutoModelForCausalLM", modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING
+    """(the transformers Auto class name that builds this config, its config -> model class mapping): the
+    task's, so a compressed Whisper is a speech-to-text model however its config class is dressed."""
+    return auto_class_for(config)
 
 
 def export_student(student: nn.Module, tokenizer, folder: str | os.PathLike, merge: bool = False,

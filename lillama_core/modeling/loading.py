@@ -194,12 +194,6 @@ def load_model(config: ModelConfig | None = None, **overrides) -> LoadedModel:
     return LoadedModel(model, tokenizer, config.name, source, device, dtype, feature_extractor, task)
 
 
-def is_speech_seq2seq(model_config) -> bool:
-    """Whether transformers builds this config as a speech-to-text encoder-decoder (Whisper and kin).
-    Kept for export._auto_class, which can route through `tasks.auto_class_for` instead."""
-    return task_for(model_config).transcribes
-
-
 def _explain_load_failure(name: str, exc: BaseException) -> str:
     detail = first_line(exc)
     if "trust_remote_code" in str(exc):

@@ -46,8 +46,10 @@ class Task(ABC):
         return getattr(modeling_auto, self.auto_mapping)
 
     def handles(self, model_config) -> bool:
-        """Whether transformers builds this config with this task's Auto class."""
-        return type(model_config) in self.model_mapping()
+        """Whether transformers builds this config with this task's Auto class. A subclass counts as its base
+        (a reloaded compressed export's config is a Lillama subclass of the teacher's config class)."""
+        mapping = self.model_mapping()
+        return any(cls in mapping for cls in type(model_config).__mro__[:-1])
 
     def model_class(self):
         """The transformers Auto class, for `from_pretrained`."""
