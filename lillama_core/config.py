@@ -32,10 +32,30 @@ _RecipeLoader.add_implicit_resolver(
 )
 
 
+def documented(summary: str):
+    """Class decorator for the config dataclasses: the docstring is `summary` followed by every field's help
+    text and default, so the help is written once (the CLI flags and the app read the same field metadata)."""
+
+    def decorate(cls):
+        lines = [summary, "", "Fields:"]
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            if dataclasses.is_dataclass(default):
+                lines.append(f"    {f.name}: a {type(default).__name__} (see its own fields)")
+                continue
+            shown = default.value if isinstance(default, Enum) else default
+            lines.append(f"    {f.name}: {f.metadata.get('help', '')}; default {shown!r}")
+        cls.__doc__ = "\n".join(lines)
+        return cls
+
+    return decorate
+
+
 def _help(text: str, default, **kw):
     return field(default=default, metadata={"help": text}, **kw)
 
 
+@documented('The teacher model: where it comes from, and the device and precision it runs in.')
 @dataclass
 class ModelConfig:
     name: str = _help(
@@ -59,6 +79,7 @@ class ModelConfig:
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, not {self.device!r}")
 
 
+@documented('The calibration data: its source, the token budget and how it is cut into sequences.')
 @dataclass
 class CalibrationConfig:
     source: str = _help(
@@ -125,6 +146,7 @@ GROUPS = ("attention", "mlp", "experts", "ssm", "router", "other")
 DEFAULT_GROUPS = ["attention", "mlp", "experts", "ssm"]
 
 
+@documented('How ranks are chosen: a strategy and a target share of parameters to remove, or one fixed rank.')
 @dataclass
 class PlanConfig:
     strategy: Strategy = _help(
@@ -191,6 +213,7 @@ INITS = tuple(Init)
 LOSS_PATHS = tuple(LossPath)
 
 
+@documented("How each layer's low-rank factors are initialised and trained.")
 @dataclass
 class DistillConfig:
     init: Init = _help("factor initialisation: whitened (activation-aware SVD), svd or random", Init.WHITENED)
@@ -230,6 +253,7 @@ class DistillConfig:
             raise ConfigError("epochs and eval_every must be at least 1 and warmup_steps at least 0")
 
 
+@documented('The optional end-to-end healing stage after layer-wise distillation.')
 @dataclass
 class HealConfig:
     tokens: int = _help("end-to-end healing after distillation: tokens of KL training (0 = off)", 0)
@@ -246,6 +270,7 @@ class HealConfig:
             raise ConfigError("healing needs lr > 0, temperature > 0 and a batch size of at least 1")
 
 
+@documented('What the student (and teacher) are scored on after compression.')
 @dataclass
 class EvalConfig:
     text: str = _help("held-out text file for perplexity; 'default' is WikiText-2 test", "default")
@@ -260,6 +285,7 @@ class EvalConfig:
             raise ConfigError("evaluation tokens and seq_len must be at least 2")
 
 
+@documented('A whole recipe: every part of a run, saved beside its results so the run can be reproduced.')
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)

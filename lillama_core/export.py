@@ -152,10 +152,25 @@ def _auto_class(config) -> tuple[str, object]:
 def export_student(student: nn.Module, tokenizer, folder: str | os.PathLike, merge: bool = False,
                    overwrite: bool = False, record: dict | None = None, quantize: str | None = None,
                    feature_extractor=None) -> Path:
-    """Write the student (compressed, or merged dense; with `quantize` "int8"/"int4", its linear weights
-    stored as integers) with its tokenizer, its audio feature extractor (speech models), its run record
-    (`record`: config, metrics, plan) and a model card with the teacher's licence terms. Raises ExportError when
-    the folder exists (without `overwrite`), cannot be written, or the model's code cannot be carried."""
+    """Write the student as a transformers folder that loads the standard way, or fails loudly.
+
+    Args:
+        student: a compressed model (LowRankLinear modules) or any model of a transformers class.
+        tokenizer: saved beside the weights.
+        folder: the export folder; written in a hidden sibling and renamed into place.
+        merge: multiply the factors back into dense weights in the teacher's classes (teacher-sized).
+        overwrite: replace an existing folder.
+        record: the run's config, metrics and plan, kept in lillama.json and the model card.
+        quantize: "int8" (per output channel) or "int4" (groups of 64) integer linear weights.
+        feature_extractor: a speech model's audio feature extractor, saved beside the weights.
+
+    Returns:
+        The folder.
+
+    Raises:
+        ExportError: the folder exists (without `overwrite`), cannot be written, or the model's code
+            cannot be carried in the export.
+    """
     folder = Path(folder).expanduser()
     _check_target(folder, overwrite)
     ranks = {} if merge else rank_map_of(student)

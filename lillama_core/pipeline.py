@@ -66,13 +66,32 @@ def run_pipeline(config: RunConfig, loaded: LoadedModel | None = None, plan: Ran
                  on_event: EventSink | None = None, stop: threading.Event | None = None,
                  evaluate: bool = True, teacher_ppl: float | None = None,
                  checkpoint_dir: Path | None = None, parallel: Parallel = SINGLE) -> PipelineResult:
-    """Compress the configured model. `plan` overrides the plan the config would build; a loaded
-    model and a known teacher perplexity can be passed in to skip that work. With a checkpoint
-    folder, every finished layer is saved there (with the plan) and layers already saved are reused.
-    Running out of accelerator memory at any stage (planning, healing, evaluation too) is a user error;
-    so is a calibration seq_len beyond the model's positions (refused before calibration); anything the
-    model's own code raises ends as one `ModelForwardError` naming the stage, layer and model class.
-    Under data parallelism every process calls this; only the first plans, heals, evaluates and writes."""
+    """Compress the configured model: load, calibrate, plan, distil, heal, then (optionally) evaluate.
+
+    Under data parallelism every process calls this; only the first plans, heals, evaluates and writes.
+
+    Args:
+        config: the whole recipe.
+        loaded: the teacher, already loaded (skips loading).
+        plan: a rank plan to use instead of the one the config would build.
+        on_event: receives every progress event.
+        stop: set to stop within one optimiser step; finished layers are kept.
+        evaluate: score teacher and student on held-out data after compressing.
+        teacher_ppl: a known teacher perplexity on the same held-out text (skips scoring the teacher).
+        checkpoint_dir: where each finished layer is saved with the plan; layers already there are restored.
+        parallel: this process's place among data-parallel processes.
+
+    Returns:
+        PipelineResult: the RunResult (student, plans, layer reports), the loaded teacher, the plan and the
+        run's RunMetrics.
+
+    Raises:
+        ConfigError: invalid settings, or a calibration seq_len beyond the model's positions (before any work).
+        ModelLoadError, CalibrationError, RankPlanError: the model, the data or the plan.
+        ModelForwardError: anything the model's own code raised, naming the stage, layer and model class.
+        OutOfMemoryError: the accelerator ran out of memory at any stage.
+        RunStopped: a stop before distillation began (nothing was compressed).
+    """
     config.validate()
     emit = on_event or (lambda event: None)
     try:

@@ -175,6 +175,19 @@ class LayerDistiller:
                 p.copy_(saved)
 
     def train(self, on_step: Callable[[StepMetrics], None], should_stop: Callable[[], bool]) -> LayerResult:
+        """One AdamW run over the training batches (`config.epochs` passes), on the joint loss or one path.
+
+        Args:
+            on_step: called after every optimiser step with its losses (per-path means), learning rate and tokens.
+            should_stop: polled after every step; True (on any process) ends the layer.
+
+        Returns:
+            LayerResult: held-out loss before training and of the state kept (the best one with keep_best), the
+            step it came from, the last step's losses and how many steps were skipped for a non-finite loss.
+
+        Raises:
+            RunStopped: a stop was requested; the block's factors are left as they were at that step.
+        """
         config = self.config
         optimizer = torch.optim.AdamW(self.factors, lr=config.lr, weight_decay=config.weight_decay)
         init_loss = best_loss = self.held_out_loss()

@@ -190,6 +190,21 @@ class Compressor:
         return out
 
     def run(self) -> RunResult:
+        """Distil every layer of the plan, bottom-up, into a weight-sharing copy of the teacher.
+
+        Returns:
+            RunResult: the student (a model whose compressed blocks hold LowRankLinear modules and whose other
+            weights are the teacher's own tensors), the plan asked for and the plan applied (fewer layers when
+            stopped), status "completed" or "stopped", one LayerFinished per layer, seconds and tokens.
+
+        Raises:
+            RankPlanError: the plan names modules this model lacks, or a checkpoint's ranks differ from it.
+            ConfigError: data parallel processes without a share of every batch.
+            CalibrationError: fewer than 2 calibration sequences.
+            NonFiniteError: inf/NaN weights or activations (e.g. a float16 overflow), naming the layer.
+            ModelForwardError: the model's own code raised; the message names the layer and model class.
+            OutOfMemoryError: the accelerator ran out of memory.
+        """
         start = time.time()
         try:
             with stage("distillation", model=self.loaded.model) as self.where:  # names the layer if a forward fails

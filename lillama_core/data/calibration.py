@@ -376,7 +376,21 @@ def build_sequences(texts: Iterable[str], tokenizer, tokens: int, seq_len: int, 
 
 
 def load_calibration(config: CalibrationConfig, tokenizer) -> CalibrationData:
-    """Token sequences for the budget; `warnings` says how many chat records the template refused."""
+    """Read the calibration source and cut it into seeded token sequences for the budget.
+
+    Args:
+        config: source, text field, token budget (tokens), sequence length (tokens) and seed.
+        tokenizer: the model's tokenizer; its chat template formats chat and instruction records.
+
+    Returns:
+        CalibrationData: [ceil(tokens / seq_len), seq_len] token ids, each row led by the tokenizer's leading
+        special tokens; `warnings` says how many chat records the template refused and what was done instead.
+
+    Raises:
+        CalibrationError: a missing, binary, non-UTF-8 or malformed file, an unknown text field, an unreachable
+            dataset, or too few tokens for the budget.
+        ConfigError: a non-positive budget, length or batch size.
+    """
     config.validate()
     tally = TemplateTally()
     data = build_sequences(iter_texts(config, tokenizer, tally), tokenizer, config.tokens, config.seq_len,

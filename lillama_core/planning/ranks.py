@@ -78,6 +78,17 @@ class ModelShape:
 
 @dataclass
 class RankPlan:
+    """Which linear modules become low-rank, at what rank; modules not named stay dense.
+
+    Attributes:
+        ranks: full dotted module name (e.g. "model.layers.3.self_attn.q_proj") -> rank r, so the module stores
+            r * (in + out) weights instead of in * out.
+        strategy: the strategy that made it ("custom" once edited by hand).
+        target_reduction: the share of all parameters it was asked to remove, or None for a fixed rank.
+        model_type: the config's model_type it was made for.
+        notes: warnings from validation (ranks that save nothing).
+    """
+
     ranks: dict[str, int]
     strategy: str = "custom"
     target_reduction: float | None = None
@@ -170,6 +181,19 @@ class PlanSummary:
 
 
 def summarize(plan: RankPlan, shape: ModelShape) -> PlanSummary:
+    """Exact parameter accounting of a plan on a model: totals, one row per module and per layer.
+
+    Args:
+        plan: module name -> rank.
+        shape: the model's linear modules and total parameters (embeddings included).
+
+    Returns:
+        PlanSummary: parameters before and after (reduction = 1 - after / before), per-module and per-layer
+        rows, and warnings for ranks that store more weights than the dense matrix.
+
+    Raises:
+        RankPlanError: a module the model lacks, or a rank below 1 or above the matrix's full rank.
+    """
     warnings = validate_plan(plan, shape)
     rows, per_layer = [], {}
     saved_total = 0

@@ -128,3 +128,14 @@ def test_an_unknown_init_or_loss_path_is_one_config_error():
         DistillConfig(init="pca").validate()
     with pytest.raises(ConfigError, match="loss must be one of joint, teacher, student"):
         RunConfig.from_dict({"distill": {"loss": "both"}}).validate()
+
+
+def test_every_config_class_documents_each_field_with_its_help_text():
+    import dataclasses
+
+    from lillama_core.config import CalibrationConfig, EvalConfig, HealConfig, ModelConfig
+
+    for cls in (ModelConfig, CalibrationConfig, PlanConfig, DistillConfig, HealConfig, EvalConfig):
+        for f in dataclasses.fields(cls):
+            assert f"    {f.name}: {f.metadata['help']}; default " in cls.__doc__, (cls.__name__, f.name)
+    assert "    plan: a PlanConfig" in RunConfig.__doc__
