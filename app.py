@@ -71,7 +71,7 @@ def build_app(studio: Studio, uploads_root: Path) -> gr.Blocks:
                 ("explore", lambda: explore.build(studio)),
             ]
             tab_objects = {}
-            for title, (key, builder) in zip(STEPS, builders):
+            for title, (key, builder) in zip(STEPS, builders, strict=True):
                 with gr.Tab(title, id=key) as tab:
                     panels[key] = builder()
                 tab_objects[key] = tab

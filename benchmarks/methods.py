@@ -46,7 +46,7 @@ class Recipe:
         return HealConfig(**copy.deepcopy(self.heal))
 
     def with_changes(self, name: str, plan: dict | None = None, distill: dict | None = None,
-                     description: str = "", heal: dict | None = None) -> "Recipe":
+                     description: str = "", heal: dict | None = None) -> Recipe:
         return Recipe(name, {**copy.deepcopy(self.plan), **(plan or {})},
                       {**copy.deepcopy(self.distill), **(distill or {})},
                       description or self.description, self.exact, self.teacher,

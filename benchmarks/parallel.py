@@ -56,6 +56,7 @@ def run_parallel(model: str, settings: list[tuple[int, int]], tokens: int, seq_l
             log(f"  {wall:.0f}s wall")
     base = records[0]["layer_best_losses"]
     for record in records:
-        record["max_layer_loss_rel_diff"] = max(abs(a - b) / abs(a) for a, b in zip(base, record["layer_best_losses"]))
+        pairs = zip(base, record["layer_best_losses"], strict=True)
+        record["max_layer_loss_rel_diff"] = max(abs(a - b) / abs(a) for a, b in pairs)
         record["speedup"] = records[0]["wall_seconds"] / record["wall_seconds"]
     return records

@@ -47,7 +47,7 @@ def _mib(value) -> str:
     return "–" if value is None else f"{value / 2**20:,.0f}"
 
 
-def _latest(records: list[dict], key) -> "OrderedDict":
+def _latest(records: list[dict], key) -> OrderedDict:
     out: OrderedDict = OrderedDict()
     for r in sorted(records, key=lambda r: r.get("timestamp", "")):
         out[key(r)] = r
@@ -234,7 +234,7 @@ def _speed_table(group: dict) -> list[str]:
              + ("gen tok/s b=16, CUDA graphs | " if graphs else "")
              + "prefill tok/s (4×512) | peak Δ MiB b=16 | peak Δ MiB prefill |",
              "|---|---:|---:|---:|---:|---:|" + ("---:|" if graphs else "") + "---:|---:|---:|"]
-    for (m, red), r in rows:
+    for (m, _reduction), r in rows:
         name = m if m == "teacher" else f"{m} student"
         graph = r.get("graph_b16_tokens_per_s")
         graph_cell = (f"{graph:.1f}{rel(r, 'graph_b16_tokens_per_s')} | " if graph else "– | ") if graphs else ""
@@ -385,10 +385,10 @@ def write_svg(groups: list[dict], path: Path) -> Path:
         xmin, xmax = 0.0, max(45.0, math.ceil(max(xs) / 10) * 10 + 5)
         pw, ph = panel_w - left - right, panel_h - top - bottom
 
-        def X(x):
+        def X(x, ox=ox, xmin=xmin, xmax=xmax, pw=pw):  # this panel's axes, bound now
             return ox + left + (x - xmin) / (xmax - xmin) * pw
 
-        def Y(y):
+        def Y(y, ymin=ymin, ymax=ymax, ph=ph):
             return top + ph - (math.log10(y) - math.log10(ymin)) / (math.log10(ymax) - math.log10(ymin)) * ph
 
         parts.append(f'<text x="{ox + panel_w / 2}" y="20" text-anchor="middle" font-size="14">'

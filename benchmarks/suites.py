@@ -55,53 +55,50 @@ def run_quality(models: list[str], reductions: list[float], methods: list[str], 
 
 # ---- ablations ----
 
+# One knob of one config section per axis: axis -> (section, field, type, default values).
+KNOBS = {
+    "init": ("distill", "init", str, ["svd", "whitened"]),
+    "loss": ("distill", "loss", str, ["joint", "teacher", "student"]),
+    "lr": ("distill", "lr", float, ["1e-4", "3e-4", "1e-3"]),
+    "schedule": ("distill", "schedule", str, ["cosine", "constant"]),
+    "epochs": ("distill", "epochs", int, ["1", "2"]),
+    "heal": ("heal", "tokens", int, ["0", "16384"]),  # healing tokens after distillation, same calibration tokens
+}
+
+
+def _allocation_variants(base: Recipe, values: list[str] | None) -> list[tuple[str, Recipe, int | None]]:
+    """Values: strategy[+L<n>...][+last], e.g. "energy+L0+last" = energy ranks, layers 0 and last kept dense."""
+    out = []
+    for spec in values or ["uniform", "uniform+L0", "bottom", "bottom+L0", "top", "top+L0", "energy", "energy+L0",
+                           "energy+L0+last"]:
+        strategy, *protect = spec.split("+")
+        overrides = {}
+        for item in protect:
+            if item == "last":
+                overrides.update(PROTECT_LAST)
+            elif item.startswith("L") and item[1:].isdigit():
+                overrides[f"*.layers.{int(item[1:])}.*"] = None
+            else:
+                raise SystemExit(f"allocation value {spec!r}: expected strategy[+L<n>][+last]")
+        label = spec + (" dense" if protect else "")
+        out.append((label, base.with_changes(label, plan={"strategy": strategy, "overrides": overrides}), None))
+    return out
+
+
 def ablation_variants(what: str, base: Recipe, values: list[str] | None, free: bool,
                       model: str) -> list[tuple[str, Recipe, int | None]]:
     """(label, recipe, calibration tokens or None) for one ablation axis."""
-    out = []
-    if what == "allocation":
-        # Values: strategy[+L<n>...][+last], e.g. "energy+L0+last" = energy ranks, layers 0 and last kept dense.
-        specs = values or ["uniform", "uniform+L0", "bottom", "bottom+L0", "top", "top+L0", "energy", "energy+L0",
-                           "energy+L0+last"]
-        for spec in specs:
-            strategy, *protect = spec.split("+")
-            overrides = {}
-            for item in protect:
-                if item == "last":
-                    overrides.update(PROTECT_LAST)
-                elif item.startswith("L") and item[1:].isdigit():
-                    overrides[f"*.layers.{int(item[1:])}.*"] = None
-                else:
-                    raise SystemExit(f"allocation value {spec!r}: expected strategy[+L<n>][+last]")
-            label = spec + (" dense" if protect else "")
-            out.append((label, base.with_changes(label, plan={"strategy": strategy, "overrides": overrides}), None))
-    elif what == "init":
-        for init in values or ["svd", "whitened"]:
-            out.append((f"init={init}", base.with_changes(f"init={init}", distill={"init": init}), None))
-    elif what == "loss":
-        for loss in values or ["joint", "teacher", "student"]:
-            out.append((f"loss={loss}", base.with_changes(f"loss={loss}", distill={"loss": loss}), None))
-    elif what == "lr":
-        for lr in values or ["1e-4", "3e-4", "1e-3"]:
-            out.append((f"lr={lr}", base.with_changes(f"lr={lr}", distill={"lr": float(lr)}), None))
-    elif what == "schedule":
-        for schedule in values or ["cosine", "constant"]:
-            out.append((f"schedule={schedule}", base.with_changes(f"schedule={schedule}",
-                                                                  distill={"schedule": schedule}), None))
-    elif what == "epochs":
-        for epochs in values or ["1", "2"]:
-            out.append((f"epochs={epochs}", base.with_changes(f"epochs={epochs}", distill={"epochs": int(epochs)}),
-                        None))
-    elif what == "heal":  # healing tokens after distillation (0 = none), on the same calibration tokens
-        for tokens in values or ["0", "16384"]:
-            out.append((f"heal={int(tokens)}", base.with_changes(f"heal={tokens}", heal={"tokens": int(tokens)}),
-                        None))
+    if what in KNOBS:
+        section, name, kind, defaults = KNOBS[what]
+        out = [(f"{what}={value}", base.with_changes(f"{what}={value}", **{section: {name: kind(value)}}), None)
+               for value in values or defaults]
+    elif what == "allocation":
+        out = _allocation_variants(base, values)
     elif what == "tokens":
-        for tokens in values or ["4096", "16384", "65536"]:
-            out.append((f"tokens={int(tokens)}", base.with_changes(f"tokens={tokens}"), int(tokens)))
+        out = [(f"tokens={int(tokens)}", base.with_changes(f"tokens={tokens}"), int(tokens))
+               for tokens in values or ["4096", "16384", "65536"]]
     elif what == "method":  # any named recipes side by side, e.g. --values svd,whitened,tuned
-        for name in values or []:
-            out.append((name, recipe(name), None))
+        out = [(name, recipe(name), None) for name in values or []]
     else:
         raise SystemExit(f"unknown ablation {what!r}")
     if free:

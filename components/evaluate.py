@@ -113,7 +113,8 @@ def build(controller: Controller) -> dict:
               concurrency_limit=1, api_name="evaluate")
 
     @user_errors
-    def on_export(name_value, fmt_value, overwrite_value, weights_value="float", progress=gr.Progress()):
+    def on_export(name_value, fmt_value, overwrite_value, weights_value="float",
+                  progress=gr.Progress()):  # noqa: B008 - gradio injects the progress tracker through this default
         student = studio.current_student()
         if student is None:
             raise gr.Error("no student to export yet: run a distillation or load a run in step 6")

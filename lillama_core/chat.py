@@ -10,8 +10,8 @@ from __future__ import annotations
 import inspect
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import nn
@@ -128,7 +128,5 @@ def stream_chat(model: nn.Module, tokenizer, message: str, sampling: SamplingCon
 
 def complete(model: nn.Module, tokenizer, message: str, sampling: SamplingConfig) -> GenerationUpdate:
     """The whole answer at once (CLI one-shot use and tests)."""
-    update = None
-    for update in stream_chat(model, tokenizer, message, sampling):
-        pass
-    return update
+    *_, whole = stream_chat(model, tokenizer, message, sampling)  # the last update holds the whole answer
+    return whole

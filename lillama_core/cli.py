@@ -140,7 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("source")
     x.add_argument("--out", required=True)
     x.add_argument("--merge", action="store_true",
-                   help="dense weights in the teacher's classes: teacher-sized, keeps the quality change, not the savings")
+                   help="dense weights in the teacher's classes: teacher-sized, keeps the quality change, "
+                        "not the savings")
     x.add_argument("--quantize", choices=list(QUANTIZE_MODES), help=QUANTIZE_EXPORT_HELP)
     x.add_argument("--overwrite", action="store_true")
     x.add_argument("--trust-remote-code", action="store_true",

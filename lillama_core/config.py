@@ -296,7 +296,7 @@ class RunConfig:
     heal: HealConfig = field(default_factory=HealConfig)
     seed: int = _help("seed for initialisation and sampling", 0)
 
-    def validate(self) -> "RunConfig":
+    def validate(self) -> RunConfig:
         for part in (self.model, self.calibration, self.plan, self.distill, self.eval, self.heal):
             part.validate()
         if self.model.offload and self.heal.tokens:
@@ -311,11 +311,11 @@ class RunConfig:
         return json.dumps(self.to_dict(), indent=2)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "RunConfig":
+    def from_dict(cls, data: dict) -> RunConfig:
         return from_dict(cls, data)
 
     @classmethod
-    def from_json(cls, text: str) -> "RunConfig":
+    def from_json(cls, text: str) -> RunConfig:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:

@@ -40,7 +40,7 @@ def running_app(tmp: Path, *extra: str, timeout: float = 240):
                 break
             except OSError:
                 if time.time() > deadline:
-                    raise TimeoutError(f"app did not start:\n{(tmp / 'app.log').read_text()[-3000:]}")
+                    raise TimeoutError(f"app did not start:\n{(tmp / 'app.log').read_text()[-3000:]}") from None
                 time.sleep(0.5)
         yield url
     finally:

@@ -132,7 +132,8 @@ def test_second_start_is_refused_many_tabs_follow_stop_keeps_layers_and_resume_c
     answer = tabs[0].submit("Name a fruit.", [], [], 8, 0, 0.9, 50, 1.1, 0, api_name="/chat")
     teacher_msgs = answer.result(timeout=180)[0]
     assert teacher_msgs[-1]["content"]
-    _wait_until(lambda: all(tab.predict(api_name="/status")["events"] > s["events"] for tab, s in zip(tabs, seen)))
+    _wait_until(lambda: all(tab.predict(api_name="/status")["events"] > s["events"]
+                            for tab, s in zip(tabs, seen, strict=True)))
     assert client.predict(api_name="/status")["status"] == "running"
 
     run_dir = first["run_dir"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -51,7 +51,7 @@ class Passthrough(nn.Module):
 class _StandIn(Passthrough):
     """Takes a block's place for one capture pass: records its inputs and passes them on."""
 
-    def __init__(self, block: nn.Module, index: int, recorder: "BlockInputs", last: bool):
+    def __init__(self, block: nn.Module, index: int, recorder: BlockInputs, last: bool):
         super().__init__(block)
         self.index, self.recorder, self.last = index, recorder, last
         # Some models pass masks and cross-attention states positionally (Whisper): record them by name.
@@ -59,7 +59,7 @@ class _StandIn(Passthrough):
                            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
     def forward(self, *args, **kwargs):
-        named = dict(zip(self.positional, args), **kwargs)
+        named = dict(zip(self.positional, args, strict=False), **kwargs)  # args may stop short
         hidden = named.pop(self.positional[0]) if args else named.pop("hidden_states")
         self.recorder.record(self.index, hidden, named)
         if self.last:
@@ -85,7 +85,7 @@ def _same(a, b) -> bool:
         return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape
                 and a.dtype == b.dtype and torch.equal(a, b.to(a.device)))
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
     return type(a) is type(b) and isinstance(a, (int, float, str, bool)) and a == b
 
 

@@ -13,8 +13,8 @@ dropout 0.5 never beat its initial state, and keep-best discarded all training).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -163,7 +163,7 @@ class LayerDistiller:
         """All-reduce the factor gradients as one flat tensor (one collective per step)."""
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.factors]
         flat = self.parallel.all_reduce(torch.cat([g.reshape(-1) for g in grads]))
-        for p, chunk in zip(self.factors, flat.split([g.numel() for g in grads])):
+        for p, chunk in zip(self.factors, flat.split([g.numel() for g in grads]), strict=True):
             p.grad = chunk.view_as(p)
 
     def _snapshot(self) -> list[torch.Tensor]:
@@ -171,7 +171,7 @@ class LayerDistiller:
 
     def _restore(self, snapshot: list[torch.Tensor]) -> None:
         with torch.no_grad():
-            for p, saved in zip(self.factors, snapshot):
+            for p, saved in zip(self.factors, snapshot, strict=True):
                 p.copy_(saved)
 
     def train(self, on_step: Callable[[StepMetrics], None], should_stop: Callable[[], bool]) -> LayerResult:
@@ -196,7 +196,7 @@ class LayerDistiller:
         sum_t = sum_s = float("nan")
         total_rows = 1
         for _ in range(config.epochs):
-            for rows, total_rows in zip(self.train_batches, self.train_rows):
+            for rows, total_rows in zip(self.train_batches, self.train_rows, strict=True):
                 lr = lr_at(step, self.steps, config.lr, config.warmup_steps, config.schedule)
                 for group in optimizer.param_groups:
                     group["lr"] = lr

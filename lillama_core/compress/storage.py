@@ -36,7 +36,7 @@ class ActivationStore:
         self.device = device if kind == "accelerator" else torch.device("cpu")
 
     @classmethod
-    def choose(cls, preference: str, device: torch.device, bytes_needed: int, folder: Path) -> "ActivationStore":
+    def choose(cls, preference: str, device: torch.device, bytes_needed: int, folder: Path) -> ActivationStore:
         """`preference` as DistillConfig.activations; "auto" takes the fastest place with room for `bytes_needed`."""
         if preference == "auto":
             if device.type == "cuda" and bytes_needed < ACCELERATOR_SHARE * torch.cuda.mem_get_info(device)[0]:

@@ -13,9 +13,9 @@ import csv
 import itertools
 import json
 import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import torch
 from jinja2 import TemplateError  # what a chat template's raise_exception() raises in transformers
@@ -95,7 +95,7 @@ def _json_file(path: Path) -> Iterator[dict]:
             data = lists[0]
         elif lists and all(len(v) == len(lists[0]) for v in lists):
             keys = [k for k, v in data.items() if isinstance(v, list)]
-            data = [dict(zip(keys, row)) for row in zip(*(data[k] for k in keys))]
+            data = [dict(zip(keys, row, strict=True)) for row in zip(*(data[k] for k in keys), strict=True)]
     if not isinstance(data, list):
         raise CalibrationError(f"{path}: expected a list of records")
     yield from data
@@ -305,13 +305,13 @@ class CalibrationData:
     def tokens(self) -> int:
         return self.sequences.numel()
 
-    def select(self, rows) -> "CalibrationData":
+    def select(self, rows) -> CalibrationData:
         """The chosen rows (a slice or index tensor) of the sequences and of every other input."""
         return CalibrationData(self.sequences[rows], self.source, self.pool_tokens,
                                {name: value[rows] for name, value in self.inputs.items()},
                                sequence_input=self.sequence_input)
 
-    def first_tokens(self, tokens: int) -> "CalibrationData":
+    def first_tokens(self, tokens: int) -> CalibrationData:
         """A prefix of about `tokens` tokens, at least two sequences."""
         return self.select(slice(0, max(2, tokens // self.sequences.shape[1])))
 

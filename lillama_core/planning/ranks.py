@@ -60,7 +60,7 @@ class ModelShape:
     model_type: str = ""
 
     @classmethod
-    def of(cls, model: nn.Module) -> "ModelShape":
+    def of(cls, model: nn.Module) -> ModelShape:
         modules = []
         for block in find_blocks(model):
             for local, lin in find_linears(block.module).items():
@@ -99,7 +99,7 @@ class RankPlan:
         return json.dumps(asdict(self), indent=2)
 
     @classmethod
-    def from_json(cls, text: str) -> "RankPlan":
+    def from_json(cls, text: str) -> RankPlan:
         try:
             data = json.loads(text)
             plan = cls(**data)
@@ -113,7 +113,7 @@ class RankPlan:
         Path(path).write_text(self.to_json())
 
     @classmethod
-    def load(cls, path: str | Path) -> "RankPlan":
+    def load(cls, path: str | Path) -> RankPlan:
         try:
             return cls.from_json(Path(path).read_text())
         except OSError as exc:
@@ -300,7 +300,7 @@ def energy_plan(shape: ModelShape, target_saving: int, modules: list[ModuleShape
 
     def ranks_at(threshold: float) -> dict[str, int]:
         out = {}
-        for m, s in zip(modules, scores):
+        for m, s in zip(modules, scores, strict=True):
             r = max(1, sum(1 for v in s if v >= threshold))
             if r <= m.max_saving_rank:
                 out[m.name] = r
@@ -318,6 +318,19 @@ def energy_plan(shape: ModelShape, target_saving: int, modules: list[ModuleShape
     return ranks_at(hi)
 
 
+def _damage_ladder(points: dict[float, float | None]) -> list[tuple[float, float]]:
+    """(kept share, damage) rungs from dense down, damage never shrinking as less is kept (measurements are noisy);
+    a probe that gave NaN or None counts as unbounded damage."""
+    rungs, worst = [(1.0, 0.0)], 0.0
+    for keep in sorted(points, reverse=True):
+        measured = points[keep]
+        if measured is None or math.isnan(measured):
+            measured = math.inf
+        worst = max(worst, measured)
+        rungs.append((keep, worst))
+    return rungs
+
+
 def sensitivity_plan(shape: ModelShape, target_saving: int, modules: list[ModuleShape],
                      damage: dict[int, dict[float, float]]) -> dict[str, int]:
     """Spend the budget where compression hurts least, by measured damage per weight saved.
@@ -329,16 +342,7 @@ def sensitivity_plan(shape: ModelShape, target_saving: int, modules: list[Module
     step is refined by bisection so the total lands on the target rather than past it.
     """
     by_layer = {layer: [m for m in modules if m.layer == layer] for layer in damage}
-    ladders = {}
-    for layer, points in damage.items():
-        rungs, worst = [(1.0, 0.0)], 0.0
-        for keep in sorted(points, reverse=True):
-            measured = points[keep]
-            if measured is None or math.isnan(measured):
-                measured = math.inf
-            worst = max(worst, measured)  # measured damage can be noisy; it may not shrink with less kept
-            rungs.append((keep, worst))
-        ladders[layer] = rungs
+    ladders = {layer: _damage_ladder(points) for layer, points in damage.items()}
     position = {layer: 0 for layer in ladders}
 
     def ranks_now(overrides: dict[int, float] | None = None) -> dict[str, int]:

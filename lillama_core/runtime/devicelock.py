@@ -29,7 +29,7 @@ class DeviceLock:
     def needed(self) -> bool:
         return not self.device.startswith("cpu")
 
-    def acquire(self, holder: str) -> "DeviceLock":
+    def acquire(self, holder: str) -> DeviceLock:
         """Take the lock without waiting, or raise JobBusyError naming who holds it; a no-op on the CPU."""
         if not self.needed:
             return self
@@ -60,7 +60,7 @@ class DeviceLock:
             self._lock.release()
             self._lock = None
 
-    def __enter__(self) -> "DeviceLock":
+    def __enter__(self) -> DeviceLock:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -122,3 +122,14 @@ def test_settings_reads_training_free_results_written_before_and_after_the_renam
     for key in ("distill", "train"):  # results/*.jsonl before the rename say "distill"
         record = {"plan_config": plan, "distill_config": {"init": "svd", key: False}}
         assert settings(record) == "uniform, svd, no training"
+
+
+def test_one_knob_ablations_set_their_field_typed_and_keep_their_labels():
+    variants = ablation_variants("lr", recipe("tuned"), ["3e-4", "1e-3"], False, "m")
+    assert [label for label, _, _ in variants] == ["lr=3e-4", "lr=1e-3"]
+    assert [r.distill_config().lr for _, r, _ in variants] == [3e-4, 1e-3]
+    heal = ablation_variants("heal", recipe("tuned"), None, True, "m")
+    assert [(label, r.heal_config().tokens, r.distill_config().train) for label, r, _ in heal] == [
+        ("heal=0 (no training)", 0, False), ("heal=16384 (no training)", 16384, False)]
+    tokens = ablation_variants("tokens", recipe("tuned"), ["4096"], False, "m")
+    assert tokens[0][0] == "tokens=4096" and tokens[0][2] == 4096

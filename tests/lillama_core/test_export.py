@@ -329,7 +329,8 @@ def test_a_reloaded_speech_export_generates_as_the_student_does(tmp_path):
     student = apply_rank_map(copy.deepcopy(whisper.model), {"model.decoder.layers.0.fc1": 8})
     for factor in (student.model.decoder.layers[0].fc1.A, student.model.decoder.layers[0].fc1.B):
         torch.nn.init.normal_(factor.weight, std=0.3, generator=torch.Generator().manual_seed(0))
-    folder = export_student(student, whisper.tokenizer, tmp_path / "whisper", feature_extractor=whisper.feature_extractor)
+    folder = export_student(student, whisper.tokenizer, tmp_path / "whisper",
+                            feature_extractor=whisper.feature_extractor)
     reloaded, _ = load_compressed(folder)
     features = torch.randn(2, 16, 100, generator=torch.Generator().manual_seed(1))
     prompt = torch.tensor([[7, 5, 6]] * 2)  # a decoder prompt that does not start with the start token

@@ -236,7 +236,8 @@ def test_preview_selection_and_model_inputs(tokenizer):
     assert data.model_inputs(slice(1, 3), torch.device("cpu")).keys() == {"input_ids"}
     # Speech models get their audio features with the decoder's token ids, row for row.
     features = torch.arange(4.0).view(4, 1, 1).expand(4, 2, 3)
-    speech = CalibrationData(data.sequences, "clips", 0, {"input_features": features}, sequence_input="decoder_input_ids")
+    speech = CalibrationData(data.sequences, "clips", 0, {"input_features": features},
+                             sequence_input="decoder_input_ids")
     inputs = speech.select(slice(2, 4)).model_inputs(slice(0, 2), torch.device("cpu"))
     assert torch.equal(inputs["decoder_input_ids"], data.sequences[2:4])
     assert inputs["input_features"][:, 0, 0].tolist() == [2.0, 3.0]

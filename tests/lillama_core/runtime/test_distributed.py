@@ -49,7 +49,7 @@ def test_two_gloo_processes_match_one_process(tiny_model_dir, tmp_path, capsys):
     assert one["rank_map"] == two["rank_map"]
     steps = [layer["best_step"] for layer in one["layers"]]
     assert steps == [layer["best_step"] for layer in two["layers"]] and max(steps) > 0  # training moved
-    for a, b in zip(one["layers"], two["layers"]):
+    for a, b in zip(one["layers"], two["layers"], strict=True):
         assert abs(a["best_loss"] - b["best_loss"]) <= 1e-3 * a["best_loss"]
         assert a["best_loss"] < a["init_loss"]
     ids = torch.randint(2, 300, (2, 24), generator=torch.Generator().manual_seed(5))

@@ -129,7 +129,7 @@ def test_compress_evaluate_export_reload(whisper, calibration, tmp_path):
 
 def test_synthetic_clips_are_seeded_speech_like_audio():
     first, again, other = synthetic_clips(3, seed=1), synthetic_clips(3, seed=1), synthetic_clips(3, seed=2)
-    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
     assert not np.array_equal(first[0][:16000], other[0][:16000])
     for clip in first:
         assert clip.dtype == np.float32 and 2 * 16000 <= clip.size <= 6 * 16000
