@@ -46,7 +46,7 @@ HOLD = ("import sys; from pathlib import Path; from lillama_core.runtime.devicel
 
 
 def test_a_lock_held_by_another_process_is_refused_and_freed_when_it_dies(tmp_path):
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], cwd=Path(__file__).resolve().parents[2],
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], cwd=Path(__file__).resolve().parents[3],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"

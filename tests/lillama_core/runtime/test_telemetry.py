@@ -6,7 +6,7 @@ import torch
 
 from lillama_core.runtime.telemetry import MemoryMonitor, rss_bytes
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 MIB = 2**20
 
 
