@@ -21,7 +21,7 @@ from .studio import Studio
 
 OTHER = "other"
 SOURCE_KINDS = ["Built-in", "Local file", "Hugging Face dataset"]
-UPLOAD_TYPES = [".txt", ".jsonl", ".json", ".parquet", ".csv", ".wav"]  # .wav: for speech models
+UPLOAD_TYPES = [".txt", ".jsonl", ".json", ".parquet", ".csv", ".wav", ".flac"]  # audio: for speech models
 
 
 def model_card(studio: Studio) -> str:
@@ -115,8 +115,8 @@ def build(studio: Studio, uploads_root: Path) -> dict:
         gr.Info(f"loading {name}: the first load of a GGUF model converts it once, which can take a minute")
         loaded = studio.load(name, trust, offload=offload_value)
         if loaded.feature_extractor is not None:
-            gr.Info("a speech model: it calibrates on audio clips (built-in: synthetic speech-like clips; or a .wav "
-                    "file or folder) with the teacher's transcripts; sequence length = transcript tokens")
+            gr.Info("a speech model: it calibrates on audio clips (built-in: synthetic speech-like clips; or a "
+                    ".wav/.flac file or folder) with the teacher's transcripts; sequence length = transcript tokens")
         return model_card(studio)
 
     load_button.click(on_load, [choice, custom, remote, offload], card, concurrency_id="model", concurrency_limit=1,

@@ -148,9 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--top-p", type=float, default=0.9)
     ch.add_argument("--seed", type=int, default=0)
 
-    tr = sub.add_parser("transcribe", help="transcribe .wav files with a speech model (Whisper) or its export")
+    tr = sub.add_parser("transcribe", help="transcribe .wav or .flac files with a speech model (Whisper) or its export")
     _add_model_args(tr)
-    tr.add_argument("audio", nargs="+", help=".wav files")
+    tr.add_argument("audio", nargs="+", help=".wav or .flac files")
     tr.add_argument("--max-new-tokens", type=int, default=128)
 
     x = sub.add_parser("export", help="re-export a compressed folder, e.g. merged to dense")
@@ -252,7 +252,7 @@ def _compress_in(run_dir: Path, config: RunConfig, plan, args, parallel: Paralle
     summary = {k: result.metrics.get(k) for k in ("params_before", "params_after", "reduction", "teacher_ppl",
                                                    "student_ppl", "seconds", "status", "tokens")}
     if "student_wer" in result.metrics:  # speech models
-        summary.update({k: result.metrics[k] for k in ("teacher_wer", "student_wer", "wer_reference")})
+        summary.update({k: result.metrics[k] for k in ("teacher_wer", "student_wer", "wer_reference", "wer_scorer")})
     summary["out"] = str(out)
     if not args.json:
         print(f"{summary['params_before']:,} -> {summary['params_after']:,} parameters "
@@ -355,11 +355,11 @@ def cmd_eval(args, parser) -> dict:
 
 def _speech_eval(loaded, model, audio: str) -> dict:
     """A speech model alone has no teacher to compare with, so it is scored against true texts only."""
-    from .speech import (SYNTHETIC_SOURCES, clip_features, normalized_words, transcribed_clips, transcript_prompt,
+    from .speech import (SYNTHETIC_SOURCES, clip_features, text_normalizer, transcribed_clips, transcript_prompt,
                          transcription_scores)
 
-    needs = ("scoring a speech model needs recorded speech with its true texts: --eval-audio FOLDER of .wav clips, "
-             "each with a .txt transcript of the same name")
+    needs = ("scoring a speech model needs recorded speech with its true texts: --eval-audio FOLDER of .wav or .flac "
+             "clips, each with a .txt transcript of the same name")
     if audio in SYNTHETIC_SOURCES:
         raise ConfigError(needs)
     clips, texts = transcribed_clips(audio)
@@ -367,9 +367,10 @@ def _speech_eval(loaded, model, audio: str) -> dict:
         raise ConfigError(f"{audio}: no transcripts beside the clips; {needs}")
     prompt = transcript_prompt(model, loaded.tokenizer)
     longest = getattr(model.config, "max_target_positions", CalibrationConfig.seq_len)
+    normalizer = text_normalizer(loaded.tokenizer)
     result = transcription_scores(model, loaded.tokenizer, clip_features(loaded.feature_extractor, clips), prompt,
-                                  min(CalibrationConfig.seq_len, longest), [normalized_words(t) for t in texts])
-    return {"wer": result["wer"], "eval_clips": result["clips"],
+                                  min(CalibrationConfig.seq_len, longest), [normalizer(t) for t in texts], normalizer)
+    return {"wer": result["wer"], "wer_scorer": result["wer_scorer"], "eval_clips": result["clips"],
             "transcribe_tokens_per_s": result["transcribe_tokens_per_s"]}
 
 
@@ -392,13 +393,13 @@ def cmd_chat(args, parser) -> None:
 
 
 def cmd_transcribe(args, parser) -> None:
-    from .speech import read_wav, transcribe
+    from .speech import read_audio, transcribe
 
     loaded = _load_any(args)
     if loaded.feature_extractor is None:
         raise ConfigError(f"{args.model} is a text model; `lillama transcribe` needs a speech model (Whisper)")
     for path in args.audio:
-        result = transcribe(loaded.model, loaded.tokenizer, loaded.feature_extractor, read_wav(Path(path)),
+        result = transcribe(loaded.model, loaded.tokenizer, loaded.feature_extractor, read_audio(Path(path)),
                             args.max_new_tokens)
         print(f"{path}: {result['text']}")
         print(f"[{result['tokens']} tokens, {result['tokens_per_s']:.1f} tokens/s]", file=sys.stderr)

@@ -59,6 +59,7 @@ def evaluate_speech(teacher: LoadedModel, student, config: RunConfig) -> dict:
         metrics.update({f"{name}_ppl": result["perplexity"], f"{name}_wer": result["wer"]})
     metrics["eval_clips"] = len(reference.ends)
     metrics["wer_reference"] = reference.kind
+    metrics["wer_scorer"] = result["wer_scorer"]
     return metrics
 
 
