@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -25,7 +26,7 @@ from lillama_core.config import CalibrationConfig, ModelConfig
 from lillama_core.engine import Compressor, make_plan
 from lillama_core.models import LoadedModel, count_parameters, lillama_home, load_model
 from lillama_core.ranks import ModelShape, summarize
-from lillama_core.speech import read_wav, speech_calibration, speech_metrics, synthetic_clips, transcribe_reference
+from lillama_core.speech import read_audio, speech_calibration, speech_metrics, synthetic_clips, transcribe_reference
 
 from .bench import log
 from .common import environment
@@ -67,18 +68,20 @@ def spoken(texts: list[str], folder: Path) -> list:
             partial = path.with_suffix(".partial.wav")
             subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(partial), text], check=True)
             partial.rename(path)
-        clips.append(read_wav(path))
+        clips.append(read_audio(path))
     return clips
 
 
 def _evaluate(model, loaded: LoadedModel, reference, batch_size: int) -> dict:
     metrics = speech_metrics(model, reference, loaded.tokenizer, batch_size)
-    return {"wer": metrics["wer"], "transcript_ppl": metrics["perplexity"],
+    return {"wer": metrics["wer"], "wer_scorer": metrics["wer_scorer"], "transcript_ppl": metrics["perplexity"],
             "transcribe_tokens_per_s": metrics["transcribe_tokens_per_s"], "params": count_parameters(model)}
 
 
 def run_speech(reductions: list[float], methods: list[str], calibrations: list[str], clips: int, eval_clips: int,
-               seq_len: int, batch_size: int, device: str, dtype: str) -> list[dict]:
+               seq_len: int, batch_size: int, device: str, dtype: str) -> Iterator[dict]:
+    """The teacher's record, then one per calibration, reduction and method, each as soon as it is measured
+    (a long run that stops early keeps what it finished)."""
     loaded = load_model(ModelConfig(name=str(whisper_base_folder()), device=device, dtype=dtype))
     cache = lillama_home() / "speech-clips"
     eval_texts = sentences(read_eval_text(), eval_clips, seed=1)
@@ -91,7 +94,7 @@ def run_speech(reductions: list[float], methods: list[str], calibrations: list[s
     teacher = {**base, "method": "teacher", "reduction": 0.0, **_evaluate(loaded.model, loaded, reference,
                                                                             batch_size)}
     log(f"teacher: WER {teacher['wer']:.1%} on {eval_clips} spoken WikiText-2 test sentences")
-    records = [teacher]
+    yield teacher
     shape = ModelShape.of(loaded.model)
     for source in calibrations:
         audio = spoken(calibration_texts, cache) if source == "speech" else synthetic_clips(clips, seed=0)
@@ -108,8 +111,7 @@ def run_speech(reductions: list[float], methods: list[str], calibrations: list[s
                           "compress_seconds": seconds, **_evaluate(run.student, loaded, reference, batch_size)}
                 log(f"{method} @ {reduction:.0%} ({source} calibration): WER {record['wer']:.1%}, "
                     f"transcript ppl {record['transcript_ppl']:.2f}, {seconds:.0f}s")
-                records.append(record)
+                yield record
                 del run
                 if loaded.device.type == "cuda":
                     torch.cuda.empty_cache()
-    return records
