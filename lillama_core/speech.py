@@ -89,7 +89,7 @@ def read_audio(path: Path, sampling_rate: int = SAMPLING_RATE) -> np.ndarray:
         raise CalibrationError(f"audio file not found: {path}")
     try:
         audio, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
-    except (soundfile.LibsndfileError, RuntimeError) as exc:
+    except soundfile.SoundFileError as exc:
         raise CalibrationError(f"{path}: not a readable audio file ({exc})") from None
     return to_mono(audio, rate, sampling_rate)
 
