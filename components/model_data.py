@@ -18,7 +18,7 @@ from .studio import Studio
 
 OTHER = "other"
 SOURCE_KINDS = ["Built-in", "Local file", "Hugging Face dataset"]
-UPLOAD_TYPES = [".txt", ".jsonl", ".json", ".parquet", ".csv", ".wav"]  # .wav: for speech models
+UPLOAD_TYPES = [".txt", ".jsonl", ".json", ".parquet", ".csv", ".wav", ".flac"]  # audio: for speech models
 
 
 def model_card(studio: Studio) -> str:

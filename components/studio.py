@@ -37,7 +37,7 @@ from lillama_core.planning.planner import make_plan
 from lillama_core.planning.ranks import ModelShape, RankPlan, summarize
 
 PLANNING_TOKENS = 4096
-LOCAL_SUFFIXES = (".gguf", ".txt", ".jsonl", ".json", ".parquet", ".csv", ".safetensors", ".wav")
+LOCAL_SUFFIXES = (".gguf", ".txt", ".jsonl", ".json", ".parquet", ".csv", ".safetensors", ".wav", ".flac")
 
 
 def confined_path(text: str, roots: list[Path] | None) -> str:

@@ -131,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--seed", type=int, default=0)
     _add_config_args(ch, "chat")
 
-    tr = sub.add_parser("transcribe", help="transcribe .wav files with a speech model (Whisper) or its export")
-    tr.add_argument("audio", nargs="+", help=".wav files")
+    tr = sub.add_parser("transcribe", help="transcribe .wav or .flac files with a speech model (Whisper) or its export")
+    tr.add_argument("audio", nargs="+", help=".wav or .flac files")
     tr.add_argument("--max-new-tokens", type=int, default=128)
     _add_config_args(tr, "transcribe")
 
@@ -223,7 +223,8 @@ def _compress_summary(m, out: Path, quiet: bool) -> dict:
                "teacher_ppl": m.teacher_ppl, "student_ppl": m.student_ppl, "seconds": m.seconds, "status": m.status,
                "tokens": m.tokens}
     if m.student_wer is not None:
-        summary.update(teacher_wer=m.teacher_wer, student_wer=m.student_wer, wer_reference=m.wer_reference)
+        summary.update(teacher_wer=m.teacher_wer, student_wer=m.student_wer, wer_reference=m.wer_reference,
+                       wer_scorer=m.wer_scorer)
     summary["out"] = str(out)
     if not quiet:
         print(f"{m.params_before:,} -> {m.params_after:,} parameters ({m.reduction:.1%} fewer); exported to {out}")
@@ -350,13 +351,13 @@ def cmd_chat(args, parser) -> None:
 
 
 def cmd_transcribe(args, parser) -> None:
-    from .tasks.speech import SAMPLING_RATE, read_wav
+    from .tasks.speech import SAMPLING_RATE, read_audio
 
     loaded = _load_any(args)
     if not loaded.task.transcribes:
         raise ConfigError(f"{args.model} is a text model; `lillama transcribe` needs a speech model (Whisper)")
     for path in args.audio:
-        result = loaded.task.transcribe(loaded, loaded.model, read_wav(Path(path)), SAMPLING_RATE,
+        result = loaded.task.transcribe(loaded, loaded.model, read_audio(Path(path)), SAMPLING_RATE,
                                         args.max_new_tokens)
         print(f"{path}: {result['text']}")
         print(f"[{result['tokens']} tokens, {result['tokens_per_s']:.1f} tokens/s]", file=sys.stderr)

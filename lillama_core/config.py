@@ -276,8 +276,8 @@ class EvalConfig:
     text: str = _help("held-out text file for perplexity; 'default' is WikiText-2 test", "default")
     tokens: int = _help("tokens of the text scored (non-overlapping windows)", 32_768)
     seq_len: int = _help("window length for perplexity", 512)
-    audio: str = _help("held-out speech for speech models: a .wav file or folder, each clip with its transcript in "
-                       "a .txt of the same name for a true word error rate (else the teacher's transcripts are the "
+    audio: str = _help("held-out speech for speech models: a .wav/.flac file or folder, each clip with its transcript "
+                       "in a .txt of the same name for a true word error rate (else the teacher's transcripts are the "
                        "reference); 'synthetic' for generated clips", "synthetic")
 
     def validate(self) -> None:

@@ -32,6 +32,7 @@ class EvalRecord:
     eval_seconds: float | None = None
     wer: float | None = None  # word error rate, 0..1 (can pass 1)
     wer_reference: str | None = None  # "true transcripts" or "teacher transcripts"
+    wer_scorer: str | None = None  # how the texts were compared, e.g. "jiwer corpus WER, whisper english normaliser"
     clips: int | None = None  # held-out audio clips scored
     transcribe_tokens_per_s: float | None = None
     prefill_tokens_per_s: float | None = None  # batch 1
@@ -77,6 +78,7 @@ class RunMetrics:
     teacher_wer: float | None = None
     student_wer: float | None = None
     wer_reference: str | None = None
+    wer_scorer: str | None = None
     eval_clips: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # healing's numbers, and keys of newer or older writers
 
@@ -95,4 +97,4 @@ class RunMetrics:
         """Fill the teacher/student quality fields from two records of the same held-out data."""
         self.teacher_ppl, self.student_ppl = teacher.perplexity, student.perplexity
         self.teacher_wer, self.student_wer = teacher.wer, student.wer
-        self.wer_reference, self.eval_clips = student.wer_reference, student.clips
+        self.wer_reference, self.wer_scorer, self.eval_clips = student.wer_reference, student.wer_scorer, student.clips

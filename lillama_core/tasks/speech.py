@@ -2,12 +2,13 @@
 
 A speech model's calibration sequence is an audio clip's features plus decoder tokens. The tokens are
 the teacher's own greedy transcript of the clip, so every block sees the activations it sees at
-inference. Clips come from `.wav` files (a file or a folder) or, offline and by default, from a
+inference. Clips come from audio files (`.wav` or `.flac`, a file or a folder) or, offline and by default, from a
 seeded synthesiser of speech-like sounds: voiced harmonics with gliding pitch, formant-like
 resonances, syllable envelopes, fricative noise and pauses. Quality is measured on held-out clips: the
 student's perplexity of the teacher's transcripts of them, and the word error rate of its own transcripts,
-against the clips' true texts where recorded speech comes with them (a .txt beside each .wav), else against
-the teacher's transcripts (synthetic clips carry no words).
+against the clips' true texts where recorded speech comes with them (a .txt beside each clip), else against
+the teacher's transcripts (synthetic clips carry no words). Word error rates are corpus rates (jiwer: total
+edits over total reference words) of texts put through Whisper's normaliser.
 """
 
 from __future__ import annotations
@@ -15,11 +16,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-import wave
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import jiwer
 import numpy as np
+import soundfile
+import soxr
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -34,10 +38,11 @@ CLIP_SECONDS = (2.0, 6.0)
 EVAL_CLIPS = 8
 EVAL_SEED_OFFSET = 10_000  # held-out clips never share a seed with calibration clips
 SYNTHETIC_SOURCES = ("default", "synthetic")  # calibration sources that mean the built-in synthetic clips
-# Measured on Whisper-base at 20% (docs/benchmarks.md): word error rate 112% calibrated on synthetic clips,
-# 23.9% on spoken text (teacher 16.9%).
+AUDIO_SUFFIXES = (".wav", ".flac")
+# Measured on Whisper-base at 20% (README): calibrated on synthetic clips the student transcribed nothing
+# usable (per-clip mean word error rate 112%, the old scorer), on spoken text it stays close to the teacher.
 SYNTHETIC_AUDIO_WARNING = ("calibrating a speech model on synthetic clips: enough to try the workflow, not to keep "
-                           "the student; give real speech (a .wav file or folder) for a usable one")
+                           "the student; give real speech (a .wav or .flac file, or a folder) for a usable one")
 
 
 def synthetic_clip(seconds: float, rng: np.random.Generator, sampling_rate: int = SAMPLING_RATE) -> np.ndarray:
@@ -76,28 +81,22 @@ def synthetic_clips(count: int, seed: int, seconds: tuple[float, float] = CLIP_S
     return [synthetic_clip(rng.uniform(*seconds), rng) for _ in range(count)]
 
 
-def read_wav(path: Path, sampling_rate: int = SAMPLING_RATE) -> np.ndarray:
-    """A PCM .wav file as mono float32 at `sampling_rate` (linear resampling)."""
+def read_audio(path: Path, sampling_rate: int = SAMPLING_RATE) -> np.ndarray:
+    """An audio file libsndfile reads (WAV of any sample format, FLAC, ...) as mono float32 at `sampling_rate`.
+
+    Raises CalibrationError when the file is missing or unreadable."""
+    if not Path(path).is_file():
+        raise CalibrationError(f"audio file not found: {path}")
     try:
-        with wave.open(str(path), "rb") as f:
-            width, channels, rate = f.getsampwidth(), f.getnchannels(), f.getframerate()
-            raw = f.readframes(f.getnframes())
-    except FileNotFoundError:
-        raise CalibrationError(f"audio file not found: {path}") from None
-    except (wave.Error, EOFError) as exc:
-        raise CalibrationError(f"{path}: not a PCM .wav file ({exc})") from None
-    if width not in (1, 2, 4):
-        raise CalibrationError(f"{path}: {8 * width}-bit samples are not supported; use 8, 16 or 32-bit PCM")
-    dtype = {1: np.uint8, 2: np.int16, 4: np.int32}[width]
-    audio = np.frombuffer(raw, dtype=dtype).reshape(-1, channels)
-    if width == 1:  # 8-bit PCM is unsigned, centred on 128
-        audio = (audio.astype(np.float64) - 128) / 128
+        audio, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except soundfile.SoundFileError as exc:
+        raise CalibrationError(f"{path}: not a readable audio file ({exc})") from None
     return to_mono(audio, rate, sampling_rate)
 
 
 def to_mono(audio: np.ndarray, rate: int, sampling_rate: int = SAMPLING_RATE) -> np.ndarray:
-    """Samples [n] or [n, channels], signed integer PCM or float in [-1, 1], as mono float32 at
-    `sampling_rate` (linear resampling)."""
+    """Samples [n] or [n, channels], signed integer PCM or float in [-1, 1], at `rate` Hz, as mono float32
+    [m] at `sampling_rate` Hz (soxr's band-limited resampling: nothing above the new Nyquist folds back)."""
     audio = np.asarray(audio)
     samples = audio.astype(np.float64)
     if np.issubdtype(audio.dtype, np.signedinteger):
@@ -105,31 +104,33 @@ def to_mono(audio: np.ndarray, rate: int, sampling_rate: int = SAMPLING_RATE) ->
     if samples.ndim == 2:
         samples = samples.mean(axis=1)
     if rate != sampling_rate and samples.size:
-        positions = np.arange(0, samples.size * sampling_rate / rate) * rate / sampling_rate
-        samples = np.interp(positions, np.arange(samples.size), samples)
+        samples = soxr.resample(samples, rate, sampling_rate, quality="HQ")
     return samples.astype(np.float32)
 
 
-def _wav_files(source: str, role: str) -> list[Path]:
+def _audio_files(source: str, role: str) -> list[Path]:
     path = Path(source).expanduser()
     if not path.exists():
-        raise CalibrationError(f"{role} audio not found: {path} (give a .wav file, a folder of them, or 'synthetic')")
-    if path.is_file() and path.suffix.lower() != ".wav":
-        raise CalibrationError(f"{path}: speech models take .wav audio, not {path.suffix or 'this file'}")
-    return sorted(path.glob("*.wav")) if path.is_dir() else [path]
+        raise CalibrationError(f"{role} audio not found: {path} (give a .wav or .flac file, a folder of them, "
+                               "or 'synthetic')")
+    if path.is_file() and path.suffix.lower() not in AUDIO_SUFFIXES:
+        raise CalibrationError(f"{path}: speech models take .wav or .flac audio, not {path.suffix or 'this file'}")
+    if path.is_file():
+        return [path]
+    return sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in AUDIO_SUFFIXES)
 
 
 def _voiced_clips(source: str, role: str) -> list[tuple[Path, np.ndarray]]:
-    """(file, clip) for every non-silent .wav of a file or folder, each read once."""
-    read = ((f, read_wav(f)) for f in _wav_files(source, role))
+    """(file, clip) for every non-silent audio file of a file or folder, each read once."""
+    read = ((f, read_audio(f)) for f in _audio_files(source, role))
     pairs = [(f, clip) for f, clip in read if clip.size and np.abs(clip).max() > 0]
     if not pairs:
-        raise CalibrationError(f"{source}: no audio found (no non-silent .wav files)")
+        raise CalibrationError(f"{source}: no audio found (no non-silent .wav or .flac files)")
     return pairs
 
 
 def audio_clips(source: str, count: int, seed: int) -> list[np.ndarray]:
-    """`count` clips: synthetic ones for "default"/"synthetic", else from a .wav file or a folder of them
+    """`count` clips: synthetic ones for "default"/"synthetic", else from a .wav/.flac file or a folder of them
     (sorted, cycled if there are fewer files than clips wanted, skipped if silent)."""
     if source in SYNTHETIC_SOURCES:
         return synthetic_clips(count, seed)
@@ -138,7 +139,7 @@ def audio_clips(source: str, count: int, seed: int) -> list[np.ndarray]:
 
 
 def transcribed_clips(source: str) -> tuple[list[np.ndarray], list[str] | None]:
-    """Held-out speech: every non-silent clip of a .wav file or folder, and their true texts when each clip has
+    """Held-out speech: every non-silent clip of a .wav/.flac file or folder, and their true texts when each clip has
     one in a .txt file of the same name beside it (all or none, so a score never mixes two references)."""
     pairs = _voiced_clips(source, "evaluation")
     clips = [clip for _, clip in pairs]
@@ -229,21 +230,42 @@ def speech_calibration(model: nn.Module, tokenizer, feature_extractor, config: C
     return dataclasses.replace(reference.data, source=f"{config.source} audio ({len(clips)} clips)")
 
 
-def word_error_rate(reference: list[str], hypothesis: list[str]) -> float:
-    """Word-level edit distance over the reference length (1.0 per word for an empty reference)."""
-    previous = list(range(len(hypothesis) + 1))
-    for i, ref in enumerate(reference, 1):
-        current = [i]
-        for j, hyp in enumerate(hypothesis, 1):
-            current.append(min(previous[j] + 1, current[j - 1] + 1, previous[j - 1] + (ref != hyp)))
-        previous = current
-    return previous[-1] / max(len(reference), 1)
+@dataclass(frozen=True)
+class TextNormalizer:
+    """How transcripts and true texts are normalised before words are compared; `name` says which way."""
+
+    name: str
+    normalize: Callable[[str], str]
+
+    def __call__(self, text: str) -> str:
+        return self.normalize(text)
+
+    @property
+    def scorer(self) -> str:
+        """The word error rate's provenance, kept with every score so rates of other scorers are not mixed in."""
+        return f"jiwer corpus, {self.name}"
 
 
-def normalized_words(text: str) -> list[str]:
-    """Lower-case words without punctuation, as word error rates are usually counted."""
-    kept = "".join(c if c.isalnum() or c in " '" else " " for c in text.lower())
-    return kept.split()
+def text_normalizer(tokenizer) -> TextNormalizer:
+    """Whisper's English normaliser with the spelling map the tokenizer carries (`english_spelling_normalizer`,
+    from a checkpoint's normalizer.json); without a map, the English normaliser still standardises numbers,
+    contractions and titles for a tokenizer set to English, and any other tokenizer gets Whisper's basic
+    (language-neutral) normaliser."""
+    from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
+
+    spelling = getattr(tokenizer, "english_spelling_normalizer", None)
+    if spelling:
+        return TextNormalizer("whisper english normaliser", EnglishTextNormalizer(spelling))
+    if getattr(tokenizer, "language", None) == "english":
+        return TextNormalizer("whisper english normaliser without spelling map", EnglishTextNormalizer({}))
+    return TextNormalizer("whisper basic normaliser", BasicTextNormalizer())
+
+
+def corpus_wer(references: list[str], hypotheses: list[str]) -> float:
+    """Word error rate over all clips at once: total edits (substitutions, deletions, insertions) over total
+    reference words, so a short clip weighs by its words, not as much as a long one. Texts are normalised
+    already; an all-empty reference gives the number of inserted words."""
+    return float(jiwer.wer(references, hypotheses))
 
 
 @dataclass
@@ -260,16 +282,18 @@ class Reference:
     def kind(self) -> str:
         return "true transcripts" if self.texts is not None else "teacher transcripts"
 
-    def words(self, tokenizer, row: int) -> list[str]:
+    def text(self, tokenizer, normalizer: TextNormalizer, row: int) -> str:
+        """Clip `row`'s reference text, normalised."""
         if self.texts is not None:
-            return normalized_words(self.texts[row])
-        return _transcript_words(tokenizer, self.data.sequences[row], self.prompt_length, self.ends[row])
+            return normalizer(self.texts[row])
+        return _transcript_text(tokenizer, normalizer, self.data.sequences[row], self.prompt_length, self.ends[row])
 
 
-def _transcript_words(tokenizer, ids: torch.Tensor, start: int, end: int) -> list[str]:
-    """A transcript's words, or its token ids as words when it decodes to no text (e.g. a random model)."""
+def _transcript_text(tokenizer, normalizer: TextNormalizer, ids: torch.Tensor, start: int, end: int) -> str:
+    """A transcript's normalised text, or its token ids as words when it has no text (e.g. a random model)."""
     tokens = ids[start:end].tolist()
-    return normalized_words(tokenizer.decode(tokens, skip_special_tokens=True)) or [str(t) for t in tokens]
+    # Token ids skip the normaliser: the English one would read a run of numbers as one number.
+    return normalizer(tokenizer.decode(tokens, skip_special_tokens=True)).strip() or " ".join(map(str, tokens))
 
 
 def transcribe_reference(teacher: nn.Module, tokenizer, feature_extractor, clips: list[np.ndarray], seq_len: int,
@@ -287,7 +311,7 @@ def transcribe_reference(teacher: nn.Module, tokenizer, feature_extractor, clips
 def reference_transcripts(teacher: nn.Module, tokenizer, feature_extractor, config: CalibrationConfig,
                           audio: str = "synthetic", clips: int = EVAL_CLIPS) -> Reference:
     """Held-out clips and the teacher's transcripts of them: synthetic ones (a seed calibration never uses), or
-    recorded speech from a .wav file or folder, with its true texts when they are given (transcribed_clips)."""
+    recorded speech from a .wav/.flac file or folder, with its true texts when they are given (transcribed_clips)."""
     if audio in SYNTHETIC_SOURCES:
         sounds, texts = synthetic_clips(clips, config.seed + EVAL_SEED_OFFSET), None
     else:
@@ -311,21 +335,23 @@ def speech_metrics(model: nn.Module, reference: Reference, tokenizer, batch_size
         targets = inputs["decoder_input_ids"][:, start_at:]
         total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum").item()
         count += targets.numel()
-    references = [reference.words(tokenizer, row) for row in range(data.sequences.shape[0])]
+    normalizer = text_normalizer(tokenizer)
+    references = [reference.text(tokenizer, normalizer, row) for row in range(data.sequences.shape[0])]
     features, prompt = data.inputs["input_features"], data.sequences[0, :start_at].tolist()
-    scores = transcription_scores(model, tokenizer, features, prompt, data.sequences.shape[1], references, batch_size)
+    scores = transcription_scores(model, tokenizer, features, prompt, data.sequences.shape[1], references, normalizer,
+                                  batch_size)
     nll = total / max(count, 1)
     return {"perplexity": math.exp(min(nll, 700)), "nll": nll, "tokens_scored": count, **scores}
 
 
 def transcription_scores(model: nn.Module, tokenizer, features: torch.Tensor, prompt: list[int], length: int,
-                         references: list[list[str]], batch_size: int = 8) -> dict:
-    """The word error rate of the model's own greedy transcripts against each clip's reference words, and how
-    fast it wrote them (greedy decoding with a cache, batched: relative speeds, not a serving benchmark)."""
+                         references: list[str], normalizer: TextNormalizer, batch_size: int = 8) -> dict:
+    """The corpus word error rate of the model's own greedy transcripts (normalised by `normalizer`) against
+    the clips' normalised reference texts, which scorer gave it, and how fast the model wrote them (greedy
+    decoding with a cache, batched: relative speeds, not a serving benchmark)."""
     start = time.perf_counter()
     own, ends = greedy_transcripts(model, features, prompt, length, tokenizer.eos_token_id, batch_size)
     seconds = time.perf_counter() - start
-    errors = [word_error_rate(words, _transcript_words(tokenizer, own[row], len(prompt), end))
-              for row, (words, end) in enumerate(zip(references, ends))]
-    return {"wer": sum(errors) / len(errors), "clips": len(errors),
+    hypotheses = [_transcript_text(tokenizer, normalizer, own[row], len(prompt), end) for row, end in enumerate(ends)]
+    return {"wer": corpus_wer(references, hypotheses), "wer_scorer": normalizer.scorer, "clips": len(references),
             "transcribe_tokens_per_s": (own.shape[1] - len(prompt)) * own.shape[0] / seconds}

@@ -20,10 +20,10 @@ from .speech import (
     SYNTHETIC_SOURCES,
     Reference,
     clip_features,
-    normalized_words,
     reference_transcripts,
     speech_calibration,
     speech_metrics,
+    text_normalizer,
     to_mono,
     transcribe,
     transcribed_clips,
@@ -34,8 +34,8 @@ from .speech import (
 FEATURES = "input_features"
 # Whisper's encoder halves the audio frames (a stride-2 convolution) before its blocks see them.
 ENCODER_FRAME_STRIDE = 2
-STANDALONE_NEEDS = ("scoring a speech model needs recorded speech with its true texts: --eval-audio FOLDER of .wav "
-                    "clips, each with a .txt transcript of the same name")
+STANDALONE_NEEDS = ("scoring a speech model needs recorded speech with its true texts: --eval-audio FOLDER of .wav or "
+                    ".flac clips, each with a .txt transcript of the same name")
 
 
 @dataclass
@@ -54,8 +54,8 @@ class SpeechSeq2Seq(Task):
     auto_mapping = "MODEL_FOR_SPEECH_SEQ_2_SEQ_MAPPING"
     speed_batches = ()  # transcription speed is measured with the word error rate
     chats, transcribes = False, True
-    load_note = ("a speech model: it calibrates on audio clips (built-in: synthetic speech-like clips; or a .wav file "
-                 "or folder) with the teacher's transcripts; sequence length = transcript tokens")
+    load_note = ("a speech model: it calibrates on audio clips (built-in: synthetic speech-like clips; or a .wav/.flac "
+                 "file or folder) with the teacher's transcripts; sequence length = transcript tokens")
 
     def load_preprocessor(self, source: str, **kwargs):
         from transformers import AutoFeatureExtractor
@@ -101,13 +101,15 @@ class SpeechSeq2Seq(Task):
 
     def score(self, model: nn.Module, tokenizer, held_out: Reference | TrueTexts, batch_size: int) -> EvalRecord:
         if isinstance(held_out, TrueTexts):
+            normalizer = text_normalizer(tokenizer)
             result = transcription_scores(model, tokenizer, held_out.features, transcript_prompt(model, tokenizer),
-                                          held_out.length, [normalized_words(t) for t in held_out.texts])
-            return EvalRecord(wer=result["wer"], clips=result["clips"],
+                                          held_out.length, [normalizer(t) for t in held_out.texts], normalizer)
+            return EvalRecord(wer=result["wer"], wer_scorer=result["wer_scorer"], clips=result["clips"],
                               transcribe_tokens_per_s=result["transcribe_tokens_per_s"])
         result = speech_metrics(model, held_out, tokenizer, batch_size)
         return EvalRecord(perplexity=result["perplexity"], nll=result["nll"], tokens_scored=result["tokens_scored"],
-                          wer=result["wer"], wer_reference=held_out.kind, clips=result["clips"],
+                          wer=result["wer"], wer_reference=held_out.kind, wer_scorer=result["wer_scorer"],
+                          clips=result["clips"],
                           transcribe_tokens_per_s=result["transcribe_tokens_per_s"])
 
     def transcribe(self, loaded, model: nn.Module, samples: np.ndarray, rate: int, max_tokens: int = 128) -> dict:

@@ -71,10 +71,14 @@ def test_report_tables_hold_every_measured_cell(tmp_path):
                 "distill_tokens_per_s": 30720, "mfu": 0.033, "peak_allocated_bytes": 18.5 * 2**30,
                 "peak_over_weights": 1.47, "env": {"gpu": "NVIDIA H100"}},
                {"suite": "speech", "timestamp": "t", "method": "teacher", "reduction": 0.0, "wer": 0.088,
-                "transcript_ppl": 1.92, "transcribe_tokens_per_s": 7.2, "device": "cpu"},
+                "wer_scorer": "jiwer corpus, x", "transcript_ppl": 1.92, "transcribe_tokens_per_s": 7.2,
+                "device": "cpu"},
                {"suite": "speech", "timestamp": "t", "method": "ours", "calibration": "synthetic",
-                "target_reduction": 0.2, "reduction": 0.201, "wer": 0.214, "transcript_ppl": 3.5,
-                "transcribe_tokens_per_s": 8.1, "compress_seconds": 312.0, "device": "cpu"}]
+                "target_reduction": 0.2, "reduction": 0.201, "wer": 0.214, "wer_scorer": "jiwer corpus, x",
+                "transcript_ppl": 3.5, "transcribe_tokens_per_s": 8.1, "compress_seconds": 312.0, "device": "cpu"},
+               {"suite": "speech", "timestamp": "u", "method": "ours", "calibration": "speech",  # per-clip mean
+                "target_reduction": 0.2, "reduction": 0.2, "wer": 0.239, "transcript_ppl": 2.3,
+                "transcribe_tokens_per_s": 31.5, "compress_seconds": 838.0, "device": "cpu"}]
     text = generated_markdown(records, tmp_path)
     # One column per measured reduction; a method missing at one reduction leaves its cell empty.
     assert "| method | 20% | 40% |" in text and "| ours | 47.81 | 80.50 |" in text
@@ -84,6 +88,7 @@ def test_report_tables_hold_every_measured_cell(tmp_path):
     assert "| 3.3% |" in text
     assert "| teacher | – | 0.0% | 8.8% | 1.92 | 7 | – | cpu |" in text
     assert "| ours | synthetic clips | 20.1% | 21.4% | 3.50 | 8 | 312 | cpu |" in text
+    assert "23.9%" not in text and "scorer: jiwer corpus, x;" in text  # an old per-clip mean stays out
     assert (tmp_path / "benchmarks_ppl.svg").read_text().startswith("<svg")
 
 

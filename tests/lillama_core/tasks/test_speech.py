@@ -6,6 +6,7 @@ import wave
 
 import numpy as np
 import pytest
+import soundfile
 import torch
 import transformers as T
 from tiny import tiny_whisper
@@ -14,7 +15,6 @@ from lillama_core.cli import main
 from lillama_core.compress.capture import capture_block_inputs, run_block_over
 from lillama_core.compress.loop import Compressor
 from lillama_core.config import CalibrationConfig, DistillConfig, PlanConfig
-from lillama_core.data.calibration import CalibrationData
 from lillama_core.errors import CalibrationError
 from lillama_core.export import export_student, load_compressed, load_feature_extractor
 from lillama_core.modeling.discovery import find_blocks, stack_starts
@@ -22,17 +22,18 @@ from lillama_core.modeling.shipped import LowRankLinear
 from lillama_core.planning.planner import make_plan
 from lillama_core.tasks import speech
 from lillama_core.tasks.speech import (
-    Reference,
     audio_clips,
+    corpus_wer,
     greedy_transcripts,
-    normalized_words,
-    read_wav,
+    read_audio,
     reference_transcripts,
     speech_calibration,
     speech_metrics,
     synthetic_clips,
+    text_normalizer,
+    to_mono,
     transcribed_clips,
-    word_error_rate,
+    transcription_scores,
 )
 
 CPU = torch.device("cpu")
@@ -149,8 +150,8 @@ def _write_wav(path, samples: np.ndarray, rate: int, channels: int = 1):
 def test_wav_files_are_read_as_16khz_mono(tmp_path):
     tone = 0.5 * np.sin(2 * np.pi * 440 * np.arange(8000) / 8000)  # one second at 8 kHz, stereo
     _write_wav(tmp_path / "b.wav", tone, 8000, channels=2)
-    audio = read_wav(tmp_path / "b.wav")
-    assert audio.size == 16000 and abs(np.abs(audio).max() - 0.5) < 0.01
+    audio = read_audio(tmp_path / "b.wav")
+    assert audio.size == 16000 and abs(np.abs(audio[1000:-1000]).max() - 0.5) < 0.01
     _write_wav(tmp_path / "a.wav", np.zeros(100), 16000)  # silent files are skipped
     clips = audio_clips(str(tmp_path), 3, seed=0)
     assert len(clips) == 3 and all(np.array_equal(c, audio) for c in clips)
@@ -160,22 +161,84 @@ def test_bad_audio_sources_give_clear_errors(tmp_path):
     with pytest.raises(CalibrationError, match="not found"):
         audio_clips(str(tmp_path / "missing"), 2, 0)
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(CalibrationError, match=".wav audio"):
+    with pytest.raises(CalibrationError, match=r"\.wav or \.flac audio"):
         audio_clips(str(tmp_path / "notes.txt"), 2, 0)
     with pytest.raises(CalibrationError, match="no audio"):
         audio_clips(str(tmp_path), 2, 0)
-    (tmp_path / "broken.wav").write_bytes(b"RIFF0000WAVEjunk")
-    with pytest.raises(CalibrationError, match="not a PCM .wav"):
-        read_wav(tmp_path / "broken.wav")
+    (tmp_path / "broken.flac").write_bytes(b"fLaCjunk")
+    with pytest.raises(CalibrationError, match="broken.flac: not a readable audio file"):
+        audio_clips(str(tmp_path), 2, 0)
+    with pytest.raises(CalibrationError, match="audio file not found"):
+        read_audio(tmp_path / "missing.wav")
 
 
-def test_word_error_rate_on_normalised_words():
-    assert word_error_rate("a b c".split(), "a b c".split()) == 0
-    assert word_error_rate("a b c d".split(), "a x c".split()) == 0.5  # one substitution, one deletion
-    assert word_error_rate([], ["a"]) == 1
-    assert normalized_words(" The fox, it's QUICK!") == ["the", "fox", "it's", "quick"]
-    reference = Reference(CalibrationData(torch.zeros(1, 4, dtype=torch.long), "x", 0), [4], 1, ["Hello, world."])
-    assert reference.words(None, 0) == ["hello", "world"]
+def _amplitude_near(audio: np.ndarray, rate: int, frequency: float, width: float = 100.0) -> float:
+    """The largest sine amplitude in the band frequency ± width (Hz), from a Hann-windowed FFT."""
+    window = np.hanning(audio.size)
+    spectrum = np.abs(np.fft.rfft(audio * window)) * 2 / window.sum()
+    frequencies = np.fft.rfftfreq(audio.size, 1 / rate)
+    return float(spectrum[np.abs(frequencies - frequency) <= width].max())
+
+
+def test_resampling_filters_out_what_the_new_rate_cannot_hold():
+    """A 10 kHz tone at 22,050 Hz is above 16 kHz audio's 8 kHz Nyquist: resampled without an anti-alias filter
+    it folds back to 16 - 10 = 6 kHz (linear interpolation left a 6 kHz tone of amplitude 0.48); it must be gone."""
+    seconds = np.arange(22_050) / 22_050
+    high = to_mono(np.sin(2 * np.pi * 10_000 * seconds), 22_050)
+    assert high.size == 16_000 and _amplitude_near(high, 16_000, 6_000) < 0.01
+    low = to_mono(np.sin(2 * np.pi * 1_000 * seconds), 22_050)  # a tone below Nyquist keeps its strength
+    assert _amplitude_near(low, 16_000, 1_000) == pytest.approx(1.0, abs=0.02)
+
+
+def test_float_wav_and_flac_are_read_at_any_rate(tmp_path):
+    tone = 0.25 * np.sin(2 * np.pi * 440 * np.arange(44_100) / 44_100)
+    soundfile.write(tmp_path / "float.wav", np.stack([tone, tone], axis=1), 44_100, subtype="FLOAT")
+    soundfile.write(tmp_path / "speech.flac", tone, 44_100, subtype="PCM_16")
+    expected = to_mono(tone, 44_100)
+    for name in ("float.wav", "speech.flac"):
+        audio = read_audio(tmp_path / name)
+        assert audio.dtype == np.float32 and audio.size == 16_000
+        np.testing.assert_allclose(audio, expected, atol=1e-3)
+    for name in ("float", "speech"):
+        (tmp_path / f"{name}.txt").write_text(f"{name} text\n")
+    clips, texts = transcribed_clips(str(tmp_path))  # held-out folders take FLAC beside WAV
+    assert len(clips) == 2 and texts == ["float text", "speech text"]
+    assert len(audio_clips(str(tmp_path / "speech.flac"), 2, seed=0)) == 2
+
+
+class WordTokenizer:
+    """Token id t decodes to the word WORDS[t]; token 1 ends a transcript."""
+
+    WORDS = ("<start>", "<end>", "a", "b", "c", "d", "e", "seven")
+    eos_token_id = 1
+
+    def decode(self, tokens, skip_special_tokens=True):
+        return " ".join(self.WORDS[t] for t in tokens if not (skip_special_tokens and t < 2))
+
+
+def test_word_error_rate_is_total_errors_over_total_reference_words():
+    """Two clips: a long one transcribed right, a short one with 3 inserted words. Per-clip rates average
+    to 0.50; the corpus rate is 3 errors over 16 reference words, 0.19."""
+    references = [" ".join(["seven"] * 13), "seven seven seven"]
+    # The scripted decoder writes "seven" until it would end: 13 words, then 6 words.
+    scores = transcription_scores(Scripted([14, 7]), WordTokenizer(), torch.zeros(2, 1), [0], 16, references,
+                                  text_normalizer(WordTokenizer()))
+    assert scores["clips"] == 2 and scores["wer"] == pytest.approx(3 / 16) and round(scores["wer"], 2) == 0.19
+    assert scores["wer_scorer"] == "jiwer corpus, whisper basic normaliser"
+    assert corpus_wer(["a b c d", "e"], ["a x c", "e"]) == pytest.approx(2 / 5)  # a substitution and a deletion
+
+
+def test_texts_are_normalised_the_way_whisper_is_scored():
+    english = text_normalizer(type("Tokenizer", (), {"english_spelling_normalizer": {"colour": "color"}})())
+    assert english.name == "whisper english normaliser"
+    assert english("Mr. Smith's colour, it's twenty-five!") == english("mister smith's color it is 25")
+    assert corpus_wer([english("It's twenty-five, the colour.")], [english("it is 25 the color")]) == 0
+    unmapped = text_normalizer(type("Tokenizer", (), {"language": "english"})())
+    assert unmapped.scorer == "jiwer corpus, whisper english normaliser without spelling map"
+    assert unmapped("It's twenty-five.") == "it is 25"
+    basic = text_normalizer(WordTokenizer())
+    assert basic.name == "whisper basic normaliser" and basic(" The fox, [noise] QUICK!").split() == ["the", "fox",
+                                                                                                   "quick"]
 
 
 class Scripted(torch.nn.Module):
@@ -218,6 +281,7 @@ def test_cli_compresses_a_whisper_folder_and_reports_word_error_rate(whisper, tm
     printed = capsys.readouterr()
     summary = json.loads(printed.out.strip().splitlines()[-1])
     assert summary["reduction"] >= 0.1 and summary["wer_reference"] == "true transcripts"
+    assert summary["wer_scorer"] == "jiwer corpus, whisper basic normaliser"
     assert summary["teacher_wer"] >= 1.0 and summary["student_wer"] >= 0
     assert "synthetic clips: enough to try the workflow" in printed.err
     assert summary["student_ppl"] > 0 and summary["teacher_ppl"] > 0
@@ -229,11 +293,11 @@ def test_cli_compresses_a_whisper_folder_and_reports_word_error_rate(whisper, tm
                       T.WhisperForConditionalGeneration)
     assert load_feature_extractor(tmp_path / "merged") is not None
 
-    _write_wav(tmp_path / "clip.wav", synthetic_clips(1, seed=5)[0], 16000)
+    soundfile.write(tmp_path / "clip.flac", synthetic_clips(1, seed=5)[0], 16000)
     capsys.readouterr()
-    assert main(["transcribe", "--model", str(out), "--device", "cpu", str(tmp_path / "clip.wav")]) == 0
+    assert main(["transcribe", "--model", str(out), "--device", "cpu", str(tmp_path / "clip.flac")]) == 0
     printed = capsys.readouterr()
-    assert printed.out.startswith(f"{tmp_path / 'clip.wav'}: ") and "tokens/s" in printed.err
+    assert printed.out.startswith(f"{tmp_path / 'clip.flac'}: ") and "tokens/s" in printed.err
     assert main(["transcribe", "--model", str(out), str(tmp_path / "missing.wav")]) == 2
     assert "audio file not found" in capsys.readouterr().err
 
@@ -324,6 +388,7 @@ def test_cli_scores_a_speech_model_on_recorded_speech_only(whisper, tmp_path, ca
     assert main(["eval", "--model", str(folder), "--device", "cpu", "--eval-audio", str(recorded), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["wer"] >= 1.0 and summary["eval_clips"] == 2 and summary["parameters"] > 0
+    assert summary["wer_scorer"] == "jiwer corpus, whisper basic normaliser"
     assert decoded == [2]  # each clip is transcribed once: a lone model has no teacher transcripts to make
     assert main(["eval", "--model", str(folder), "--device", "cpu"]) == 2
     assert "needs recorded speech with its true texts" in capsys.readouterr().err
