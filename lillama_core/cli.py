@@ -300,8 +300,8 @@ def _load_any(args):
 
 # The EvalRecord fields `lillama eval` shows, in order, where measured; renamed where its output always
 # spelled them differently (kept for scripts that read --json).
-EVAL_FIELDS = ("perplexity", "tokens_scored", "wer", "clips", "transcribe_tokens_per_s", "parameters", "weight_bytes",
-               "prefill_tokens_per_s", "generate_tokens_per_s")
+EVAL_FIELDS = ("perplexity", "tokens_scored", "wer", "wer_scorer", "clips", "transcribe_tokens_per_s", "parameters",
+               "weight_bytes", "prefill_tokens_per_s", "generate_tokens_per_s")
 EVAL_KEYS = {"tokens_scored": "eval_tokens", "clips": "eval_clips"}
 
 
