@@ -79,6 +79,7 @@ class Studio:
         self.distill = DistillConfig()
         self.eval = EvalConfig(tokens=8192)
         self.heal = HealConfig()
+        self.seed = RunConfig.seed  # a loaded recipe's; the forms do not set it
         self.loaded: LoadedModel | None = None
         self.shape: ModelShape | None = None
         self.plan: RankPlan | None = None
@@ -108,7 +109,7 @@ class Studio:
 
     def ensure_loaded(self) -> LoadedModel:
         if self.loaded is None:
-            return self.load(self.model_config.name)
+            return self.load(self.model_config.name, self.model_config.trust_remote_code)
         return self.loaded
 
     def model_facts(self) -> dict:
@@ -162,7 +163,38 @@ class Studio:
 
     def run_config(self) -> RunConfig:
         return RunConfig(model=self.model_config, calibration=self.calibration, plan=self.plan_config,
-                         distill=self.distill, eval=self.eval, heal=self.heal).validate()
+                         distill=self.distill, eval=self.eval, heal=self.heal, seed=self.seed).validate()
+
+    def apply_recipe(self, config: RunConfig) -> None:
+        """Make a recipe's settings the studio's; each step's forms show them when it is next opened.
+
+        The plan is made again from the recipe's plan settings. A recipe for another model (or the same one in
+        another device, precision or revision) unloads the teacher: the next step that needs it loads the
+        recipe's model.
+
+        Args:
+            config: the recipe, e.g. from RunConfig.load or a run folder's config.json.
+        Raises:
+            ConfigError: invalid settings, remote code this app does not allow, or a local path outside the
+                allowed folders; the studio is left as it was.
+        """
+        config.validate()
+        if config.model.trust_remote_code and not self.allow_remote_code:
+            raise ConfigError("this recipe trusts remote code, which is disabled; start the app with "
+                              "--allow-remote-code to use it")
+        model = replace(config.model, name=self.confine(config.model.name))
+        calibration = replace(config.calibration, source=self.confine(config.calibration.source))
+        held_out = replace(config.eval, text=self.confine(config.eval.text), audio=self.confine(config.eval.audio))
+        with self._load_lock, self._plan_lock:
+            if model != self.model_config:
+                self.loaded, self.shape = None, None
+            self.model_config, self.calibration, self.plan_config, self.plan = model, calibration, config.plan, None
+            self.distill, self.eval, self.heal, self.seed = config.distill, held_out, config.heal, config.seed
+
+    def hand_made_plan(self) -> RankPlan | None:
+        """The plan when its ranks were edited by hand, so that the plan settings alone do not reproduce it."""
+        plan = self.plan
+        return plan if plan is not None and plan.strategy == "custom" else None
 
     def start_distillation(self) -> Job:
         loaded = self.ensure_loaded()
