@@ -65,10 +65,10 @@ def build_app(studio: Studio, uploads_root: Path) -> gr.Blocks:
             builders = [
                 ("model", lambda: model_data.build(studio, uploads_root)),
                 ("ranks", lambda: ranks.build(controller)),
-                ("distill", lambda: distill.build(studio)),
+                ("distill", lambda: distill.build(controller)),
                 ("chat", lambda: chat.build(controller)),
                 ("evaluate", lambda: evaluate.build(controller)),
-                ("explore", lambda: explore.build(studio)),
+                ("explore", lambda: explore.build(controller)),
             ]
             tab_objects = {}
             for title, (key, builder) in zip(STEPS, builders, strict=True):

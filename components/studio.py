@@ -80,6 +80,7 @@ class Studio:
         self.eval = EvalConfig(tokens=8192)
         self.heal = HealConfig()
         self.seed = RunConfig.seed  # a loaded recipe's; the forms do not set it
+        self.recipe_version = 0  # counts loaded recipes, so each tab's forms know when to re-read the settings
         self.loaded: LoadedModel | None = None
         self.shape: ModelShape | None = None
         self.plan: RankPlan | None = None
@@ -190,6 +191,7 @@ class Studio:
                 self.loaded, self.shape = None, None
             self.model_config, self.calibration, self.plan_config, self.plan = model, calibration, config.plan, None
             self.distill, self.eval, self.heal, self.seed = config.distill, held_out, config.heal, config.seed
+            self.recipe_version += 1
 
     def hand_made_plan(self) -> RankPlan | None:
         """The plan when its ranks were edited by hand, so that the plan settings alone do not reproduce it."""

@@ -5,7 +5,7 @@ import gradio as gr
 import pytest
 from tiny import SAMPLE_TEXT
 
-from components import chat, evaluate, ranks
+from components import chat, distill, evaluate, explore, model_data, ranks
 from components.controller import Controller
 from components.settings import EvalSettings, PresetSettings
 from components.studio import Student, Studio
@@ -66,12 +66,33 @@ def test_evaluate_refuses_a_path_outside_the_allowed_folders(studio, tmp_path):
         Controller(studio).evaluate(EvalSettings(text="/etc/passwd"))
 
 
-def test_the_panels_keep_their_api_names(studio):
+def test_the_panels_keep_their_api_names(studio, tmp_path):
     with gr.Blocks() as demo:
         ctl = Controller(studio)
-        ranks.build(ctl), chat.build(ctl), evaluate.build(ctl)
-    assert {"apply_preset", "chat", "chat_submit", "transcribe", "evaluate", "export"} <= {
+        model_data.build(studio, tmp_path), ranks.build(ctl), distill.build(ctl), chat.build(ctl)
+        evaluate.build(ctl), explore.build(ctl)
+    assert {"load_model", "calibration", "apply_preset", "start", "chat", "chat_submit", "transcribe", "evaluate",
+            "export", "save_recipe", "load_recipe", "cli_command", "load_run_recipe", "runs", "resume"} <= {
         f.api_name for f in demo.fns.values()}
+
+
+def test_every_step_shows_a_loaded_recipe_when_next_opened_and_keeps_typed_values_otherwise(studio, tmp_path):
+    with gr.Blocks():
+        ctl = Controller(studio)
+        shows = {"model": model_data.build(studio, tmp_path)["on_show"][0], "distill": distill.build(ctl)["on_show"][0],
+                 "evaluate": evaluate.build(ctl)["on_show"][0]}
+    seen = studio.recipe_version
+    skipped = [gr.skip()] * 13
+    assert list(shows["model"](seen)) == [*skipped, seen] and list(shows["evaluate"](seen)) == [*skipped[:4], seen]
+    recipe = tmp_path / "recipe.yaml"
+    RunConfig.from_yaml("model:\n  name: my/hub-model\ncalibration:\n  source: wikitext\n  tokens: 4096\n"
+                        "distill:\n  lr: 0.02\n  epochs: 3\nheal:\n  tokens: 2048\neval:\n  seq_len: 96\n").save(recipe)
+    ctl.load_recipe(recipe)
+    model = shows["model"](seen)
+    assert model[0] == model_data.OTHER and model[1]["value"] == "my/hub-model" and model[1]["visible"]
+    assert model[4:6] == ("Hugging Face dataset", "wikitext") and model[9] == 4096 and model[-1] == seen + 1
+    assert shows["distill"]()[1:] == ("whitened", 0.02, 3, "joint", 2048)
+    assert shows["evaluate"](seen)[2] == 96 and list(shows["model"](seen + 1)) == [*skipped, seen + 1]
 
 
 def _set_a_recipe(studio):
