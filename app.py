@@ -79,6 +79,8 @@ def build_app(studio: Studio, uploads_root: Path) -> gr.Blocks:
             if "on_show" in panels[key]:
                 fn, inputs, outputs = panels[key]["on_show"]
                 tab.select(fn, inputs, outputs, show_progress="hidden", api_visibility="private")
+        # the first step is shown without a select event: a page opened after a recipe was loaded shows it too
+        demo.load(*panels["model"]["on_show"], api_visibility="private")
         header_timer = gr.Timer(1.0)
         header_timer.tick(lambda: header_html(header_chips(studio)), None, header, show_progress="hidden",
                           concurrency_limit=None, api_visibility="private")

@@ -186,7 +186,7 @@ class Studio:
         model = replace(config.model, name=self.confine(config.model.name))
         calibration = replace(config.calibration, source=self.confine(config.calibration.source))
         held_out = replace(config.eval, text=self.confine(config.eval.text), audio=self.confine(config.eval.audio))
-        with self._load_lock, self._plan_lock:
+        with self._plan_lock, self._load_lock:  # the order current_plan takes them in (a plan may load the model)
             if model != self.model_config:
                 self.loaded, self.shape = None, None
             self.model_config, self.calibration, self.plan_config, self.plan = model, calibration, config.plan, None
