@@ -239,7 +239,8 @@ class Controller:
         words = compress_command(self.studio.run_config(), OUT_PLACEHOLDER, plan)
         notes = [f"# {OUT_PLACEHOLDER}: the folder the student is exported to"]
         if plan:
-            notes.append(f"# {PLAN_FILE}: the ranks edited by hand; 'Save recipe' writes it beside the recipe")
+            notes.append(f"# {PLAN_FILE}: the plan, edited by hand or loaded from a file; 'Save recipe' writes it "
+                         "beside the recipe")
         return "\n".join([*notes, shlex.join(words)])
 
     def load_recipe(self, path: str | Path) -> str:

@@ -84,6 +84,7 @@ class Studio:
         self.loaded: LoadedModel | None = None
         self.shape: ModelShape | None = None
         self.plan: RankPlan | None = None
+        self._preset_plan: RankPlan | None = None  # the plan the plan settings made; any other was made by hand
         self.student: Student | None = None
         self._student_job: str | None = None
         self._load_lock = threading.Lock()
@@ -128,7 +129,7 @@ class Studio:
         with self._plan_lock:
             plan = make_plan(loaded, plan_config, self.planning_calibration() if plan_config.uses_calibration else None,
                              self.calibration.batch_size)
-            self.plan_config, self.plan = plan_config, plan
+            self.plan_config, self.plan, self._preset_plan = plan_config, plan, plan
         return plan
 
     def current_plan(self) -> RankPlan:
@@ -194,9 +195,9 @@ class Studio:
             self.recipe_version += 1
 
     def hand_made_plan(self) -> RankPlan | None:
-        """The plan when its ranks were edited by hand, so that the plan settings alone do not reproduce it."""
+        """The plan when the plan settings alone do not reproduce it (ranks edited by hand, a plan JSON loaded)."""
         plan = self.plan
-        return plan if plan is not None and plan.strategy == "custom" else None
+        return plan if plan is not None and plan is not self._preset_plan else None
 
     def start_distillation(self) -> Job:
         loaded = self.ensure_loaded()
