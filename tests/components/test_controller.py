@@ -133,6 +133,10 @@ def test_a_hand_edited_plan_is_saved_beside_the_recipe_and_named_by_the_command(
     assert plan == tmp_path / "plan.json" and RankPlan.load(plan).ranks == studio.plan.ranks
     assert RankPlan.load(plan).ranks[name] == 4
     assert "--plan plan.json --out OUT_FOLDER" in ctl.cli_command() and "plan.json:" in ctl.cli_command()
+    ctl.apply_preset(PresetSettings("uniform", 20, 50, 8, ("attention", "mlp"), 8))
+    assert "--plan" not in ctl.cli_command()
+    studio.load_plan_json(plan.read_text())  # a plan from a file is not the preset's either
+    assert "--plan plan.json" in ctl.cli_command() and RankPlan.load(ctl.save_recipe(tmp_path)[1]).ranks[name] == 4
 
 
 @pytest.mark.parametrize("text, message", [
