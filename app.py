@@ -65,10 +65,10 @@ def build_app(studio: Studio, uploads_root: Path) -> gr.Blocks:
             builders = [
                 ("model", lambda: model_data.build(studio, uploads_root)),
                 ("ranks", lambda: ranks.build(controller)),
-                ("distill", lambda: distill.build(studio)),
+                ("distill", lambda: distill.build(controller)),
                 ("chat", lambda: chat.build(controller)),
                 ("evaluate", lambda: evaluate.build(controller)),
-                ("explore", lambda: explore.build(studio)),
+                ("explore", lambda: explore.build(controller)),
             ]
             tab_objects = {}
             for title, (key, builder) in zip(STEPS, builders, strict=True):
@@ -79,6 +79,8 @@ def build_app(studio: Studio, uploads_root: Path) -> gr.Blocks:
             if "on_show" in panels[key]:
                 fn, inputs, outputs = panels[key]["on_show"]
                 tab.select(fn, inputs, outputs, show_progress="hidden", api_visibility="private")
+        # the first step is shown without a select event: a page opened after a recipe was loaded shows it too
+        demo.load(*panels["model"]["on_show"], api_visibility="private")
         header_timer = gr.Timer(1.0)
         header_timer.tick(lambda: header_html(header_chips(studio)), None, header, show_progress="hidden",
                           concurrency_limit=None, api_visibility="private")

@@ -5,14 +5,19 @@ inputs to the settings dataclasses below, so the handlers can be called and test
 from __future__ import annotations
 
 import queue
+import shlex
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import gradio as gr
 
 from lillama_core.chat import SamplingConfig, stream_chat
+from lillama_core.cli import compress_command
 from lillama_core.config import RunConfig
+from lillama_core.errors import ConfigError
 from lillama_core.modeling.quantize import MODES, quantize_weights
 from lillama_core.planning.strategies import strategy_named
 
@@ -21,6 +26,10 @@ from .charts import comparison_chart
 from .common import friendly, plot
 from .settings import ChatFrame, ChatSettings, EvalSettings, PresetSettings
 from .studio import Studio
+
+RECIPE_FILE = "recipe.yaml"
+PLAN_FILE = "plan.json"  # a hand-edited plan, written beside the recipe; the command line names it
+OUT_PLACEHOLDER = "OUT_FOLDER"
 
 
 def _no_progress(fraction: float, desc: str = "") -> None:
@@ -196,3 +205,70 @@ class Controller:
             gr.Info(notice)
         self.studio.apply_preset(config)
         return ranks.totals_html(self.studio), ranks.chart(self.studio)
+
+    # ---- recipes ----
+
+    def save_recipe(self, folder: Path | None = None) -> list[Path]:
+        """Write the current settings as a YAML recipe, and the plan beside it where it was edited by hand.
+
+        Args:
+            folder: where to write; a new temporary folder when None (a browser download).
+        Returns:
+            [recipe.yaml] or [recipe.yaml, plan.json].
+        Raises:
+            ConfigError: the current settings are invalid.
+        """
+        folder = Path(folder) if folder is not None else Path(tempfile.mkdtemp(prefix="lillama-recipe-"))
+        recipe = folder / RECIPE_FILE
+        self.studio.run_config().save(recipe)
+        plan = self.studio.hand_made_plan()
+        if plan is None:
+            return [recipe]
+        plan.save(folder / PLAN_FILE)
+        return [recipe, folder / PLAN_FILE]
+
+    def cli_command(self) -> str:
+        """The `lillama compress` line that reproduces the current settings, with comments on what to fill in.
+
+        Returns:
+            Shell text: comment lines, then the command.
+        Raises:
+            ConfigError: the current settings are invalid, or one has no command-line form.
+        """
+        plan = PLAN_FILE if self.studio.hand_made_plan() is not None else None
+        words = compress_command(self.studio.run_config(), OUT_PLACEHOLDER, plan)
+        notes = [f"# {OUT_PLACEHOLDER}: the folder the student is exported to"]
+        if plan:
+            notes.append(f"# {PLAN_FILE}: the plan, edited by hand or loaded from a file; 'Save recipe' writes it "
+                         "beside the recipe")
+        return "\n".join([*notes, shlex.join(words)])
+
+    def load_recipe(self, path: str | Path) -> str:
+        """Make a recipe file's settings the studio's (every step's forms show them when opened).
+
+        Args:
+            path: a .yaml/.yml recipe, or JSON such as a run folder's config.json.
+        Returns:
+            A one-line note for a toast.
+        Raises:
+            ConfigError: an unreadable or invalid recipe, or one this app may not run; nothing changes.
+        """
+        config = RunConfig.load(path)
+        unloads = self.studio.loaded is not None and config.model != self.studio.model_config
+        self.studio.apply_recipe(config)
+        note = f"recipe loaded: {config.model.name}, {config.plan.strategy} plan"
+        return note + (" (the model loads when a step needs it)" if unloads else "")
+
+    def load_run_recipe(self, name: str) -> str:
+        """Load the recipe a run in the runs folder was made with (its config.json), as load_recipe does.
+
+        Args:
+            name: the run folder's name.
+        Returns:
+            A one-line note for a toast.
+        Raises:
+            LillamaError: no run picked, a name outside the runs folder, or a run without a readable recipe.
+        """
+        if not name:
+            raise ConfigError("pick a run first")
+        return self.load_recipe(self.studio.jobs.run_folder(name) / "config.json")

@@ -5,14 +5,19 @@ from __future__ import annotations
 
 import html
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import gradio as gr
 
 from lillama_core.config import INITS, LOSS_PATHS
 
+from . import recipe
 from .charts import duration, human, human_bytes, layer_table, loss_chart, memory_chart, run_progress, throughput_chart
 from .common import announce_failure, plot, user_errors
 from .studio import Studio
+
+if TYPE_CHECKING:  # the controller imports the panels
+    from .controller import Controller
 
 POLL_SECONDS = 0.4
 
@@ -34,7 +39,13 @@ def progress_html(job) -> str:
             f"<span>{vram}</span></div>{message}</div>")
 
 
-def build(studio: Studio) -> dict:
+def form_values(studio: Studio) -> tuple:
+    """The distillation forms' values from the studio: initialisation, lr, epochs, loss paths, healing tokens."""
+    return studio.distill.init, studio.distill.lr, studio.distill.epochs, studio.distill.loss, studio.heal.tokens
+
+
+def build(controller: Controller) -> dict:
+    studio = controller.studio
     with gr.Row():
         init = gr.Dropdown(list(INITS), value=studio.distill.init, label="Initialisation")
         lr = gr.Number(value=studio.distill.lr, label="Learning rate", minimum=0)
@@ -45,6 +56,8 @@ def build(studio: Studio) -> dict:
         with gr.Column(min_width=200):
             start = gr.Button("▶ Start", variant="primary")
             stop = gr.Button("■ Stop", variant="stop")
+    forms = [init, lr, epochs, loss, heal_tokens]
+    recipe.build(controller, forms, lambda: form_values(studio))
     device_note = gr.Markdown()
     progress = gr.HTML(progress_html(studio.jobs.latest()))
     with gr.Row(equal_height=False):
@@ -64,18 +77,25 @@ def build(studio: Studio) -> dict:
             return f"Running on **{where}** with bf16 autocast."
         return "No GPU found: distillation runs on the **CPU** (expect minutes per 10K tokens on a small model)."
 
-    @user_errors
-    def on_start(init_value, lr_value, epochs_value, loss_value, heal_value):
+    def keep_settings(init_value, lr_value, epochs_value, loss_value, heal_value):
+        """The forms as typed become the studio's settings, so a saved recipe and the CLI command show them."""
         studio.distill = replace(studio.distill, init=init_value, lr=float(lr_value or 0), epochs=int(epochs_value),
                                  loss=loss_value)
         studio.heal = replace(studio.heal, tokens=int(heal_value or 0))
+
+    for form in forms:
+        form.change(keep_settings, forms, None, show_progress="hidden", api_visibility="private")
+
+    @user_errors
+    def on_start(*values):
+        keep_settings(*values)
         studio.distill.validate()
         studio.heal.validate()
         job = studio.start_distillation()
         gr.Info(f"started {job.run_dir.name}")
         return progress_html(job), device_text()
 
-    start.click(on_start, [init, lr, epochs, loss, heal_tokens], [progress, device_note], concurrency_id="model",
+    start.click(on_start, forms, [progress, device_note], concurrency_id="model",
                 concurrency_limit=1, api_name="start")
 
     def on_stop():
@@ -102,5 +122,8 @@ def build(studio: Studio) -> dict:
 
     timer.tick(poll, seen, [progress, losses, speed, memory, table, seen], show_progress="hidden",
                concurrency_limit=None, api_visibility="private")
-    return {"on_show": (lambda: device_text(), [], [device_note]), "timer": timer, "progress": progress,
+    def on_show():  # a recipe loaded in step 6 shows here; the forms keep the studio's settings as typed
+        return device_text(), *form_values(studio)
+
+    return {"on_show": (on_show, [], [device_note, *forms]), "timer": timer, "progress": progress,
             "losses": losses}

@@ -18,6 +18,7 @@ from lillama_core.modeling.quantize import MODES
 from lillama_core.runtime.atomic import staged_file
 from lillama_core.tasks import task_for
 
+from . import recipe
 from .charts import human, human_bytes
 from .common import user_errors
 from .settings import EvalSettings
@@ -79,7 +80,8 @@ def build(controller: Controller) -> dict:
         text = gr.Textbox(value="default", label="Held-out text file",
                           info="default: WikiText-2 test (never used for calibration)")
         tokens = gr.Slider(512, 65536, value=studio.eval.tokens, step=512, label="Tokens scored")
-        seq_len = gr.Dropdown([128, 256, 512, 1024], value=studio.eval.seq_len, label="Window")
+        seq_len = gr.Dropdown([128, 256, 512, 1024], value=studio.eval.seq_len, label="Window",
+                              allow_custom_value=True)  # a loaded recipe's may differ
         batch16 = gr.Checkbox(value=False, label="Also time generation at batch 16")
         int8 = gr.Checkbox(value=False, label="Add weight-only int8 and int4 copies")
         run = gr.Button("Evaluate teacher and student", variant="primary")
@@ -136,4 +138,12 @@ def build(controller: Controller) -> dict:
         return note, gr.update(value=archive, visible=True)
 
     export.click(on_export, [name, fmt, overwrite, weights], [export_note, download], api_name="export")
-    return {}
+    forms = [text, tokens, seq_len, audio]
+    seen = gr.State(studio.recipe_version)
+
+    def on_show(version):
+        held_out = studio.eval
+        return recipe.shown_settings(studio, version, lambda: (held_out.text, held_out.tokens, held_out.seq_len,
+                                                               held_out.audio), len(forms))
+
+    return {"on_show": (on_show, [seen], [*forms, seen])}

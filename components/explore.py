@@ -1,9 +1,10 @@
-"""Panel 6: sweep reduction levels, compare every finished run on quality against size, and reload a
-run's student into Chat and Evaluate."""
+"""Panel 6: sweep reduction levels, compare every finished run on quality against size, reload a run's
+student into Chat and Evaluate, and load a run's recipe back into the forms."""
 
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 import gradio as gr
 import pandas as pd
@@ -13,6 +14,9 @@ from lillama_core.jobs import list_runs
 from .charts import duration, human, human_bytes, tradeoff_chart
 from .common import plot, user_errors
 from .studio import Studio
+
+if TYPE_CHECKING:  # the controller imports the panels
+    from .controller import Controller
 
 LEVELS = [5, 10, 20, 30, 40, 50]
 
@@ -48,7 +52,8 @@ def runs_table(rows: list[dict]) -> pd.DataFrame:
     } for r in rows])
 
 
-def build(studio: Studio) -> dict:
+def build(controller: Controller) -> dict:
+    studio = controller.studio
     with gr.Row():
         levels = gr.CheckboxGroup(LEVELS, value=[10, 20, 30, 40], label="Sweep: reductions (% of all parameters)",
                                   info="uses the current model, calibration, preset and distillation settings")
@@ -64,6 +69,7 @@ def build(studio: Studio) -> dict:
     with gr.Row():
         pick = gr.Dropdown([], label="Run", scale=3)
         reload = gr.Button("Load its student into Chat and Evaluate", scale=2)
+        load_recipe = gr.Button("Load its recipe into the forms", scale=2)
         resume = gr.Button("Resume it (interrupted runs)", scale=1)
     details = gr.Code(language="json", label="Run config and metrics")
 
@@ -115,6 +121,12 @@ def build(studio: Studio) -> dict:
         gr.Info(f"student of {student.label} loaded: Chat and Evaluate now use it")
 
     reload.click(on_reload, pick, None, concurrency_id="model", concurrency_limit=1, api_name="load_student")
+
+    @user_errors
+    def on_load_recipe(name):
+        gr.Info(controller.load_run_recipe(name) + "; every step's forms show it")
+
+    load_recipe.click(on_load_recipe, pick, None, api_name="load_run_recipe")
 
     @user_errors
     def on_resume(name):

@@ -12,6 +12,7 @@ from lillama_core.config import CalibrationConfig
 from lillama_core.errors import LillamaError
 from lillama_core.modeling.loading import BUILTIN_MODELS
 
+from . import recipe
 from .charts import human, human_bytes
 from .common import facts_table, user_errors
 from .studio import Studio
@@ -51,6 +52,25 @@ def calibration_preview(studio: Studio, loaded, config: CalibrationConfig) -> st
     return shown
 
 
+def source_kind(source: str) -> str:
+    """The Source choice that shows a calibration source: built-in, a local file, or a dataset id."""
+    if source == "default":
+        return SOURCE_KINDS[0]
+    return SOURCE_KINDS[1] if Path(source).expanduser().exists() else SOURCE_KINDS[2]
+
+
+def form_values(studio: Studio) -> tuple:
+    """Step 1's forms from the studio's settings (a loaded recipe): model choice, typed name, remote code,
+    offload, the calibration inputs, and the model card."""
+    name, cal = studio.model_config.name, studio.calibration
+    builtin = name in BUILTIN_MODELS
+    source = "" if cal.source == "default" else cal.source
+    return (name if builtin else OTHER, gr.update(value="" if builtin else name, visible=not builtin),
+            studio.model_config.trust_remote_code, studio.model_config.offload, source_kind(cal.source), source,
+            cal.text_field or "", cal.dataset_config or "", cal.split, cal.tokens, cal.seq_len, cal.batch_size,
+            model_card(studio))
+
+
 def build(studio: Studio, uploads_root: Path) -> dict:
     builtin_choices = [(m.description, m.name) for m in BUILTIN_MODELS.values()] + [
         ("Hugging Face id, local folder or .gguf file…", OTHER)]
@@ -87,7 +107,7 @@ def build(studio: Studio, uploads_root: Path) -> dict:
                 tokens = gr.Slider(1024, 2_000_000, value=studio.calibration.tokens, step=1024,
                                    label="Token budget", info="a few million on a GPU; 16K–100K on CPU")
                 seq_len = gr.Dropdown([64, 128, 256, 512, 1024, 2048], value=studio.calibration.seq_len,
-                                      label="Sequence length")
+                                      label="Sequence length", allow_custom_value=True)  # a recipe's may differ
                 batch = gr.Slider(1, 64, value=studio.calibration.batch_size, step=1, label="Batch size")
             preview_button = gr.Button("Preview and count tokens")
             preview_box = gr.Markdown()
@@ -140,4 +160,10 @@ def build(studio: Studio, uploads_root: Path) -> dict:
         return calibration_preview(studio, loaded, config)
 
     preview_button.click(on_preview, inputs, preview_box, api_name="calibration")
-    return {"card": card, "load": load_button}
+    forms = [choice, custom, remote, offload, *inputs, card]
+    seen = gr.State(studio.recipe_version)
+
+    def on_show(version):
+        return recipe.shown_settings(studio, version, lambda: form_values(studio), len(forms))
+
+    return {"card": card, "load": load_button, "on_show": (on_show, [seen], [*forms, seen])}

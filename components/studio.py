@@ -79,9 +79,12 @@ class Studio:
         self.distill = DistillConfig()
         self.eval = EvalConfig(tokens=8192)
         self.heal = HealConfig()
+        self.seed = RunConfig.seed  # a loaded recipe's; the forms do not set it
+        self.recipe_version = 0  # counts loaded recipes, so each tab's forms know when to re-read the settings
         self.loaded: LoadedModel | None = None
         self.shape: ModelShape | None = None
         self.plan: RankPlan | None = None
+        self._preset_plan: RankPlan | None = None  # the plan the plan settings made; any other was made by hand
         self.student: Student | None = None
         self._student_job: str | None = None
         self._load_lock = threading.Lock()
@@ -108,7 +111,7 @@ class Studio:
 
     def ensure_loaded(self) -> LoadedModel:
         if self.loaded is None:
-            return self.load(self.model_config.name)
+            return self.load(self.model_config.name, self.model_config.trust_remote_code)
         return self.loaded
 
     def model_facts(self) -> dict:
@@ -126,7 +129,7 @@ class Studio:
         with self._plan_lock:
             plan = make_plan(loaded, plan_config, self.planning_calibration() if plan_config.uses_calibration else None,
                              self.calibration.batch_size)
-            self.plan_config, self.plan = plan_config, plan
+            self.plan_config, self.plan, self._preset_plan = plan_config, plan, plan
         return plan
 
     def current_plan(self) -> RankPlan:
@@ -162,7 +165,39 @@ class Studio:
 
     def run_config(self) -> RunConfig:
         return RunConfig(model=self.model_config, calibration=self.calibration, plan=self.plan_config,
-                         distill=self.distill, eval=self.eval, heal=self.heal).validate()
+                         distill=self.distill, eval=self.eval, heal=self.heal, seed=self.seed).validate()
+
+    def apply_recipe(self, config: RunConfig) -> None:
+        """Make a recipe's settings the studio's; each step's forms show them when it is next opened.
+
+        The plan is made again from the recipe's plan settings. A recipe for another model (or the same one in
+        another device, precision or revision) unloads the teacher: the next step that needs it loads the
+        recipe's model.
+
+        Args:
+            config: the recipe, e.g. from RunConfig.load or a run folder's config.json.
+        Raises:
+            ConfigError: invalid settings, remote code this app does not allow, or a local path outside the
+                allowed folders; the studio is left as it was.
+        """
+        config.validate()
+        if config.model.trust_remote_code and not self.allow_remote_code:
+            raise ConfigError("this recipe trusts remote code, which is disabled; start the app with "
+                              "--allow-remote-code to use it")
+        model = replace(config.model, name=self.confine(config.model.name))
+        calibration = replace(config.calibration, source=self.confine(config.calibration.source))
+        held_out = replace(config.eval, text=self.confine(config.eval.text), audio=self.confine(config.eval.audio))
+        with self._plan_lock, self._load_lock:  # the order current_plan takes them in (a plan may load the model)
+            if model != self.model_config:
+                self.loaded, self.shape = None, None
+            self.model_config, self.calibration, self.plan_config, self.plan = model, calibration, config.plan, None
+            self.distill, self.eval, self.heal, self.seed = config.distill, held_out, config.heal, config.seed
+            self.recipe_version += 1
+
+    def hand_made_plan(self) -> RankPlan | None:
+        """The plan when the plan settings alone do not reproduce it (ranks edited by hand, a plan JSON loaded)."""
+        plan = self.plan
+        return plan if plan is not None and plan is not self._preset_plan else None
 
     def start_distillation(self) -> Job:
         loaded = self.ensure_loaded()

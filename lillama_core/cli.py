@@ -10,7 +10,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from .config import ModelConfig, RunConfig
+from .config import ModelConfig, PlanConfig, RunConfig
 from .config_args import ConfigArgs
 from .errors import ConfigError, LillamaError, ModelForwardError
 from .events import Event, LayerFinished, Phase, RunFinished, RunStarted, Step
@@ -151,6 +151,26 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--save", help="write the plan JSON here")
     _add_config_args(pl, "plan")
     return parser
+
+
+def compress_command(config: RunConfig, out: str, plan: str | None = None) -> list[str]:
+    """The shortest `lillama compress` command line that runs `config`: flags only for settings that differ
+    from the defaults, under the names `lillama compress --help` shows.
+
+    Args:
+        config: the recipe. A fixed rank replaces the reduction target on the command line (as in
+            _run_config), so the command gives back a fixed-rank recipe with `plan.reduction` None.
+        out: what --out shows: the export folder, or a placeholder the caller explains.
+        plan: a rank plan JSON file for --plan (a plan edited by hand), or None.
+    Returns:
+        The words, starting with "lillama", "compress"; `shlex.join` makes them one shell line.
+    Raises:
+        ConfigError: a setting the command line cannot spell (ConfigArgs.words).
+    """
+    if config.plan.rank is not None:  # --rank drops the reduction: no --reduction none needed
+        config = dataclasses.replace(config, plan=dataclasses.replace(config.plan, reduction=PlanConfig().reduction))
+    words = ConfigArgs(SELECTIONS["compress"], reserved=NO_SHORT_FORMS).words(config)
+    return ["lillama", "compress", *words, *(["--plan", plan] if plan else []), "--out", out]
 
 
 def _run_config(args) -> RunConfig:

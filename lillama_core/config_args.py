@@ -273,6 +273,12 @@ def _flags_of(field: ConfigField, fields: list[ConfigField], reserved: Iterable[
     return flags + ([field.flag] if field.flag not in ALIASES else [])
 
 
+def _value_at(config: RunConfig, path: str):
+    for part in path.split("."):
+        config = getattr(config, part)
+    return config
+
+
 def _selected(path: str, selection: Iterable[str] | None) -> bool:
     return selection is None or any(path == part or path.startswith(part + ".") for part in selection)
 
@@ -338,11 +344,46 @@ class ConfigArgs:
             target[name] = value
         return RunConfig.from_dict(data)
 
+    def words(self, config: RunConfig) -> list[str]:
+        """The fewest flags that turn the defaults into `config`, each under its first name (a historic alias or
+        the short form): one per selected setting that differs from its default, plus any setting an alias would
+        otherwise carry along with a value it does not have (`--seed 3` also sets calibration.seed).
+
+        Args:
+            config: the recipe to reproduce.
+        Returns:
+            Command-line words, e.g. ["--lr", "0.0003", "--no-distill"]; a parse of them applied to RunConfig()
+            gives `config` back in every selected setting.
+        Raises:
+            ConfigError: a value the command line cannot spell so that it reads back the same (a list item with a
+                comma, an optional text reading "none").
+        """
+        wanted = {field.path: _value_at(config, field.path) for field in self.fields}
+        given = {field.path: wanted[field.path] for field in self.fields if wanted[field.path] != field.default}
+        for first, *others in ALIASES.values():
+            for path in (path for path in others if first in given and path in wanted):
+                if wanted[path] == given[first]:
+                    given.pop(path, None)  # the alias carries it along
+                else:
+                    given[path] = wanted[path]
+        words = []
+        for field in self.fields:
+            if field.path in given:
+                words += self._spelled(field, given[field.path])
+        return words
+
+    def _spelled(self, field: ConfigField, value) -> list[str]:
+        flag = self.flags[field.path][0]
+        if _optional(field.hint)[1] is bool:
+            return [flag if value else _negative(flag)]
+        text = _shown(value)
+        if field.parse(text) != value:
+            raise ConfigError(f"{field.path}: {value!r} has no command-line form that reads back the same; "
+                              "use a recipe file (--config)")
+        return [f"{flag}={text}"] if text.startswith("-") else [flag, text]  # argparse reads -1e-3 as an option
+
     def expose(self, namespace: argparse.Namespace, config: RunConfig) -> None:
         """Write every selected field's effective value onto the namespace under its flag's attribute
         (`args.eval_tokens`, `args.model`), so command bodies read the config the run uses."""
         for field in self.fields:
-            value = config
-            for part in field.path.split("."):
-                value = getattr(value, part)
-            setattr(namespace, self.dests[field.path], value)
+            setattr(namespace, self.dests[field.path], _value_at(config, field.path))

@@ -8,9 +8,10 @@ import pytest
 import torch
 from tiny import SAMPLE_TEXT, STRICT_CHAT_TEMPLATE, fail_in, overflowing_float16_llama, tiny_opt
 
-from lillama_core.cli import COMMANDS, ProgressPrinter, build_parser, main
+from lillama_core.cli import COMMANDS, ProgressPrinter, _run_config, build_parser, compress_command, main
 from lillama_core.config import RunConfig
 from lillama_core.config_args import ALIASES
+from lillama_core.errors import ConfigError
 from lillama_core.events import LayerFinished, Step, read_events
 from lillama_core.export import load_compressed, read_record
 
@@ -159,6 +160,56 @@ def test_print_config_parses_back_to_the_same_recipe_and_loads_no_model(tmp_path
     (tmp_path / "again.yaml").write_text(printed)
     assert main(["compress", "--config", str(tmp_path / "again.yaml"), "--print-config"]) == 0
     assert capsys.readouterr().out == printed
+
+
+RECIPES = {
+    "defaults": {},
+    "lists, dicts, None, enums and bools": {
+        "model.name": "HuggingFaceTB/SmolLM2-360M", "model.dtype": "bfloat16", "model.offload": True,
+        "calibration.text_field": "content", "calibration.tokens": 2048, "calibration.chat_template": False,
+        "plan.strategy": "energy", "plan.reduction": 0.35, "plan.groups": ["mlp", "attention"],
+        "plan.overrides": {"*.layers.0.*": None, "*.mlp.*": 16}, "plan.whitened_energy": False,
+        "distill.init": "svd", "distill.lr": 3e-4, "distill.grad_clip": None, "distill.loss": "teacher",
+        "distill.train": False, "distill.activations": "disk", "eval.text": "held out.txt", "seed": 3},
+    "fixed rank, both seeds": {
+        "plan.strategy": "uniform", "plan.rank": 64, "plan.reduction": None, "plan.rank_multiple": 1,
+        "distill.weight_decay": 0.01, "distill.warmup_steps": 0, "seed": 5, "calibration.seed": 5,
+        "heal.tokens": 4096, "heal.temperature": 2.0},
+    "calibration seed alone": {"calibration.seed": 7, "distill.schedule": "constant", "distill.keep_best": False},
+}
+
+
+@pytest.mark.parametrize("values", RECIPES.values(), ids=RECIPES)
+def test_the_compress_command_of_a_recipe_parses_back_to_the_same_recipe(values):
+    config = _with(values).validate()
+    words = compress_command(config, "OUT")
+    assert words[:2] == ["lillama", "compress"] and words[-2:] == ["--out", "OUT"]
+    assert len(words) - 4 <= 2 * len(values) + 1  # flags only for what differs (seed carries calibration.seed)
+    args = build_parser().parse_args(words[1:])  # after "lillama"
+    assert _run_config(args) == config and args.out == "OUT"
+
+
+def test_the_compress_command_uses_the_short_names_and_spells_every_kind():
+    words = compress_command(_with(RECIPES["lists, dicts, None, enums and bools"]), "OUT", plan="plan.json")
+    line = " ".join(words)
+    for part in ("--model HuggingFaceTB/SmolLM2-360M", "--offload", "--no-chat-template", "--groups mlp,attention",
+                 '--overrides {"*.layers.0.*": null, "*.mlp.*": 16}', "--grad-clip none", "--no-distill",
+                 "--activations disk", "--seed 3 ", "--calibration.seed 0", "--plan plan.json --out OUT"):
+        assert part in line
+    assert "--rank" not in line and "--strategy energy" in line
+    fixed = " ".join(compress_command(_with(RECIPES["fixed rank, both seeds"]), "OUT"))
+    assert "--rank 64" in fixed and "--seed 5" in fixed and "calibration.seed" not in fixed and "reduction" not in fixed
+
+
+def test_a_setting_the_command_line_cannot_spell_is_one_config_error():
+    with pytest.raises(ConfigError, match="calibration.text_field.*recipe file"):
+        compress_command(_with({"calibration.text_field": "none"}), "OUT")  # would read back as None
+
+
+def test_the_printed_compress_command_runs_and_prints_the_recipe(capsys):
+    config = _with(RECIPES["lists, dicts, None, enums and bools"]).validate()
+    assert main([*compress_command(config, "OUT")[1:], "--print-config"]) == 0
+    assert RunConfig.from_yaml(capsys.readouterr().out) == config
 
 
 def test_compress_still_needs_out_unless_printing(capsys):

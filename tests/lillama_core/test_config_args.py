@@ -68,6 +68,25 @@ def test_every_config_field_has_a_flag_that_sets_it(path):
     assert _get(flags.apply(RunConfig(), args), path) == expected
 
 
+@pytest.mark.parametrize("path", list(_leaf_paths()))
+def test_words_spell_any_one_setting_so_that_it_parses_back(path):
+    flags, parser = _parser()
+    field = next(f for f in flags.fields if f.path == path)
+    config = flags.apply(RunConfig(), parser.parse_args(_other_value(field)[0]))
+    words = flags.words(config)
+    assert words and words[0] in flags.flags[path] + [config_args._negative(flags.flags[path][0])]
+    assert flags.apply(RunConfig(), parser.parse_args(words)) == config
+
+
+def test_words_of_the_defaults_are_none_and_a_value_starting_with_a_dash_is_joined_to_its_flag():
+    flags, parser = _parser()
+    assert flags.words(RunConfig()) == []
+    config = RunConfig()
+    config.model.name = "-odd-name"
+    assert flags.words(config) == ["--model=-odd-name"]
+    assert flags.apply(RunConfig(), parser.parse_args(flags.words(config))) == config
+
+
 def test_nothing_given_means_nothing_changes():
     flags, parser = _parser()
     args = parser.parse_args([])
