@@ -131,7 +131,9 @@ def test_speech_models_transcribe_one_clip_with_teacher_and_student(studio):
     teacher, student = chat.transcribe_both(studio, (8000, pcm))
     assert student == chat.NO_STUDENT
     audio = to_mono(pcm, 8000)
-    assert audio.size == 2 * pcm.size and np.abs(audio[::2] - clip[::2]).max() < 1e-3  # mono float at 16 kHz
+    # mono float at 16 kHz; a band-limited resampler passes close to the 8 kHz samples it was given
+    assert audio.dtype == np.float32 and audio.size == 2 * pcm.size
+    assert np.corrcoef(audio[::2], pcm / 32767)[0, 1] > 0.999
     expected = transcribe(whisper.model, whisper.tokenizer, whisper.feature_extractor, audio)
     assert teacher.startswith(expected["text"]) and "tokens/s" in teacher
     studio.student = Student(whisper.model, whisper.tokenizer, "same weights", None, whisper.feature_extractor)
