@@ -1,5 +1,7 @@
 import json
+import shutil
 import threading
+from pathlib import Path
 
 import pytest
 from tiny import SAMPLE_TEXT
@@ -235,3 +237,33 @@ def test_a_sweep_records_each_run_folder_status_with_the_same_writer_as_jobs(man
                   and r.path != job.run_dir)
     assert json.loads((failed.path / "status.json").read_text()) == {
         "status": "failed", "message": "calibration text is empty", "sweep": job.id}
+
+
+def test_a_run_folder_written_before_this_round_loads_and_resumes(tmp_path):
+    from tiny import tiny_llama
+
+    from lillama_core.cli import main
+    from lillama_core.events import read_events
+    from lillama_core.modeling.shipped import LowRankLinear
+
+    run = tmp_path / "run"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "fixtures" / "v1_run", run)
+    model_dir, calibration = tmp_path / "tiny-model", tmp_path / "calib.txt"
+    loaded = tiny_llama(layers=3)  # the seeded teacher the fixture was compressed from
+    loaded.model.save_pretrained(model_dir)
+    loaded.tokenizer.save_pretrained(model_dir)
+    calibration.write_text(SAMPLE_TEXT * 20)
+    config = json.loads((run / "config.json").read_text())
+    assert config["distill"]["distill"] is True  # the key this round renamed
+    config["model"]["name"], config["calibration"]["source"] = str(model_dir), str(calibration)
+    (run / "config.json").write_text(json.dumps(config))
+
+    record = read_run(run)
+    assert record.config.distill.train is True and record.config.plan.strategy == "uniform"
+    assert main(["resume", str(run), "--out", str(tmp_path / "student"), "--no-eval"]) == 0
+    phases = [e.detail for e in read_events(run / "events.jsonl") if e.kind == "phase"]
+    assert sum("restored from its checkpoint" in p for p in phases) == 2  # layers 0 and 1 were not retrained
+    assert sorted(p.name for p in (run / "layers").glob("layer_*.json")) == [f"layer_00{i}.json" for i in range(3)]
+    student, _ = load_compressed(tmp_path / "student")
+    plan = json.loads((run / "layers" / "plan.json").read_text())["ranks"]
+    assert {n: m.rank for n, m in student.named_modules() if isinstance(m, LowRankLinear)} == plan
