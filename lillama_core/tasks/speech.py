@@ -40,7 +40,7 @@ EVAL_SEED_OFFSET = 10_000  # held-out clips never share a seed with calibration 
 SYNTHETIC_SOURCES = ("default", "synthetic")  # calibration sources that mean the built-in synthetic clips
 AUDIO_SUFFIXES = (".wav", ".flac")
 # Measured on Whisper-base at 20% (README): calibrated on synthetic clips the student transcribed nothing
-# usable (per-clip mean word error rate 112%, the old scorer), on spoken text it stays close to the teacher.
+# usable (word error rate 112%, a per-clip mean of the earlier scorer).
 SYNTHETIC_AUDIO_WARNING = ("calibrating a speech model on synthetic clips: enough to try the workflow, not to keep "
                            "the student; give real speech (a .wav or .flac file, or a folder) for a usable one")
 
