@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -186,8 +185,8 @@ def main(argv=None) -> None:
         print(f"loading {args.model} …", flush=True)
         try:
             studio.load(args.model)
-            # the default plan needs a short teacher pass; do it while the page loads
-            threading.Thread(target=studio.current_plan, name="default-plan", daemon=True).start()
+            # a provisional plan at once; the measured default plan replaces it when ready (cached across launches)
+            studio.start_planning()
         except LillamaError as exc:
             print(f"could not load {args.model}: {exc}; pick another model in the app", file=sys.stderr)
     warning = exposure_warning(args)
