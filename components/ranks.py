@@ -53,7 +53,7 @@ def planning_note(studio: Studio) -> str:
     """A line over the totals while the plan shown is the provisional one, with the measurement's progress."""
     if studio.provisional is None or studio.plan is not studio.provisional:
         return ""
-    return (f"<p class='plan-note'>⏳ Provisional {studio.plan.strategy} plan, shown while the "
+    return (f"<p class='plan-note'>Provisional {studio.plan.strategy} plan, shown while the "
             f"{studio.plan_config.strategy} plan is made: {html.escape(studio.plan_progress)}. It replaces this one "
             f"when ready.</p>")
 

@@ -179,7 +179,9 @@ class Studio:
         plan = None
         try:
             with self._measure_lock:
-                plan = make_plan(loaded, config, self.planning_calibration(), self.calibration.batch_size,
+                calibration = self.planning_calibration()
+                self.plan_progress = "capturing the teacher's layer inputs"  # until the first layer's Phase event
+                plan = make_plan(loaded, config, calibration, self.calibration.batch_size,
                                  on_event=self._on_plan_event, stop=stop)
         except RunStopped:
             pass
