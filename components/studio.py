@@ -33,11 +33,10 @@ from lillama_core.jobs import (
     sweep_work,
 )
 from lillama_core.modeling.loading import LoadedModel, describe, load_model
-from lillama_core.pipeline import calibrate
+from lillama_core.pipeline import planning_calibration
 from lillama_core.planning.planner import make_plan
 from lillama_core.planning.ranks import ModelShape, RankPlan, summarize
 
-PLANNING_TOKENS = 4096
 PROVISIONAL_STRATEGY = "uniform"  # needs no measurement: shown at once while a measured plan is being made
 LOCAL_SUFFIXES = (".gguf", ".txt", ".jsonl", ".json", ".parquet", ".csv", ".safetensors", ".wav")
 
@@ -125,17 +124,16 @@ class Studio:
 
     # ---- plan ----
 
-    def planning_calibration(self) -> CalibrationData:
-        """A small slice of the calibration set, enough for whitened spectra."""
-        cal = replace(self.calibration, tokens=min(self.calibration.tokens, PLANNING_TOKENS))
-        return calibrate(self.ensure_loaded(), cal)
+    def planning_calibration(self, plan_config: PlanConfig) -> CalibrationData | None:
+        """What `plan_config` measures on, drawn as the CLI and compression runs draw it (so all of them find
+        the same stored measurement); None when it measures nothing."""
+        return planning_calibration(self.ensure_loaded(), RunConfig(calibration=self.calibration, plan=plan_config))
 
     def apply_preset(self, plan_config: PlanConfig) -> RankPlan:
         loaded = self.ensure_loaded()
         self._planning_stop.set()  # the user chose: a background measurement gives way (between two layers)
         with self._measure_lock:
-            plan = make_plan(loaded, plan_config, self.planning_calibration() if plan_config.uses_calibration else None,
-                             self.calibration.batch_size)
+            plan = make_plan(loaded, plan_config, self.planning_calibration(plan_config), self.calibration.batch_size)
         with self._plan_lock:
             self.plan_config, self.plan, self.provisional = plan_config, plan, None
         return plan
@@ -179,7 +177,7 @@ class Studio:
         plan = None
         try:
             with self._measure_lock:
-                calibration = self.planning_calibration()
+                calibration = self.planning_calibration(config)
                 self.plan_progress = "capturing the teacher's layer inputs"  # until the first layer's Phase event
                 plan = make_plan(loaded, config, calibration, self.calibration.batch_size,
                                  on_event=self._on_plan_event, stop=stop)

@@ -79,32 +79,36 @@ def measurement_key(kind: str, loaded: LoadedModel, calibration: CalibrationData
     return f"{kind}-{hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:32]}"
 
 
-def cached_sensitivity(key: str, measure: Callable[[], dict[int, dict[float, float]]],
+def cached_sensitivity(key: str, keeps: tuple[float, ...],
+                       measure: Callable[[tuple[float, ...]], dict[int, dict[float, float]]],
                        on_hit: Callable[[Path], None] | None = None) -> dict[int, dict[float, float]]:
-    """The damage table stored under `key`, or `measure()`'s, stored for next time.
+    """The damage at `keeps` stored under `key`; kept shares not stored yet are measured and added, so plans for
+    other targets (a sweep's levels probe deeper shares) reuse what is there.
 
     Args:
-        key: from measurement_key.
-        measure: takes the measurement on a miss; what it raises (a stop request) passes through, unstored.
-        on_hit: told the entry's path when the stored one is used.
+        key: from measurement_key, without the keeps.
+        keeps: the kept shares to probe.
+        measure: measures the given kept shares; what it raises (a stop request) passes through, unstored.
+        on_hit: told the entry's path when nothing had to be measured.
 
     Returns:
-        {layer: {kept share: KL in nats}}; a NaN probe comes back as None, as build_plan accepts.
+        {layer: {kept share: KL in nats}} for exactly `keeps`; a NaN probe comes back as None, as build_plan accepts.
     """
     path = measurements_root() / f"{key}.json"
     try:
-        stored = json.loads(path.read_text())
-        damage = {int(layer): {float(k): v for k, v in levels.items()} for layer, levels in stored.items()}
-    except (OSError, ValueError, AttributeError):
-        damage = None
-    if damage is not None:
-        if on_hit:
-            on_hit(path)
-        return damage
-    damage = measure()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, {str(layer): {repr(k): v for k, v in levels.items()} for layer, levels in damage.items()})
-    return damage
+        stored = {int(layer): {float(k): v for k, v in levels.items()}
+                  for layer, levels in json.loads(path.read_text()).items()}
+    except (OSError, ValueError, AttributeError):  # none yet, or torn
+        stored = {}
+    missing = tuple(k for k in keeps if not stored or any(k not in levels for levels in stored.values()))
+    if missing:
+        for layer, levels in measure(missing).items():
+            stored.setdefault(layer, {}).update(levels)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, {str(layer): {repr(k): v for k, v in levels.items()} for layer, levels in stored.items()})
+    elif on_hit:
+        on_hit(path)
+    return {layer: {k: levels[k] for k in keeps} for layer, levels in stored.items()}
 
 
 def cached_spectra(key: str, measure: Callable[[], dict[str, torch.Tensor]],

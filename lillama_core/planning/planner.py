@@ -89,10 +89,10 @@ def make_plan(loaded: LoadedModel, config: PlanConfig, calibration: CalibrationD
 
         keeps = sensitivity.probe_keeps(shape, config.groups, target)
         subset = calibration.first_tokens(tokens)
-        key = measurement_key("sensitivity", loaded, subset, groups=sorted(config.groups), keeps=list(keeps),
+        key = measurement_key("sensitivity", loaded, subset, groups=sorted(config.groups),
                               probe_sequences=sensitivity.PROBE_SEQUENCES)
-        damage = cached_sensitivity(key, lambda: sensitivity.measure_sensitivity(
-            loaded, subset, config.groups, keeps, batch_size=batch_size, on_event=on_event, stop=stop),
+        damage = cached_sensitivity(key, keeps, lambda missing: sensitivity.measure_sensitivity(
+            loaded, subset, config.groups, missing, batch_size=batch_size, on_event=on_event, stop=stop),
             _reuse_notice("sensitivity", on_event))
     return build_plan(shape, config, spectra, damage)
 

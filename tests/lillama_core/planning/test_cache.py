@@ -22,9 +22,9 @@ def counted(monkeypatch):
     calls = []
     real = sensitivity.measure_sensitivity
 
-    def measure(*args, **kwargs):
-        calls.append(1)
-        return real(*args, **kwargs)
+    def measure(loaded, calibration, groups, keeps, **kwargs):
+        calls.append(keeps)
+        return real(loaded, calibration, groups, keeps, **kwargs)
 
     monkeypatch.setattr(sensitivity, "measure_sensitivity", measure)
     return calls
@@ -72,3 +72,14 @@ def test_the_model_fingerprint_sees_a_changed_weight(tiny):
     with torch.no_grad():
         tiny.model.model.layers[0].mlp.up_proj.weight[0, 0] += 1.0
     assert model_fingerprint(tiny) != before
+
+
+def test_a_deeper_target_measures_only_the_kept_shares_not_stored(tiny, counted):
+    shallow = make_plan(tiny, CONFIG, _calibration(), batch_size=4)
+    deep = make_plan(tiny, PlanConfig(strategy="sensitivity", reduction=0.6), _calibration(), batch_size=4)
+    assert counted[0] == sensitivity.KEEP_LEVELS and len(counted) == 2
+    assert counted[1] == (0.1,)  # only the deeper rung that target adds (probe_keeps)
+    assert make_plan(tiny, CONFIG, _calibration(), batch_size=4).ranks == shallow.ranks
+    assert make_plan(tiny, PlanConfig(strategy="sensitivity", reduction=0.6), _calibration(),
+                     batch_size=4).ranks == deep.ranks
+    assert len(counted) == 2
