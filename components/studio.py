@@ -108,7 +108,7 @@ class Studio:
             loaded = load_model(config)
             self.model_config, self.loaded = config, loaded
             self.shape = ModelShape.of(loaded.model)
-            self.plan, self.student, self._student_job = None, None, None
+            self.plan, self.provisional, self.student, self._student_job = None, None, None, None
         return loaded
 
     def confine(self, text: str) -> str:
