@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -94,12 +93,64 @@ def build_app(studio: Studio, uploads_root: Path) -> gr.Blocks:
     return demo
 
 
+def auth_pair(text: str) -> tuple[str, str]:
+    """USER:PASS as (user, password); the password may contain colons.
+
+    Raises:
+        argparse.ArgumentTypeError: no colon, or an empty user or password (argparse prints it as one line).
+    """
+    user, colon, password = text.partition(":")
+    if not colon or not user.strip() or not password:
+        raise argparse.ArgumentTypeError("expected USER:PASS with a non-empty user name and password")
+    return user.strip(), password
+
+
+def auth_file(path: str) -> list[tuple[str, str]]:
+    """The logins of a file of user:pass lines.
+
+    Raises:
+        argparse.ArgumentTypeError: the file cannot be read, holds no login, or has a malformed line (named
+            by its number, never echoed, since it may hold a password).
+    """
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {exc.strerror or exc}") from None
+    logins = []
+    for number, line in enumerate(lines, 1):
+        if line.strip() and not line.lstrip().startswith("#"):
+            try:
+                logins.append(auth_pair(line.rstrip("\r\n")))
+            except argparse.ArgumentTypeError:
+                raise argparse.ArgumentTypeError(f"{path}, line {number}: expected user:pass") from None
+    if not logins:
+        raise argparse.ArgumentTypeError(f"{path} holds no user:pass line")
+    return logins
+
+
+def exposure_warning(args: argparse.Namespace) -> str | None:
+    """A loud warning when others can reach the app and no login is asked for; None otherwise."""
+    if (not args.share and args.host in LOOPBACK) or args.auth or args.auth_file:
+        return None
+    where = "on a public gradio.live URL (--share)" if args.share else f"to other machines (--host {args.host})"
+    bar = "!" * 100
+    return (f"{bar}\nWARNING: this app is published {where} WITHOUT A PASSWORD: anyone who reaches it can run jobs "
+            f"on this machine,\nuse its accelerator and read its exports. Add --auth USER:PASS or --auth-file FILE."
+            f"\n{bar}")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Lillama Studio")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default: this machine only)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true",
                         help="also open a public gradio.live link (anyone with it can use the app)")
+    parser.add_argument("--auth", type=auth_pair, action="append", default=[], metavar="USER:PASS",
+                        help="ask visitors for this user name and password (repeatable); use it with --share or "
+                             "a --host other than this machine. The password shows in the process list: "
+                             "--auth-file keeps it out")
+    parser.add_argument("--auth-file", type=auth_file, default=[], metavar="FILE",
+                        help="a file of user:pass lines, one login each (blank lines and # comments skipped)")
     add_field_flag(parser, "model.name", "--model", help="model loaded at start")
     add_field_flag(parser, "model.device", "--device")
     add_field_flag(parser, "model.offload", "--offload")
@@ -136,20 +187,20 @@ def main(argv=None) -> None:
         print(f"loading {args.model} …", flush=True)
         try:
             studio.load(args.model)
-            # the default plan needs a short teacher pass; do it while the page loads
-            threading.Thread(target=studio.current_plan, name="default-plan", daemon=True).start()
+            # a provisional plan at once; the measured default plan replaces it when ready (cached across launches)
+            studio.start_planning()
         except LillamaError as exc:
             print(f"could not load {args.model}: {exc}; pick another model in the app", file=sys.stderr)
-    if args.share:
-        print("WARNING: --share publishes this app on a public URL; anyone with the link can run jobs on this "
-              "machine and read its exports.", file=sys.stderr)
+    warning = exposure_warning(args)
+    if warning:
+        print(warning, file=sys.stderr)
     if studio.path_roots is not None:
         print("typed paths are limited to: " + ", ".join(str(p) for p in studio.path_roots), file=sys.stderr)
     demo = build_app(studio, uploads)
     demo.queue(default_concurrency_limit=4)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, theme=theme(), css=css(),
-                ssr_mode=False, max_file_size=args.max_upload, allowed_paths=[str(studio.exports_root)],
-                show_error=True)
+    demo.launch(server_name=args.host, server_port=args.port, share=args.share,
+                auth=(args.auth + args.auth_file) or None, theme=theme(), css=css(), ssr_mode=False,
+                max_file_size=args.max_upload, allowed_paths=[str(studio.exports_root)], show_error=True)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,15 @@ from lillama_core.events import Event, LayerFinished, LayerStarted, RunFinished,
 
 ACCENT = "#7c3aed"
 ACCENT_2 = "#0ea5e9"
-MUTED = "#cbd5e1"
+MUTED = "#94a3b8"  # the teacher's bars: a mid grey, visible on light and dark panels
+NEUTRAL = "#64748b"  # reference lines (device total, teacher, healing)
+# Charts sit on the theme's panel: transparent backgrounds, grid lines as translucent grey, and text coloured
+# by the page (studio.css sets plotly's SVG text to the theme's text colour; FONT_COLOR is the fallback).
+TRANSPARENT = "rgba(0,0,0,0)"
+GRID = "rgba(128,128,128,0.2)"
+ZERO_LINE = "rgba(128,128,128,0.4)"
+FONT_COLOR = "#7c8594"
+AXIS = {"gridcolor": GRID, "zerolinecolor": ZERO_LINE, "linecolor": ZERO_LINE}
 PALETTE = ["#7c3aed", "#0ea5e9", "#f97316", "#10b981", "#ef4444", "#eab308", "#ec4899", "#14b8a6", "#6366f1",
            "#84cc16"]
 MAX_POINTS_PER_SERIES = 600
@@ -20,11 +28,11 @@ MAX_POINTS_PER_CHART = 6000  # all layers together: keeps each refresh small for
 def figure(data: list[dict], title: str, height: int = 300, **layout) -> dict:
     """A plotly figure as a plain dict: building it costs microseconds, unlike validated go.Figure
     objects, which matters when the live panel redraws several times a second."""
-    axis = {"gridcolor": "#eef2f7", "zerolinecolor": "#e2e8f0"}
     base = {"title": {"text": title, "x": 0.01, "font": {"size": 14}}, "height": height,
             "margin": {"l": 50, "r": 20, "t": 40, "b": 40}, "legend": {"orientation": "h", "y": -0.25},
-            "paper_bgcolor": "white", "plot_bgcolor": "white", "font": {"family": "Inter, sans-serif", "size": 12},
-            "xaxis": dict(axis), "yaxis": dict(axis)}
+            "paper_bgcolor": TRANSPARENT, "plot_bgcolor": TRANSPARENT,
+            "font": {"family": "Inter, sans-serif", "size": 12, "color": FONT_COLOR},
+            "xaxis": dict(AXIS), "yaxis": dict(AXIS)}
     for key, value in layout.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
             base[key] = {**base[key], **value}
@@ -112,7 +120,7 @@ def loss_chart(events: list[Event]) -> dict:
         x, t = _thin(s["x"], s["t"], limit)
         _, st = _thin(s["x"], s["s"], limit)
         if layer is None:  # end-to-end healing: one KL curve
-            data.append(line(x, t, "healing KL", "#111827", legendgroup="heal"))
+            data.append(line(x, t, "healing KL", NEUTRAL, legendgroup="heal"))
             continue
         data.append(line(x, t, f"L{layer} teacher-input", color, legendgroup=str(layer)))
         data.append({**line(x, st, f"L{layer} student-input", color, legendgroup=str(layer), showlegend=False),
@@ -144,7 +152,7 @@ def memory_chart(events: list[Event]) -> dict:
         total = next((e.vram_total_bytes for e in reversed(steps) if e.vram_total_bytes), None)
         if total:
             shapes.append({"type": "line", "xref": "paper", "x0": 0, "x1": 1, "y0": total / gib, "y1": total / gib,
-                           "line": {"dash": "dot", "color": "#64748b"}})
+                           "line": {"dash": "dot", "color": NEUTRAL}})
         title = "VRAM (GiB; dotted: device total)"
     elif any(e.rss_bytes is None and e.torch_peak_allocated_bytes for e in steps):
         # Logs written before resident memory was recorded hold only the process's lifetime peak.
@@ -227,8 +235,8 @@ def comparison_chart(rows: list[dict]) -> dict:
                      "xaxis": f"x{suffix}", "yaxis": f"y{suffix}",
                      "marker": {"color": [MUTED if r["model"] == "teacher" else ACCENT for r in rows]}})
         domain = [(i - 1) * width + 0.03, i * width - 0.03]
-        layout[f"xaxis{suffix}"] = {"domain": domain, "anchor": f"y{suffix}", "title": {"text": label}}
-        layout[f"yaxis{suffix}"] = {"anchor": f"x{suffix}", "gridcolor": "#eef2f7"}
+        layout[f"xaxis{suffix}"] = {**AXIS, "domain": domain, "anchor": f"y{suffix}", "title": {"text": label}}
+        layout[f"yaxis{suffix}"] = {**AXIS, "anchor": f"x{suffix}"}
     return figure(data, "Teacher vs student", height=280, **layout)
 
 
@@ -256,6 +264,6 @@ def tradeoff_chart(records: list[dict], x_key: str = "params_after", x_title: st
         teacher = next((r["teacher_ppl"] for r in records if r.get("teacher_ppl")), None)
         if teacher:
             shapes.append({"type": "line", "xref": "paper", "x0": 0, "x1": 1, "y0": teacher, "y1": teacher,
-                           "line": {"dash": "dot", "color": "#64748b"}})
+                           "line": {"dash": "dot", "color": NEUTRAL}})
     return figure(data, f"Perplexity vs {x_title} (dotted: teacher)", height=320, shapes=shapes,
                   xaxis={"title": {"text": x_title}}, yaxis={"type": "log", "title": {"text": "perplexity"}})

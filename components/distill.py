@@ -66,7 +66,7 @@ def build(controller: Controller) -> dict:
         with gr.Column(scale=2):
             speed = gr.Plot(show_label=False)
             memory = gr.Plot(show_label=False)
-    table = gr.Dataframe(label="Layers", interactive=False, wrap=True)
+    table = gr.Dataframe(layer_table([]), label="Layers", interactive=False, wrap=True)
     seen = gr.State(("", -1))  # (job id, events drawn) for this browser tab
     timer = gr.Timer(POLL_SECONDS)
 

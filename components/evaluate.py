@@ -56,6 +56,10 @@ def measure(model, tokenizer, task, held_out, label: str, batch_size: int, speed
     return row
 
 
+# what an empty results table shows before the first evaluation (a text model's columns)
+EMPTY_COLUMNS = ["model", "perplexity", "parameters", "weight memory", "prefill tok/s", "generate tok/s (batch 1)"]
+
+
 def table(rows: list[dict]) -> pd.DataFrame:
     """One row per model; speed columns as measured (text: prefill and generation, speech: transcription)."""
     shown = []
@@ -71,7 +75,7 @@ def table(rows: list[dict]) -> pd.DataFrame:
         if "generate_tokens_per_s_b16" in r:
             row["generate tok/s (batch 16)"] = f"{r['generate_tokens_per_s_b16']:.1f}"
         shown.append(row)
-    return pd.DataFrame(shown)
+    return pd.DataFrame(shown) if shown else pd.DataFrame(columns=EMPTY_COLUMNS)
 
 
 def build(controller: Controller) -> dict:
@@ -90,7 +94,7 @@ def build(controller: Controller) -> dict:
                            info="a .wav/.flac file or folder; a .txt transcript beside each clip (same name) gives "
                                 "a true word error rate. synthetic: generated clips, scored against the teacher's "
                                 "transcripts")
-    results = gr.Dataframe(interactive=False, label="Teacher vs student")
+    results = gr.Dataframe(table([]), interactive=False, label="Teacher vs student")
     chart = gr.Plot(show_label=False)
     gr.Markdown("### Export the student")
     with gr.Row():

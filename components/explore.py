@@ -36,7 +36,12 @@ def run_rows(studio: Studio) -> list[dict]:
     return rows
 
 
+RUN_COLUMNS = ["run", "status", "model", "strategy", "init", "tokens", "reduction", "parameters", "teacher ppl",
+               "student ppl", "time", "student saved"]
+
+
 def runs_table(rows: list[dict]) -> pd.DataFrame:
+    """One row per run, formatted; with no runs, the columns alone (an empty table still says what it lists)."""
     def fmt(value, kind):
         if value is None:
             return ""
@@ -49,7 +54,7 @@ def runs_table(rows: list[dict]) -> pd.DataFrame:
         "parameters": fmt(r["params_after"], "n"), "teacher ppl": fmt(r["teacher_ppl"], "ppl"),
         "student ppl": fmt(r["student_ppl"], "ppl"), "time": fmt(r["seconds"], "s"),
         "student saved": "yes" if r["student"] else "",
-    } for r in rows])
+    } for r in rows], columns=RUN_COLUMNS)
 
 
 def build(controller: Controller) -> dict:
@@ -65,7 +70,7 @@ def build(controller: Controller) -> dict:
         by_params = gr.Plot(show_label=False)
         by_memory = gr.Plot(show_label=False)
     refresh = gr.Button("Refresh runs", size="sm")
-    table = gr.Dataframe(interactive=False, label="Every run (newest first)", wrap=True)
+    table = gr.Dataframe(runs_table([]), interactive=False, label="Every run (newest first)", wrap=True)
     with gr.Row():
         pick = gr.Dropdown([], label="Run", scale=3)
         reload = gr.Button("Load its student into Chat and Evaluate", scale=2)

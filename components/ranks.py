@@ -3,6 +3,7 @@ chosen layer, live totals and a chart of parameters per layer against the budget
 
 from __future__ import annotations
 
+import html
 import math
 import tempfile
 from collections import Counter
@@ -46,6 +47,15 @@ def totals_html(studio: Studio) -> str:
                                                       if len(summary.warnings) > 6 else "")
         html += f"<p class='warn'>⚠ ranks that save nothing: {shown}</p>"
     return html
+
+
+def planning_note(studio: Studio) -> str:
+    """A line over the totals while the plan shown is the provisional one, with the measurement's progress."""
+    if studio.provisional is None or studio.plan is not studio.provisional:
+        return ""
+    return (f"<p class='plan-note'>Provisional {studio.plan.strategy} plan, shown while the "
+            f"{studio.plan_config.strategy} plan is made: {html.escape(studio.plan_progress)}. It replaces this one "
+            f"when ready.</p>")
 
 
 def chart(studio: Studio):
@@ -103,7 +113,7 @@ def shown_plan(studio: Studio, current_version: int) -> tuple:
     holds it: it may have changed from another tab or the API. Nothing changes before a model is loaded."""
     if studio.loaded is None:
         return (gr.skip(),) * 9
-    studio.current_plan()
+    studio.start_planning()
     config = studio.plan_config
     return (totals_html(studio), chart(studio), current_version + 1, config.strategy,
             round(100 * (config.reduction or 0.2)), round(100 * config.layer_keep), config.rank or 0,
@@ -133,6 +143,7 @@ def build(controller: Controller) -> dict:
                 save = gr.DownloadButton("Save plan JSON")
                 load = gr.UploadButton("Load plan JSON", file_types=[".json"])
         with gr.Column(scale=3):
+            note = gr.HTML(elem_id="plan-note")
             totals = gr.HTML()
     plot = gr.Plot(show_label=False)
     gr.Markdown("#### Layers — % of weights kept per group (100 = dense); release a slider to apply")
@@ -211,5 +222,21 @@ def build(controller: Controller) -> dict:
     def on_show(current_version):
         return shown_plan(studio, current_version)
 
-    return {"on_show": (on_show, [version],
-                        [totals, plot, version, strategy, reduction, layer_keep, fixed_rank, groups, multiple])}
+    shown = [totals, plot, version, strategy, reduction, layer_keep, fixed_rank, groups, multiple]
+    follow_background_plan(studio, note, shown)
+
+    return {"on_show": (on_show, [version], shown)}
+
+
+def follow_background_plan(studio: Studio, note: gr.HTML, shown: list) -> None:
+    """While the measured plan is made in the background, show its progress in `note` once a second; when it
+    replaces the provisional plan, redraw the panel (`shown`: shown_plan's outputs, the version state third)."""
+    seen = gr.State(studio.plan_generation)
+
+    def on_tick(current_version, seen_generation):
+        if studio.plan_generation == seen_generation:
+            return (planning_note(studio), *(gr.skip(),) * len(shown), seen_generation)
+        return (planning_note(studio), *shown_plan(studio, current_version), studio.plan_generation)
+
+    gr.Timer(1.0).tick(on_tick, [shown[2], seen], [note, *shown, seen], show_progress="hidden",
+                       concurrency_limit=None, api_visibility="private")

@@ -19,7 +19,8 @@ from lillama_core.config import (
     RunConfig,
 )
 from lillama_core.data.calibration import CalibrationData
-from lillama_core.errors import ConfigError, RankPlanError
+from lillama_core.errors import ConfigError, LillamaError, RankPlanError, RunStopped
+from lillama_core.events import Event, Phase
 from lillama_core.export import load_compressed, load_feature_extractor
 from lillama_core.jobs import (
     STUDENT_DIR,
@@ -32,11 +33,11 @@ from lillama_core.jobs import (
     sweep_work,
 )
 from lillama_core.modeling.loading import LoadedModel, describe, load_model
-from lillama_core.pipeline import calibrate
+from lillama_core.pipeline import planning_calibration
 from lillama_core.planning.planner import make_plan
 from lillama_core.planning.ranks import ModelShape, RankPlan, summarize
 
-PLANNING_TOKENS = 4096
+PROVISIONAL_STRATEGY = "uniform"  # needs no measurement: shown at once while a measured plan is being made
 LOCAL_SUFFIXES = (".gguf", ".txt", ".jsonl", ".json", ".parquet", ".csv", ".safetensors", ".wav", ".flac")
 
 
@@ -88,7 +89,13 @@ class Studio:
         self.student: Student | None = None
         self._student_job: str | None = None
         self._load_lock = threading.Lock()
-        self._plan_lock = threading.RLock()  # one plan computation at a time (it can take seconds)
+        self._plan_lock = threading.RLock()  # guards plan and plan_config, held only briefly
+        self._measure_lock = threading.Lock()  # one measurement on the teacher at a time (it can take minutes)
+        self.provisional: RankPlan | None = None  # the stand-in shown while the measured plan is being made
+        self.plan_progress = ""  # what the background measurement is doing, from the engine's Phase events
+        self.plan_generation = 0  # bumped when the background replaces the plan, so open pages redraw
+        self._planning: threading.Thread | None = None
+        self._planning_stop = threading.Event()
         self.teacher_ppl: dict[tuple, float] = {}
 
     # ---- model ----
@@ -100,10 +107,11 @@ class Studio:
         config = replace(self.model_config, name=self.confine(name), trust_remote_code=trust_remote_code,
                          offload=offload)
         with self._load_lock:
+            self._planning_stop.set()  # a measurement of the previous model is of no use any more
             loaded = load_model(config)
             self.model_config, self.loaded = config, loaded
             self.shape = ModelShape.of(loaded.model)
-            self.plan, self.student, self._student_job = None, None, None
+            self.plan, self.provisional, self.student, self._student_job = None, None, None, None
         return loaded
 
     def confine(self, text: str) -> str:
@@ -119,17 +127,18 @@ class Studio:
 
     # ---- plan ----
 
-    def planning_calibration(self) -> CalibrationData:
-        """A small slice of the calibration set, enough for whitened spectra."""
-        cal = replace(self.calibration, tokens=min(self.calibration.tokens, PLANNING_TOKENS))
-        return calibrate(self.ensure_loaded(), cal)
+    def planning_calibration(self, plan_config: PlanConfig) -> CalibrationData | None:
+        """What `plan_config` measures on, drawn as the CLI and compression runs draw it (so all of them find
+        the same stored measurement); None when it measures nothing."""
+        return planning_calibration(self.ensure_loaded(), RunConfig(calibration=self.calibration, plan=plan_config))
 
     def apply_preset(self, plan_config: PlanConfig) -> RankPlan:
         loaded = self.ensure_loaded()
+        self._planning_stop.set()  # the user chose: a background measurement gives way (between two layers)
+        with self._measure_lock:
+            plan = make_plan(loaded, plan_config, self.planning_calibration(plan_config), self.calibration.batch_size)
         with self._plan_lock:
-            plan = make_plan(loaded, plan_config, self.planning_calibration() if plan_config.uses_calibration else None,
-                             self.calibration.batch_size)
-            self.plan_config, self.plan, self._preset_plan = plan_config, plan, plan
+            self.plan_config, self.plan, self.provisional, self._preset_plan = plan_config, plan, None, plan
         return plan
 
     def current_plan(self) -> RankPlan:
@@ -137,6 +146,68 @@ class Studio:
             if self.plan is None:
                 self.apply_preset(self.plan_config)
             return self.plan
+
+    def start_planning(self) -> threading.Thread | None:
+        """Make sure a plan shows at once. Without one, a plan that measures nothing is made now; one that
+        measures the teacher (sensitivity, whitened energy) is made in a background thread, with a
+        provisional uniform plan at the same target shown until it replaces it. Measurements are cached
+        (planning/cache.py), so on a relaunch the measured plan follows within seconds.
+
+        Returns:
+            The measuring thread, or None when nothing is measured in the background.
+
+        Raises:
+            LillamaError: the model cannot be loaded, or the settings give no plan.
+        """
+        loaded = self.ensure_loaded()
+        with self._plan_lock:
+            if self.plan is not None:
+                return None
+            config = self.plan_config
+            if not config.uses_calibration:
+                self.apply_preset(config)
+                return None
+            self.plan = self.provisional = make_plan(loaded, replace(config, strategy=PROVISIONAL_STRATEGY))
+            self.plan_progress = "preparing calibration data"
+            self._planning_stop = threading.Event()
+            thread = self._planning = threading.Thread(target=self._measure_plan, name="measured-plan", daemon=True,
+                                                       args=(loaded, config, self.provisional, self._planning_stop))
+        thread.start()
+        return thread
+
+    def _measure_plan(self, loaded: LoadedModel, config: PlanConfig, provisional: RankPlan,
+                      stop: threading.Event) -> None:
+        plan = None
+        try:
+            with self._measure_lock:
+                calibration = self.planning_calibration(config)
+                self.plan_progress = "capturing the teacher's layer inputs"  # until the first layer's Phase event
+                plan = make_plan(loaded, config, calibration, self.calibration.batch_size,
+                                 on_event=self._on_plan_event, stop=stop)
+        except RunStopped:
+            pass
+        except Exception as exc:  # no browser request to toast it to: the Ranks step shows it in one line
+            self.plan_progress = f"could not measure: {exc if isinstance(exc, LillamaError) else repr(exc)}"
+        with self._plan_lock:
+            if plan is not None and self.plan is provisional:  # not replaced by the user's own choice meanwhile
+                self.plan, self.provisional, self._preset_plan = plan, None, plan
+                self.plan_generation += 1
+            self._planning = None
+
+    def _on_plan_event(self, event: Event) -> None:
+        if isinstance(event, Phase):  # "layer 3/30: KL at keep ..." -> "measuring sensitivity: layer 3/30"
+            self.plan_progress = f"measuring {event.name}: {event.detail.split(':')[0]}"
+
+    def measuring(self) -> bool:
+        """Whether a background measurement is running on the teacher."""
+        thread = self._planning
+        return thread is not None and thread.is_alive()
+
+    def _require_no_measurement(self) -> None:
+        # a run's hooks and forwards on the teacher would mix into the measurement's (and the reverse)
+        if self.measuring():
+            raise RankPlanError(f"the {self.plan_config.strategy} plan is still being measured "
+                                f"({self.plan_progress}); start when it is shown, or apply another preset")
 
     def set_ranks(self, changes: dict[str, int | None]) -> RankPlan:
         """Edit the plan module by module; None keeps a module dense."""
@@ -200,6 +271,7 @@ class Studio:
         return plan if plan is not None and plan is not self._preset_plan else None
 
     def start_distillation(self) -> Job:
+        self._require_no_measurement()
         loaded = self.ensure_loaded()
         plan = self.current_plan()
         if not plan.ranks:
@@ -214,6 +286,7 @@ class Studio:
     def start_sweep(self, reductions: list[float]) -> Job:
         if not reductions:
             raise ConfigError("choose at least one reduction level for the sweep")
+        self._require_no_measurement()
         loaded = self.ensure_loaded()
         config = self.run_config()
         return self.jobs.submit("sweep", config, sweep_work(config, sorted(reductions), self.jobs.runs_root, loaded,
@@ -221,6 +294,7 @@ class Studio:
 
     def resume(self, run_dir: Path) -> Job:
         """Continue an interrupted run in its own folder, on the model it was started with."""
+        self._require_no_measurement()
         config, _ = resumable(run_dir)
         if self.loaded is None or self.loaded.name != config.model.name:
             self.load(config.model.name, config.model.trust_remote_code)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
@@ -399,19 +398,16 @@ def cmd_export(args, parser) -> None:
 
 def cmd_plan(args, parser) -> None:
     from .modeling.loading import load_model
-    from .pipeline import calibrate
+    from .pipeline import planning_calibration
     from .planning.planner import make_plan
     from .planning.ranks import ModelShape, summarize
     from .runtime.failures import stage
 
     loaded = load_model(_model_config(args))
     config = args.run_config.plan
-    calibration = None
-    if config.uses_calibration:
-        calibration = calibrate(loaded, dataclasses.replace(args.run_config.calibration,
-                                                             tokens=config.calibration_tokens))  # all make_plan reads
-        for warning in calibration.warnings:
-            print(f"warning: {warning}", file=sys.stderr)
+    calibration = planning_calibration(loaded, args.run_config)  # all make_plan reads; None if it reads none
+    for warning in calibration.warnings if calibration else []:
+        print(f"warning: {warning}", file=sys.stderr)
     with stage("planning", model=loaded.model):
         plan = make_plan(loaded, config, calibration)
     summary = summarize(plan, ModelShape.of(loaded.model))

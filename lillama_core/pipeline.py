@@ -42,6 +42,21 @@ def calibrate(loaded: LoadedModel, config: CalibrationConfig) -> CalibrationData
     return loaded.task.calibrate(loaded, config)
 
 
+def planning_calibration(loaded: LoadedModel, config: RunConfig) -> CalibrationData | None:
+    """The calibration data a plan is measured on: the calibration source drawn with exactly the tokens the
+    plan's strategy reads. Sampling depends on the token budget, so every caller (the app, `lillama plan`,
+    `lillama compress`, sweeps) draws it this way and finds the same stored measurement (planning/cache.py).
+
+    Returns:
+        None when the plan measures nothing on calibration data.
+
+    Raises:
+        CalibrationError: the calibration source is missing or unreadable.
+    """
+    tokens = config.plan.calibration_tokens
+    return calibrate(loaded, dataclasses.replace(config.calibration, tokens=tokens)) if tokens else None
+
+
 def evaluate_pair(teacher: LoadedModel, student, config: RunConfig,
                   teacher_record: EvalRecord | None = None) -> tuple[EvalRecord, EvalRecord]:
     """Teacher and student scored on the same held-out data of the teacher's task; a known teacher record
@@ -149,7 +164,8 @@ def _run_pipeline(config: RunConfig, loaded: LoadedModel | None, plan: RankPlan 
         emit(Phase(name="plan", detail=f"{config.plan.strategy} plan"))
         if parallel.is_main:
             with stage("planning", model=loaded.model):
-                plan = make_plan(loaded, config.plan, calibration, config.calibration.batch_size, emit, stop)
+                plan = make_plan(loaded, config.plan, planning_calibration(loaded, config),
+                                 config.calibration.batch_size, emit, stop)
         plan = parallel.broadcast_object(plan)
         stop_point(stop, "planning")
     checkpoints = None

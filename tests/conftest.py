@@ -33,3 +33,9 @@ def tiny_model_dir(tmp_path_factory):
     loaded.model.save_pretrained(folder)
     loaded.tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(autouse=True)
+def _own_measurement_cache(tmp_path, monkeypatch):
+    """Each test starts with an empty measurement cache (planning/cache.py), so none is served another's."""
+    monkeypatch.setenv("LILLAMA_MEASUREMENTS", str(tmp_path / "measurements"))

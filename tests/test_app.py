@@ -172,10 +172,50 @@ def test_binds_to_this_machine_unless_told_and_sharing_warns(tmp_path, monkeypat
     studio_app.main(base)
     assert launches[-1]["server_name"] == "127.0.0.1" and launches[-1]["share"] is False
     assert "WARNING" not in capsys.readouterr().err
+    assert launches[-1]["auth"] is None
     studio_app.main(base + ["--share", "--host", "0.0.0.0"])
     assert launches[-1]["server_name"] == "0.0.0.0" and launches[-1]["share"] is True
     err = capsys.readouterr().err
-    assert "WARNING: --share publishes this app on a public URL" in err and "typed paths are limited to" in err
+    assert "WARNING: this app is published on a public gradio.live URL (--share) WITHOUT A PASSWORD" in err
+    assert "typed paths are limited to" in err
+    studio_app.main(base + ["--host", "0.0.0.0"])
+    assert "published to other machines (--host 0.0.0.0) WITHOUT A PASSWORD" in capsys.readouterr().err
+
+
+def test_auth_asks_visitors_to_log_in_and_silences_the_warning(tmp_path, monkeypatch, capsys):
+    import app as studio_app
+
+    launches = []
+
+    class FakeDemo:
+        def queue(self, **kwargs):
+            return self
+
+        def launch(self, **kwargs):
+            launches.append(kwargs)
+
+    monkeypatch.setattr(studio_app, "build_app", lambda studio, uploads: FakeDemo())
+    logins = tmp_path / "logins"
+    logins.write_text("# the team\nbob:s3cret:with:colons\n\ncarol:pw\n")
+    base = ["--no-preload", "--runs-dir", str(tmp_path / "runs"), "--exports-dir", str(tmp_path / "exports"),
+            "--share", "--host", "0.0.0.0"]
+    studio_app.main(base + ["--auth", "alice:pa:ss", "--auth-file", str(logins)])
+    assert launches[-1]["auth"] == [("alice", "pa:ss"), ("bob", "s3cret:with:colons"), ("carol", "pw")]
+    assert "WARNING" not in capsys.readouterr().err
+
+    for flags, message in ((["--auth", "alice"], "expected USER:PASS"), (["--auth", ":pw"], "expected USER:PASS"),
+                           (["--auth-file", str(tmp_path / "missing")], "cannot read"),
+                           (["--auth-file", str(tmp_path / "runs")], "cannot read")):
+        with pytest.raises(SystemExit) as exit_info:
+            studio_app.main(base + flags)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and message in err and "Traceback" not in err
+    logins.write_text("bob:ok\nno-colon-here\n")
+    with pytest.raises(SystemExit):
+        studio_app.main(base + ["--auth-file", str(logins)])
+    err = capsys.readouterr().err
+    assert "line 2: expected user:pass" in err and "no-colon-here" not in err
+    assert len(launches) == 1  # none of the malformed logins reached launch
 
 
 def test_typed_paths_are_confined_only_when_others_can_reach_the_app(tmp_path):

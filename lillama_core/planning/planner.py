@@ -17,6 +17,7 @@ from ..factorize.svd import spectrum, whitened_spectrum
 from ..modeling.discovery import find_blocks, find_linears
 from ..modeling.loading import LoadedModel
 from ..runtime.offload import resident
+from .cache import cached_sensitivity, cached_spectra, measurement_key
 from .ranks import ModelShape, RankPlan, build_plan, reduction_target
 from .strategies import Measurement, strategy_named
 
@@ -76,14 +77,28 @@ def make_plan(loaded: LoadedModel, config: PlanConfig, calibration: CalibrationD
     target = reduction_target(shape, config)  # an unreachable target is refused before minutes of measuring
     tokens = strategy.tokens(config)
     if strategy.measures is Measurement.SPECTRA:
-        subset = calibration.first_tokens(tokens) if tokens and calibration is not None else None
-        spectra = compute_spectra(loaded, shape, subset, batch_size, config.whitened_energy, on_event)
+        whitened = config.whitened_energy and bool(tokens) and calibration is not None
+        subset = calibration.first_tokens(tokens) if whitened else None
+        spectra = cached_spectra(measurement_key("spectra", loaded, subset, whitened=whitened),
+                                 lambda: compute_spectra(loaded, shape, subset, batch_size, whitened, on_event),
+                                 _reuse_notice("spectra", on_event))
     elif strategy.measures is Measurement.SENSITIVITY:
         if calibration is None:
             raise CalibrationError(f"the {config.strategy} strategy measures the model on calibration data; give some")
-        from .sensitivity import measure_sensitivity, probe_keeps
+        from . import sensitivity  # looked up at call time, so a test can count the measurements
 
-        keeps = probe_keeps(shape, config.groups, target)
-        damage = measure_sensitivity(loaded, calibration.first_tokens(tokens), config.groups, keeps,
-                                     batch_size=batch_size, on_event=on_event, stop=stop)
+        keeps = sensitivity.probe_keeps(shape, config.groups, target)
+        subset = calibration.first_tokens(tokens)
+        key = measurement_key("sensitivity", loaded, subset, groups=sorted(config.groups),
+                              probe_sequences=sensitivity.PROBE_SEQUENCES)
+        damage = cached_sensitivity(key, keeps, lambda missing: sensitivity.measure_sensitivity(
+            loaded, subset, config.groups, missing, batch_size=batch_size, on_event=on_event, stop=stop),
+            _reuse_notice("sensitivity", on_event))
     return build_plan(shape, config, spectra, damage)
+
+
+def _reuse_notice(name: str, on_event: EventSink | None):
+    """A callback telling `on_event` that a stored measurement is used instead of a new one."""
+    if on_event is None:
+        return None
+    return lambda path: on_event(Phase(name=name, detail=f"reusing the stored measurement {path.name}"))

@@ -150,3 +150,32 @@ def test_healing_steps_chart_as_one_kl_curve_and_old_logs_still_do():
     assert [e.stage for e in old] == ["heal", "heal"]
     assert [t["name"] for t in loss_chart(_events(layers=1) + old)["data"]] == names
     assert event_from_dict(_step(0, 1, 2, 1, 2).to_dict()).stage == StepStage.DISTILL
+
+
+def test_every_chart_sits_on_the_themes_background():
+    """Transparent panels, translucent grid lines and no near-black or white ink: the same figure reads on the
+    light and the dark theme."""
+    from components.charts import comparison_chart
+
+    rows = [{"model": "teacher", "perplexity": 30.0, "parameters": 100, "weight_bytes": 400,
+             "generate_tokens_per_s": 9.0}, {"model": "student", "perplexity": 40.0, "parameters": 80,
+                                             "weight_bytes": 320, "generate_tokens_per_s": 11.0}]
+    events = _events()
+    figures = [plan_chart([{"layer": 0, "params_before": 10, "params_after": 6}], 7), loss_chart(events),
+               throughput_chart(events), memory_chart(events), comparison_chart(rows),
+               tradeoff_chart([{"params_after": 80, "student_ppl": 40.0, "teacher_ppl": 30.0}])]
+    for fig in figures:
+        layout = fig["layout"]
+        assert layout["paper_bgcolor"] == layout["plot_bgcolor"] == "rgba(0,0,0,0)"
+        axes = [value for key, value in layout.items() if key.startswith(("xaxis", "yaxis"))]
+        assert axes and all(axis["gridcolor"].startswith("rgba(") for axis in axes)
+        assert "white" not in str(fig).lower() and "#111827" not in str(fig) and "#fff" not in str(fig).lower()
+
+
+def test_empty_tables_name_their_columns():
+    from components.evaluate import table
+    from components.explore import runs_table
+
+    assert "loss T-in" in layer_table([]).columns
+    assert list(runs_table([]).columns)[:2] == ["run", "status"]
+    assert "perplexity" in table([]).columns

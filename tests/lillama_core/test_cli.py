@@ -537,3 +537,19 @@ def test_a_failing_forward_in_lillama_eval_exits_2_and_keeps_the_traceback(tiny_
     assert err[-1].startswith("lillama: error: evaluation failed in LlamaForCausalLM at layer 0: RuntimeError: boom")
     (saved,) = (tmp_path / "home" / "errors").glob("*/traceback.txt")
     assert str(saved) in err[-1] and "Traceback" in saved.read_text()
+
+
+def test_plan_and_compress_share_the_sensitivity_measurement(tiny_model_dir, texts, tmp_path, monkeypatch, capsys):
+    """`lillama plan` and `lillama compress` draw the planning slice of the calibration data the same way, so the
+    second finds the first's stored measurement (planning/cache.py) instead of measuring again."""
+    import lillama_core.planning.sensitivity as sensitivity
+
+    calls = []
+    real = sensitivity.measure_sensitivity
+    monkeypatch.setattr(sensitivity, "measure_sensitivity", lambda *a, **k: calls.append(1) or real(*a, **k))
+    common = ["--model", str(tiny_model_dir), "--calibration", str(texts[0]), "--reduction", "0.1"]
+    assert main(["plan", *common]) == 0
+    assert len(calls) == 1
+    assert main(["compress", *common, "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "student"),
+                 "--tokens", "1024", "--batch-size", "4", "--no-eval", "--strategy", "sensitivity"]) == 0
+    assert len(calls) == 1 and "reusing the stored measurement" in capsys.readouterr().err
