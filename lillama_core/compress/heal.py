@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -39,11 +40,13 @@ def factor_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 def heal(student: nn.Module, teacher: nn.Module, calibration: CalibrationData, config: HealConfig,
          on_event: EventSink | None = None, stop: threading.Event | None = None) -> dict:
-    """Train the student's low-rank factors on KL to the teacher; returns before/after held-out KL."""
+    """Train the student's low-rank factors on KL to the teacher; returns before/after held-out KL.
+
+    Raises:
+        RunStopped: a stop was requested; the distilled factors are put back.
+    """
     config.validate()
     emit = on_event or (lambda event: None)
-    stop = stop or threading.Event()
-    device = next(student.parameters()).device
     factors = factor_parameters(student)
     if not factors:
         return {"heal_steps": 0}
@@ -51,63 +54,23 @@ def heal(student: nn.Module, teacher: nn.Module, calibration: CalibrationData, c
     held_out = slice(n - max(1, min(8, n // 10)), n)
     train_rows = min(held_out.start, max(1, config.tokens // seq_len))
     train_batches = batch_slices(0, train_rows, config.batch_size)
-    for p in student.parameters():
-        p.requires_grad_(False)
-    for p in factors:
-        p.requires_grad_(True)
-    # transformers 5.24 renamed gradient_* to activation_checkpointing_*; older 5.x only has the first.
-    prefix = "activation" if hasattr(student, "activation_checkpointing_enable") else "gradient"
-    checkpointing = hasattr(student, f"{prefix}_checkpointing_enable") and config.gradient_checkpointing
-    if checkpointing:
-        getattr(student, f"{prefix}_checkpointing_enable")()
 
     @torch.no_grad()
     def held_out_kl() -> float:
         student.eval()
-        inputs = calibration.model_inputs(held_out, device)
+        inputs = calibration.model_inputs(held_out, next(student.parameters()).device)
         return kl_to_teacher(student(**inputs).logits, teacher(**inputs).logits).item()
 
     before = held_out_kl()
     initial = [p.detach().clone() for p in factors]
     emit(Phase(name="heal", detail=f"end-to-end healing on {train_rows * seq_len:,} tokens; held-out KL {before:.4f}"))
-    optimizer = torch.optim.AdamW(factors, lr=config.lr, weight_decay=0.0)
-    memory, throughput = MemoryMonitor(device), Throughput()
     start = time.time()
-    student.train()
     try:
-        for step, rows in enumerate(train_batches, 1):
-            inputs = calibration.model_inputs(rows, device)
-            with torch.no_grad():
-                target = teacher(**inputs, use_cache=False).logits
-            loss = kl_to_teacher(student(**inputs, use_cache=False).logits, target, config.temperature)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step - 1, len(train_batches), config.lr, config.warmup_steps, "cosine")
-            optimizer.zero_grad(set_to_none=True)
-            finite = bool(torch.isfinite(loss))
-            if finite:
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(factors, 1.0)
-                optimizer.step()
-            elapsed = time.time() - start
-            mem = memory.sample()
-            emit(Step(layer=WHOLE_MODEL, stage=StepStage.HEAL, step=step, steps=len(train_batches), global_step=step,
-                      steps_total=len(train_batches), loss_teacher_input=loss.item(), loss_student_input=loss.item(),
-                      lr=optimizer.param_groups[0]["lr"],
-                      tokens_per_s=throughput.update((rows.stop - rows.start) * seq_len), elapsed_s=elapsed,
-                      eta_s=eta_seconds(elapsed, step, len(train_batches)), vram_used_bytes=mem.used_bytes,
-                      vram_total_bytes=mem.total_bytes, torch_peak_allocated_bytes=mem.peak_allocated_bytes,
-                      torch_peak_reserved_bytes=mem.peak_reserved_bytes, skipped=not finite, rss_bytes=mem.rss_bytes))
-            if stop.is_set():
-                raise RunStopped("stopped by request")
+        with _training(student, factors, config.gradient_checkpointing):
+            _train(student, teacher, calibration, config, factors, train_batches, emit, stop or threading.Event())
     except RunStopped:
         _restore(factors, initial)  # a half-healed student is not worth keeping over the distilled one
         raise
-    finally:
-        student.eval()
-        if checkpointing:
-            getattr(student, f"{prefix}_checkpointing_disable")()
-        for p in factors:
-            p.requires_grad_(False)
     after = held_out_kl()
     if not after <= before:  # healing must never leave the student worse than it found it
         _restore(factors, initial)
@@ -118,6 +81,62 @@ def heal(student: nn.Module, teacher: nn.Module, calibration: CalibrationData, c
     return {"heal_steps": len(train_batches), "heal_tokens": train_rows * seq_len, "heal_kl_before": before,
             "heal_kl_after": after, "heal_seconds": time.time() - start}
 
+
+@contextmanager
+def _training(student: nn.Module, factors: list[nn.Parameter], gradient_checkpointing: bool):
+    """Only the factors learn, in train mode, with activation checkpointing if asked; all undone on the way out."""
+    for p in student.parameters():
+        p.requires_grad_(False)
+    for p in factors:
+        p.requires_grad_(True)
+    # transformers 5.24 renamed gradient_* to activation_checkpointing_*; older 5.x only has the first.
+    prefix = "activation" if hasattr(student, "activation_checkpointing_enable") else "gradient"
+    checkpointing = hasattr(student, f"{prefix}_checkpointing_enable") and gradient_checkpointing
+    if checkpointing:
+        getattr(student, f"{prefix}_checkpointing_enable")()
+    student.train()
+    try:
+        yield
+    finally:
+        student.eval()
+        if checkpointing:
+            getattr(student, f"{prefix}_checkpointing_disable")()
+        for p in factors:
+            p.requires_grad_(False)
+
+
+def _train(student: nn.Module, teacher: nn.Module, calibration: CalibrationData, config: HealConfig,
+           factors: list[nn.Parameter], train_batches: list[slice], emit: EventSink, stop: threading.Event) -> None:
+    """One AdamW pass over the batches on KL to the teacher's logits (computed batch by batch, never stored)."""
+    device = next(student.parameters()).device
+    seq_len = calibration.sequences.shape[1]
+    optimizer = torch.optim.AdamW(factors, lr=config.lr, weight_decay=0.0)
+    memory, throughput = MemoryMonitor(device), Throughput()
+    start = time.time()
+    for step, rows in enumerate(train_batches, 1):
+        inputs = calibration.model_inputs(rows, device)
+        with torch.no_grad():
+            target = teacher(**inputs, use_cache=False).logits
+        loss = kl_to_teacher(student(**inputs, use_cache=False).logits, target, config.temperature)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step - 1, len(train_batches), config.lr, config.warmup_steps, "cosine")
+        optimizer.zero_grad(set_to_none=True)
+        finite = bool(torch.isfinite(loss))
+        if finite:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(factors, 1.0)
+            optimizer.step()
+        elapsed = time.time() - start
+        mem = memory.sample()
+        emit(Step(layer=WHOLE_MODEL, stage=StepStage.HEAL, step=step, steps=len(train_batches), global_step=step,
+                  steps_total=len(train_batches), loss_teacher_input=loss.item(), loss_student_input=loss.item(),
+                  lr=optimizer.param_groups[0]["lr"],
+                  tokens_per_s=throughput.update((rows.stop - rows.start) * seq_len), elapsed_s=elapsed,
+                  eta_s=eta_seconds(elapsed, step, len(train_batches)), vram_used_bytes=mem.used_bytes,
+                  vram_total_bytes=mem.total_bytes, torch_peak_allocated_bytes=mem.peak_allocated_bytes,
+                  torch_peak_reserved_bytes=mem.peak_reserved_bytes, skipped=not finite, rss_bytes=mem.rss_bytes))
+        if stop.is_set():
+            raise RunStopped("stopped by request")
 
 
 @torch.no_grad()
