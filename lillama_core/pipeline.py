@@ -147,5 +147,14 @@ def _run_pipeline(config: RunConfig, loaded: LoadedModel | None, plan: RankPlan 
                 teacher_ppl = evaluate_perplexity(loaded.model, loaded.tokenizer, config)
             metrics["teacher_ppl"] = teacher_ppl
             metrics["student_ppl"] = evaluate_perplexity(run.student, loaded.tokenizer, config)
+            if config.eval.tasks:
+                from .zeroshot import score_pair
+
+                emit(Phase("evaluate", f"zero-shot accuracy of teacher and student on {', '.join(config.eval.tasks)}"))
+                try:
+                    metrics.update(score_pair(loaded.model, run.student, loaded.tokenizer, config.eval.tasks,
+                                              config.eval.limit, config.eval.task_data, stop=stop))
+                except RunStopped:  # the student is finished; only its accuracy is left out
+                    pass
     metrics["seconds"] = time.time() - start
     return PipelineResult(run, loaded, plan, metrics)
