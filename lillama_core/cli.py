@@ -80,6 +80,13 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
                    help=EvalConfig.__dataclass_fields__["audio"].metadata["help"])
 
 
+def _accuracy_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tasks", default="", help=EvalConfig.__dataclass_fields__["tasks"].metadata["help"])
+    p.add_argument("--limit", type=int, default=None, help=EvalConfig.__dataclass_fields__["limit"].metadata["help"])
+    p.add_argument("--task-data", choices=("offline", "hub"), default=EvalConfig.task_data,
+                   help=EvalConfig.__dataclass_fields__["task_data"].metadata["help"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lillama", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--heal-lr", type=float, default=1e-4)
     c.add_argument("--seed", type=int, default=0)
     _eval_args(c)
+    _accuracy_args(c)
     c.add_argument("--no-eval", action="store_true", help="skip perplexity")
     c.add_argument("--out", required=True, help="export folder")
     c.add_argument("--merge", action="store_true", help="export dense merged weights (no custom code needed)")
@@ -135,6 +143,14 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="perplexity, speed and size of a model or an export")
     _add_model_args(e)
     _eval_args(e)
+    _accuracy_args(e)
+    e.add_argument("--teacher", help="with --tasks/--generation: also score this teacher side by side (default for an "
+                                     "export: the teacher its record names)")
+    e.add_argument("--no-teacher", action="store_true", help="score the model alone, even an export")
+    e.add_argument("--generation", type=int, default=0, metavar="PROMPTS",
+                   help="greedy answers to this many Alpaca seed instructions: repetition (distinct-2/3, longest "
+                        "repeated n-gram) and length (0: off)")
+    e.add_argument("--max-new-tokens", type=int, default=96, help="--generation: tokens per answer at most")
     e.add_argument("--no-speed", action="store_true")
     e.add_argument("--quantize", choices=list(QUANTIZE_MODES),
                    help="evaluate a weight-only quantized copy: int8 per channel, or int4 in groups of 64")
@@ -200,6 +216,7 @@ COMPRESS_FLAGS = {
     "heal_tokens": ("heal", "tokens", int), "heal_lr": ("heal", "lr", float),
     "eval_text": ("eval", "text", str), "eval_tokens": ("eval", "tokens", int),
     "eval_seq_len": ("eval", "seq_len", int), "eval_audio": ("eval", "audio", str),
+    "tasks": ("eval", "tasks", _groups), "limit": ("eval", "limit", int), "task_data": ("eval", "task_data", str),
 }
 
 
@@ -254,6 +271,10 @@ def _compress_in(run_dir: Path, config: RunConfig, plan, args, parallel: Paralle
     if "student_wer" in result.metrics:  # speech models
         summary.update({k: result.metrics[k] for k in ("teacher_wer", "student_wer", "wer_reference")})
     summary["out"] = str(out)
+    if "zero_shot" in result.metrics:
+        summary["zero_shot"] = result.metrics["zero_shot"]
+        if not args.json:
+            print_accuracy(summary["zero_shot"])
     if not args.json:
         print(f"{summary['params_before']:,} -> {summary['params_after']:,} parameters "
               f"({summary['reduction']:.1%} fewer); exported to {out}")
@@ -276,6 +297,8 @@ def cmd_compress(args, parser) -> dict:
 
     parallel = from_environment()
     config = _run_config(args, parser)
+    if config.eval.tasks:
+        _quiet_lm_eval()
     plan = RankPlan.load(args.plan) if args.plan else None
     run_dir = None
     if parallel.is_main:
@@ -332,7 +355,9 @@ def cmd_eval(args, parser) -> dict:
     from .calibration import read_eval_text
 
     from .quantize import quantize_weights, serialized_bytes
+    from .zeroshot import task_list
 
+    tasks = task_list(args.tasks, args.task_data) if args.tasks else []  # a bad name fails before any loading
     loaded = _load_any(args)
     model = quantize_weights(loaded.model, args.quantize) if args.quantize else loaded.model
     summary = {"model": args.model, "quantize": args.quantize}
@@ -350,7 +375,112 @@ def cmd_eval(args, parser) -> dict:
     if not args.json:
         for key, value in summary.items():
             print(f"{key:>24}: {value:,.3f}" if isinstance(value, float) else f"{key:>24}: {value}")
+    if tasks or args.generation:
+        summary.update(_side_by_side(args, loaded, model, tasks))
     return summary
+
+
+def _recorded_teacher(model: str) -> str | None:
+    """The teacher an export's record names (exports written by `lillama compress`), else None."""
+    from .export import RECORD_FILE, read_record
+
+    if not (Path(model).expanduser() / RECORD_FILE).exists():
+        return None
+    return ((read_record(Path(model).expanduser()).get("config") or {}).get("model") or {}).get("name")
+
+
+def _side_by_side(args, loaded, model, tasks: list[str]) -> dict:
+    """Zero-shot accuracy (lm-eval) and generation quality of the model, beside its teacher's when one is
+    named (--teacher, or an export's record) and --no-teacher is not given."""
+    from .generation import generation_quality
+    from .models import load_model
+    from .zeroshot import score_tasks
+    from .zeroshot_compare import compare
+
+    _quiet_lm_eval()
+    teacher = None if args.no_teacher else (args.teacher or _recorded_teacher(args.model))
+    models = {"model": (model, loaded.tokenizer)}
+    if teacher:
+        tqdm_note(f"teacher: {teacher}")
+        reference = load_model(ModelConfig(teacher, args.device, args.dtype, args.trust_remote_code))
+        models = {"teacher": (reference.model, reference.tokenizer), "student": models["model"]}
+    out = {}
+    if tasks:
+        scores = {name: score_tasks(m, tok, tasks, args.limit, args.task_data, on_progress=_progress_bar(name))
+                  for name, (m, tok) in models.items()}
+        out["zero_shot"] = {"limit": args.limit, "data": args.task_data,
+                            **(compare(scores["teacher"], scores["student"]) if teacher else {}),
+                            **{name: [s.to_dict() for s in found] for name, found in scores.items()}}
+    if args.generation:
+        out["generation"] = {name: generation_quality(m, tok, args.generation, args.max_new_tokens)
+                             for name, (m, tok) in models.items()}
+    if not args.json:
+        if tasks:
+            print_accuracy(out["zero_shot"])
+        if args.generation:
+            print_generation(out["generation"])
+    return out
+
+
+def _quiet_lm_eval() -> None:
+    import logging
+
+    from datasets.utils.logging import disable_progress_bar
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    disable_progress_bar()
+
+
+def _progress_bar(name: str):
+    """A tqdm bar on stderr following score_tasks' progress (share of the model's scoring done)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=100, unit="%", file=sys.stderr, dynamic_ncols=True, desc=name)
+
+    def update(what: str, share: float) -> None:
+        bar.set_postfix_str(what)
+        bar.update(round(100 * share) - bar.n)
+        if share >= 1:
+            bar.close()
+    return update
+
+
+def _pct(value: float | None, stderr: float | None = None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1%}" + (f" ±{stderr:.1%}" if stderr is not None else "")
+
+
+def print_accuracy(zero_shot: dict) -> None:
+    """Per-task accuracy: teacher vs student with retention when both were scored, else the model's acc and
+    acc_norm; then the mean over the tasks where the teacher is clearly above chance."""
+    if "tasks" not in zero_shot:
+        print(f"{'task':<16}{'docs':>6}{'acc':>16}{'acc_norm':>16}{'chance':>8}{'seconds':>9}")
+        for s in zero_shot["model"]:
+            print(f"{s['task']:<16}{s['docs']:>6}{_pct(s['acc'], s['acc_stderr']):>16}"
+                  f"{_pct(s['acc_norm'], s['acc_norm_stderr']):>16}{_pct(s['chance']):>8}{s['seconds']:>9.0f}")
+        return
+    print(f"{'task':<16}{'metric':>9}{'docs':>6}{'chance':>8}{'teacher':>16}{'student':>16}{'retention':>10}"
+          f"{'above chance':>13}{'same answer':>12}")
+    for r in zero_shot["tasks"]:
+        print(f"{r['task']:<16}{r['metric']:>9}{r['docs']:>6}{_pct(r['chance']):>8}"
+              f"{_pct(r['teacher'], r['teacher_stderr']):>16}{_pct(r['student'], r['student_stderr']):>16}"
+              f"{_pct(r['retention']):>10}{_pct(r['retention_above_chance']):>13}{_pct(r['same_answer']):>12}")
+    m = zero_shot["summary"]
+    if m["tasks"]:
+        print(f"mean over the tasks where the teacher is clearly above chance ({', '.join(m['tasks'])}): teacher "
+              f"{_pct(m['teacher_mean'])}, student {_pct(m['student_mean'])}: keeps {_pct(m['retention'])} "
+              f"({_pct(m['retention_above_chance'])} of the teacher's margin over chance)")
+    else:
+        print("the teacher is not clearly above chance on any task: no retention to report")
+
+
+def print_generation(generation: dict) -> None:
+    print(f"{'model':<10}{'prompts':>8}{'distinct-2':>11}{'distinct-3':>11}{'longest repeat':>15}{'tokens':>8}"
+          f"{'hit cap':>8}")
+    for name, g in generation.items():
+        print(f"{name:<10}{g['prompts']:>8}{_pct(g['distinct_2']):>11}{_pct(g['distinct_3']):>11}"
+              f"{g['longest_repeat']:>15.1f}{g['tokens']:>8.1f}{_pct(g['hit_cap']):>8}")
 
 
 def _speech_eval(loaded, model, audio: str) -> dict:
