@@ -118,6 +118,13 @@ def task_spec(task: str, data: str, cache: Path) -> dict:
     return {"group": GROUP, "task": [member]}
 
 
+def data_cache() -> Path:
+    """Where converted offline task data is written once: $LILLAMA_HOME/zeroshot-data."""
+    from .models import lillama_home
+
+    return lillama_home() / "zeroshot-data"
+
+
 def _scoring_model_class():
     """lm-eval's HFLM, reporting each forward batch (for progress) and honouring a stop request."""
     from lm_eval.models.huggingface import HFLM
@@ -142,7 +149,7 @@ def _scoring_model_class():
     return ScoringLM
 
 
-def _picks(samples: list[dict], output_type: str) -> tuple[list[int], float]:
+def answers_of(samples: list[dict], output_type: str) -> tuple[list[int], float]:
     """Each document's answer, and the chance accuracy, from lm-eval's logged samples (ordered by doc id)."""
     samples = sorted(samples, key=lambda s: int(s["doc_id"]))
     if output_type != "multiple_choice":  # LAMBADA: one continuation, right when it is the greedy one
@@ -166,15 +173,13 @@ def score_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, da
     RunStopped when `stop` is set."""
     from lm_eval.evaluator import evaluate
 
-    from .models import lillama_home
-
     if getattr(model.config, "is_encoder_decoder", False):
         raise ConfigError("zero-shot accuracy scores causal language models; this is an encoder-decoder model")
     if limit is not None and limit < 1:
         raise ConfigError(f"the document limit must be at least 1, not {limit}")
     tasks = task_list(tasks, data)
     manager = task_manager(tasks)
-    cache = cache or lillama_home() / "zeroshot-data"
+    cache = cache or data_cache()
     stop = stop or threading.Event()
     report = on_progress or (lambda what, share: None)
     current = {"index": 0}
@@ -199,7 +204,7 @@ def score_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, da
             raise ConfigError(f"{task}: lm-eval could not read its data ({_first_line(exc)})") from None
         seconds = time.perf_counter() - start
         metrics = out["results"][task]
-        picks, chance = _picks(out["samples"][task], out["configs"][task]["output_type"])
+        picks, chance = answers_of(out["samples"][task], out["configs"][task]["output_type"])
         norm = metrics.get("acc_norm,none")
         scores.append(TaskScore(task, len(picks), out["n-samples"][task]["original"], metrics["acc,none"],
                                 metrics["acc_stderr,none"], norm,
