@@ -1,8 +1,10 @@
 """Panel 5: teacher vs student on held-out text (perplexity; for speech models, held-out clips scored
-against their true texts or the teacher's transcripts), speed, size and memory; export."""
+against their true texts or the teacher's transcripts), speed, size and memory; zero-shot accuracy on lm-eval's
+standard tasks with generation quality; export."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -14,13 +16,16 @@ import gradio as gr
 import pandas as pd
 
 from lillama_core.calibration import read_eval_text
-from lillama_core.errors import ExportError
+from lillama_core.errors import ConfigError, ExportError
+from lillama_core.generation import generation_quality
+from lillama_core.jobs import write_json
 from lillama_core.evaluate import eval_windows, generation_speed, model_size, perplexity
 from lillama_core.export import MODELING_FILE, export_student
 from lillama_core.quantize import MODES, quantize_weights, serialized_bytes
 from lillama_core.speech import reference_transcripts, speech_metrics
+from lillama_core.zeroshot import SUITES, score_pair, score_tasks, task_list
 
-from .charts import comparison_chart, human, human_bytes
+from .charts import accuracy_chart, comparison_chart, human, human_bytes
 from .common import plot, user_errors
 from .studio import Studio
 
@@ -90,6 +95,55 @@ def table(rows: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(shown)
 
 
+def _pct(value: float | None, stderr: float | None = None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.1%}" + (f" ± {stderr:.1%}" if stderr is not None else "")
+
+
+def accuracy_table(zero_shot: dict) -> pd.DataFrame:
+    """One row per task: chance, the teacher's accuracy and, when a student was scored, its accuracy, retention
+    (student / teacher), retention above chance and the share of documents where it picks the teacher's answer."""
+    if "tasks" not in zero_shot:
+        return pd.DataFrame([{"task": s["task"], "metric": "acc" if s["acc_norm"] is None else "acc_norm",
+                              "docs": s["docs"], "chance": _pct(s["chance"]),
+                              "teacher": _pct(*((s["acc"], s["acc_stderr"]) if s["acc_norm"] is None
+                                                else (s["acc_norm"], s["acc_norm_stderr"])))}
+                             for s in zero_shot["teacher"]])
+    return pd.DataFrame([{"task": r["task"], "metric": r["metric"], "docs": r["docs"], "chance": _pct(r["chance"]),
+                          "teacher": _pct(r["teacher"], r["teacher_stderr"]),
+                          "student": _pct(r["student"], r["student_stderr"]), "retention": _pct(r["retention"]),
+                          "above chance": _pct(r["retention_above_chance"]), "same answer": _pct(r["same_answer"])}
+                         for r in zero_shot["tasks"]])
+
+
+def accuracy_summary(zero_shot: dict) -> str:
+    summary = zero_shot.get("summary")
+    if summary is None:
+        return "Teacher alone (no student yet)."
+    if not summary["tasks"]:
+        return "The teacher is not clearly above chance on any of these tasks: no retention to report."
+    return (f"On the tasks where the teacher is clearly above chance ({', '.join(summary['tasks'])}), the student "
+            f"keeps **{_pct(summary['retention'])}** of the teacher's mean accuracy ({_pct(summary['student_mean'])} "
+            f"vs {_pct(summary['teacher_mean'])}); **{_pct(summary['retention_above_chance'])}** of its margin over "
+            f"chance.")
+
+
+def generation_table(generation: dict) -> pd.DataFrame:
+    return pd.DataFrame([{"model": name, "prompts": g["prompts"], "distinct-2": _pct(g["distinct_2"]),
+                          "distinct-3": _pct(g["distinct_3"]), "longest repeated n-gram": f"{g['longest_repeat']:.1f}",
+                          "tokens per answer": f"{g['tokens']:.0f}", "hit the cap": _pct(g["hit_cap"])}
+                         for name, g in generation.items()])
+
+
+def keep_in_run(run_dir: Path | None, record: dict) -> None:
+    """Add a student's accuracy to its run's metrics.json, so Explore can plot it; other metrics stay."""
+    metrics = run_dir / "metrics.json" if run_dir else None
+    if metrics is None or not metrics.exists():
+        return
+    write_json(metrics, {**json.loads(metrics.read_text()), **record})
+
+
 def build(studio: Studio) -> dict:
     with gr.Row():
         text = gr.Textbox(value="default", label="Held-out text file",
@@ -105,6 +159,21 @@ def build(studio: Studio) -> dict:
                                 "word error rate. synthetic: generated clips, scored against the teacher's transcripts")
     results = gr.Dataframe(interactive=False, label="Teacher vs student")
     chart = gr.Plot(show_label=False)
+    gr.Markdown("### Zero-shot accuracy (lm-evaluation-harness)")
+    with gr.Row():
+        tasks = gr.CheckboxGroup(list(SUITES["zero-shot"]), value=["arc_easy", "piqa"], label="Tasks",
+                                 info="lm-eval's own prompts and metrics on the real evaluation splits, offline")
+        limit = gr.Slider(0, 1000, value=50, step=10, label="Documents per task",
+                          info="the first N of each split; 0: whole splits (hours on a CPU)")
+        prompts = gr.Slider(0, 40, value=0, step=5, label="Generation quality: instructions",
+                            info="greedy answers to Alpaca seed tasks: repetition and length (0: skip)")
+        every_run = gr.Checkbox(value=False, label="Also score these after every distillation",
+                                info="run records keep it; Explore plots it")
+        score = gr.Button("Score accuracy", variant="primary")
+    accuracy_note = gr.Markdown()
+    accuracy = gr.Dataframe(interactive=False, label="Accuracy: teacher vs student")
+    accuracy_plot = gr.Plot(show_label=False)
+    generation = gr.Dataframe(interactive=False, label="Generation quality", visible=False)
     gr.Markdown("### Export the student")
     with gr.Row():
         name = gr.Textbox(label="Export name", placeholder="smollm2-20pct")
@@ -157,6 +226,42 @@ def build(studio: Studio) -> dict:
 
     run.click(on_evaluate, [text, tokens, seq_len, batch16, int8, audio], [results, chart], concurrency_id="model",
               concurrency_limit=1, api_name="evaluate")
+
+    @user_errors
+    def on_accuracy(tasks_value, limit_value, prompts_value, every_run_value, progress=gr.Progress()):
+        loaded = studio.ensure_loaded()
+        if loaded.feature_extractor is not None:
+            raise ConfigError("zero-shot accuracy scores text models; use the word error rate above for speech")
+        chosen = task_list(tasks_value or [])
+        limit = int(limit_value) or None
+        studio.eval = replace(studio.eval, tasks=chosen if every_run_value else [], limit=limit)
+        student = studio.current_student()
+
+        def report(what: str, share: float) -> None:
+            progress(share, desc=what)
+
+        if student is None:
+            gr.Warning("no student yet: scoring the teacher alone")
+            scores = score_tasks(loaded.model, loaded.tokenizer, chosen, limit, on_progress=report)
+            zero_shot = {"teacher": [s.to_dict() for s in scores]}
+        else:
+            record = score_pair(loaded.model, student.model, loaded.tokenizer, chosen, limit, on_progress=report)
+            zero_shot = record["zero_shot"]
+            keep_in_run(student.run_dir, record)
+        shown = gr.update(visible=False)
+        if prompts_value:
+            models = {"teacher": (loaded.model, loaded.tokenizer)}
+            if student is not None:
+                models["student"] = (student.model, student.tokenizer)
+            quality = {}
+            for name, (model, tok) in models.items():
+                progress(1.0, desc=f"{name}: greedy answers to {int(prompts_value)} instructions")
+                quality[name] = generation_quality(model, tok, int(prompts_value))
+            shown = gr.update(value=generation_table(quality), visible=True)
+        return accuracy_summary(zero_shot), accuracy_table(zero_shot), plot(accuracy_chart(zero_shot)), shown
+
+    score.click(on_accuracy, [tasks, limit, prompts, every_run], [accuracy_note, accuracy, accuracy_plot, generation],
+                concurrency_id="model", concurrency_limit=1, api_name="accuracy")
 
     @user_errors
     def on_export(name_value, fmt_value, overwrite_value, weights_value="float", progress=gr.Progress()):
