@@ -17,10 +17,10 @@ import pandas as pd
 
 from lillama_core.calibration import read_eval_text
 from lillama_core.errors import ConfigError, ExportError
-from lillama_core.generation import generation_quality
-from lillama_core.jobs import write_json
 from lillama_core.evaluate import eval_windows, generation_speed, model_size, perplexity
 from lillama_core.export import MODELING_FILE, export_student
+from lillama_core.generation import generation_quality
+from lillama_core.jobs import write_json
 from lillama_core.quantize import MODES, quantize_weights, serialized_bytes
 from lillama_core.speech import reference_transcripts, speech_metrics
 from lillama_core.zeroshot import SUITES, score_pair, score_tasks, task_list

@@ -57,7 +57,7 @@ def test_teacher_vs_student_table_chart_progress_and_run_record(studio, tmp_path
 
 def test_teacher_alone_and_user_errors(studio):
     handler = _accuracy_handler(studio)
-    note, table, chart, generation = handler(["lambada_openai"], 2, 0, False, progress=lambda *a, **k: None)
+    note, table, _, generation = handler(["lambada_openai"], 2, 0, False, progress=lambda *a, **k: None)
     assert "Teacher alone" in note and list(table.columns) == ["task", "metric", "docs", "chance", "teacher"]
     assert not generation["visible"] and studio.eval.tasks == []
     with pytest.raises(gr.Error, match="no tasks"):
