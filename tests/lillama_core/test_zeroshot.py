@@ -131,3 +131,17 @@ def test_score_pair_records_both_models_and_flat_keys(tiny, cache):
     row = zero_shot["tasks"][0]
     assert row["teacher"] == zero_shot["teacher"][0]["acc_norm"] and row["student"] == zero_shot["student"][0]["acc_norm"]
     assert record["accuracy_retention"] == zero_shot["summary"]["retention"]
+
+
+def test_eval_config_checks_tasks_and_limit_and_round_trips():
+    from lillama_core.config import EvalConfig, RunConfig
+
+    config = RunConfig()
+    assert config.eval.tasks == [] and config.eval.limit is None  # no accuracy unless asked
+    config.eval.tasks, config.eval.limit = ["zero-shot"], 50
+    assert RunConfig.from_json(config.validate().to_json()).eval == config.eval
+    with pytest.raises(ConfigError, match="no offline data for mmlu"):
+        EvalConfig(tasks=["mmlu"]).validate()
+    with pytest.raises(ConfigError, match="at least 1"):
+        EvalConfig(tasks=["piqa"], limit=0).validate()
+    EvalConfig(tasks=["mmlu"], task_data="hub").validate()  # any name with lm-eval's own data
