@@ -19,7 +19,7 @@ from lillama_core.zeroshot import TaskScore, answers_of, data_cache, score_tasks
 from lillama_core.zeroshot_compare import compare
 
 from .bench import Bench, Budget, log
-from .common import write_record
+from .common import read_records, write_record
 from .methods import recipe
 
 HEALED = "-heal"  # <method>-heal: the recipe, then end-to-end healing on as many tokens as it was calibrated on
@@ -96,13 +96,21 @@ def run_agreement(model: str, budget: Budget, tasks: str, limit: int | None, dat
                   device: str = "auto", dtype: str = "auto", tag: str | None = None, results_dir=None) -> dict:
     """Our scoring (the in-memory model in our HFLM subclass, restricted task index, lm-eval's `evaluate`)
     against lm-eval run directly: `simple_evaluate(model="hf")` loading the same weights from disk itself,
-    stock HFLM, on the same data; per task, the share of documents where both pick the same answer."""
+    stock HFLM, on the same data; per task, the share of documents where both pick the same answer. Our answers
+    come from this setting's teacher record of the accuracy suite when there is one, else are scored here."""
     from lm_eval.evaluator import simple_evaluate
 
     tasks = task_list(tasks, data)
     bench = Bench(model, budget, device, dtype)
     loaded = bench.loaded
-    ours = {s.task: s for s in score_tasks(loaded.model, loaded.tokenizer, tasks, limit, data)}
+    scored = [r for r in read_records(results_dir) if r.get("suite") == "accuracy" and r.get("method") == "teacher"
+              and "zero_shot" in r and (r["model"], r.get("limit"), r.get("task_data"), r.get("tasks"))
+              == (model, limit, data, tasks) and r.get("device") == str(loaded.device)]
+    if scored:
+        log(f"our answers: the teacher record of {scored[-1]['timestamp']}")
+        ours = {s["task"]: TaskScore.from_dict(s) for s in scored[-1]["zero_shot"]}
+    else:
+        ours = {s.task: s for s in score_tasks(loaded.model, loaded.tokenizer, tasks, limit, data)}
     with tempfile.TemporaryDirectory(prefix="lillama-agreement-") as folder:
         loaded.model.save_pretrained(folder)
         loaded.tokenizer.save_pretrained(folder)
