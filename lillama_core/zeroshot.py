@@ -159,6 +159,21 @@ def answers_of(samples: list[dict], output_type: str) -> tuple[list[int], float]
     return picks, chance
 
 
+SCORABLE = ("multiple_choice", "loglikelihood")  # the output types whose per-document answer answers_of reads
+
+
+def _check_scorable(task: str, loaded: dict) -> None:
+    """One multiple-choice or log-likelihood task with an accuracy metric; ConfigError otherwise (a group of
+    tasks, a generation task)."""
+    if task not in loaded:
+        raise ConfigError(f"{task} is a group of lm-eval tasks ({', '.join(list(loaded)[:5])}, ...); name its tasks")
+    config = loaded[task].config
+    metrics = [m["metric"] for m in config.metric_list or []]
+    if config.output_type not in SCORABLE or "acc" not in metrics:
+        raise ConfigError(f"{task} is a {config.output_type} task; accuracy here needs a multiple-choice or "
+                          f"log-likelihood task that reports acc")
+
+
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
@@ -197,6 +212,7 @@ def score_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, da
         start = time.perf_counter()
         try:
             loaded = manager.load([task_spec(task, data, cache)])
+            _check_scorable(task, loaded["tasks"])
             for each in loaded["tasks"].values():
                 each.set_config(key="num_fewshot", value=0)
             out = evaluate(lm=lm, task_dict=loaded, limit=limit, log_samples=True, bootstrap_iters=BOOTSTRAP_ITERS)

@@ -145,3 +145,15 @@ def test_eval_config_checks_tasks_and_limit_and_round_trips():
     with pytest.raises(ConfigError, match="at least 1"):
         EvalConfig(tasks=["piqa"], limit=0).validate()
     EvalConfig(tasks=["mmlu"], task_data="hub").validate()  # any name with lm-eval's own data
+
+
+def test_groups_and_generation_tasks_are_refused(cache):
+    from lillama_core.zeroshot import _check_scorable
+
+    loaded = task_manager(["piqa"]).load([task_spec("piqa", "offline", cache)])["tasks"]
+    _check_scorable("piqa", loaded)
+    with pytest.raises(ConfigError, match="group of lm-eval tasks"):
+        _check_scorable("physical_commonsense", loaded)
+    loaded["piqa"].config.output_type = "generate_until"
+    with pytest.raises(ConfigError, match="generate_until task"):
+        _check_scorable("piqa", loaded)
