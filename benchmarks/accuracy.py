@@ -64,8 +64,10 @@ def run_accuracy(model: str, reductions: list[float], methods: list[str], budget
                 "max_new_tokens": max_new_tokens, **({"tag": tag} if tag else {})}
     records, teacher = [], None
 
+    tokenizer = bench.loaded.tokenizer
+
     def inspect(model_under_test) -> dict:
-        return measure(model_under_test, bench.loaded.tokenizer, tasks, limit, data, prompts, max_new_tokens)
+        return measure(model_under_test, tokenizer, tasks, limit, data, prompts, max_new_tokens)
 
     for method in methods:
         r = suite_recipe(method, budget)
