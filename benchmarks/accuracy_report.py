@@ -163,18 +163,20 @@ def accuracy_markdown(records: list[dict], docs: Path) -> list[str]:
              "scores the first N documents of each split, as lm-eval's `--limit` does. Chance: a uniform guess over "
              "each document's choices. Means and retention count only the tasks where the teacher's accuracy "
              "exceeds chance by two standard errors; the margin over chance is (student − chance) / (teacher − "
-             "chance). Students are the quality suite's, on the same calibration tokens.", ""]
+             "chance). Students are built as in the quality suite, every method on the same calibration tokens.", ""]
     for i, g in enumerate(groups):
-        lines += [f"**{g['model']}**, {g['limit'] or 'all'} documents per task, {g['device']}", ""]
+        tokens = sorted({r["tokens"] for r in g["students"].values() if r.get("tokens")})
+        calibrated = f", students calibrated on {' / '.join(f'{t:,}' for t in tokens)} tokens" if tokens else ""
+        lines += [f"**{g['model']}**, {g['limit'] or 'all'} documents per task{calibrated}, {g['device']}", ""]
         if i == 0:
             svg = write_accuracy_svg(g, docs / "benchmarks_accuracy.svg")
             lines += [f"![zero-shot accuracy per task and method]({svg.name})", ""]
         lines += accuracy_table(g) + [""]
         generation = generation_table(g)
         if generation:
-            prompts = g["teacher"].get("generation_prompts")
-            lines += [f"Generation quality: greedy answers to {prompts} Alpaca seed instructions (at most "
-                      f"{g['teacher'].get('max_new_tokens')} new tokens; note the built-in calibration set contains "
+            measured = next(r for _, r in _columns(g) if r.get("generation"))["generation"]
+            lines += [f"Generation quality: greedy answers to {measured['prompts']} Alpaca seed instructions (at most "
+                      f"{measured['max_new_tokens']} new tokens; note the built-in calibration set contains "
                       "these instructions). Distinct-n: distinct word n-grams over all, per answer; longest repeated "
                       "n-gram: words of the longest word sequence said twice.", ""] + generation + [""]
         lines += ["Time per task (this machine, the scoring only):", ""] + time_table(g) + [""]
