@@ -12,6 +12,7 @@ import math
 from collections import OrderedDict
 from pathlib import Path
 
+from .accuracy_report import accuracy_markdown
 from .common import DOCS_DIR, read_records
 
 BEGIN = "<!-- BEGIN GENERATED: python -m benchmarks.run report -->"
@@ -488,6 +489,7 @@ def generated_markdown(records: list[dict], docs: Path) -> str:
                       f"{g['reduction']:.0%}, base recipe `{g['base']}`{sets}; {budget}eval {g['eval_tokens']:,} "
                       f"tokens at seq {g['eval_seq_len']}, {g['device']}", ""]
             lines += _ablation_table(g) + [""]
+    lines += accuracy_markdown(records, docs)
     board = leaderboard(records)
     if board:
         lines += ["### All ablation runs side by side, best first", ""] + board + [""]

@@ -6,6 +6,8 @@
                                     [--values ...] [--free] [--base tuned] [--reduction 0.2]
   python -m benchmarks.run speed    --model smollm2-135m-instruct --variants teacher,tuned@0.2
   python -m benchmarks.run speech   --reductions 0.1,0.2 --calibrations speech,synthetic  # Whisper-base, WER
+  python -m benchmarks.run accuracy --reductions 0.2 --methods teacher,whitened,paper,ours,ours-heal --limit 40
+                                    [--agreement]   # zero-shot accuracy (lm-eval) and generation quality
   python -m benchmarks.run report   # docs/benchmarks.md + charts from every record in benchmarks/results/
 
 Every command takes --device auto|cpu|cuda and --dtype auto|float32|bfloat16 (auto: bf16 on CUDA, fp32 on
@@ -180,6 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tag", default=None)
     sp.add_argument("--results", default=None)
 
+    ac = sub.add_parser("accuracy", help="zero-shot accuracy (lm-eval) and generation quality of each method")
+    ac.add_argument("--model", default="smollm2-135m-instruct")
+    ac.add_argument("--reductions", default="0.2")
+    ac.add_argument("--methods", default="teacher,whitened,paper,ours,ours-heal",
+                    help="comma-separated recipes; <method>-heal adds healing on --tokens tokens")
+    ac.add_argument("--tasks", default="zero-shot", help="suite or lm-eval task names, comma-separated")
+    ac.add_argument("--limit", type=int, default=None, help="first N documents per task (default: whole splits)")
+    ac.add_argument("--task-data", default="offline", choices=("offline", "hub"))
+    ac.add_argument("--prompts", type=int, default=10, help="seed instructions answered greedily (0: none)")
+    ac.add_argument("--max-new-tokens", type=int, default=64)
+    ac.add_argument("--agreement", action="store_true",
+                    help="instead: check our per-document answers against lm-eval run directly on the teacher")
+    _common(ac)
+
     r = sub.add_parser("report", help="regenerate docs/benchmarks.md and the charts from all records")
     r.add_argument("--results", default=None)
     r.add_argument("--doc", default=None, help="markdown file to write (default docs/benchmarks.md)")
@@ -263,6 +279,16 @@ def main(argv: list[str] | None = None) -> int:
                                  args.clips, args.eval_clips, args.seq_len, args.batch_size, args.device,
                                  args.dtype):
             write_record("speech", {**record, **({"tag": args.tag} if args.tag else {})}, results)
+    elif args.command == "accuracy":
+        from .accuracy import run_accuracy, run_agreement
+
+        if args.agreement:
+            run_agreement(args.model, _budget(args), args.tasks, args.limit, args.task_data, args.device, args.dtype,
+                          args.tag, results)
+        else:
+            run_accuracy(args.model, _floats(args.reductions), _names(args.methods), _budget(args), args.tasks,
+                         args.limit, args.task_data, args.prompts, args.max_new_tokens, args.device, args.dtype,
+                         args.tag, results)
     elif args.command == "_speed-worker":
         record = suites.speed_worker(args.model, args.method, args.reduction, _budget(args), args.device,
                                      args.dtype, args.new_tokens, args.repeats, args.graphs)

@@ -267,3 +267,45 @@ def tradeoff_chart(records: list[dict], x_key: str = "params_after", x_title: st
                            "line": {"dash": "dot", "color": NEUTRAL}})
     return figure(data, f"Perplexity vs {x_title} (dotted: teacher)", height=320, shapes=shapes,
                   xaxis={"title": {"text": x_title}}, yaxis={"type": "log", "title": {"text": "perplexity"}})
+
+
+def accuracy_chart(zero_shot: dict) -> dict:
+    """Grouped bars per task: the teacher's and (when scored) the student's headline accuracy in %, with
+    standard-error whiskers and each task's chance level as a dash."""
+    teacher = zero_shot["teacher"]
+    tasks = [s["task"] for s in teacher]
+    models = [("teacher", MUTED), ("student", ACCENT)] if "student" in zero_shot else [("teacher", MUTED)]
+    data = []
+    for name, color in models:
+        scores = {s["task"]: s for s in zero_shot[name]}
+        metric = [("acc" if scores[t]["acc_norm"] is None else "acc_norm") for t in tasks]
+        data.append({"type": "bar", "name": name, "x": tasks, "marker": {"color": color},
+                     "y": [100 * scores[t][m] for t, m in zip(tasks, metric, strict=True)],
+                     "error_y": {"type": "data", "color": "#64748b",
+                                 "array": [100 * scores[t][f"{m}_stderr"] for t, m in zip(tasks, metric, strict=True)]}})
+    data.append({"type": "scatter", "mode": "markers", "name": "chance", "x": tasks,
+                 "y": [100 * s["chance"] for s in teacher],
+                 "marker": {"symbol": "line-ew-open", "size": 28, "color": "#0f172a", "line": {"width": 2}}})
+    return figure(data, "Zero-shot accuracy (acc_norm where reported, else acc)", height=320, barmode="group",
+                  yaxis={"title": {"text": "accuracy %"}, "rangemode": "tozero"})
+
+
+def accuracy_tradeoff_chart(records: list[dict], x_key: str = "params_after", x_title: str = "parameters") -> dict:
+    """Zero-shot accuracy (mean over the tasks where the teacher is clearly above chance) against size for
+    every run that scored it, with the Pareto front (smaller and more accurate) drawn through the best."""
+    records = [r for r in records if r.get("student_accuracy") is not None and r.get(x_key)]
+    data, shapes = [], []
+    if records:
+        points = [(r[x_key], r["student_accuracy"]) for r in records]
+        data.append({"type": "scatter", "mode": "markers", "x": [p[0] for p in points],
+                     "y": [100 * p[1] for p in points], "name": "runs", "text": [r.get("name", "") for r in records],
+                     "marker": {"size": 9, "color": ACCENT_2}})
+        front = pareto_front([(x, -y) for x, y in points])  # higher accuracy is better
+        data.append({**line([points[i][0] for i in front], [100 * points[i][1] for i in front], "Pareto front",
+                            ACCENT), "mode": "lines+markers"})
+        teacher = next((r["teacher_accuracy"] for r in records if r.get("teacher_accuracy") is not None), None)
+        if teacher is not None:
+            shapes.append({"type": "line", "xref": "paper", "x0": 0, "x1": 1, "y0": 100 * teacher,
+                           "y1": 100 * teacher, "line": {"dash": "dot", "color": "#64748b"}})
+    return figure(data, f"Zero-shot accuracy vs {x_title} (dotted: teacher)", height=320, shapes=shapes,
+                  xaxis={"title": {"text": x_title}}, yaxis={"title": {"text": "mean accuracy %"}})

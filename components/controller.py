@@ -18,13 +18,15 @@ from lillama_core.chat import SamplingConfig, stream_chat
 from lillama_core.cli import compress_command
 from lillama_core.config import RunConfig
 from lillama_core.errors import ConfigError
+from lillama_core.metrics.generation import generation_quality
+from lillama_core.metrics.zeroshot import score_pair, score_tasks, task_list
 from lillama_core.modeling.quantize import MODES, quantize_weights
 from lillama_core.planning.strategies import strategy_named
 
 from . import chat, evaluate, ranks
-from .charts import comparison_chart
+from .charts import accuracy_chart, comparison_chart
 from .common import friendly, plot
-from .settings import ChatFrame, ChatSettings, EvalSettings, PresetSettings
+from .settings import AccuracySettings, ChatFrame, ChatSettings, EvalSettings, PresetSettings
 from .studio import Studio
 
 RECIPE_FILE = "recipe.yaml"
@@ -170,6 +172,54 @@ class Controller:
                 rows[-1]["parameters"] = next(r["parameters"] for r in rows if r["model"] == base)
         studio.teacher_ppl[key] = rows[0]["perplexity"]
         return evaluate.table(rows), plot(comparison_chart(rows))
+
+    def accuracy(self, settings: AccuracySettings, progress: Callable = _no_progress):
+        """Zero-shot accuracy (lm-eval) of teacher and student, with generation quality when asked.
+
+        Args:
+            settings: the tasks, documents per task, instructions for generation quality, and whether later
+                distillations score the same tasks.
+            progress: called as progress(fraction, desc=...) while scoring.
+
+        Returns:
+            (the retention summary as Markdown, the accuracy table, its chart for gr.Plot, the generation table
+            update).
+
+        Raises:
+            ConfigError: a speech model, or unknown tasks.
+        """
+        studio = self.studio
+        loaded = studio.ensure_loaded()
+        if not loaded.task.chats:
+            raise ConfigError("zero-shot accuracy scores text models; use the word error rate above for speech")
+        chosen = task_list(list(settings.tasks))
+        limit = settings.limit or None
+        studio.eval = replace(studio.eval, tasks=chosen if settings.every_run else [], limit=limit)
+        student = studio.current_student()
+
+        def report(what: str, share: float) -> None:
+            progress(share, desc=what)
+
+        if student is None:
+            gr.Warning("no student yet: scoring the teacher alone")
+            scores = score_tasks(loaded.model, loaded.tokenizer, chosen, limit, on_progress=report)
+            zero_shot = {"teacher": [s.to_dict() for s in scores]}
+        else:
+            record = score_pair(loaded.model, student.model, loaded.tokenizer, chosen, limit, on_progress=report)
+            zero_shot = record["zero_shot"]
+            evaluate.keep_in_run(student.run_dir, record)
+        shown = gr.update(visible=False)
+        if settings.prompts:
+            models = {"teacher": (loaded.model, loaded.tokenizer)}
+            if student is not None:
+                models["student"] = (student.model, student.tokenizer)
+            quality = {}
+            for name, (model, tok) in models.items():
+                progress(1.0, desc=f"{name}: greedy answers to {settings.prompts} instructions")
+                quality[name] = generation_quality(model, tok, settings.prompts)
+            shown = gr.update(value=evaluate.generation_table(quality), visible=True)
+        return (evaluate.accuracy_summary(zero_shot), evaluate.accuracy_table(zero_shot),
+                plot(accuracy_chart(zero_shot)), shown)
 
     def _models_to_score(self, quantized: bool) -> list[tuple]:
         loaded = self.studio.loaded

@@ -3,6 +3,7 @@ against their true texts or the teacher's transcripts), speed, size and memory; 
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -14,14 +15,15 @@ import pandas as pd
 from lillama_core.errors import ExportError
 from lillama_core.export import MODELING_FILE, export_student
 from lillama_core.metrics.evaluate import evaluate
+from lillama_core.metrics.zeroshot import SUITES
 from lillama_core.modeling.quantize import MODES
-from lillama_core.runtime.atomic import staged_file
+from lillama_core.runtime.atomic import staged_file, write_json
 from lillama_core.tasks import task_for
 
 from . import recipe
 from .charts import human, human_bytes
 from .common import user_errors
-from .settings import EvalSettings
+from .settings import AccuracySettings, EvalSettings
 
 if TYPE_CHECKING:  # the controller imports this module's helpers
     from .controller import Controller
@@ -78,6 +80,55 @@ def table(rows: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(shown) if shown else pd.DataFrame(columns=EMPTY_COLUMNS)
 
 
+def _pct(value: float | None, stderr: float | None = None) -> str:
+    if value is None:
+        return "–"
+    return f"{value:.1%}" + (f" ± {stderr:.1%}" if stderr is not None else "")
+
+
+def accuracy_table(zero_shot: dict) -> pd.DataFrame:
+    """One row per task: chance, the teacher's accuracy and, when a student was scored, its accuracy, retention
+    (student / teacher), retention above chance and the share of documents where it picks the teacher's answer."""
+    if "tasks" not in zero_shot:
+        return pd.DataFrame([{"task": s["task"], "metric": "acc" if s["acc_norm"] is None else "acc_norm",
+                              "docs": s["docs"], "chance": _pct(s["chance"]),
+                              "teacher": _pct(*((s["acc"], s["acc_stderr"]) if s["acc_norm"] is None
+                                                else (s["acc_norm"], s["acc_norm_stderr"])))}
+                             for s in zero_shot["teacher"]])
+    return pd.DataFrame([{"task": r["task"], "metric": r["metric"], "docs": r["docs"], "chance": _pct(r["chance"]),
+                          "teacher": _pct(r["teacher"], r["teacher_stderr"]),
+                          "student": _pct(r["student"], r["student_stderr"]), "retention": _pct(r["retention"]),
+                          "above chance": _pct(r["retention_above_chance"]), "same answer": _pct(r["same_answer"])}
+                         for r in zero_shot["tasks"]])
+
+
+def accuracy_summary(zero_shot: dict) -> str:
+    summary = zero_shot.get("summary")
+    if summary is None:
+        return "Teacher alone (no student yet)."
+    if not summary["tasks"]:
+        return "The teacher is not clearly above chance on any of these tasks: no retention to report."
+    return (f"On the tasks where the teacher is clearly above chance ({', '.join(summary['tasks'])}), the student "
+            f"keeps **{_pct(summary['retention'])}** of the teacher's mean accuracy ({_pct(summary['student_mean'])} "
+            f"vs {_pct(summary['teacher_mean'])}); **{_pct(summary['retention_above_chance'])}** of its margin over "
+            f"chance.")
+
+
+def generation_table(generation: dict) -> pd.DataFrame:
+    return pd.DataFrame([{"model": name, "prompts": g["prompts"], "distinct-2": _pct(g["distinct_2"]),
+                          "distinct-3": _pct(g["distinct_3"]), "longest repeated n-gram": f"{g['longest_repeat']:.1f}",
+                          "tokens per answer": f"{g['tokens']:.0f}", "hit the cap": _pct(g["hit_cap"])}
+                         for name, g in generation.items()])
+
+
+def keep_in_run(run_dir: Path | None, record: dict) -> None:
+    """Add a student's accuracy to its run's metrics.json, so Explore can plot it; other metrics stay."""
+    metrics = run_dir / "metrics.json" if run_dir else None
+    if metrics is None or not metrics.exists():
+        return
+    write_json(metrics, {**json.loads(metrics.read_text()), **record})
+
+
 def build(controller: Controller) -> dict:
     studio = controller.studio
     with gr.Row():
@@ -96,6 +147,7 @@ def build(controller: Controller) -> dict:
                                 "transcripts")
     results = gr.Dataframe(table([]), interactive=False, label="Teacher vs student")
     chart = gr.Plot(show_label=False)
+    accuracy_section(controller)
     gr.Markdown("### Export the student")
     with gr.Row():
         name = gr.Textbox(label="Export name", placeholder="smollm2-20pct")
@@ -151,3 +203,32 @@ def build(controller: Controller) -> dict:
                                                                held_out.audio), len(forms))
 
     return {"on_show": (on_show, [seen], [*forms, seen])}
+
+
+def accuracy_section(controller: Controller) -> None:
+    """Zero-shot accuracy of teacher and student (lm-eval on the offline splits), with generation quality."""
+    gr.Markdown("### Zero-shot accuracy (lm-evaluation-harness)")
+    with gr.Row():
+        tasks = gr.CheckboxGroup(list(SUITES["zero-shot"]), value=["arc_easy", "piqa"], label="Tasks",
+                                 info="lm-eval's own prompts and metrics on the real evaluation splits, offline")
+        limit = gr.Slider(0, 1000, value=50, step=10, label="Documents per task",
+                          info="the first N of each split; 0: whole splits (hours on a CPU)")
+        prompts = gr.Slider(0, 40, value=0, step=5, label="Generation quality: instructions",
+                            info="greedy answers to Alpaca seed tasks: repetition and length (0: skip)")
+        every_run = gr.Checkbox(value=False, label="Also score these after every distillation",
+                                info="run records keep it; Explore plots it")
+        score = gr.Button("Score accuracy", variant="primary")
+    accuracy_note = gr.Markdown()
+    accuracy = gr.Dataframe(accuracy_table({"teacher": []}), interactive=False, label="Accuracy: teacher vs student")
+    accuracy_plot = gr.Plot(show_label=False)
+    generation = gr.Dataframe(interactive=False, label="Generation quality", visible=False)
+
+    @user_errors
+    def on_accuracy(tasks_value, limit_value, prompts_value, every_run_value,
+                    progress=gr.Progress()):  # noqa: B008 - gradio injects the progress tracker through this default
+        settings = AccuracySettings(tuple(tasks_value or ()), int(limit_value), int(prompts_value or 0),
+                                    bool(every_run_value))
+        return controller.accuracy(settings, progress)
+
+    score.click(on_accuracy, [tasks, limit, prompts, every_run], [accuracy_note, accuracy, accuracy_plot, generation],
+                concurrency_id="model", concurrency_limit=1, api_name="accuracy")

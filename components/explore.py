@@ -11,7 +11,7 @@ import pandas as pd
 
 from lillama_core.jobs import list_runs
 
-from .charts import duration, human, human_bytes, tradeoff_chart
+from .charts import accuracy_tradeoff_chart, duration, human, human_bytes, tradeoff_chart
 from .common import plot, user_errors
 from .studio import Studio
 
@@ -19,6 +19,7 @@ if TYPE_CHECKING:  # the controller imports the panels
     from .controller import Controller
 
 LEVELS = [5, 10, 20, 30, 40, 50]
+QUALITY_AXES = {"perplexity": tradeoff_chart, "zero-shot accuracy": accuracy_tradeoff_chart}
 
 
 def run_rows(studio: Studio) -> list[dict]:
@@ -32,6 +33,8 @@ def run_rows(studio: Studio) -> list[dict]:
             "reduction": m.get("reduction"), "params_after": m.get("params_after"),
             "weight_bytes_after": m.get("weight_bytes_after"), "teacher_ppl": m.get("teacher_ppl"),
             "student_ppl": m.get("student_ppl"), "seconds": m.get("seconds"), "student": record.has_student,
+            "teacher_accuracy": m.get("teacher_accuracy"), "student_accuracy": m.get("student_accuracy"),
+            "accuracy_retention": m.get("accuracy_retention"),
         })
     return rows
 
@@ -52,7 +55,8 @@ def runs_table(rows: list[dict]) -> pd.DataFrame:
         "run": r["name"], "status": r["status"], "model": r["model"], "strategy": r["strategy"],
         "init": r["init"], "tokens": fmt(r["tokens"], "n"), "reduction": fmt(r["reduction"], "pct"),
         "parameters": fmt(r["params_after"], "n"), "teacher ppl": fmt(r["teacher_ppl"], "ppl"),
-        "student ppl": fmt(r["student_ppl"], "ppl"), "time": fmt(r["seconds"], "s"),
+        "student ppl": fmt(r["student_ppl"], "ppl"), "accuracy": fmt(r["student_accuracy"], "pct"),
+        "accuracy kept": fmt(r["accuracy_retention"], "pct"), "time": fmt(r["seconds"], "s"),
         "student saved": "yes" if r["student"] else "",
     } for r in rows], columns=RUN_COLUMNS)
 
@@ -66,6 +70,8 @@ def build(controller: Controller) -> dict:
             sweep = gr.Button("Run sweep", variant="primary")
             stop = gr.Button("Stop sweep", variant="stop")
     sweep_note = gr.Markdown()
+    axis = gr.Radio(list(QUALITY_AXES), value="perplexity", label="Quality axis",
+                    info="zero-shot accuracy: runs scored with 'Also score these after every distillation' (step 5)")
     with gr.Row():
         by_params = gr.Plot(show_label=False)
         by_memory = gr.Plot(show_label=False)
@@ -78,16 +84,18 @@ def build(controller: Controller) -> dict:
         resume = gr.Button("Resume it (interrupted runs)", scale=1)
     details = gr.Code(language="json", label="Run config and metrics")
 
-    def refreshed():
+    def refreshed(axis_value="perplexity"):
         rows = run_rows(studio)
-        finished = [r for r in rows if r["student_ppl"]]
+        chart = QUALITY_AXES.get(axis_value, tradeoff_chart)
+        finished = [r for r in rows if r["student_ppl"] or r["student_accuracy"] is not None]
         names = [r["name"] for r in rows]
-        return (runs_table(rows), plot(tradeoff_chart(finished, "params_after", "parameters")),
-                plot(tradeoff_chart(finished, "weight_bytes_after", "weight memory (bytes)")),
+        return (runs_table(rows), plot(chart(finished, "params_after", "parameters")),
+                plot(chart(finished, "weight_bytes_after", "weight memory (bytes)")),
                 gr.update(choices=names, value=names[0] if names else None))
 
     outputs = [table, by_params, by_memory, pick]
-    refresh.click(refreshed, None, outputs, api_name="runs")
+    refresh.click(refreshed, axis, outputs, api_name="runs")
+    axis.change(refreshed, axis, outputs)
 
     @user_errors
     def on_sweep(chosen):
@@ -141,4 +149,4 @@ def build(controller: Controller) -> dict:
         return f"Resuming `{job.run_dir.name}` from its last finished layer; follow it in step 3."
 
     resume.click(on_resume, pick, sweep_note, concurrency_id="model", concurrency_limit=1, api_name="resume")
-    return {"on_show": (refreshed, [], outputs)}
+    return {"on_show": (refreshed, [axis], outputs)}

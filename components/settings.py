@@ -48,6 +48,16 @@ class EvalSettings:
 
 
 @dataclass(frozen=True)
+class AccuracySettings:
+    """What the Evaluate panel's zero-shot section scores."""
+
+    tasks: tuple[str, ...] = ("arc_easy", "piqa")
+    limit: int = 50  # documents per task; 0: whole splits
+    prompts: int = 0  # generation quality: greedy answers to this many Alpaca seed instructions (0: skip)
+    every_run: bool = False  # also score these tasks after every later distillation
+
+
+@dataclass(frozen=True)
 class PresetSettings:
     """The Ranks panel's preset inputs, in the panel's units (percent; fixed rank 0 = use the target)."""
 

@@ -116,8 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-eval", action="store_true")
     r.add_argument("--json", action="store_true")
 
-    e = sub.add_parser("eval", help="perplexity, speed and size of a model or an export")
+    e = sub.add_parser("eval", help="perplexity, zero-shot accuracy, speed and size of a model or an export")
     e.add_argument("--no-speed", action="store_true")
+    e.add_argument("--teacher", help="with --tasks/--generation: also score this teacher side by side (default for an "
+                                     "export: the teacher its record names)")
+    e.add_argument("--no-teacher", action="store_true", help="score the model alone, even an export")
+    e.add_argument("--generation", type=int, default=0, metavar="PROMPTS",
+                   help="greedy answers to this many Alpaca seed instructions: repetition (distinct-2/3, longest "
+                        "repeated n-gram) and length (0: off)")
+    e.add_argument("--max-new-tokens", type=int, default=96, help="--generation: tokens per answer at most")
     e.add_argument("--quantize", choices=list(QUANTIZE_MODES),
                    help="evaluate a weight-only quantized copy: int8 per channel, or int4 in groups of 64")
     e.add_argument("--json", action="store_true")
@@ -245,8 +252,12 @@ def _compress_summary(m, out: Path, quiet: bool) -> dict:
     if m.student_wer is not None:
         summary.update(teacher_wer=m.teacher_wer, student_wer=m.student_wer, wer_reference=m.wer_reference,
                        wer_scorer=m.wer_scorer)
+    if m.zero_shot is not None:
+        summary["zero_shot"] = m.zero_shot
     summary["out"] = str(out)
     if not quiet:
+        if m.zero_shot is not None:
+            print_accuracy(m.zero_shot)
         print(f"{m.params_before:,} -> {m.params_after:,} parameters ({m.reduction:.1%} fewer); exported to {out}")
         if m.teacher_ppl is not None:
             print(f"perplexity: teacher {m.teacher_ppl:.2f}, student {m.student_ppl:.2f}")
@@ -266,6 +277,8 @@ def cmd_compress(args, parser) -> dict:
 
     parallel = from_environment()
     config = args.run_config
+    if config.eval.tasks:
+        _quiet_lm_eval()
     plan = RankPlan.load(args.plan) if args.plan else None
     run_dir = None
     if parallel.is_main:
@@ -329,9 +342,12 @@ def cmd_eval(args, parser) -> dict:
     """A model alone on held-out data of its task: quality, size, and (text models) speed at batch 1."""
     from .config import EvalConfig, RunConfig
     from .metrics.evaluate import evaluate
+    from .metrics.zeroshot import task_list
     from .modeling.discovery import count_parameters
     from .modeling.quantize import quantize_weights
 
+    eval_config = args.run_config.eval
+    tasks = task_list(eval_config.tasks, eval_config.task_data) if eval_config.tasks else []  # fails before loading
     loaded = _load_any(args)
     task = loaded.task
     model = quantize_weights(loaded.model, args.quantize) if args.quantize else loaded.model
@@ -349,7 +365,114 @@ def cmd_eval(args, parser) -> dict:
     if not args.json:
         for key, value in summary.items():
             print(f"{key:>24}: {value:,.3f}" if isinstance(value, float) else f"{key:>24}: {value}")
+    if tasks or args.generation:
+        summary.update(_side_by_side(args, loaded, model, tasks))
     return summary
+
+
+def _recorded_teacher(model: str) -> str | None:
+    """The teacher an export's record names (exports written by `lillama compress`), else None."""
+    from .export import RECORD_FILE, read_record
+
+    if not (Path(model).expanduser() / RECORD_FILE).exists():
+        return None
+    return ((read_record(Path(model).expanduser()).get("config") or {}).get("model") or {}).get("name")
+
+
+def _side_by_side(args, loaded, model, tasks: list[str]) -> dict:
+    """Zero-shot accuracy (lm-eval) and generation quality of the model, beside its teacher's when one is
+    named (--teacher, or an export's record) and --no-teacher is not given."""
+    from .metrics.generation import generation_quality
+    from .metrics.retention import compare
+    from .metrics.zeroshot import score_tasks
+    from .modeling.loading import load_model
+
+    _quiet_lm_eval()
+    eval_config = args.run_config.eval
+    teacher = None if args.no_teacher else (args.teacher or _recorded_teacher(args.model))
+    models = {"model": (model, loaded.tokenizer)}
+    if teacher:
+        tqdm_note(f"teacher: {teacher}")
+        reference = load_model(ModelConfig(teacher, args.device, args.dtype, args.trust_remote_code))
+        models = {"teacher": (reference.model, reference.tokenizer), "student": models["model"]}
+    out = {}
+    if tasks:
+        scores = {name: score_tasks(m, tok, tasks, eval_config.limit, eval_config.task_data,
+                                  on_progress=_progress_bar(name))
+                  for name, (m, tok) in models.items()}
+        out["zero_shot"] = {"limit": eval_config.limit, "data": eval_config.task_data,
+                            **(compare(scores["teacher"], scores["student"]) if teacher else {}),
+                            **{name: [s.to_dict() for s in found] for name, found in scores.items()}}
+    if args.generation:
+        out["generation"] = {name: generation_quality(m, tok, args.generation, args.max_new_tokens)
+                             for name, (m, tok) in models.items()}
+    if not args.json:
+        if tasks:
+            print_accuracy(out["zero_shot"])
+        if args.generation:
+            print_generation(out["generation"])
+    return out
+
+
+def _quiet_lm_eval() -> None:
+    import logging
+
+    from datasets.utils.logging import disable_progress_bar
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    disable_progress_bar()
+
+
+def _progress_bar(name: str):
+    """A tqdm bar on stderr following score_tasks' progress (share of the model's scoring done)."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=100, unit="%", file=sys.stderr, dynamic_ncols=True, desc=name)
+
+    def update(what: str, share: float) -> None:
+        bar.set_postfix_str(what)
+        bar.update(round(100 * share) - bar.n)
+        if share >= 1:
+            bar.close()
+    return update
+
+
+def _pct(value: float | None, stderr: float | None = None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1%}" + (f" ±{stderr:.1%}" if stderr is not None else "")
+
+
+def print_accuracy(zero_shot: dict) -> None:
+    """Per-task accuracy: teacher vs student with retention when both were scored, else the model's acc and
+    acc_norm; then the mean over the tasks where the teacher is clearly above chance."""
+    if "tasks" not in zero_shot:
+        print(f"{'task':<16}{'docs':>6}{'acc':>16}{'acc_norm':>16}{'chance':>8}{'seconds':>9}")
+        for s in zero_shot["model"]:
+            print(f"{s['task']:<16}{s['docs']:>6}{_pct(s['acc'], s['acc_stderr']):>16}"
+                  f"{_pct(s['acc_norm'], s['acc_norm_stderr']):>16}{_pct(s['chance']):>8}{s['seconds']:>9.0f}")
+        return
+    print(f"{'task':<16}{'metric':>9}{'docs':>6}{'chance':>8}{'teacher':>16}{'student':>16}{'retention':>10}"
+          f"{'above chance':>13}{'same answer':>12}")
+    for r in zero_shot["tasks"]:
+        print(f"{r['task']:<16}{r['metric']:>9}{r['docs']:>6}{_pct(r['chance']):>8}"
+              f"{_pct(r['teacher'], r['teacher_stderr']):>16}{_pct(r['student'], r['student_stderr']):>16}"
+              f"{_pct(r['retention']):>10}{_pct(r['retention_above_chance']):>13}{_pct(r['same_answer']):>12}")
+    m = zero_shot["summary"]
+    if m["tasks"]:
+        print(f"mean over the tasks where the teacher is clearly above chance ({', '.join(m['tasks'])}): teacher "
+              f"{_pct(m['teacher_mean'])}, student {_pct(m['student_mean'])}: keeps {_pct(m['retention'])} "
+              f"({_pct(m['retention_above_chance'])} of the teacher's margin over chance)")
+    else:
+        print("the teacher is not clearly above chance on any task: no retention to report")
+
+
+def print_generation(generation: dict) -> None:
+    print(f"{'model':<10}{'prompts':>8}{'distinct-2':>11}{'distinct-3':>11}{'longest repeat':>15}{'tokens':>8}"
+          f"{'hit cap':>8}")
+    for name, g in generation.items():
+        print(f"{name:<10}{g['prompts']:>8}{_pct(g['distinct_2']):>11}{_pct(g['distinct_3']):>11}"
+              f"{g['longest_repeat']:>15.1f}{g['tokens']:>8.1f}{_pct(g['hit_cap']):>8}")
 
 
 def cmd_chat(args, parser) -> None:

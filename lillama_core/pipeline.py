@@ -136,10 +136,29 @@ def evaluate_run(result: PipelineResult, config: RunConfig, on_event: EventSink 
             teacher, student = evaluate_pair(loaded, result.run.student, config, known)
             metrics.add_evaluation(teacher, student)
             metrics.eval_seq_len = loaded.task.eval_window(config, loaded.model)
+        if config.eval.tasks:
+            _score_zero_shot(result, config, emit, stop)
     except torch.OutOfMemoryError:
         raise out_of_memory(emit) from None
     metrics.seconds = (metrics.seconds or 0.0) + time.time() - start
     return metrics
+
+
+def _score_zero_shot(result: PipelineResult, config: RunConfig, emit: EventSink,
+                     stop: threading.Event | None) -> None:
+    """Zero-shot accuracy (lm-eval) of teacher and student into the run's metrics; a stop leaves it out (the student
+    is finished, only its accuracy is missing)."""
+    from .metrics.zeroshot import score_pair
+
+    loaded = result.loaded
+    emit(Phase(name="evaluate", detail=f"zero-shot accuracy of teacher and student on {', '.join(config.eval.tasks)}"))
+    try:
+        with stage("zero-shot evaluation", model=loaded.model):
+            scored = score_pair(loaded.model, result.run.student, loaded.tokenizer, config.eval.tasks,
+                                config.eval.limit, config.eval.task_data, stop=stop)
+        result.metrics.zero_shot = scored["zero_shot"]
+    except RunStopped:
+        pass
 
 
 def _run_pipeline(config: RunConfig, loaded: LoadedModel | None, plan: RankPlan | None, emit: EventSink,

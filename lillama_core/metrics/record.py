@@ -80,6 +80,7 @@ class RunMetrics:
     wer_reference: str | None = None
     wer_scorer: str | None = None
     eval_clips: int | None = None
+    zero_shot: dict | None = None  # lm-eval accuracy of teacher and student per task, with retention (zeroshot.py)
     extra: dict[str, Any] = field(default_factory=dict)  # healing's numbers, and keys of newer or older writers
 
     def to_dict(self) -> dict[str, Any]:
