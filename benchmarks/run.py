@@ -206,6 +206,129 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_quality(args, results: Path | None) -> None:
+    from . import suites
+
+    suites.run_quality(_names(args.models), _floats(args.reductions), _names(args.methods), _budget(args),
+                       args.device, args.dtype, args.tag, results)
+
+
+def _run_ablation(args, results: Path | None) -> None:
+    from . import suites
+
+    suites.run_ablation(args.model, args.what, args.reduction, args.base,
+                        _names(args.values) if args.values else None, args.free, _budget(args), args.device,
+                        args.dtype, _parse_sets(args.sets), args.tag, results)
+
+
+def _run_speed(args, results: Path | None) -> None:
+    from . import suites
+
+    variants = []
+    for item in _names(args.variants):
+        method, _, reduction = item.partition("@")
+        variants.append((method, float(reduction or 0.0)))
+    suites.run_speed(_names(args.models), variants, _budget(args), args.device, args.dtype, args.new_tokens,
+                     args.repeats, args.tag, results, args.graphs)
+
+
+def _run_quantize(args, results: Path | None) -> None:
+    from . import suites
+
+    suites.run_quantize(args.model, args.method, args.reduction, _budget(args), args.tag, results)
+
+
+def _run_parallel(args, results: Path | None) -> None:
+    from .common import write_record
+    from .parallel import run_parallel
+
+    settings = [tuple(int(n) for n in item.split("x")) for item in _names(args.settings)]
+    for record in run_parallel(args.model, settings, args.tokens, args.seq_len, args.batch_size, args.reduction,
+                               args.device):
+        write_record("parallel", {**record, **({"tag": args.tag} if args.tag else {})}, results)
+
+
+def _run_throughput(args, results: Path | None) -> None:
+    from lillama_core.modeling.loading import resolve_device, resolve_dtype
+
+    from . import suites
+    from .common import write_record
+    from .throughput import run_throughput
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    for item in _names(args.shapes):
+        shape, *rest = item.split(":")
+        layers, init = (rest + ["3", args.init][len(rest):])[:2]  # shape[:layers[:init]]
+        try:
+            record = run_throughput(shape, int(layers), args.tokens, args.seq_len, args.batch_size, init,
+                                    device, dtype, offload=args.offload, from_checkpoint=args.from_checkpoint)
+        except Exception as exc:  # one shape that does not fit must not lose the others
+            suites.log(f"  {shape} failed: {type(exc).__name__}: {exc}")
+            record = {"model": f"{shape} (random weights)", "error": f"{type(exc).__name__}: {exc}"}
+        if args.tag:
+            record["tag"] = args.tag
+        write_record("throughput", record, results)
+
+
+def _run_speech(args, results: Path | None) -> None:
+    from .common import write_record
+    from .speech import run_speech
+
+    for record in run_speech(_floats(args.reductions), _names(args.methods), _names(args.calibrations),
+                             args.clips, args.eval_clips, args.seq_len, args.batch_size, args.device,
+                             args.dtype):
+        write_record("speech", {**record, **({"tag": args.tag} if args.tag else {})}, results)
+
+
+def _run_accuracy(args, results: Path | None) -> None:
+    from .accuracy import run_accuracy, run_agreement
+
+    if args.agreement:
+        run_agreement(args.model, _budget(args), args.tasks, args.limit, args.task_data, args.device, args.dtype,
+                      args.tag, results)
+    else:
+        run_accuracy(args.model, _floats(args.reductions), _names(args.methods), _budget(args), args.tasks,
+                     args.limit, args.task_data, args.prompts, args.max_new_tokens, args.device, args.dtype,
+                     args.tag, results)
+
+
+def _run_speed_worker(args, results: Path | None) -> None:
+    from . import suites
+
+    record = suites.speed_worker(args.model, args.method, args.reduction, _budget(args), args.device,
+                                 args.dtype, args.new_tokens, args.repeats, args.graphs)
+    Path(args.out).write_text(json.dumps(record))
+
+
+def _run_default(args, results: Path | None) -> None:
+    from . import suites
+
+    budget = _budget(args)
+    tag = args.tag or "make-bench"
+    suites.run_quality([args.model], [0.2], list(DEFAULT_METHODS) + ["tuned"], budget, args.device, args.dtype,
+                       tag, results)
+    suites.run_speed([args.model], [("teacher", 0.0), ("tuned", 0.2)], budget, args.device, args.dtype,
+                     new_tokens=32, repeats=2, tag=tag, results_dir=results)
+    from .report import write_report
+
+    print(f"wrote {write_report(results)}")
+
+
+RUNNERS = {
+    "quality": _run_quality,
+    "ablation": _run_ablation,
+    "speed": _run_speed,
+    "quantize": _run_quantize,
+    "parallel": _run_parallel,
+    "throughput": _run_throughput,
+    "speech": _run_speech,
+    "accuracy": _run_accuracy,
+    "_speed-worker": _run_speed_worker,
+    "default": _run_default,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
@@ -225,85 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {path}")
         return 0
 
-    from . import suites
-
-    if args.command == "quality":
-        suites.run_quality(_names(args.models), _floats(args.reductions), _names(args.methods), _budget(args),
-                           args.device, args.dtype, args.tag, results)
-    elif args.command == "ablation":
-        suites.run_ablation(args.model, args.what, args.reduction, args.base,
-                            _names(args.values) if args.values else None, args.free, _budget(args), args.device,
-                            args.dtype, _parse_sets(args.sets), args.tag, results)
-    elif args.command == "speed":
-        variants = []
-        for item in _names(args.variants):
-            method, _, reduction = item.partition("@")
-            variants.append((method, float(reduction or 0.0)))
-        suites.run_speed(_names(args.models), variants, _budget(args), args.device, args.dtype, args.new_tokens,
-                         args.repeats, args.tag, results, args.graphs)
-    elif args.command == "quantize":
-        suites.run_quantize(args.model, args.method, args.reduction, _budget(args), args.tag, results)
-    elif args.command == "parallel":
-        from .common import write_record
-        from .parallel import run_parallel
-
-        settings = [tuple(int(n) for n in item.split("x")) for item in _names(args.settings)]
-        for record in run_parallel(args.model, settings, args.tokens, args.seq_len, args.batch_size, args.reduction,
-                                   args.device):
-            write_record("parallel", {**record, **({"tag": args.tag} if args.tag else {})}, results)
-    elif args.command == "throughput":
-        from lillama_core.modeling.loading import resolve_device, resolve_dtype
-
-        from .common import write_record
-        from .throughput import run_throughput
-
-        device = resolve_device(args.device)
-        dtype = resolve_dtype(args.dtype, device)
-        for item in _names(args.shapes):
-            shape, *rest = item.split(":")
-            layers, init = (rest + ["3", args.init][len(rest):])[:2]  # shape[:layers[:init]]
-            try:
-                record = run_throughput(shape, int(layers), args.tokens, args.seq_len, args.batch_size, init,
-                                        device, dtype, offload=args.offload, from_checkpoint=args.from_checkpoint)
-            except Exception as exc:  # one shape that does not fit must not lose the others
-                suites.log(f"  {shape} failed: {type(exc).__name__}: {exc}")
-                record = {"model": f"{shape} (random weights)", "error": f"{type(exc).__name__}: {exc}"}
-            if args.tag:
-                record["tag"] = args.tag
-            write_record("throughput", record, results)
-    elif args.command == "speech":
-        from .common import write_record
-        from .speech import run_speech
-
-        for record in run_speech(_floats(args.reductions), _names(args.methods), _names(args.calibrations),
-                                 args.clips, args.eval_clips, args.seq_len, args.batch_size, args.device,
-                                 args.dtype):
-            write_record("speech", {**record, **({"tag": args.tag} if args.tag else {})}, results)
-    elif args.command == "accuracy":
-        from .accuracy import run_accuracy, run_agreement
-
-        if args.agreement:
-            run_agreement(args.model, _budget(args), args.tasks, args.limit, args.task_data, args.device, args.dtype,
-                          args.tag, results)
-        else:
-            run_accuracy(args.model, _floats(args.reductions), _names(args.methods), _budget(args), args.tasks,
-                         args.limit, args.task_data, args.prompts, args.max_new_tokens, args.device, args.dtype,
-                         args.tag, results)
-    elif args.command == "_speed-worker":
-        record = suites.speed_worker(args.model, args.method, args.reduction, _budget(args), args.device,
-                                     args.dtype, args.new_tokens, args.repeats, args.graphs)
-        Path(args.out).write_text(json.dumps(record))
-    elif args.command == "default":
-        # Small but meaningful: every method at 20% on SmolLM2, the speed of a 20% student, then the report.
-        budget = _budget(args)
-        tag = args.tag or "make-bench"
-        suites.run_quality([args.model], [0.2], list(DEFAULT_METHODS) + ["tuned"], budget, args.device, args.dtype,
-                           tag, results)
-        suites.run_speed([args.model], [("teacher", 0.0), ("tuned", 0.2)], budget, args.device, args.dtype,
-                         new_tokens=32, repeats=2, tag=tag, results_dir=results)
-        from .report import write_report
-
-        print(f"wrote {write_report(results)}")
+    RUNNERS[args.command](args, results)
     print(f"done in {time.time() - start:.0f}s", file=sys.stderr)
     return 0
 

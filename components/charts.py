@@ -279,10 +279,11 @@ def accuracy_chart(zero_shot: dict) -> dict:
     for name, color in models:
         scores = {s["task"]: s for s in zero_shot[name]}
         metric = [("acc" if scores[t]["acc_norm"] is None else "acc_norm") for t in tasks]
+        pairs = list(zip(tasks, metric, strict=True))
         data.append({"type": "bar", "name": name, "x": tasks, "marker": {"color": color},
-                     "y": [100 * scores[t][m] for t, m in zip(tasks, metric, strict=True)],
+                     "y": [100 * scores[t][m] for t, m in pairs],
                      "error_y": {"type": "data", "color": "#64748b",
-                                 "array": [100 * scores[t][f"{m}_stderr"] for t, m in zip(tasks, metric, strict=True)]}})
+                                 "array": [100 * scores[t][f"{m}_stderr"] for t, m in pairs]}})
     data.append({"type": "scatter", "mode": "markers", "name": "chance", "x": tasks,
                  "y": [100 * s["chance"] for s in teacher],
                  "marker": {"symbol": "line-ew-open", "size": 28, "color": "#0f172a", "line": {"width": 2}}})

