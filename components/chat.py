@@ -66,8 +66,8 @@ def chat_outputs(frames: Iterator[ChatFrame]) -> Iterator[tuple]:
         yield (gr.skip(),) * 6
 
 
-def build(controller: Controller) -> dict:
-    studio = controller.studio
+def _answers() -> dict:
+    """The teacher's and the student's columns: title, chat and speed line each."""
     with gr.Row():
         with gr.Column():
             teacher_title = gr.Markdown("**Teacher**")
@@ -77,11 +77,12 @@ def build(controller: Controller) -> dict:
             student_title = gr.Markdown("**Student**")
             student_box = gr.Chatbot(height=420, show_label=False)
             student_speed = gr.Markdown(elem_classes=["speed"])
-    prompt = gr.Textbox(placeholder="Ask both models something…", show_label=False, lines=2)
-    with gr.Row():
-        send = gr.Button("Send", variant="primary")
-        halt = gr.Button("Stop generating")
-        clear = gr.Button("Clear")
+    return {"teacher_title": teacher_title, "teacher_box": teacher_box, "teacher_speed": teacher_speed,
+            "student_title": student_title, "student_box": student_box, "student_speed": student_speed}
+
+
+def _sampling_inputs() -> list:
+    """The sampling settings both models share, in ChatSettings.from_inputs' order."""
     with gr.Accordion("Sampling (shared by both models)", open=False):
         with gr.Row():
             max_new = gr.Slider(8, 1024, value=200, step=8, label="Max new tokens")
@@ -90,6 +91,11 @@ def build(controller: Controller) -> dict:
             top_k = gr.Slider(0, 200, value=50, step=1, label="Top-k (0 = off)")
             penalty = gr.Slider(1, 2, value=1.1, step=0.05, label="Repetition penalty")
             seed = gr.Number(value=0, precision=0, label="Seed")
+    return [max_new, temperature, top_p, top_k, penalty, seed]
+
+
+def _transcription() -> tuple[gr.Audio, gr.Button, list]:
+    """The speech section: one clip, transcribed by both models."""
     with gr.Accordion("Speech models: transcribe audio with both", open=False):
         with gr.Row():
             audio = gr.Audio(sources=["upload", "microphone"], type="numpy", label="Audio clip (up to 30 s)")
@@ -97,6 +103,19 @@ def build(controller: Controller) -> dict:
         with gr.Row():
             teacher_transcript = gr.Textbox(label="Teacher's transcript", interactive=False)
             student_transcript = gr.Textbox(label="Student's transcript", interactive=False)
+    return audio, transcribe_button, [teacher_transcript, student_transcript]
+
+
+def build(controller: Controller) -> dict:
+    studio = controller.studio
+    a = _answers()
+    prompt = gr.Textbox(placeholder="Ask both models something…", show_label=False, lines=2)
+    with gr.Row():
+        send = gr.Button("Send", variant="primary")
+        halt = gr.Button("Stop generating")
+        clear = gr.Button("Clear")
+    sampling_inputs = _sampling_inputs()
+    audio, transcribe_button, transcripts = _transcription()
 
     def titles():
         loaded = studio.loaded
@@ -112,10 +131,10 @@ def build(controller: Controller) -> dict:
         with closing(frames):  # gradio closes this generator when the tab goes away: stop the decoding too
             yield from chat_outputs(frames)
 
-    sampling_inputs = [max_new, temperature, top_p, top_k, penalty, seed]
-    outputs = [teacher_box, student_box, teacher_speed, student_speed, prompt, send]
+    boxes = [a["teacher_box"], a["student_box"]]
+    outputs = [*boxes, a["teacher_speed"], a["student_speed"], prompt, send]
     for trigger, api_name in ((send.click, "chat"), (prompt.submit, "chat_submit")):
-        trigger(on_respond, [prompt, teacher_box, student_box, *sampling_inputs], outputs, concurrency_id="chat",
+        trigger(on_respond, [prompt, *boxes, *sampling_inputs], outputs, concurrency_id="chat",
                 concurrency_limit=2, api_name=api_name)
 
     def on_halt(request: gr.Request):
@@ -125,8 +144,8 @@ def build(controller: Controller) -> dict:
     def on_transcribe(clip):
         return transcribe_both(studio, clip)
 
-    transcribe_button.click(on_transcribe, audio, [teacher_transcript, student_transcript], concurrency_id="chat",
+    transcribe_button.click(on_transcribe, audio, transcripts, concurrency_id="chat",
                             concurrency_limit=2, api_name="transcribe")
     halt.click(on_halt, None, None, queue=False)
-    clear.click(lambda: ([], [], "", ""), None, [teacher_box, student_box, teacher_speed, student_speed])
-    return {"on_show": (titles, [], [teacher_title, student_title])}
+    clear.click(lambda: ([], [], "", ""), None, [*boxes, a["teacher_speed"], a["student_speed"]])
+    return {"on_show": (titles, [], [a["teacher_title"], a["student_title"]])}

@@ -44,8 +44,8 @@ def form_values(studio: Studio) -> tuple:
     return studio.distill.init, studio.distill.lr, studio.distill.epochs, studio.distill.loss, studio.heal.tokens
 
 
-def build(controller: Controller) -> dict:
-    studio = controller.studio
+def _settings_row(studio: Studio) -> tuple[list, gr.Button, gr.Button]:
+    """The distillation forms (what form_values fills) and the Start and Stop buttons."""
     with gr.Row():
         init = gr.Dropdown(list(INITS), value=studio.distill.init, label="Initialisation")
         lr = gr.Number(value=studio.distill.lr, label="Learning rate", minimum=0)
@@ -56,8 +56,11 @@ def build(controller: Controller) -> dict:
         with gr.Column(min_width=200):
             start = gr.Button("▶ Start", variant="primary")
             stop = gr.Button("■ Stop", variant="stop")
-    forms = [init, lr, epochs, loss, heal_tokens]
-    recipe.build(controller, forms, lambda: form_values(studio))
+    return [init, lr, epochs, loss, heal_tokens], start, stop
+
+
+def _live_view(studio: Studio) -> dict:
+    """The device line, the progress bar, the charts and the per-layer table."""
     device_note = gr.Markdown()
     progress = gr.HTML(progress_html(studio.jobs.latest()))
     with gr.Row(equal_height=False):
@@ -67,16 +70,20 @@ def build(controller: Controller) -> dict:
             speed = gr.Plot(show_label=False)
             memory = gr.Plot(show_label=False)
     table = gr.Dataframe(layer_table([]), label="Layers", interactive=False, wrap=True)
-    seen = gr.State(("", -1))  # (job id, events drawn) for this browser tab
-    timer = gr.Timer(POLL_SECONDS)
+    return {"device_note": device_note, "progress": progress, "losses": losses, "speed": speed, "memory": memory,
+            "table": table}
 
-    def device_text():
-        loaded = studio.loaded
-        where = str(loaded.device) if loaded else studio.model_config.device
-        if where.startswith("cuda"):
-            return f"Running on **{where}** with bf16 autocast."
-        return "No GPU found: distillation runs on the **CPU** (expect minutes per 10K tokens on a small model)."
 
+def device_text(studio: Studio) -> str:
+    loaded = studio.loaded
+    where = str(loaded.device) if loaded else studio.model_config.device
+    if where.startswith("cuda"):
+        return f"Running on **{where}** with bf16 autocast."
+    return "No GPU found: distillation runs on the **CPU** (expect minutes per 10K tokens on a small model)."
+
+
+def _wire_run(studio: Studio, forms: list, start: gr.Button, stop: gr.Button, view: dict) -> None:
+    """Keeping the forms as the studio's settings, Start and Stop."""
     def keep_settings(init_value, lr_value, epochs_value, loss_value, heal_value):
         """The forms as typed become the studio's settings, so a saved recipe and the CLI command show them."""
         studio.distill = replace(studio.distill, init=init_value, lr=float(lr_value or 0), epochs=int(epochs_value),
@@ -93,9 +100,9 @@ def build(controller: Controller) -> dict:
         studio.heal.validate()
         job = studio.start_distillation()
         gr.Info(f"started {job.run_dir.name}")
-        return progress_html(job), device_text()
+        return progress_html(job), device_text(studio)
 
-    start.click(on_start, forms, [progress, device_note], concurrency_id="model",
+    start.click(on_start, forms, [view["progress"], view["device_note"]], concurrency_id="model",
                 concurrency_limit=1, api_name="start")
 
     def on_stop():
@@ -108,6 +115,9 @@ def build(controller: Controller) -> dict:
 
     stop.click(on_stop, None, None, api_name="stop")
 
+
+def _wire_poll(studio: Studio, timer: gr.Timer, seen: gr.State, view: dict) -> None:
+    """Redraw the live view on each tick when the latest job has new events or a new status."""
     def poll(state):
         job = studio.jobs.latest()
         if job is None:
@@ -120,10 +130,22 @@ def build(controller: Controller) -> dict:
         return (progress_html(job), plot(loss_chart(events)), plot(throughput_chart(events)),
                 plot(memory_chart(events)), layer_table(events), key)
 
-    timer.tick(poll, seen, [progress, losses, speed, memory, table, seen], show_progress="hidden",
-               concurrency_limit=None, api_visibility="private")
-    def on_show():  # a recipe loaded in step 6 shows here; the forms keep the studio's settings as typed
-        return device_text(), *form_values(studio)
+    timer.tick(poll, seen, [view["progress"], view["losses"], view["speed"], view["memory"], view["table"], seen],
+               show_progress="hidden", concurrency_limit=None, api_visibility="private")
 
-    return {"on_show": (on_show, [], [device_note, *forms]), "timer": timer, "progress": progress,
-            "losses": losses}
+
+def build(controller: Controller) -> dict:
+    studio = controller.studio
+    forms, start, stop = _settings_row(studio)
+    recipe.build(controller, forms, lambda: form_values(studio))
+    view = _live_view(studio)
+    seen = gr.State(("", -1))  # (job id, events drawn) for this browser tab
+    timer = gr.Timer(POLL_SECONDS)
+    _wire_run(studio, forms, start, stop, view)
+    _wire_poll(studio, timer, seen, view)
+
+    def on_show():  # a recipe loaded in step 6 shows here; the forms keep the studio's settings as typed
+        return device_text(studio), *form_values(studio)
+
+    return {"on_show": (on_show, [], [view["device_note"], *forms]), "timer": timer, "progress": view["progress"],
+            "losses": view["losses"]}

@@ -71,52 +71,57 @@ def form_values(studio: Studio) -> tuple:
             model_card(studio))
 
 
-def build(studio: Studio, uploads_root: Path) -> dict:
+def _model_column(studio: Studio) -> dict:
+    """The teacher model's picker, its options, the Load button and the model card."""
     builtin_choices = [(m.description, m.name) for m in BUILTIN_MODELS.values()] + [
         ("Hugging Face id, local folder or .gguf file…", OTHER)]
     current = studio.model_config.name
-    with gr.Row(equal_height=False):
-        with gr.Column(scale=1):
-            gr.Markdown("### Teacher model")
-            choice = gr.Dropdown(builtin_choices, value=current if current in BUILTIN_MODELS else OTHER,
-                                 label="Model", interactive=True)
-            custom = gr.Textbox(label="Hugging Face id, local model folder or .gguf file",
-                                placeholder="HuggingFaceTB/SmolLM2-360M-Instruct  ·  /models/my-llama  ·  model.gguf",
-                                value="" if current in BUILTIN_MODELS else current,
-                                visible=current not in BUILTIN_MODELS)
-            remote = gr.Checkbox(label="Trust remote code for this model (runs code from its repository)",
-                                 value=False, visible=studio.allow_remote_code)
-            offload = gr.Checkbox(label="Offload: keep the blocks in host memory, one at a time on the GPU",
-                                  info="for models bigger than the GPU; slower; no effect on CPU",
-                                  value=studio.model_config.offload)
-            load_button = gr.Button("Load model", variant="primary")
-            card = gr.HTML(model_card(studio))
-        with gr.Column(scale=1):
-            gr.Markdown("### Calibration data")
-            kind = gr.Radio(SOURCE_KINDS, value=SOURCE_KINDS[0], label="Source",
-                            info="Built-in: WikiText-2 validation + 175 Alpaca seed tasks (chat-formatted)")
-            with gr.Group(visible=False) as custom_source:
-                path = gr.Textbox(label="File path or dataset id",
-                                  placeholder="data/my_corpus.jsonl  ·  wikitext (with config wikitext-2-raw-v1)")
-                upload = gr.File(label="…or upload a file", file_types=UPLOAD_TYPES, file_count="single")
-                with gr.Row():
-                    text_field = gr.Textbox(label="Text field (optional)", placeholder="text")
-                    dataset_config = gr.Textbox(label="Dataset config (optional)")
-                    split = gr.Textbox(label="Split", value="train")
-            with gr.Row():
-                tokens = gr.Slider(1024, 2_000_000, value=studio.calibration.tokens, step=1024,
-                                   label="Token budget", info="a few million on a GPU; 16K–100K on CPU")
-                seq_len = gr.Dropdown([64, 128, 256, 512, 1024, 2048], value=studio.calibration.seq_len,
-                                      label="Sequence length", allow_custom_value=True)  # a recipe's may differ
-                batch = gr.Slider(1, 64, value=studio.calibration.batch_size, step=1, label="Batch size")
-            preview_button = gr.Button("Preview and count tokens")
-            preview_box = gr.Markdown()
+    gr.Markdown("### Teacher model")
+    choice = gr.Dropdown(builtin_choices, value=current if current in BUILTIN_MODELS else OTHER,
+                         label="Model", interactive=True)
+    custom = gr.Textbox(label="Hugging Face id, local model folder or .gguf file",
+                        placeholder="HuggingFaceTB/SmolLM2-360M-Instruct  ·  /models/my-llama  ·  model.gguf",
+                        value="" if current in BUILTIN_MODELS else current,
+                        visible=current not in BUILTIN_MODELS)
+    remote = gr.Checkbox(label="Trust remote code for this model (runs code from its repository)",
+                         value=False, visible=studio.allow_remote_code)
+    offload = gr.Checkbox(label="Offload: keep the blocks in host memory, one at a time on the GPU",
+                          info="for models bigger than the GPU; slower; no effect on CPU",
+                          value=studio.model_config.offload)
+    load_button = gr.Button("Load model", variant="primary")
+    card = gr.HTML(model_card(studio))
+    return {"choice": choice, "custom": custom, "remote": remote, "offload": offload, "load": load_button,
+            "card": card}
 
-    inputs = [kind, path, text_field, dataset_config, split, tokens, seq_len, batch]
 
-    choice.change(lambda c: gr.update(visible=c == OTHER), choice, custom, api_visibility="private")
-    kind.change(lambda k: gr.update(visible=k != SOURCE_KINDS[0]), kind, custom_source, api_visibility="private")
+def _calibration_column(studio: Studio) -> dict:
+    """The calibration source (built-in, a file or upload, a dataset), its budget and the preview."""
+    gr.Markdown("### Calibration data")
+    kind = gr.Radio(SOURCE_KINDS, value=SOURCE_KINDS[0], label="Source",
+                    info="Built-in: WikiText-2 validation + 175 Alpaca seed tasks (chat-formatted)")
+    with gr.Group(visible=False) as custom_source:
+        path = gr.Textbox(label="File path or dataset id",
+                          placeholder="data/my_corpus.jsonl  ·  wikitext (with config wikitext-2-raw-v1)")
+        upload = gr.File(label="…or upload a file", file_types=UPLOAD_TYPES, file_count="single")
+        with gr.Row():
+            text_field = gr.Textbox(label="Text field (optional)", placeholder="text")
+            dataset_config = gr.Textbox(label="Dataset config (optional)")
+            split = gr.Textbox(label="Split", value="train")
+    with gr.Row():
+        tokens = gr.Slider(1024, 2_000_000, value=studio.calibration.tokens, step=1024,
+                           label="Token budget", info="a few million on a GPU; 16K–100K on CPU")
+        seq_len = gr.Dropdown([64, 128, 256, 512, 1024, 2048], value=studio.calibration.seq_len,
+                              label="Sequence length", allow_custom_value=True)  # a recipe's may differ
+        batch = gr.Slider(1, 64, value=studio.calibration.batch_size, step=1, label="Batch size")
+    preview_button = gr.Button("Preview and count tokens")
+    preview_box = gr.Markdown()
+    return {"kind": kind, "custom_source": custom_source, "path": path, "upload": upload, "text_field": text_field,
+            "dataset_config": dataset_config, "split": split, "tokens": tokens, "seq_len": seq_len, "batch": batch,
+            "preview": preview_button, "preview_box": preview_box}
 
+
+def _wire_model(studio: Studio, m: dict) -> None:
+    """Loading the teacher model."""
     @user_errors
     def on_load(selected, typed, trust, offload_value):
         name = typed.strip() if selected == OTHER else selected
@@ -128,9 +133,12 @@ def build(studio: Studio, uploads_root: Path) -> dict:
             gr.Info(loaded.task.load_note)
         return model_card(studio)
 
-    load_button.click(on_load, [choice, custom, remote, offload], card, concurrency_id="model", concurrency_limit=1,
-                      api_name="load_model")
+    m["load"].click(on_load, [m["choice"], m["custom"], m["remote"], m["offload"]], m["card"], concurrency_id="model",
+                    concurrency_limit=1, api_name="load_model")
 
+
+def _wire_calibration(studio: Studio, uploads_root: Path, c: dict, inputs: list) -> None:
+    """Uploads, keeping the calibration settings as typed, and the preview."""
     @user_errors
     def on_upload(file):
         if file is None:
@@ -141,7 +149,7 @@ def build(studio: Studio, uploads_root: Path) -> dict:
         shutil.copyfile(source, target)
         return str(target)
 
-    upload.upload(on_upload, upload, path)
+    c["upload"].upload(on_upload, c["upload"], c["path"])
 
     def on_settings(*values):
         """Keep the settings as typed; half-typed values are checked on preview and on start."""
@@ -150,8 +158,8 @@ def build(studio: Studio, uploads_root: Path) -> dict:
         except (gr.Error, LillamaError):
             pass
 
-    for component in (tokens, seq_len, batch, kind, path, text_field, dataset_config, split):
-        component.change(on_settings, inputs, None, show_progress="hidden", api_visibility="private")
+    for name in ("tokens", "seq_len", "batch", "kind", "path", "text_field", "dataset_config", "split"):
+        c[name].change(on_settings, inputs, None, show_progress="hidden", api_visibility="private")
 
     @user_errors
     def on_preview(*values):
@@ -159,11 +167,28 @@ def build(studio: Studio, uploads_root: Path) -> dict:
         loaded = studio.ensure_loaded()
         return calibration_preview(studio, loaded, config)
 
-    preview_button.click(on_preview, inputs, preview_box, api_name="calibration")
-    forms = [choice, custom, remote, offload, *inputs, card]
+    c["preview"].click(on_preview, inputs, c["preview_box"], api_name="calibration")
+
+
+def build(studio: Studio, uploads_root: Path) -> dict:
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=1):
+            m = _model_column(studio)
+        with gr.Column(scale=1):
+            c = _calibration_column(studio)
+
+    inputs = [c[name] for name in ("kind", "path", "text_field", "dataset_config", "split", "tokens", "seq_len",
+                                   "batch")]
+
+    m["choice"].change(lambda v: gr.update(visible=v == OTHER), m["choice"], m["custom"], api_visibility="private")
+    c["kind"].change(lambda k: gr.update(visible=k != SOURCE_KINDS[0]), c["kind"], c["custom_source"],
+                     api_visibility="private")
+    _wire_model(studio, m)
+    _wire_calibration(studio, uploads_root, c, inputs)
+    forms = [m["choice"], m["custom"], m["remote"], m["offload"], *inputs, m["card"]]
     seen = gr.State(studio.recipe_version)
 
     def on_show(version):
         return recipe.shown_settings(studio, version, lambda: form_values(studio), len(forms))
 
-    return {"card": card, "load": load_button, "on_show": (on_show, [seen], [*forms, seen])}
+    return {"card": m["card"], "load": m["load"], "on_show": (on_show, [seen], [*forms, seen])}

@@ -120,37 +120,84 @@ def shown_plan(studio: Studio, current_version: int) -> tuple:
             gr.update(**group_picker(studio)), config.rank_multiple)
 
 
-def build(controller: Controller) -> dict:
-    studio = controller.studio
-    version = gr.State(0)  # bumped when the whole plan changes, so the sliders are drawn again
+def _preset_controls(studio: Studio) -> dict:
+    """The preset form and its buttons (the left column over the chart)."""
+    with gr.Row():
+        strategy = gr.Dropdown([(s.label, s.name) for s in all_strategies()], value=studio.plan_config.strategy,
+                               label="Preset")
+        reduction = gr.Slider(1, 70, value=round(100 * (studio.plan_config.reduction or 0.2)), step=1,
+                              label="Target reduction (% of all parameters)")
+    with gr.Row():
+        layer_keep = gr.Slider(5, 95, value=round(100 * studio.plan_config.layer_keep), step=5,
+                               label="Bottom/top: % of weights kept in each chosen layer")
+        fixed_rank = gr.Number(value=None, precision=0, label="Fixed rank (0 = use the target)")
+        multiple = gr.Dropdown(RANK_MULTIPLES, value=studio.plan_config.rank_multiple,
+                               label="Round ranks to a multiple of", allow_custom_value=True,
+                               info="8: no quality cost and faster matrix kernels; 1: exact ranks")
+        groups = gr.CheckboxGroup(**group_picker(studio), label="Module groups (linear layers each)")
+    with gr.Row():
+        apply = gr.Button("Apply preset", variant="primary")
+        save = gr.DownloadButton("Save plan JSON")
+        load = gr.UploadButton("Load plan JSON", file_types=[".json"])
+    return {"strategy": strategy, "reduction": reduction, "layer_keep": layer_keep, "fixed_rank": fixed_rank,
+            "multiple": multiple, "groups": groups, "apply": apply, "save": save, "load": load}
+
+
+def _layout(studio: Studio) -> dict:
+    """The panel above the layer sliders: preset controls, plan note, totals and the chart."""
     with gr.Row(equal_height=False):
         with gr.Column(scale=2):
-            with gr.Row():
-                strategy = gr.Dropdown([(s.label, s.name) for s in all_strategies()], value=studio.plan_config.strategy,
-                                       label="Preset")
-                reduction = gr.Slider(1, 70, value=round(100 * (studio.plan_config.reduction or 0.2)), step=1,
-                                      label="Target reduction (% of all parameters)")
-            with gr.Row():
-                layer_keep = gr.Slider(5, 95, value=round(100 * studio.plan_config.layer_keep), step=5,
-                                       label="Bottom/top: % of weights kept in each chosen layer")
-                fixed_rank = gr.Number(value=None, precision=0, label="Fixed rank (0 = use the target)")
-                multiple = gr.Dropdown(RANK_MULTIPLES, value=studio.plan_config.rank_multiple,
-                                       label="Round ranks to a multiple of", allow_custom_value=True,
-                                       info="8: no quality cost and faster matrix kernels; 1: exact ranks")
-                groups = gr.CheckboxGroup(**group_picker(studio), label="Module groups (linear layers each)")
-            with gr.Row():
-                apply = gr.Button("Apply preset", variant="primary")
-                save = gr.DownloadButton("Save plan JSON")
-                load = gr.UploadButton("Load plan JSON", file_types=[".json"])
+            c = _preset_controls(studio)
         with gr.Column(scale=3):
-            note = gr.HTML(elem_id="plan-note")
-            totals = gr.HTML()
-    plot = gr.Plot(show_label=False)
+            c["note"] = gr.HTML(elem_id="plan-note")
+            c["totals"] = gr.HTML()
+    c["plot"] = gr.Plot(show_label=False)
     gr.Markdown("#### Layers — % of weights kept per group (100 = dense); release a slider to apply")
+    return c
 
-    def refresh():
-        return totals_html(studio), chart(studio)
 
+def _refresh(studio: Studio) -> tuple:
+    return totals_html(studio), chart(studio)
+
+
+def _layer_sliders(studio: Studio, shape: ModelShape, titles: dict[int, str], outputs: list) -> None:
+    """One slider per layer and module group; releasing one sets the group's ranks to keep that percent."""
+    with gr.Column(elem_classes=["layer-grid"]):
+        for layer in range(shape.num_layers):
+            with gr.Row(elem_classes=["layer-row"], equal_height=True):
+                gr.Markdown(f"**{titles[layer]}**", min_height=0)
+                for group in studio.plan_config.groups:
+                    modules = [m for m in shape.modules if m.layer == layer and m.group == group]
+                    if not modules:
+                        continue
+                    slider = gr.Slider(5, 100, value=group_keep(studio, modules), step=1, label=group,
+                                       key=f"g-{layer}-{group}")
+
+                    def on_group(value, modules=modules):
+                        studio.set_ranks(ranks_for_keep(modules, value))
+                        return _refresh(studio)
+
+                    slider.release(user_errors(on_group), slider, outputs, show_progress="hidden")
+
+
+def _module_sliders(studio: Studio, shape: ModelShape, layer: int, outputs: list) -> None:
+    """One rank slider per module of the chosen layer."""
+    ranks = studio.current_plan().ranks
+    with gr.Row():
+        for m in (m for m in shape.modules if m.layer == layer):
+            slider = gr.Slider(0, m.full_rank, value=ranks.get(m.name, 0), step=1,
+                               label=f"{m.local_name} ({m.out_features}×{m.in_features})",
+                               info=f"saves below {m.max_saving_rank + 1}", key=f"m-{m.name}")
+
+            def on_module(value, name=m.name):
+                studio.set_ranks({name: int(value) or None})
+                return _refresh(studio)
+
+            slider.release(user_errors(on_module), slider, outputs, show_progress="hidden")
+
+
+def _render_editor(studio: Studio, version: gr.State, outputs: list) -> None:
+    """The layer sliders and the per-module editor, drawn again whenever `version` changes."""
     @gr.render(inputs=[version])
     def draw(_version):
         if studio.loaded is None:
@@ -158,40 +205,19 @@ def build(controller: Controller) -> dict:
             return
         shape = studio.shape
         titles = layer_titles(shape)
-        with gr.Column(elem_classes=["layer-grid"]):
-            for layer in range(shape.num_layers):
-                with gr.Row(elem_classes=["layer-row"], equal_height=True):
-                    gr.Markdown(f"**{titles[layer]}**", min_height=0)
-                    for group in studio.plan_config.groups:
-                        modules = [m for m in shape.modules if m.layer == layer and m.group == group]
-                        if not modules:
-                            continue
-                        slider = gr.Slider(5, 100, value=group_keep(studio, modules), step=1, label=group,
-                                           key=f"g-{layer}-{group}")
-
-                        def on_group(value, modules=modules):
-                            studio.set_ranks(ranks_for_keep(modules, value))
-                            return refresh()
-
-                        slider.release(user_errors(on_group), slider, [totals, plot], show_progress="hidden")
+        _layer_sliders(studio, shape, titles, outputs)
         gr.Markdown("#### Modules of one layer — rank per module (0 = keep dense)")
         layer_pick = gr.Dropdown([(titles[i], i) for i in range(shape.num_layers)], value=0, label="Layer",
                                  key="layer-pick")
 
         @gr.render(inputs=[layer_pick])
         def draw_modules(layer):
-            ranks = studio.current_plan().ranks
-            with gr.Row():
-                for m in (m for m in shape.modules if m.layer == layer):
-                    slider = gr.Slider(0, m.full_rank, value=ranks.get(m.name, 0), step=1,
-                                       label=f"{m.local_name} ({m.out_features}×{m.in_features})",
-                                       info=f"saves below {m.max_saving_rank + 1}", key=f"m-{m.name}")
+            _module_sliders(studio, shape, layer, outputs)
 
-                    def on_module(value, name=m.name):
-                        studio.set_ranks({name: int(value) or None})
-                        return refresh()
 
-                    slider.release(user_errors(on_module), slider, [totals, plot], show_progress="hidden")
+def _wire_preset(controller: Controller, c: dict, version: gr.State) -> None:
+    """Apply a preset, save the plan as JSON, load one."""
+    studio = controller.studio
 
     @user_errors
     def on_apply(strategy_value, reduction_value, keep_value, rank_value, group_values, current_version,
@@ -200,30 +226,40 @@ def build(controller: Controller) -> dict:
                                   multiple_value)
         return (*controller.apply_preset(settings), current_version + 1)
 
-    apply.click(on_apply, [strategy, reduction, layer_keep, fixed_rank, groups, version, multiple],
-                [totals, plot, version],
-                concurrency_id="model", concurrency_limit=1, api_name="apply_preset")
+    c["apply"].click(on_apply, [c["strategy"], c["reduction"], c["layer_keep"], c["fixed_rank"], c["groups"], version,
+                                c["multiple"]],
+                     [c["totals"], c["plot"], version],
+                     concurrency_id="model", concurrency_limit=1, api_name="apply_preset")
 
     def on_save():
         path = Path(tempfile.mkdtemp()) / "rank_plan.json"
         studio.current_plan().save(path)
         return str(path)
 
-    save.click(user_errors(on_save), None, save)
+    c["save"].click(user_errors(on_save), None, c["save"])
 
     @user_errors
     def on_load(file, current_version):
         studio.load_plan_json(Path(file).read_text())
         gr.Info(f"loaded a plan with {len(studio.plan.ranks)} low-rank modules")
-        return (*refresh(), current_version + 1)
+        return (*_refresh(studio), current_version + 1)
 
-    load.upload(on_load, [load, version], [totals, plot, version])
+    c["load"].upload(on_load, [c["load"], version], [c["totals"], c["plot"], version])
+
+
+def build(controller: Controller) -> dict:
+    studio = controller.studio
+    version = gr.State(0)  # bumped when the whole plan changes, so the sliders are drawn again
+    c = _layout(studio)
+    _render_editor(studio, version, [c["totals"], c["plot"]])
+    _wire_preset(controller, c, version)
 
     def on_show(current_version):
         return shown_plan(studio, current_version)
 
-    shown = [totals, plot, version, strategy, reduction, layer_keep, fixed_rank, groups, multiple]
-    follow_background_plan(studio, note, shown)
+    shown = [c["totals"], c["plot"], version, c["strategy"], c["reduction"], c["layer_keep"], c["fixed_rank"],
+             c["groups"], c["multiple"]]
+    follow_background_plan(studio, c["note"], shown)
 
     return {"on_show": (on_show, [version], shown)}
 
