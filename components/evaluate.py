@@ -148,6 +148,32 @@ def build(controller: Controller) -> dict:
     results = gr.Dataframe(table([]), interactive=False, label="Teacher vs student")
     chart = gr.Plot(show_label=False)
     accuracy_section(controller)
+    export_section(controller)
+
+    @user_errors
+    def on_evaluate(text_value, tokens_value, seq_value, batch16_value, int8_value, audio_value="synthetic",
+                    progress=gr.Progress()):  # noqa: B008 - gradio injects the progress tracker through this default
+        settings = EvalSettings(text_value, int(tokens_value), int(seq_value), bool(batch16_value), bool(int8_value),
+                                audio_value)
+        return controller.evaluate(settings, progress)
+
+    run.click(on_evaluate, [text, tokens, seq_len, batch16, int8, audio], [results, chart], concurrency_id="model",
+              concurrency_limit=1, api_name="evaluate")
+
+    forms = [text, tokens, seq_len, audio]
+    seen = gr.State(studio.recipe_version)
+
+    def on_show(version):
+        held_out = studio.eval
+        return recipe.shown_settings(studio, version, lambda: (held_out.text, held_out.tokens, held_out.seq_len,
+                                                               held_out.audio), len(forms))
+
+    return {"on_show": (on_show, [seen], [*forms, seen])}
+
+
+def export_section(controller: Controller) -> None:
+    """The export form: name, format (compressed or merged), integer weights; a zip to download."""
+    studio = controller.studio
     gr.Markdown("### Export the student")
     with gr.Row():
         name = gr.Textbox(label="Export name", placeholder="smollm2-20pct")
@@ -160,16 +186,6 @@ def build(controller: Controller) -> dict:
         export = gr.Button("Export", variant="primary")
     export_note = gr.Markdown()
     download = gr.DownloadButton("Download export (.zip)", visible=False)
-
-    @user_errors
-    def on_evaluate(text_value, tokens_value, seq_value, batch16_value, int8_value, audio_value="synthetic",
-                    progress=gr.Progress()):  # noqa: B008 - gradio injects the progress tracker through this default
-        settings = EvalSettings(text_value, int(tokens_value), int(seq_value), bool(batch16_value), bool(int8_value),
-                                audio_value)
-        return controller.evaluate(settings, progress)
-
-    run.click(on_evaluate, [text, tokens, seq_len, batch16, int8, audio], [results, chart], concurrency_id="model",
-              concurrency_limit=1, api_name="evaluate")
 
     @user_errors
     def on_export(name_value, fmt_value, overwrite_value, weights_value="float",
@@ -194,15 +210,6 @@ def build(controller: Controller) -> dict:
         return note, gr.update(value=archive, visible=True)
 
     export.click(on_export, [name, fmt, overwrite, weights], [export_note, download], api_name="export")
-    forms = [text, tokens, seq_len, audio]
-    seen = gr.State(studio.recipe_version)
-
-    def on_show(version):
-        held_out = studio.eval
-        return recipe.shown_settings(studio, version, lambda: (held_out.text, held_out.tokens, held_out.seq_len,
-                                                               held_out.audio), len(forms))
-
-    return {"on_show": (on_show, [seen], [*forms, seen])}
 
 
 def accuracy_section(controller: Controller) -> None:

@@ -4,6 +4,7 @@ student into Chat and Evaluate, and load a run's recipe back into the forms."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 from typing import TYPE_CHECKING
 
 import gradio as gr
@@ -63,27 +64,46 @@ def runs_table(rows: list[dict]) -> pd.DataFrame:
 
 def build(controller: Controller) -> dict:
     studio = controller.studio
+    levels, sweep, stop, sweep_note = _sweep_controls()
+    view = _runs_view()
+    refreshed = _wire_refresh(studio, view)
+    _wire_sweep(studio, levels, sweep, stop, sweep_note)
+    _wire_run_actions(controller, view, sweep_note)
+    return {"on_show": (refreshed, [view.axis], view.outputs)}
+
+
+def _sweep_controls():
     with gr.Row():
         levels = gr.CheckboxGroup(LEVELS, value=[10, 20, 30, 40], label="Sweep: reductions (% of all parameters)",
                                   info="uses the current model, calibration, preset and distillation settings")
         with gr.Column(min_width=220):
             sweep = gr.Button("Run sweep", variant="primary")
             stop = gr.Button("Stop sweep", variant="stop")
-    sweep_note = gr.Markdown()
-    axis = gr.Radio(list(QUALITY_AXES), value="perplexity", label="Quality axis",
-                    info="zero-shot accuracy: runs scored with 'Also score these after every distillation' (step 5)")
-    with gr.Row():
-        by_params = gr.Plot(show_label=False)
-        by_memory = gr.Plot(show_label=False)
-    refresh = gr.Button("Refresh runs", size="sm")
-    table = gr.Dataframe(runs_table([]), interactive=False, label="Every run (newest first)", wrap=True)
-    with gr.Row():
-        pick = gr.Dropdown([], label="Run", scale=3)
-        reload = gr.Button("Load its student into Chat and Evaluate", scale=2)
-        load_recipe = gr.Button("Load its recipe into the forms", scale=2)
-        resume = gr.Button("Resume it (interrupted runs)", scale=1)
-    details = gr.Code(language="json", label="Run config and metrics")
+    return levels, sweep, stop, gr.Markdown()
 
+
+def _runs_view() -> SimpleNamespace:
+    """The trade-off charts, the runs table and the actions on a picked run."""
+    view = SimpleNamespace()
+    view.axis = gr.Radio(list(QUALITY_AXES), value="perplexity", label="Quality axis",
+                         info="zero-shot accuracy: runs scored with 'Also score these after every distillation' "
+                              "(step 5)")
+    with gr.Row():
+        view.by_params = gr.Plot(show_label=False)
+        view.by_memory = gr.Plot(show_label=False)
+    view.refresh = gr.Button("Refresh runs", size="sm")
+    view.table = gr.Dataframe(runs_table([]), interactive=False, label="Every run (newest first)", wrap=True)
+    with gr.Row():
+        view.pick = gr.Dropdown([], label="Run", scale=3)
+        view.reload = gr.Button("Load its student into Chat and Evaluate", scale=2)
+        view.load_recipe = gr.Button("Load its recipe into the forms", scale=2)
+        view.resume = gr.Button("Resume it (interrupted runs)", scale=1)
+    view.details = gr.Code(language="json", label="Run config and metrics")
+    view.outputs = [view.table, view.by_params, view.by_memory, view.pick]
+    return view
+
+
+def _wire_refresh(studio: Studio, view: SimpleNamespace):
     def refreshed(axis_value="perplexity"):
         rows = run_rows(studio)
         chart = QUALITY_AXES.get(axis_value, tradeoff_chart)
@@ -93,10 +113,12 @@ def build(controller: Controller) -> dict:
                 plot(chart(finished, "weight_bytes_after", "weight memory (bytes)")),
                 gr.update(choices=names, value=names[0] if names else None))
 
-    outputs = [table, by_params, by_memory, pick]
-    refresh.click(refreshed, axis, outputs, api_name="runs")
-    axis.change(refreshed, axis, outputs)
+    view.refresh.click(refreshed, view.axis, view.outputs, api_name="runs")
+    view.axis.change(refreshed, view.axis, view.outputs)
+    return refreshed
 
+
+def _wire_sweep(studio: Studio, levels, sweep, stop, sweep_note) -> None:
     @user_errors
     def on_sweep(chosen):
         studio.start_sweep([level / 100 for level in chosen])
@@ -114,6 +136,10 @@ def build(controller: Controller) -> dict:
 
     stop.click(on_stop, None, sweep_note)
 
+
+def _wire_run_actions(controller: Controller, view: SimpleNamespace, sweep_note) -> None:
+    studio = controller.studio
+
     def on_pick(name):
         record = next((r for r in list_runs(studio.jobs.runs_root) if r.name == name), None)
         if record is None:
@@ -121,7 +147,7 @@ def build(controller: Controller) -> dict:
         return json.dumps({"config": record.config.to_dict() if record.config else None,
                            "metrics": record.metrics}, indent=2, default=str)
 
-    pick.change(on_pick, pick, details)
+    view.pick.change(on_pick, view.pick, view.details)
 
     @user_errors
     def on_reload(name):
@@ -133,13 +159,14 @@ def build(controller: Controller) -> dict:
         student = studio.load_student(run_dir)
         gr.Info(f"student of {student.label} loaded: Chat and Evaluate now use it")
 
-    reload.click(on_reload, pick, None, concurrency_id="model", concurrency_limit=1, api_name="load_student")
+    view.reload.click(on_reload, view.pick, None, concurrency_id="model", concurrency_limit=1,
+                      api_name="load_student")
 
     @user_errors
     def on_load_recipe(name):
         gr.Info(controller.load_run_recipe(name) + "; every step's forms show it")
 
-    load_recipe.click(on_load_recipe, pick, None, api_name="load_run_recipe")
+    view.load_recipe.click(on_load_recipe, view.pick, None, api_name="load_run_recipe")
 
     @user_errors
     def on_resume(name):
@@ -148,5 +175,5 @@ def build(controller: Controller) -> dict:
         job = studio.resume(studio.jobs.run_folder(name))
         return f"Resuming `{job.run_dir.name}` from its last finished layer; follow it in step 3."
 
-    resume.click(on_resume, pick, sweep_note, concurrency_id="model", concurrency_limit=1, api_name="resume")
-    return {"on_show": (refreshed, [axis], outputs)}
+    view.resume.click(on_resume, view.pick, sweep_note, concurrency_id="model", concurrency_limit=1,
+                      api_name="resume")

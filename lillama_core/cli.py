@@ -91,10 +91,7 @@ def _model_config(args) -> ModelConfig:
     return args.run_config.model
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lillama", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _compress_parser(sub) -> None:
     c = sub.add_parser("compress", help="compress a model and export the student")
     c.set_defaults(subparser=c)
     c.add_argument("--plan", help="a rank plan JSON file (overrides --reduction/--rank/--strategy)")
@@ -107,15 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--runs-dir", default=None, help="where run folders go (default $LILLAMA_HOME/runs)")
     _add_config_args(c, "compress")
 
-    r = sub.add_parser("resume", help="continue an interrupted run from its last finished layer")
-    r.add_argument("run_dir")
-    r.add_argument("--out", required=True, help="export folder")
-    r.add_argument("--merge", action="store_true")
-    r.add_argument("--quantize", choices=list(QUANTIZE_MODES), help=QUANTIZE_EXPORT_HELP)
-    r.add_argument("--overwrite", action="store_true")
-    r.add_argument("--no-eval", action="store_true")
-    r.add_argument("--json", action="store_true")
 
+def _eval_parser(sub) -> None:
     e = sub.add_parser("eval", help="perplexity, zero-shot accuracy, speed and size of a model or an export")
     e.add_argument("--no-speed", action="store_true")
     e.add_argument("--teacher", help="with --tasks/--generation: also score this teacher side by side (default for an "
@@ -129,6 +119,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="evaluate a weight-only quantized copy: int8 per channel, or int4 in groups of 64")
     e.add_argument("--json", action="store_true")
     _add_config_args(e, "eval")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lillama", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _compress_parser(sub)
+
+    r = sub.add_parser("resume", help="continue an interrupted run from its last finished layer")
+    r.add_argument("run_dir")
+    r.add_argument("--out", required=True, help="export folder")
+    r.add_argument("--merge", action="store_true")
+    r.add_argument("--quantize", choices=list(QUANTIZE_MODES), help=QUANTIZE_EXPORT_HELP)
+    r.add_argument("--overwrite", action="store_true")
+    r.add_argument("--no-eval", action="store_true")
+    r.add_argument("--json", action="store_true")
+
+    _eval_parser(sub)
 
     ch = sub.add_parser("chat", help="chat with a model or an export, streamed")
     ch.add_argument("--prompt", help="one prompt; without it, read prompts from stdin")
