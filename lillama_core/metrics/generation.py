@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 from ..chat import SamplingConfig, complete
+from ..runtime.paths import ASSETS
 
-SEED_TASKS = Path(__file__).resolve().parent.parent / "assets" / "calibration" / "alpaca_seed_tasks.jsonl"
+SEED_TASKS = ASSETS / "calibration" / "alpaca_seed_tasks.jsonl"
 WORD = re.compile(r"\w+|[^\w\s]")
 
 

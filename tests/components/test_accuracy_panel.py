@@ -2,14 +2,15 @@
 
 import json
 
-import gradio as gr
 import pytest
 from tiny import tiny_llama
 
-from components import evaluate
 from components.charts import accuracy_chart, accuracy_tradeoff_chart
+from components.controller import Controller
 from components.explore import run_rows
+from components.settings import AccuracySettings
 from components.studio import Student, Studio
+from lillama_core.errors import ConfigError
 from lillama_core.jobs import JobManager, write_json
 from lillama_core.planning.ranks import ModelShape
 
@@ -22,9 +23,12 @@ def studio(tmp_path, tiny):
 
 
 def _accuracy_handler(studio):
-    with gr.Blocks() as demo:
-        evaluate.build(studio)
-    return next(f.fn for f in demo.fns.values() if f.api_name == "accuracy")
+    """The Evaluate step's zero-shot handler, as the panel calls it."""
+
+    def score(tasks, limit, prompts, every_run, progress):
+        return Controller(studio).accuracy(AccuracySettings(tuple(tasks), limit, prompts, every_run), progress)
+
+    return score
 
 
 def test_teacher_vs_student_table_chart_progress_and_run_record(studio, tmp_path):
@@ -60,7 +64,7 @@ def test_teacher_alone_and_user_errors(studio):
     note, table, _, generation = handler(["lambada_openai"], 2, 0, False, progress=lambda *a, **k: None)
     assert "Teacher alone" in note and list(table.columns) == ["task", "metric", "docs", "chance", "teacher"]
     assert not generation["visible"] and studio.eval.tasks == []
-    with pytest.raises(gr.Error, match="no tasks"):
+    with pytest.raises(ConfigError, match="no tasks"):
         handler([], 2, 0, False, progress=lambda *a, **k: None)
 
 
