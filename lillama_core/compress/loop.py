@@ -33,6 +33,7 @@ from ..events import (
     Step,
 )
 from ..factorize.inits import init_named, to_low_rank
+from ..factorize.svd import serial_on_cpu
 from ..modeling.discovery import Block, find_blocks, share_weights_copy
 from ..modeling.loading import LoadedModel
 from ..modeling.shipped import set_submodule
@@ -432,10 +433,11 @@ class Compressor:
                        covariances: dict[str, torch.Tensor] | None, generator: torch.Generator) -> nn.Module:
         """A float32 copy of the block with the chosen linears replaced by initialised low-rank ones."""
         block = copy.deepcopy(teacher_block).float()
-        for local, rank in local_ranks.items():
-            dense = block.get_submodule(local)
-            cov = covariances.get(local) if covariances else None
-            set_submodule(block, local, to_low_rank(dense, rank, self.config.init, cov, generator))
+        with serial_on_cpu(next(block.parameters()).device):  # float64 LAPACK: see serial_on_cpu
+            for local, rank in local_ranks.items():
+                dense = block.get_submodule(local)
+                cov = covariances.get(local) if covariances else None
+                set_submodule(block, local, to_low_rank(dense, rank, self.config.init, cov, generator))
         return block
 
     def _emit_step(self, layer: int, m: StepMetrics, walk: Walk):
