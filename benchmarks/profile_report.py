@@ -56,8 +56,8 @@ def profile_section(records: list[dict]) -> list[str]:
         lines.append(f"| {label} | " + " | ".join(spec.format(_median(groups[t], value)) for t in tags) + " |")
     return lines + ["", f"FLOPs per training token per layer: {first['flops_formula']}; MFU against the measured "
                         f"peak ({first['peak_method']}). Projections scale the measured phases to the token budget "
-                        f"for all {first['plan_layers']} layers of the plan: they are projections, not runs. Each row is "
-                        "its own median, so the phase rows need not add up to the total.", ""]
+                        f"for all {first['plan_layers']} layers of the plan: they are projections, not runs. "
+                        "Each row is its own median, so the phase rows need not add up to the total.", ""]
 
 
 def _title(r: dict) -> str:
