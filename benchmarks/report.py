@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .accuracy_report import accuracy_markdown
 from .common import DOCS_DIR, read_records
+from .profile_report import profile_section
 
 BEGIN = "<!-- BEGIN GENERATED: python -m benchmarks.run report -->"
 END = "<!-- END GENERATED -->"
@@ -537,6 +538,7 @@ def generated_markdown(records: list[dict], docs: Path) -> str:
                   "clips of WikiText-2 validation sentences read aloud, or the engine's built-in synthetic "
                   "speech-like clips (no words). Reduction counts all parameters, embeddings included.", ""]
         lines += speech + [""]
+    lines += profile_section(records)
     parallel = _parallel_table(records)
     if parallel:
         lines += ["### Data-parallel processes (torchrun)", "",

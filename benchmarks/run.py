@@ -8,6 +8,7 @@
   python -m benchmarks.run speech   --reductions 0.1,0.2 --calibrations speech,synthetic  # Whisper-base, WER
   python -m benchmarks.run accuracy --reductions 0.2 --methods teacher,whitened,paper,ours,ours-heal --limit 40
                                     [--agreement]   # zero-shot accuracy (lm-eval) and generation quality
+  python -m benchmarks.run profile  --tokens 8192   # SmolLM2 at 20% on the CPU: each layer's time by phase
   python -m benchmarks.run report   # docs/benchmarks.md + charts from every record in benchmarks/results/
 
 Every command takes --device auto|cpu|cuda and --dtype auto|float32|bfloat16 (auto: bf16 on CUDA, fp32 on
@@ -86,6 +87,43 @@ def _parse_sets(items: list[str] | None) -> dict:
             raise SystemExit(f"--set expects plan.NAME=VALUE or distill.NAME=VALUE, not {item!r}")
         out.setdefault(part, {})[name] = value
     return out
+
+
+def _variant(item: str) -> tuple[str, float]:
+    """method@reduction -> (method, reduction); no @: reduction 0."""
+    method, _, reduction = item.partition("@")
+    return method, float(reduction or 0.0)
+
+
+def _throughput(args, results) -> None:
+    from lillama_core.modeling.loading import resolve_device, resolve_dtype
+
+    from .common import write_record
+    from .suites import log
+    from .throughput import run_throughput
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    for item in _names(args.shapes):
+        shape, *rest = item.split(":")
+        layers, init = (rest + ["3", args.init][len(rest):])[:2]  # shape[:layers[:init]]
+        try:
+            record = run_throughput(shape, int(layers), args.tokens, args.seq_len, args.batch_size, init,
+                                    device, dtype, offload=args.offload, from_checkpoint=args.from_checkpoint)
+        except Exception as exc:  # one shape that does not fit must not lose the others
+            log(f"  {shape} failed: {type(exc).__name__}: {exc}")
+            record = {"model": f"{shape} (random weights)", "error": f"{type(exc).__name__}: {exc}"}
+        if args.tag:
+            record["tag"] = args.tag
+        write_record("throughput", record, results)
+
+
+def _profile(args, results) -> None:
+    from .common import write_record
+    from .profile import run_profile
+
+    record = run_profile(args.model, args.reduction, _budget(args), args.layers)
+    write_record("profile", {**record, **({"tag": args.tag} if args.tag else {})}, results)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     ac.add_argument("--agreement", action="store_true",
                     help="instead: check our per-document answers against lm-eval run directly on the teacher")
     _common(ac)
+    pf = sub.add_parser("profile", help="one layer's time phase by phase, tokens/s and MFU (SmolLM2 at 20%%, CPU)")
+    pf.add_argument("--model", default="smollm2-135m-instruct")
+    pf.add_argument("--reduction", type=float, default=0.2)
+    pf.add_argument("--layers", type=int, default=None, help="profile only the plan's first N layers (default all)")
+    _common(pf, tokens=8_192)
 
     r = sub.add_parser("report", help="regenerate docs/benchmarks.md and the charts from all records")
     r.add_argument("--results", default=None)
@@ -224,10 +267,7 @@ def _run_ablation(args, results: Path | None) -> None:
 def _run_speed(args, results: Path | None) -> None:
     from . import suites
 
-    variants = []
-    for item in _names(args.variants):
-        method, _, reduction = item.partition("@")
-        variants.append((method, float(reduction or 0.0)))
+    variants = [_variant(item) for item in _names(args.variants)]
     suites.run_speed(_names(args.models), variants, _budget(args), args.device, args.dtype, args.new_tokens,
                      args.repeats, args.tag, results, args.graphs)
 
@@ -246,29 +286,6 @@ def _run_parallel(args, results: Path | None) -> None:
     for record in run_parallel(args.model, settings, args.tokens, args.seq_len, args.batch_size, args.reduction,
                                args.device):
         write_record("parallel", {**record, **({"tag": args.tag} if args.tag else {})}, results)
-
-
-def _run_throughput(args, results: Path | None) -> None:
-    from lillama_core.modeling.loading import resolve_device, resolve_dtype
-
-    from . import suites
-    from .common import write_record
-    from .throughput import run_throughput
-
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
-    for item in _names(args.shapes):
-        shape, *rest = item.split(":")
-        layers, init = (rest + ["3", args.init][len(rest):])[:2]  # shape[:layers[:init]]
-        try:
-            record = run_throughput(shape, int(layers), args.tokens, args.seq_len, args.batch_size, init,
-                                    device, dtype, offload=args.offload, from_checkpoint=args.from_checkpoint)
-        except Exception as exc:  # one shape that does not fit must not lose the others
-            suites.log(f"  {shape} failed: {type(exc).__name__}: {exc}")
-            record = {"model": f"{shape} (random weights)", "error": f"{type(exc).__name__}: {exc}"}
-        if args.tag:
-            record["tag"] = args.tag
-        write_record("throughput", record, results)
 
 
 def _run_speech(args, results: Path | None) -> None:
@@ -316,12 +333,13 @@ def _run_default(args, results: Path | None) -> None:
 
 
 RUNNERS = {
+    "profile": _profile,
     "quality": _run_quality,
     "ablation": _run_ablation,
     "speed": _run_speed,
     "quantize": _run_quantize,
     "parallel": _run_parallel,
-    "throughput": _run_throughput,
+    "throughput": _throughput,
     "speech": _run_speech,
     "accuracy": _run_accuracy,
     "_speed-worker": _run_speed_worker,

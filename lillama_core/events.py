@@ -102,11 +102,13 @@ class LayerFinished(Event):
     final_loss_teacher_input: float
     final_loss_student_input: float
     best_step: int
-    seconds: float
+    seconds: float  # the whole layer: teacher targets to advancing both paths (factorisation + training before)
     params_before: int
     params_after: int
     skipped_steps: int = 0
     unreached_experts: int = 0  # experts of this layer no calibration token was routed to (whitened init)
+    # Wall-clock seconds per phase (compress/timing.py PHASES); empty in older logs and for restored layers.
+    breakdown: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(kw_only=True)

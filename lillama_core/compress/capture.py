@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import inspect
 import threading
+import time
 from collections.abc import Callable
 
 import torch
@@ -191,6 +192,7 @@ class InputCovariances:
         self.accumulators: dict[str, CovarianceAccumulator] = {}
         self._seen_this_batch: dict[int, tuple[torch.Tensor, CovarianceAccumulator]] = {}
         self._device = device
+        self.seconds = 0.0  # spent in the hooks (inside the block's forward)
         self._thread = threading.get_ident()
         self._features = {name: block.get_submodule(name).in_features for name in module_names}
         self._handles = [block.register_forward_pre_hook(self._new_batch)]
@@ -210,9 +212,11 @@ class InputCovariances:
             if seen is not None:
                 self.accumulators[name] = seen[1]
                 return
+            start = time.perf_counter()
             acc = self.accumulators.setdefault(name, CovarianceAccumulator(x.shape[-1], self._device))
             acc.add(x)
             self._seen_this_batch[id(x)] = (x, acc)
+            self.seconds += time.perf_counter() - start
 
         return hook
 

@@ -25,6 +25,7 @@ from ..errors import RunStopped
 from ..runtime.distributed import SINGLE, Parallel
 from .batching import run_block
 from .schedule import lr_at
+from .timing import PhaseTimer
 
 
 def feature_loss(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -66,12 +67,6 @@ class LayerResult:
     skipped_steps: int
 
 
-
-
-
-
-
-
 def _rows(batch: slice) -> int:
     return batch.stop - batch.start
 
@@ -95,7 +90,8 @@ class LayerDistiller:
 
     def __init__(self, student: nn.Module, data: LayerData, config: DistillConfig, device: torch.device,
                  train_batches: list[slice], eval_batches: list[slice], autocast_dtype: torch.dtype | None,
-                 parallel: Parallel = SINGLE, train_rows: list[int] | None = None):
+                 parallel: Parallel = SINGLE, train_rows: list[int] | None = None, timer: PhaseTimer | None = None):
+        self.timer = timer or PhaseTimer()  # train_steps, step_events and held_out seconds of `train`
         self.student, self.data, self.config, self.device = student, data, config, device
         self.train_batches, self.eval_batches = train_batches, eval_batches
         self.train_rows = train_rows or [_rows(b) for b in train_batches]
@@ -188,53 +184,64 @@ class LayerDistiller:
         Raises:
             RunStopped: a stop was requested; the block's factors are left as they were at that step.
         """
-        config = self.config
+        config, timer = self.config, self.timer
         optimizer = torch.optim.AdamW(self.factors, lr=config.lr, weight_decay=config.weight_decay)
-        init_loss = best_loss = self.held_out_loss()
-        best_state, best_step = self._snapshot() if config.keep_best else None, 0
+        with timer.phase("held_out"):
+            init_loss = best_loss = self.held_out_loss()
+            best_state, best_step = self._snapshot() if config.keep_best else None, 0
         step, skipped = 0, 0
         sum_t = sum_s = float("nan")
         total_rows = 1
         for _ in range(config.epochs):
             for rows, total_rows in zip(self.train_batches, self.train_rows, strict=True):
-                lr = lr_at(step, self.steps, config.lr, config.warmup_steps, config.schedule)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                here = _rows(rows)
-                loss_t = loss_s = objective = torch.zeros((), device=self.device)
-                if here:
-                    loss_t, loss_s = self._losses(rows)
-                    objective = self._objective(loss_t, loss_s)
-                # Every process must agree on the step's mean losses and on skipping it.
-                sum_t, sum_s, bad = self.parallel.sum_values(
-                    loss_t.item() * here, loss_s.item() * here, float(not torch.isfinite(objective)),
-                    device=self.device)
-                finite = bad == 0
-                optimizer.zero_grad(set_to_none=True)
-                if finite:
-                    if here:
-                        (objective * (here / total_rows)).backward()
-                    if self.parallel.enabled:
-                        self._sum_gradients()
-                    if config.grad_clip:
-                        torch.nn.utils.clip_grad_norm_(self.factors, config.grad_clip)
-                    optimizer.step()
-                else:
-                    skipped += 1
+                with timer.phase("train_steps"):
+                    sum_t, sum_s, finite, lr = self._step(optimizer, step, rows, total_rows)
+                skipped += not finite
                 step += 1
-                on_step(StepMetrics(step, self.steps, sum_t / total_rows, sum_s / total_rows, lr,
-                                    total_rows * self.data.teacher_in.shape[1], not finite))
-                if self.parallel.any(should_stop(), device=self.device):
-                    raise RunStopped("stopped by request")
+                with timer.phase("step_events"):
+                    on_step(StepMetrics(step, self.steps, sum_t / total_rows, sum_s / total_rows, lr,
+                                        total_rows * self.data.teacher_in.shape[1], not finite))
+                    if self.parallel.any(should_stop(), device=self.device):
+                        raise RunStopped("stopped by request")
                 if config.keep_best and (step % config.eval_every == 0 or step == self.steps):
-                    current = self.held_out_loss()
-                    if current < best_loss:
-                        best_loss, best_state, best_step = current, self._snapshot(), step
-        if config.keep_best:
-            self._restore(best_state)
-        else:
-            best_loss = self.held_out_loss()
-            best_step = step
+                    with timer.phase("held_out"):
+                        current = self.held_out_loss()
+                        if current < best_loss:
+                            best_loss, best_state, best_step = current, self._snapshot(), step
+        with timer.phase("held_out"):
+            if config.keep_best:
+                self._restore(best_state)
+            else:
+                best_loss = self.held_out_loss()
+                best_step = step
         for p in self.factors:
             p.requires_grad_(False)
         return LayerResult(init_loss, best_loss, best_step, sum_t / total_rows, sum_s / total_rows, skipped)
+
+    def _step(self, optimizer: torch.optim.Optimizer, step: int, rows: slice, total_rows: int,
+              ) -> tuple[float, float, bool, float]:
+        """One optimiser step on a batch; returns (sum of teacher-input losses over all processes' rows, the same
+        for student inputs, whether the step was applied (finite loss), learning rate)."""
+        config = self.config
+        lr = lr_at(step, self.steps, config.lr, config.warmup_steps, config.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        here = _rows(rows)
+        loss_t = loss_s = objective = torch.zeros((), device=self.device)
+        if here:
+            loss_t, loss_s = self._losses(rows)
+            objective = self._objective(loss_t, loss_s)
+        # Every process must agree on the step's mean losses and on skipping it.
+        sum_t, sum_s, bad = self.parallel.sum_values(
+            loss_t.item() * here, loss_s.item() * here, float(not torch.isfinite(objective)), device=self.device)
+        finite = bad == 0
+        optimizer.zero_grad(set_to_none=True)
+        if finite:
+            if here:
+                (objective * (here / total_rows)).backward()
+            if self.parallel.enabled:
+                self._sum_gradients()
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(self.factors, config.grad_clip)
+            optimizer.step()
+        return sum_t, sum_s, finite, lr

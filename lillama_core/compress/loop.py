@@ -9,6 +9,7 @@ layers finished so far stay in the student.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import threading
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from ..events import (
     Step,
 )
 from ..factorize.inits import init_named, to_low_rank
+from ..factorize.svd import serial_on_cpu
 from ..modeling.discovery import Block, find_blocks, share_weights_copy
 from ..modeling.loading import LoadedModel
 from ..modeling.shipped import set_submodule
@@ -47,6 +49,7 @@ from .capture import BlockInputs, InputCovariances, block_label, capture_block_i
 from .checkpoints import LayerCheckpoints
 from .layer import LayerData, LayerDistiller, LayerResult, StepMetrics
 from .storage import ActivationStore
+from .timing import PhaseTimer
 
 
 def held_out_count(sequences: int) -> int:
@@ -315,16 +318,23 @@ class Compressor:
         """Restore the block's student from its checkpoint or train it, install it in the student model
         and advance both paths through it.
 
+        Returns:
+            The layer's report; a trained layer's `seconds` span this whole call, split by phase in `breakdown`.
         Raises:
             RankPlanError: the checkpoint holds other ranks than the plan.
             RunStopped: a stop request during training.
         """
+        start, timer = time.perf_counter(), PhaseTimer()
         kwargs_for, student_kwargs_for = self._kwargs(block, acts, walk)
-        restored = self.checkpoints.restore(block.index, block.module) if self.checkpoints else None
+        with timer.phase("checkpoint"):
+            restored = self.checkpoints.restore(block.index, block.module) if self.checkpoints else None
         covariances = None
         if init_named(self.config.init).needs_covariance and restored is None:
             covariances = InputCovariances(block.module, list(local_ranks), self.device)
-        teacher_y = self._teacher_outputs(block, acts.teacher, kwargs_for, walk, covariances)
+        with timer.phase("teacher_targets"):
+            teacher_y = self._teacher_outputs(block, acts.teacher, kwargs_for, walk, covariances)
+        if covariances:  # the covariance hooks ran inside the teacher's forward
+            timer.move("teacher_targets", "covariance", covariances.seconds)
         self.emit(LayerStarted(layer=block.index, position=walk.layers.index(block.index) + 1, of=len(walk.layers),
                                modules=local_ranks, steps=walk.steps_per_layer))
         if restored is not None:
@@ -335,30 +345,43 @@ class Compressor:
             self.emit(Phase(name="resume", detail=f"layer {block.index} restored from its checkpoint"))
         else:
             data = LayerData(acts.teacher, teacher_y, acts.student, kwargs_for, student_kwargs_for)
-            student_block, finished = self._train_layer(block, local_ranks, data, covariances, walk)
+            student_block, finished = self._train_layer(block, local_ranks, data, covariances, walk, timer)
         self.throughput.pause()
         student_block.to(self.dtype)
         set_submodule(walk.student, block.name, student_block)
-        self._advance(acts, block, teacher_y, student_kwargs_for, walk, student_block)
-        if self.checkpoints and restored is None and self.parallel.is_main:
-            self.checkpoints.save(block.index, student_block, local_ranks, finished)
-        return finished
+        with timer.phase("advance"):
+            self._advance(acts, block, teacher_y, student_kwargs_for, walk, student_block)
+        if restored is not None:
+            return finished  # the report of the run that trained it
+        if self.checkpoints and self.parallel.is_main:
+            with timer.phase("checkpoint"):  # the saved report's times stop short of its own saving
+                self.checkpoints.save(block.index, student_block, local_ranks, self._timed(finished, start, timer))
+        return self._timed(finished, start, timer)
+
+    @staticmethod
+    def _timed(finished: LayerFinished, start: float, timer: PhaseTimer) -> LayerFinished:
+        return dataclasses.replace(finished, seconds=time.perf_counter() - start,
+                                   breakdown={k: round(v, 6) for k, v in timer.seconds.items()})
 
     def _train_layer(self, block: Block, local_ranks: dict[str, int], data: LayerData,
-                     covariances: InputCovariances | None, walk: Walk) -> tuple[nn.Module, LayerFinished]:
+                     covariances: InputCovariances | None, walk: Walk,
+                     timer: PhaseTimer) -> tuple[nn.Module, LayerFinished]:
         """Factorise the block's planned linears and distil them on `data` (float32 student, not installed).
+        The report's seconds and breakdown are left for `_compress_layer` to fill in; `timer` gets the phases.
 
         Raises:
             NonFiniteError: the teacher's weights are not finite.
             RunStopped: a stop request during training.
         """
-        layer_start = time.time()
-        require_finite_weights(block.module, list(local_ranks), block_label(block), self.dtype)
-        means = covariances.means(self.parallel) if covariances else None
-        student_block = self._student_block(block.module, local_ranks, means, walk.generator)
-        split = walk.split
-        distiller = LayerDistiller(student_block, data, self.config, self.device, split.train, split.held_out,
-                                   _autocast_dtype(self.device, self.dtype), self.parallel, split.train_rows)
+        with timer.phase("covariance"):
+            means = covariances.means(self.parallel) if covariances else None
+        with timer.phase("factorisation"):
+            require_finite_weights(block.module, list(local_ranks), block_label(block), self.dtype)
+            student_block = self._student_block(block.module, local_ranks, means, walk.generator)
+            split = walk.split
+            distiller = LayerDistiller(student_block, data, self.config, self.device, split.train, split.held_out,
+                                       _autocast_dtype(self.device, self.dtype), self.parallel, split.train_rows,
+                                       timer)
 
         def on_step(m: StepMetrics):
             walk.global_step += 1
@@ -367,10 +390,10 @@ class Compressor:
         if self.config.train:
             layer_result = distiller.train(on_step, self.stop.is_set)
         else:
-            loss = distiller.held_out_loss()
+            with timer.phase("held_out"):
+                loss = distiller.held_out_loss()
             layer_result = LayerResult(loss, loss, 0, float("nan"), float("nan"), 0)
-        finished = self._layer_report(block, local_ranks, layer_result, time.time() - layer_start,
-                                      unreached_experts(means) if means else 0)
+        finished = self._layer_report(block, local_ranks, layer_result, unreached_experts(means) if means else 0)
         return student_block, finished
 
     def _advance(self, acts: Activations, block: Block, teacher_y: torch.Tensor, student_kwargs_for, walk: Walk,
@@ -397,24 +420,24 @@ class Compressor:
         """The student's encoder output for every calibration row, where the task's models have an encoder."""
         return self.loaded.task.student_encoder_states(student, calibration, batches, store, self.device, self.dtype)
 
-    def _layer_report(self, block: Block, local_ranks: dict[str, int], r: LayerResult, seconds: float,
-                      unreached: int):
+    def _layer_report(self, block: Block, local_ranks: dict[str, int], r: LayerResult, unreached: int):
         summary = summarize(RankPlan({f"{block.name}.{k}": rank for k, rank in local_ranks.items()}), self.shape)
         row = summary.layers[block.index]
         return LayerFinished(layer=block.index, init_loss=r.init_loss, best_loss=r.best_loss,
                              final_loss_teacher_input=r.final_loss_teacher_input,
                              final_loss_student_input=r.final_loss_student_input, best_step=r.best_step,
-                             seconds=seconds, params_before=row["params_before"], params_after=row["params_after"],
+                             seconds=0.0, params_before=row["params_before"], params_after=row["params_after"],
                              skipped_steps=r.skipped_steps, unreached_experts=unreached)
 
     def _student_block(self, teacher_block: nn.Module, local_ranks: dict[str, int],
                        covariances: dict[str, torch.Tensor] | None, generator: torch.Generator) -> nn.Module:
         """A float32 copy of the block with the chosen linears replaced by initialised low-rank ones."""
         block = copy.deepcopy(teacher_block).float()
-        for local, rank in local_ranks.items():
-            dense = block.get_submodule(local)
-            cov = covariances.get(local) if covariances else None
-            set_submodule(block, local, to_low_rank(dense, rank, self.config.init, cov, generator))
+        with serial_on_cpu(next(block.parameters()).device):  # float64 LAPACK: see serial_on_cpu
+            for local, rank in local_ranks.items():
+                dense = block.get_submodule(local)
+                cov = covariances.get(local) if covariances else None
+                set_submodule(block, local, to_low_rank(dense, rank, self.config.init, cov, generator))
         return block
 
     def _emit_step(self, layer: int, m: StepMetrics, walk: Walk):

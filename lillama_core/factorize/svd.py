@@ -6,6 +6,9 @@ layer's real inputs X, which matters far more on small models.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -24,7 +27,33 @@ __all__ = [
     "whitened_spectrum",
     "CovarianceAccumulator",
     "merge_low_rank",
+    "serial_on_cpu",
 ]
+
+
+@contextmanager
+def serial_on_cpu(device: torch.device) -> Iterator[None]:
+    """Run the decompositions inside single-threaded when they run on the CPU (no-op elsewhere).
+
+    LAPACK's float64 SVD and Cholesky of matrices of a block's size (hundreds to a few thousand features)
+    are long chains of small steps, each ending in a barrier of the OpenMP threads; on cores shared with
+    other processes every barrier waits for a descheduled thread. Measured on 2 shared cores (load ~17):
+    the float64 SVD of a 576 x 1536 matrix takes 0.93 s on 1 thread and 4.6 s on 2, and the factorisation of
+    one SmolLM2-135M block 50-60 s on 2 threads (benchmarks/results/profile.jsonl). The thread count is
+    process-wide, so other threads' CPU work is serial meanwhile too; it is restored on exit.
+
+    Args:
+        device: where the decompositions run.
+    """
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

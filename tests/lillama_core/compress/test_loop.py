@@ -6,7 +6,9 @@ import transformers as T
 from tiny import overflowing_float16_llama, tiny_llama, tiny_sequences, tiny_tokenizer
 
 from lillama_core.compress.capture import InputCovariances
+from lillama_core.compress.checkpoints import LayerCheckpoints
 from lillama_core.compress.loop import Activations, Compressor, split_calibration
+from lillama_core.compress.timing import PHASES
 from lillama_core.config import DistillConfig, PlanConfig
 from lillama_core.data.calibration import CalibrationData
 from lillama_core.errors import NonFiniteError, RankPlanError
@@ -261,6 +263,21 @@ def test_layer_reports_written_before_the_unreached_count_still_load():
     data = {"kind": "layer_finished", "layer": 0, "init_loss": 1.0, "best_loss": 0.5, "final_loss_teacher_input": 0.5,
             "final_loss_student_input": 0.5, "best_step": 3, "seconds": 1.0, "params_before": 10, "params_after": 5}
     assert event_from_dict(data).unreached_experts == 0
+    assert event_from_dict(data).breakdown == {}  # logs from before the per-phase breakdown
+
+
+def test_each_layer_reports_where_its_time_went(tiny, tmp_path):
+    """A consistency check, not a timing one: the phases are known, non-negative, cover the work the layer
+    did, and being disjoint parts of the layer's wall clock they add up to at most its seconds."""
+    plan = build_plan(ModelShape.of(tiny.model), PlanConfig(strategy="bottom", reduction=0.1))
+    result = Compressor(tiny, _calibration(), plan, DistillConfig(eval_every=2), batch_size=8,
+                        checkpoints=LayerCheckpoints(tmp_path)).run()
+    assert result.layers
+    for layer in result.layers:
+        assert set(layer.breakdown) == set(PHASES)  # whitened init, keep-best, checkpoints: every phase ran
+        assert all(seconds >= 0 for seconds in layer.breakdown.values())
+        total = sum(layer.breakdown.values())
+        assert 0.5 * layer.seconds <= total <= layer.seconds * 1.0001 + 1e-6
 
 
 @pytest.mark.parametrize("init", ["whitened", "svd"])

@@ -8,6 +8,7 @@ from lillama_core.factorize.svd import (
     is_near_zero,
     low_rank_from_factors,
     merge_low_rank,
+    serial_on_cpu,
     svd_factors,
     whitened_factors,
 )
@@ -133,3 +134,38 @@ def test_ordinary_covariances_are_not_near_zero():
     cov.add(_correlated_inputs())
     assert not is_near_zero(cov.mean())
     assert is_near_zero(torch.zeros(32, 32)) and is_near_zero(cov.mean() * 1e-12)
+
+
+def test_serial_on_cpu_gives_the_same_factors_single_threaded_and_restores_the_thread_count():
+    g = torch.Generator().manual_seed(0)
+    weight, x = torch.randn(48, 32, generator=g), torch.randn(256, 32, generator=g)
+    cov = (x.T @ x / 256).double()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with serial_on_cpu(torch.device("cpu")):
+            assert torch.get_num_threads() == 1
+            b, a = whitened_factors(weight, cov, 8)
+        assert torch.get_num_threads() == 2
+        b_ref, a_ref = whitened_factors(weight, cov, 8)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(b @ a, b_ref @ a_ref, rtol=1e-5, atol=1e-6)
+
+
+def test_whitening_needs_float64_for_activation_outliers():
+    """Why the Cholesky whitening stays in float64: a covariance with a few huge feature channels (as LLM
+    activations have, ~1e4x the rest) is too ill-conditioned for float32 to whiten accurately."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 64, generator=g, dtype=torch.float64)
+    x[:, :2] *= 1e4  # outlier channels
+    x[:, 2:6] = x[:, 6:10] + 1e-4 * x[:, 2:6]  # nearly collinear channels
+    cov = x.T @ x / x.shape[0]
+    lower = cholesky_whitener(cov)
+
+    def relative(low: torch.Tensor) -> float:  # ||L L^T - cov|| / ||cov||
+        return ((low.double() @ low.double().T - cov).norm() / cov.norm()).item()
+
+    assert relative(lower) < 1e-12
+    low32, info = torch.linalg.cholesky_ex(cov.float())
+    assert info.item() != 0 or relative(low32) > 1e3 * relative(lower)
