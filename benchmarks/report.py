@@ -444,9 +444,9 @@ def write_svg(groups: list[dict], path: Path) -> Path:
 # ---- the document ----
 
 
-def generated_markdown(records: list[dict], docs: Path) -> str:
+def _quality_markdown(qgroups: list[dict], docs: Path) -> list[str]:
+    """The perplexity chart, the quality tables and the compression cost per run."""
     lines: list[str] = []
-    qgroups = quality_groups(records)
     main_groups = []
     seen_models = set()
     for g in qgroups:
@@ -479,6 +479,13 @@ def generated_markdown(records: list[dict], docs: Path) -> str:
         for g in qgroups:
             lines += [f"**{_title(g['model'])}**, {g['tokens']:,} calibration tokens, eval {g['eval_tokens']:,}", ""]
             lines += _cost_table(g) + [""]
+    return lines
+
+
+def generated_markdown(records: list[dict], docs: Path) -> str:
+    lines: list[str] = []
+    qgroups = quality_groups(records)
+    lines += _quality_markdown(qgroups, docs)
     agroups = ablation_groups(records)
     if agroups:
         lines += ["### Ablations", ""]

@@ -186,9 +186,8 @@ class LayerDistiller:
         """
         config, timer = self.config, self.timer
         optimizer = torch.optim.AdamW(self.factors, lr=config.lr, weight_decay=config.weight_decay)
-        with timer.phase("held_out"):
-            init_loss = best_loss = self.held_out_loss()
-            best_state, best_step = self._snapshot() if config.keep_best else None, 0
+        best = self._first_best()
+        init_loss = best[0]
         step, skipped = 0, 0
         sum_t = sum_s = float("nan")
         total_rows = 1
@@ -204,19 +203,30 @@ class LayerDistiller:
                     if self.parallel.any(should_stop(), device=self.device):
                         raise RunStopped("stopped by request")
                 if config.keep_best and (step % config.eval_every == 0 or step == self.steps):
-                    with timer.phase("held_out"):
-                        current = self.held_out_loss()
-                        if current < best_loss:
-                            best_loss, best_state, best_step = current, self._snapshot(), step
-        with timer.phase("held_out"):
-            if config.keep_best:
-                self._restore(best_state)
-            else:
-                best_loss = self.held_out_loss()
-                best_step = step
+                    best = self._better(best, step)
+        best_loss, best_step = self._kept(best, step)
         for p in self.factors:
             p.requires_grad_(False)
         return LayerResult(init_loss, best_loss, best_step, sum_t / total_rows, sum_s / total_rows, skipped)
+
+    def _first_best(self) -> tuple[float, list[torch.Tensor] | None, int]:
+        """(held-out loss, factors to keep, step) of the initialised factors."""
+        with self.timer.phase("held_out"):
+            return self.held_out_loss(), self._snapshot() if self.config.keep_best else None, 0
+
+    def _better(self, best: tuple, step: int) -> tuple:
+        """`best`, or the factors now when their held-out loss is lower."""
+        with self.timer.phase("held_out"):
+            current = self.held_out_loss()
+            return (current, self._snapshot(), step) if current < best[0] else best
+
+    def _kept(self, best: tuple, step: int) -> tuple[float, int]:
+        """(held-out loss, step) of the state the layer ends with: the best one with keep_best, else the last."""
+        with self.timer.phase("held_out"):
+            if self.config.keep_best:
+                self._restore(best[1])
+                return best[0], best[2]
+            return self.held_out_loss(), step
 
     def _step(self, optimizer: torch.optim.Optimizer, step: int, rows: slice, total_rows: int,
               ) -> tuple[float, float, bool, float]:
