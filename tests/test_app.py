@@ -155,19 +155,27 @@ def test_second_start_is_refused_many_tabs_follow_stop_keeps_layers_and_resume_c
     assert wait_for(client, lambda s: s["status"] != "running", timeout=60)["status"] == "stopped"
 
 
-def test_binds_to_this_machine_unless_told_and_sharing_warns(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def launches(monkeypatch):
+    """The keyword arguments of every `launch` app.main makes, with the app itself never built or served."""
     import app as studio_app
 
-    launches = []
+    calls = []
 
     class FakeDemo:
         def queue(self, **kwargs):
             return self
 
         def launch(self, **kwargs):
-            launches.append(kwargs)
+            calls.append(kwargs)
 
     monkeypatch.setattr(studio_app, "build_app", lambda studio, uploads: FakeDemo())
+    return calls
+
+
+def test_binds_to_this_machine_unless_told_and_sharing_warns(tmp_path, launches, capsys):
+    import app as studio_app
+
     base = ["--no-preload", "--runs-dir", str(tmp_path / "runs"), "--exports-dir", str(tmp_path / "exports")]
     studio_app.main(base)
     assert launches[-1]["server_name"] == "127.0.0.1" and launches[-1]["share"] is False
@@ -182,19 +190,9 @@ def test_binds_to_this_machine_unless_told_and_sharing_warns(tmp_path, monkeypat
     assert "published to other machines (--host 0.0.0.0) WITHOUT A PASSWORD" in capsys.readouterr().err
 
 
-def test_auth_asks_visitors_to_log_in_and_silences_the_warning(tmp_path, monkeypatch, capsys):
+def test_auth_asks_visitors_to_log_in_and_silences_the_warning(tmp_path, launches, capsys):
     import app as studio_app
 
-    launches = []
-
-    class FakeDemo:
-        def queue(self, **kwargs):
-            return self
-
-        def launch(self, **kwargs):
-            launches.append(kwargs)
-
-    monkeypatch.setattr(studio_app, "build_app", lambda studio, uploads: FakeDemo())
     logins = tmp_path / "logins"
     logins.write_text("# the team\nbob:s3cret:with:colons\n\ncarol:pw\n")
     base = ["--no-preload", "--runs-dir", str(tmp_path / "runs"), "--exports-dir", str(tmp_path / "exports"),
