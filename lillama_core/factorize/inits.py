@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 from ..config import Init
-from ..errors import ConfigError
 from ..modeling.shipped import LowRankLinear
+from ..registry import Registry
 from .svd import low_rank_from_factors, random_factors, svd_factors, whitened_factors
 
 # (weight [out, in] float32, rank, input covariance [in, in] or None, generator) -> (B [out, r], A [r, in])
@@ -26,14 +26,14 @@ class FactorInit:
     needs_covariance: bool  # reads the layer's input covariance X^T X / tokens
 
 
-_INITS: dict[str, FactorInit] = {}
+_INITS: Registry[FactorInit] = Registry("init")
 
 
 def register_init(name: str, needs_covariance: bool = False) -> Callable[[Factorizer], Factorizer]:
     """Decorator: register `factorize` as the initialisation `name`."""
 
     def register(factorize: Factorizer) -> Factorizer:
-        _INITS[name] = FactorInit(name, factorize, needs_covariance)
+        _INITS.add(name, FactorInit(name, factorize, needs_covariance))
         return factorize
 
     return register
@@ -45,10 +45,7 @@ def init_named(name: str) -> FactorInit:
     Raises:
         ConfigError: no initialisation has that name.
     """
-    try:
-        return _INITS[name]
-    except KeyError:
-        raise ConfigError(f"init must be one of {', '.join(_INITS)}, not {name!r}") from None
+    return _INITS[name]
 
 
 @register_init(Init.WHITENED, needs_covariance=True)

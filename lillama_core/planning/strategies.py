@@ -12,7 +12,8 @@ from enum import StrEnum
 import torch
 
 from ..config import PlanConfig, Strategy
-from ..errors import ConfigError, RankPlanError
+from ..errors import RankPlanError
+from ..registry import Registry
 from .ranks import (
     ModelShape,
     ModuleShape,
@@ -74,7 +75,7 @@ class PlanningStrategy:
         return f"measuring {what} on a slice of the calibration set…"
 
 
-_STRATEGIES: dict[str, PlanningStrategy] = {}
+_STRATEGIES: Registry[PlanningStrategy] = Registry("strategy")
 
 
 def register_strategy(name: str, label: str, measures: Measurement = Measurement.NOTHING,
@@ -82,7 +83,7 @@ def register_strategy(name: str, label: str, measures: Measurement = Measurement
     """Decorator: register `allocate` as the strategy `name` (a later registration replaces it)."""
 
     def register(allocate: Allocator) -> Allocator:
-        _STRATEGIES[name] = PlanningStrategy(name, label, measures, allocate, fixed_rank)
+        _STRATEGIES.add(name, PlanningStrategy(name, label, measures, allocate, fixed_rank))
         return allocate
 
     return register
@@ -94,15 +95,12 @@ def strategy_named(name: str) -> PlanningStrategy:
     Raises:
         ConfigError: no strategy has that name.
     """
-    try:
-        return _STRATEGIES[name]
-    except KeyError:
-        raise ConfigError(f"strategy must be one of {', '.join(_STRATEGIES)}, not {name!r}") from None
+    return _STRATEGIES[name]
 
 
 def all_strategies() -> list[PlanningStrategy]:
     """Every registered strategy, built-ins first in the order the app offers them."""
-    return list(_STRATEGIES.values())
+    return _STRATEGIES.values()
 
 
 @register_strategy(Strategy.SENSITIVITY, "Sensitivity (measured: spare the layers that hurt most)",

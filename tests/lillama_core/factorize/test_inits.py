@@ -26,7 +26,7 @@ def test_whitened_init_uses_the_covariance_it_is_given():
 
 
 def test_an_init_registered_in_a_test_is_used_by_to_low_rank_and_accepted_by_the_config(monkeypatch):
-    monkeypatch.setattr(inits, "_INITS", dict(inits._INITS))
+    monkeypatch.setattr(inits, "_INITS", inits._INITS.copy())
 
     @register_init("zeros")
     def zeros(weight, rank, cov, generator):

@@ -50,7 +50,7 @@ def test_an_unknown_strategy_is_one_config_error():
 
 
 def test_a_strategy_registered_in_a_test_is_usable_by_build_plan(shape, monkeypatch):
-    monkeypatch.setattr(strategies, "_STRATEGIES", dict(strategies._STRATEGIES))
+    monkeypatch.setattr(strategies, "_STRATEGIES", strategies._STRATEGIES.copy())
     seen = []
 
     @register_strategy("first-module", "Only the first module")
