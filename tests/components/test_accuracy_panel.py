@@ -9,17 +9,9 @@ from components.charts import accuracy_chart, accuracy_tradeoff_chart
 from components.controller import Controller
 from components.explore import run_rows
 from components.settings import AccuracySettings
-from components.studio import Student, Studio
+from components.studio import Student
 from lillama_core.errors import ConfigError
-from lillama_core.jobs import JobManager, write_json
-from lillama_core.planning.ranks import ModelShape
-
-
-@pytest.fixture
-def studio(tmp_path, tiny):
-    s = Studio(JobManager(tmp_path / "runs"), tmp_path / "exports")
-    s.loaded, s.shape = tiny, ModelShape.of(tiny.model)
-    return s
+from lillama_core.jobs import write_json
 
 
 def _accuracy_handler(studio):

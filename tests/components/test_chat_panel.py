@@ -4,17 +4,9 @@ import pytest
 from components import chat, controller
 from components.controller import Controller
 from components.settings import ChatFrame, ChatSettings
-from components.studio import Student, Studio
+from components.studio import Student
 from lillama_core.chat import GenerationUpdate, SamplingConfig
-from lillama_core.jobs import JobManager
 from lillama_core.planning.ranks import ModelShape
-
-
-@pytest.fixture
-def studio(tmp_path, tiny):
-    s = Studio(JobManager(tmp_path / "runs"), tmp_path / "exports")
-    s.loaded, s.shape = tiny, ModelShape.of(tiny.model)
-    return s
 
 
 def endless_answers(monkeypatch):

@@ -13,14 +13,7 @@ from lillama_core.cli import main
 from lillama_core.config import PlanConfig, RunConfig
 from lillama_core.errors import ConfigError
 from lillama_core.jobs import JobManager
-from lillama_core.planning.ranks import ModelShape, RankPlan
-
-
-@pytest.fixture
-def studio(tmp_path, tiny):
-    s = Studio(JobManager(tmp_path / "runs"), tmp_path / "exports")
-    s.loaded, s.shape = tiny, ModelShape.of(tiny.model)
-    return s
+from lillama_core.planning.ranks import RankPlan
 
 
 def test_preset_settings_speak_the_panels_units():
