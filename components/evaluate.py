@@ -15,6 +15,7 @@ import pandas as pd
 from lillama_core.errors import ExportError
 from lillama_core.export import MODELING_FILE, export_student
 from lillama_core.metrics.evaluate import evaluate
+from lillama_core.metrics.retention import percent as _pct
 from lillama_core.metrics.zeroshot import SUITES
 from lillama_core.modeling.quantize import MODES
 from lillama_core.runtime.atomic import staged_file, write_json
@@ -78,12 +79,6 @@ def table(rows: list[dict]) -> pd.DataFrame:
             row["generate tok/s (batch 16)"] = f"{r['generate_tokens_per_s_b16']:.1f}"
         shown.append(row)
     return pd.DataFrame(shown) if shown else pd.DataFrame(columns=EMPTY_COLUMNS)
-
-
-def _pct(value: float | None, stderr: float | None = None) -> str:
-    if value is None:
-        return "–"
-    return f"{value:.1%}" + (f" ± {stderr:.1%}" if stderr is not None else "")
 
 
 def accuracy_table(zero_shot: dict) -> pd.DataFrame:

@@ -14,6 +14,7 @@ from .config import ModelConfig, PlanConfig, RunConfig
 from .config_args import ConfigArgs
 from .errors import ConfigError, LillamaError, ModelForwardError
 from .events import Event, LayerFinished, Phase, RunFinished, RunStarted, Step
+from .metrics.retention import percent
 from .modeling.quantize import MODES as QUANTIZE_MODES
 from .runtime.distributed import Parallel, device_for, from_environment
 from .runtime.finite import json_safe
@@ -445,32 +446,26 @@ def _progress_bar(name: str):
     return update
 
 
-def _pct(value: float | None, stderr: float | None = None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.1%}" + (f" ±{stderr:.1%}" if stderr is not None else "")
-
-
 def print_accuracy(zero_shot: dict) -> None:
     """Per-task accuracy: teacher vs student with retention when both were scored, else the model's acc and
     acc_norm; then the mean over the tasks where the teacher is clearly above chance."""
     if "tasks" not in zero_shot:
         print(f"{'task':<16}{'docs':>6}{'acc':>16}{'acc_norm':>16}{'chance':>8}{'seconds':>9}")
         for s in zero_shot["model"]:
-            print(f"{s['task']:<16}{s['docs']:>6}{_pct(s['acc'], s['acc_stderr']):>16}"
-                  f"{_pct(s['acc_norm'], s['acc_norm_stderr']):>16}{_pct(s['chance']):>8}{s['seconds']:>9.0f}")
+            print(f"{s['task']:<16}{s['docs']:>6}{percent(s['acc'], s['acc_stderr']):>16}"
+                  f"{percent(s['acc_norm'], s['acc_norm_stderr']):>16}{percent(s['chance']):>8}{s['seconds']:>9.0f}")
         return
     print(f"{'task':<16}{'metric':>9}{'docs':>6}{'chance':>8}{'teacher':>16}{'student':>16}{'retention':>10}"
           f"{'above chance':>13}{'same answer':>12}")
     for r in zero_shot["tasks"]:
-        print(f"{r['task']:<16}{r['metric']:>9}{r['docs']:>6}{_pct(r['chance']):>8}"
-              f"{_pct(r['teacher'], r['teacher_stderr']):>16}{_pct(r['student'], r['student_stderr']):>16}"
-              f"{_pct(r['retention']):>10}{_pct(r['retention_above_chance']):>13}{_pct(r['same_answer']):>12}")
+        print(f"{r['task']:<16}{r['metric']:>9}{r['docs']:>6}{percent(r['chance']):>8}"
+              f"{percent(r['teacher'], r['teacher_stderr']):>16}{percent(r['student'], r['student_stderr']):>16}"
+              f"{percent(r['retention']):>10}{percent(r['retention_above_chance']):>13}{percent(r['same_answer']):>12}")
     m = zero_shot["summary"]
     if m["tasks"]:
         print(f"mean over the tasks where the teacher is clearly above chance ({', '.join(m['tasks'])}): teacher "
-              f"{_pct(m['teacher_mean'])}, student {_pct(m['student_mean'])}: keeps {_pct(m['retention'])} "
-              f"({_pct(m['retention_above_chance'])} of the teacher's margin over chance)")
+              f"{percent(m['teacher_mean'])}, student {percent(m['student_mean'])}: keeps {percent(m['retention'])} "
+              f"({percent(m['retention_above_chance'])} of the teacher's margin over chance)")
     else:
         print("the teacher is not clearly above chance on any task: no retention to report")
 
@@ -479,8 +474,8 @@ def print_generation(generation: dict) -> None:
     print(f"{'model':<10}{'prompts':>8}{'distinct-2':>11}{'distinct-3':>11}{'longest repeat':>15}{'tokens':>8}"
           f"{'hit cap':>8}")
     for name, g in generation.items():
-        print(f"{name:<10}{g['prompts']:>8}{_pct(g['distinct_2']):>11}{_pct(g['distinct_3']):>11}"
-              f"{g['longest_repeat']:>15.1f}{g['tokens']:>8.1f}{_pct(g['hit_cap']):>8}")
+        print(f"{name:<10}{g['prompts']:>8}{percent(g['distinct_2']):>11}{percent(g['distinct_3']):>11}"
+              f"{g['longest_repeat']:>15.1f}{g['tokens']:>8.1f}{percent(g['hit_cap']):>8}")
 
 
 def cmd_chat(args, parser) -> None:

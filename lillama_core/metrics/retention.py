@@ -51,3 +51,10 @@ def compare(teacher: list[TaskScore], student: list[TaskScore]) -> dict:
                        retention_above_chance=_ratio(mean["student"] - mean["chance"],
                                                      mean["teacher"] - mean["chance"]))
     return {"tasks": rows, "summary": summary}
+
+
+def percent(value: float | None, stderr: float | None = None) -> str:
+    """A share as shown in accuracy tables (CLI and app): "47.5% ± 7.9%", or "–" when not measured."""
+    if value is None:
+        return "–"
+    return f"{value:.1%}" + (f" ± {stderr:.1%}" if stderr is not None else "")
