@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--new-tokens", type=int, default=64)
     s.add_argument("--repeats", type=int, default=3)
     s.add_argument("--graphs", action="store_true",
-                   help="also time batch-16 decoding with a static KV cache compiled into CUDA graphs")
+                   help="also time batch 1 and 16 decoding through a static KV cache with the decode step compiled "
+                        "(CUDA graphs on a GPU; inductor's C++ kernels on a CPU)")
     _common(s, tokens=8_192)
 
     w = sub.add_parser("_speed-worker", help=argparse.SUPPRESS)

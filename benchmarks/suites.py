@@ -22,6 +22,7 @@ from lillama_core.modeling.discovery import count_parameters, weight_bytes
 from lillama_core.modeling.loading import resolve_device, resolve_dtype
 from lillama_core.modeling.shipped import apply_rank_map
 from lillama_core.planning.ranks import ModelShape, build_plan, summarize
+from lillama_core.runtime.graphs import GraphDecoder
 from lillama_core.runtime.telemetry import synchronize
 
 from .bench import Bench, Budget, log
@@ -172,11 +173,15 @@ def run_quantize(model: str, method: str, reduction: float, budget: Budget, tag:
 # ---- speed and memory ----
 
 
-def _median_speed(model, vocab: int, batch: int, prompt: int, new: int, repeats: int) -> dict:
-    runs = [generation_speed(model, vocab, batch, prompt, new, seed=i) for i in range(repeats)]
+def _median_speed(model, vocab: int, batch: int, prompt: int, new: int, repeats: int,
+                  graphs: GraphDecoder | None = None) -> dict:
+    """Median tokens/s of `generation_speed` over `repeats` seeds; with `graphs`, through that static-cache
+    compiled decoder, whose warm-up (first run only) is reported apart."""
+    runs = [generation_speed(model, vocab, batch, prompt, new, seed=i, graphs=graphs) for i in range(repeats)]
     return {"batch_size": batch, "prompt_tokens": prompt, "new_tokens": runs[0].new_tokens,
             "generate_tokens_per_s": statistics.median(r.generate_tokens_per_s for r in runs),
-            "prefill_tokens_per_s": statistics.median(r.prefill_tokens_per_s for r in runs)}
+            "prefill_tokens_per_s": statistics.median(r.prefill_tokens_per_s for r in runs),
+            **({"warm_up_seconds": runs[0].warm_up_seconds, "compile_mode": graphs.config.mode} if graphs else {})}
 
 
 def _random_ids(vocab: int, batch: int, length: int, device) -> torch.Tensor:
@@ -201,32 +206,6 @@ def _prefill(model, vocab: int, batch: int, seq: int, repeats: int) -> float:
     ids = _random_ids(vocab, batch, seq, device)
     model(input_ids=ids[:, :16], use_cache=False)
     return batch * seq / _median_seconds(lambda: model(input_ids=ids, use_cache=False), device, repeats)
-
-
-@torch.no_grad()
-def graph_decode(model, ids: torch.Tensor, new_tokens: int) -> torch.Tensor:
-    """Greedy decoding through transformers' static KV cache. On a GPU transformers compiles the decode step
-    (torch.compile "reduce-overhead", i.e. CUDA graphs), so a step costs its kernels' time alone, without the
-    Python and kernel-launch work per module that bounds eager decoding of small models; elsewhere the same
-    static cache runs uncompiled."""
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                         min_new_tokens=new_tokens, do_sample=False, cache_implementation="static", pad_token_id=0)
-    return out[:, ids.shape[1]:]
-
-
-def _graph_speed(model, vocab: int, batch: int, prompt: int, new: int, repeats: int) -> dict:
-    """Tokens/s of `graph_decode` (its eager prefill included), after warm-ups that compile and capture."""
-    device = next(model.parameters()).device
-    ids = _random_ids(vocab, batch, prompt, device)
-    start = time.perf_counter()
-    for _ in range(2):  # the first call compiles; CUDA graphs are recorded on a later one
-        graph_decode(model, ids, new)
-    synchronize(device)
-    warmup = time.perf_counter() - start
-    seconds = _median_seconds(lambda: graph_decode(model, ids, new), device, repeats)
-    return {"batch_size": batch, "prompt_tokens": prompt, "new_tokens": new,
-            "generate_tokens_per_s": batch * new / seconds, "warmup_seconds": warmup,
-            "compiled": hasattr(model, "_compiled_call")}
 
 
 def _random_weight_subject(shape_name: str, r: Recipe, reduction: float, device: str, dtype: str):
@@ -254,8 +233,9 @@ def speed_worker(model_name: str, method: str, reduction: float, budget: Budget,
     A student is built training-free: distillation changes the factors' values, not their shapes,
     so speed and memory are those of the distilled model. The teacher's dense copies of the
     replaced weights are dropped before measuring, so memory is the student's alone. `model_name` may
-    also be a random-weight shape (llama-1b, llama-7b). With `graphs`, batch-16 decoding is also timed
-    through `graph_decode`."""
+    also be a random-weight shape (llama-1b, llama-7b). With `graphs`, batch 1 and 16 decoding are also timed
+    through a static KV cache with the decode step compiled (runtime/graphs.py: CUDA graphs on a GPU), warm-up
+    seconds and peak memory apart."""
     r = recipe(method)
     if model_name in SHAPES:
         model, info = _random_weight_subject(model_name, r, reduction, device, dtype)
@@ -289,8 +269,13 @@ def speed_worker(model_name: str, method: str, reduction: float, budget: Budget,
     with PeakMemory(device_) as mem_prefill:
         results["prefill_tokens_per_s"] = _prefill(model, vocab, 4, 512, repeats)
     if graphs:
-        results["graph_batch16"] = _graph_speed(model, vocab, 16, 64, new_tokens, repeats)
-        record["graph_b16_tokens_per_s"] = results["graph_batch16"]["generate_tokens_per_s"]
+        decoder = GraphDecoder(model)
+        for batch in (1, 16):
+            with PeakMemory(device_) as memory:  # the warm-up included: on a GPU, the graphs' own memory pool
+                results[f"graph_batch{batch}"] = _median_speed(model, vocab, batch, 64, new_tokens, repeats, decoder)
+            record.update({f"graph_b{batch}_tokens_per_s": results[f"graph_batch{batch}"]["generate_tokens_per_s"],
+                           **memory.as_dict(f"graph_b{batch}")})
+        decoder.close()
     record.update(
         gen_b1_tokens_per_s=results["batch1"]["generate_tokens_per_s"],
         gen_b16_tokens_per_s=results["batch16"]["generate_tokens_per_s"],
@@ -328,7 +313,7 @@ def run_speed(models: list[str], variants: list[tuple[str, float]], budget: Budg
             records.append(record)
             log(f"  b1 {record['gen_b1_tokens_per_s']:.1f} tok/s, b16 {record['gen_b16_tokens_per_s']:.1f} tok/s, "
                 f"prefill {record['prefill_tokens_per_s']:.0f} tok/s, weights {record['weight_bytes'] / 2**20:.0f} MiB"
-                + (f", b16 static cache {record['graph_b16_tokens_per_s']:.1f} tok/s"
-                   f"{' (CUDA graphs)' if record['details']['graph_batch16']['compiled'] else ''}"
+                + (f"; compiled static cache ({record['details']['graph_batch16']['compile_mode']}): "
+                   f"b1 {record['graph_b1_tokens_per_s']:.1f} tok/s, b16 {record['graph_b16_tokens_per_s']:.1f} tok/s"
                    if "graph_b16_tokens_per_s" in record else ""))
     return records

@@ -22,6 +22,8 @@ NO_STUDENT = "No student yet: run a distillation in step 3, or load a finished r
 def speed_line(update) -> str:
     if update is None:
         return ""
+    if update.note:  # waiting before the first token, e.g. for the decode step to compile
+        return f"⏳ {update.note}"
     state = "" if update.done else " · generating…"
     return f"{update.new_tokens} tokens · {update.tokens_per_s:.1f} tokens/s{state}"
 
@@ -82,7 +84,7 @@ def _answers() -> dict:
 
 
 def _sampling_inputs() -> list:
-    """The sampling settings both models share, in ChatSettings.from_inputs' order."""
+    """The settings both models share (sampling, compiled decoding), in ChatSettings.from_inputs' order."""
     with gr.Accordion("Sampling (shared by both models)", open=False):
         with gr.Row():
             max_new = gr.Slider(8, 1024, value=200, step=8, label="Max new tokens")
@@ -91,7 +93,10 @@ def _sampling_inputs() -> list:
             top_k = gr.Slider(0, 200, value=50, step=1, label="Top-k (0 = off)")
             penalty = gr.Slider(1, 2, value=1.1, step=0.05, label="Repetition penalty")
             seed = gr.Number(value=0, precision=0, label="Seed")
-    return [max_new, temperature, top_p, top_k, penalty, seed]
+        graphs = gr.Checkbox(value=False, label="Compiled decoding (static KV cache, CUDA graphs on a GPU)",
+                             info="faster tokens/s once compiled; the first answer of each length waits tens of "
+                                  "seconds for compilation, later turns reuse it")
+    return [max_new, temperature, top_p, top_k, penalty, seed, graphs]
 
 
 def _transcription() -> tuple[gr.Audio, gr.Button, list]:
@@ -124,9 +129,9 @@ def build(controller: Controller) -> dict:
                 f"**Student** · {student.label}" if student else f"**Student** · _{NO_STUDENT}_")
 
     def on_respond(message, teacher_msgs, student_msgs, max_new_v, temp_v, top_p_v, top_k_v, penalty_v, seed_v,
-                   request: gr.Request):
+                   graphs_v, request: gr.Request):
         settings = ChatSettings.from_inputs(max_new_v, temp_v, top_p_v, top_k_v, penalty_v, seed_v,
-                                            request.session_hash)
+                                            request.session_hash, graphs_v)
         frames = controller.respond(message, teacher_msgs, student_msgs, settings)
         with closing(frames):  # gradio closes this generator when the tab goes away: stop the decoding too
             yield from chat_outputs(frames)

@@ -22,6 +22,7 @@ from lillama_core.metrics.generation import generation_quality
 from lillama_core.metrics.zeroshot import score_pair, score_tasks, task_list
 from lillama_core.modeling.quantize import MODES, quantize_weights
 from lillama_core.planning.strategies import strategy_named
+from lillama_core.runtime.graphs import GraphDecoder
 
 from . import chat, evaluate, ranks
 from .charts import accuracy_chart, comparison_chart
@@ -44,6 +45,8 @@ class Controller:
     def __init__(self, studio: Studio):
         self.studio = studio
         self._chat_stops: dict[str, threading.Event] = {}  # per browser session
+        self._graphs: dict[str, GraphDecoder] = {}  # per side; kept between turns: compiled once per shape
+        self._graphs_lock = threading.Lock()
 
     # ---- chat ----
 
@@ -54,7 +57,8 @@ class Controller:
         Args:
             message: the user's prompt; a blank one yields nothing.
             teacher_msgs, student_msgs: each side's conversation so far (chatbot messages).
-            settings: sampling shared by both models and the session that may stop them.
+            settings: sampling shared by both models, the session that may stop them, and whether they decode
+                through compiled static-cache steps (the first answer of each shape shows WARM_UP_NOTE).
 
         Returns:
             An iterator of frames; closing it early (the browser went away) stops both decodings.
@@ -77,6 +81,8 @@ class Controller:
         sides = {"teacher": (loaded.model, loaded.tokenizer, chat.plain_history(teacher_msgs))}
         if student:
             sides["student"] = (student.model, student.tokenizer, chat.plain_history(student_msgs))
+        sides = {side: (*args, self._graph_decoder(side, args[0]) if settings.graphs else None)
+                 for side, args in sides.items()}
         updates = self._produce(message, settings.sampling, sides, stop)
         try:
             yield from self._frames(message, teacher_msgs, student_msgs, student is not None, len(sides), updates)
@@ -86,15 +92,23 @@ class Controller:
             if self._chat_stops.get(settings.session) is stop:
                 self._chat_stops.pop(settings.session)
 
+    def _graph_decoder(self, side: str, model) -> GraphDecoder:
+        """The side's compiled decoder, kept between turns; a new model (another student) gets a new one."""
+        with self._graphs_lock:
+            decoder = self._graphs.get(side)
+            if decoder is None or decoder.model is not model:
+                decoder = self._graphs[side] = GraphDecoder(model)
+            return decoder
+
     @staticmethod
     def _produce(message: str, sampling: SamplingConfig, sides: dict, stop: threading.Event) -> queue.Queue:
         """Start one decoding thread per side; each puts (side, update, None), (side, None, error) and
         finally (side, None, "done") on the returned queue."""
         updates: queue.Queue = queue.Queue()
 
-        def produce(side, model, tokenizer, history):
+        def produce(side, model, tokenizer, history, graphs):
             try:
-                for update in stream_chat(model, tokenizer, message, sampling, history, stop):
+                for update in stream_chat(model, tokenizer, message, sampling, history, stop, graphs):
                     updates.put((side, update, None))
             except Exception as exc:  # shown in that model's pane; the other keeps going
                 updates.put((side, None, friendly(exc)))

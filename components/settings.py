@@ -11,17 +11,20 @@ from lillama_core.config import PlanConfig
 
 @dataclass(frozen=True)
 class ChatSettings:
-    """How both models answer: the shared sampling settings, and the browser session asking, so that
-    Stop ends only that tab's answer."""
+    """How both models answer: the shared sampling settings, the browser session asking, so that
+    Stop ends only that tab's answer, and whether both decode through a static cache with the decode step
+    compiled (CUDA graphs on a GPU)."""
 
     sampling: SamplingConfig
     session: str = ""
+    graphs: bool = False
 
     @classmethod
-    def from_inputs(cls, max_new, temperature, top_p, top_k, penalty, seed, session: str = "") -> ChatSettings:
+    def from_inputs(cls, max_new, temperature, top_p, top_k, penalty, seed, session: str = "",
+                    graphs: bool = False) -> ChatSettings:
         """From the sampling sliders' values (gradio sends numbers as floats, an empty seed as None)."""
         return cls(SamplingConfig(int(max_new), float(temperature), float(top_p), int(top_k), float(penalty),
-                                  int(seed or 0)), session)
+                                  int(seed or 0)), session, bool(graphs))
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 Our own small loop rather than `generate()`: each model gets its own seeded generator, so the
 teacher and the student sample with the same settings and seed without sharing global RNG state,
-and a stop request is seen between any two tokens.
+and a stop request is seen between any two tokens. The forwards run eagerly on a cache that grows
+(`eager_session`), or through a static cache with the decode step compiled (runtime/graphs.py).
 """
 
 from __future__ import annotations
@@ -10,11 +11,14 @@ from __future__ import annotations
 import inspect
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from .runtime.graphs import WARM_UP_NOTE, GraphDecoder
 
 
 @dataclass
@@ -33,6 +37,7 @@ class GenerationUpdate:
     new_tokens: int
     tokens_per_s: float
     done: bool
+    note: str = ""  # what the wait is for before the first token, e.g. WARM_UP_NOTE
 
 
 def build_prompt(tokenizer, message: str, history: list[dict] | None = None) -> torch.Tensor:
@@ -84,38 +89,72 @@ def cache_argument(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+@contextmanager
+def eager_session(model: nn.Module) -> Iterator[Callable[[torch.Tensor], torch.Tensor]]:
+    """Yields `forward(ids [batch, n]) -> last-position logits [batch, vocab]` on a cache that grows with
+    each call: the first call is the prefill, each later one the new token column."""
+    cache = None
+    cache_name = cache_argument(model)
+
+    def forward(ids: torch.Tensor) -> torch.Tensor:
+        nonlocal cache
+        out = model(input_ids=ids, use_cache=True, **{cache_name: cache})
+        cache = getattr(out, cache_name)
+        return out.logits[:, -1]
+
+    yield forward
+
+
 @torch.no_grad()
 def decode(model: nn.Module, input_ids: torch.Tensor, sampling: SamplingConfig, stop_ids: set[int] = frozenset(),
-           stop: threading.Event | None = None) -> Iterator[torch.Tensor]:
-    """Yield each new token column [batch] until max_new_tokens, a stop token (batch 1) or a stop request."""
+           stop: threading.Event | None = None, graphs: GraphDecoder | None = None) -> Iterator[torch.Tensor]:
+    """Yield each new token column [batch] until max_new_tokens, a stop token (batch 1) or a stop request.
+
+    Args:
+        model: a causal LM on its device.
+        input_ids: prompt ids [batch, prompt tokens], all rows the same length (no padding).
+        sampling: the sampling settings; `seed` seeds this call's own generator.
+        stop_ids: token ids that end a batch-1 answer (yielded, then decoding ends).
+        stop: set it to end decoding before the next forward.
+        graphs: `model`'s GraphDecoder, to decode through its static cache and compiled step (warmed up first
+            when this shape is new); None decodes eagerly.
+    """
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(sampling.seed)
     ids = input_ids.to(device)
     seen = ids
-    cache = None
-    cache_name = cache_argument(model)
-    step_input = ids
-    for _ in range(sampling.max_new_tokens):
-        if stop is not None and stop.is_set():
-            return
-        out = model(input_ids=step_input, use_cache=True, **{cache_name: cache})
-        cache = getattr(out, cache_name)
-        token = pick_next(out.logits[:, -1], seen, sampling, generator)
-        seen = torch.cat([seen, token[:, None]], dim=1)
-        yield token
-        if ids.shape[0] == 1 and int(token[0]) in stop_ids:
-            return
-        step_input = token[:, None]
+    batch, prompt = ids.shape
+    session = graphs.session(batch, prompt + sampling.max_new_tokens) if graphs else eager_session(model)
+    with session as forward:
+        step_input = ids
+        for _ in range(sampling.max_new_tokens):
+            if stop is not None and stop.is_set():
+                return
+            token = pick_next(forward(step_input), seen, sampling, generator)
+            seen = torch.cat([seen, token[:, None]], dim=1)
+            yield token
+            if batch == 1 and int(token[0]) in stop_ids:
+                return
+            step_input = token[:, None]
 
 
 def stream_chat(model: nn.Module, tokenizer, message: str, sampling: SamplingConfig,
-                history: list[dict] | None = None, stop: threading.Event | None = None) -> Iterator[GenerationUpdate]:
-    """Stream the growing answer text with the running tokens/s (first token's prefill included)."""
+                history: list[dict] | None = None, stop: threading.Event | None = None,
+                graphs: GraphDecoder | None = None) -> Iterator[GenerationUpdate]:
+    """Stream the growing answer text with the running tokens/s (first token's prefill included).
+
+    With `graphs` (the model's GraphDecoder), decoding runs through its static cache and compiled step; when
+    that shape has not been compiled yet, an update with `note=WARM_UP_NOTE` comes first, then the warm-up,
+    which the tokens/s leave out."""
     prompt = build_prompt(tokenizer, message, history)
     stops = stop_token_ids(model, tokenizer)
+    length = prompt.shape[1] + sampling.max_new_tokens
+    if graphs is not None and graphs.needs_warm_up(1, length):
+        yield GenerationUpdate("", 0, 0.0, False, WARM_UP_NOTE)
+        graphs.warm_up(1, length)
     tokens: list[int] = []
     start = time.perf_counter()
-    for token in decode(model, prompt, sampling, stops, stop):
+    for token in decode(model, prompt, sampling, stops, stop, graphs):
         value = int(token[0])
         if value in stops:
             break

@@ -354,6 +354,7 @@ def cmd_eval(args, parser) -> dict:
     from .metrics.zeroshot import task_list
     from .modeling.discovery import count_parameters
     from .modeling.quantize import quantize_weights
+    from .runtime.graphs import GraphDecoder
 
     eval_config = args.run_config.eval
     tasks = task_list(eval_config.tasks, eval_config.task_data) if eval_config.tasks else []  # fails before loading
@@ -365,11 +366,12 @@ def cmd_eval(args, parser) -> dict:
     for notice in task.eval_notices(config, model):
         tqdm_note(notice)
     held_out = task.held_out(loaded, config, standalone=True)
+    graphs = GraphDecoder(model, on_warm_up=tqdm_note) if args.graphs else None
     record = evaluate(model, loaded.tokenizer, task, held_out, speed_batches=() if args.no_speed else (1,),
-                      fit_positions=True)
+                      fit_positions=True, graphs=graphs)
     record.parameters = count_parameters(loaded.model)  # integer weights are buffers: count the float model's
     measured = record.to_dict()
-    summary = {"model": args.model, "quantize": args.quantize}
+    summary = {"model": args.model, "quantize": args.quantize, "graphs": args.graphs}
     summary.update({EVAL_KEYS.get(k, k): measured[k] for k in EVAL_FIELDS if k in measured})
     if not args.json:
         for key, value in summary.items():
@@ -480,8 +482,10 @@ def print_generation(generation: dict) -> None:
 
 def cmd_chat(args, parser) -> None:
     from .chat import SamplingConfig, stream_chat
+    from .runtime.graphs import GraphDecoder
 
     loaded = _load_any(args)
+    graphs = GraphDecoder(loaded.model) if args.graphs else None  # compiled once, reused by every prompt
     sampling = SamplingConfig(args.max_new_tokens, args.temperature, args.top_p, seed=args.seed)
     prompts = [args.prompt] if args.prompt else (line.strip() for line in sys.stdin)
     for prompt in prompts:
@@ -489,7 +493,9 @@ def cmd_chat(args, parser) -> None:
             continue
         shown = ""
         update = None
-        for update in stream_chat(loaded.model, loaded.tokenizer, prompt, sampling):
+        for update in stream_chat(loaded.model, loaded.tokenizer, prompt, sampling, graphs=graphs):
+            if update.note:
+                print(update.note, file=sys.stderr, flush=True)
             sys.stdout.write(update.text[len(shown):])
             sys.stdout.flush()
             shown = update.text

@@ -69,6 +69,9 @@ class ModelConfig:
     offload: bool = _help(
         "keep the decoder blocks in host memory and move each to the GPU only while it runs: compresses "
         "models larger than GPU memory, more slowly", False)
+    graphs: bool = _help(
+        "chat and speed figures decode through a static KV cache with the decode step compiled (CUDA graphs on a "
+        "GPU): faster after a warm-up of tens of seconds per batch size", False)
 
     def validate(self) -> None:
         if not self.name.strip():

@@ -59,7 +59,7 @@ def test_a_distillation_started_in_the_app_completes_with_a_student(distilled):
 
 def test_chat_streams_teacher_and_student_with_their_speeds(distilled):
     client, _, _ = distilled
-    job = client.submit("Name a fruit.", [], [], 24, 0, 0.9, 50, 1.1, 0, api_name="/chat")
+    job = client.submit("Name a fruit.", [], [], 24, 0, 0.9, 50, 1.1, 0, False, api_name="/chat")
     outputs = list(job)
     teacher_msgs, student_msgs, teacher_speed, student_speed = job.result()[:4]
     assert len(outputs) > 2  # streamed: several partial updates before the final one
@@ -129,7 +129,7 @@ def test_second_start_is_refused_many_tabs_follow_stop_keeps_layers_and_resume_c
     tabs = [Client(client.src, verbose=False) for _ in range(3)]
     seen = [tab.predict(api_name="/status") for tab in tabs]
     assert {s["id"] for s in seen} == {first["id"]}
-    answer = tabs[0].submit("Name a fruit.", [], [], 8, 0, 0.9, 50, 1.1, 0, api_name="/chat")
+    answer = tabs[0].submit("Name a fruit.", [], [], 8, 0, 0.9, 50, 1.1, 0, False, api_name="/chat")
     teacher_msgs = answer.result(timeout=180)[0]
     assert teacher_msgs[-1]["content"]
     _wait_until(lambda: all(tab.predict(api_name="/status")["events"] > s["events"]

@@ -13,7 +13,7 @@ def endless_answers(monkeypatch):
     """stream_chat replaced by an answer that grows until its stop is set; returns the stops it was given."""
     seen_stops = []
 
-    def endless_answer(model, tokenizer, message, sampling, history, stop):
+    def endless_answer(model, tokenizer, message, sampling, history, stop, graphs):
         seen_stops.append(stop)
         n = 0
         while not stop.is_set():
@@ -27,13 +27,14 @@ def endless_answers(monkeypatch):
 
 def test_chat_settings_come_from_the_sliders_as_gradio_sends_them():
     settings = ChatSettings.from_inputs(24.0, 0, 0.9, 50.0, 1.1, None, "tab-1")
-    assert settings == ChatSettings(SamplingConfig(24, 0.0, 0.9, 50, 1.1, 0), "tab-1")
+    assert settings == ChatSettings(SamplingConfig(24, 0.0, 0.9, 50, 1.1, 0), "tab-1", graphs=False)
+    assert ChatSettings.from_inputs(24.0, 0, 0.9, 50.0, 1.1, None, "tab-1", True).graphs is True
 
 
 def test_both_models_answer_streamed_with_the_same_settings(studio, monkeypatch):
     seen = []
 
-    def answer(model, tokenizer, message, sampling, history, stop):
+    def answer(model, tokenizer, message, sampling, history, stop, graphs):
         seen.append((model, sampling, history))
         yield GenerationUpdate("a", 1, 10.0, False)
         yield GenerationUpdate("a pear", 2, 20.0, True)
@@ -93,7 +94,8 @@ def test_closing_the_tab_mid_answer_stops_the_decoding(studio, monkeypatch):
     with gr.Blocks() as demo:
         chat.build(Controller(studio))
     on_respond = next(f.fn for f in demo.fns.values() if f.api_name == "chat")
-    answer = on_respond("hello", [], [], 32, 0.7, 0.9, 40, 1.1, 0, type("Request", (), {"session_hash": "tab-9"}))
+    answer = on_respond("hello", [], [], 32, 0.7, 0.9, 40, 1.1, 0, False,
+                        type("Request", (), {"session_hash": "tab-9"}))
     next(answer), next(answer)
     answer.close()
     assert seen_stops[-1].is_set()
@@ -145,3 +147,29 @@ def test_one_session_asking_again_replaces_its_stop(studio, monkeypatch):
     ctl.stop_chat("tab-1")
     assert seen_stops[1].is_set()
     second.close()
+
+
+def test_compiled_decoding_is_an_option_whose_warm_up_shows_once_and_whose_compile_serves_later_turns(studio,
+                                                                                                     monkeypatch):
+    from transformers import CompileConfig
+
+    from lillama_core.runtime import graphs
+
+    with gr.Blocks() as demo:
+        chat.build(Controller(studio))
+    inputs = next(f for f in demo.fns.values() if f.api_name == "chat").inputs
+    (option,) = [c for c in inputs if isinstance(c, gr.Checkbox)]
+    assert "CUDA graphs" in option.label and option.value is False
+    # traced by dynamo, run eagerly: what the option does, in seconds rather than inductor's minutes
+    monkeypatch.setattr(graphs, "compile_config", lambda device: CompileConfig(backend="eager", mode="default"))
+    ctl = Controller(studio)
+    settings = ChatSettings(SamplingConfig(max_new_tokens=6, temperature=0), "tab-1", graphs=True)
+    first = list(ctl.respond("hello", [], [], settings))
+    waiting = f"⏳ {graphs.WARM_UP_NOTE}"
+    assert any(f.teacher_speed == waiting for f in first) and "tokens/s" in first[-1].teacher_speed
+    decoder = ctl._graphs["teacher"]
+    second = list(ctl.respond("again", first[-1].teacher, [], settings))
+    assert not any(f.teacher_speed == waiting for f in second) and second[-1].teacher[-1]["content"]
+    assert ctl._graphs["teacher"] is decoder and decoder.model is studio.loaded.model
+    plain = list(ctl.respond("hello", [], [], ChatSettings(SamplingConfig(max_new_tokens=6, temperature=0), "tab-1")))
+    assert plain[-1].teacher[-1]["content"] == first[-1].teacher[-1]["content"]  # the same greedy answer

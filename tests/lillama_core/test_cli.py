@@ -553,3 +553,40 @@ def test_plan_and_compress_share_the_sensitivity_measurement(tiny_model_dir, tex
     assert main(["compress", *common, "--runs-dir", str(tmp_path / "runs"), "--out", str(tmp_path / "student"),
                  "--tokens", "1024", "--batch-size", "4", "--no-eval", "--strategy", "sensitivity"]) == 0
     assert len(calls) == 1 and "reusing the stored measurement" in capsys.readouterr().err
+
+
+
+def test_graphs_flag_decodes_chat_and_eval_speed_through_one_compiled_decoder(tiny_model_dir, texts, capsys,
+                                                                              monkeypatch):
+    """--graphs gives the same sampled answers, announces the warm-up once for a whole stdin chat, and times
+    `lillama eval`'s decoding through the compiled step. Traced by dynamo, run eagerly: seconds, not minutes."""
+    import io
+
+    from transformers import CompileConfig
+
+    from lillama_core.runtime import graphs
+
+    monkeypatch.setattr(graphs, "compile_config", lambda device: CompileConfig(backend="eager", mode="default"))
+    made = []
+
+    class Recorded(graphs.GraphDecoder):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(graphs, "GraphDecoder", Recorded)
+    chat = ["chat", "--model", str(tiny_model_dir), "--max-new-tokens", "6", "--seed", "5"]
+    monkeypatch.setattr("sys.stdin", io.StringIO("fox\nbrown dog\n"))
+    assert main(chat) == 0
+    eager = capsys.readouterr()
+    monkeypatch.setattr("sys.stdin", io.StringIO("fox\nbrown dog\n"))
+    assert main([*chat, "--graphs"]) == 0
+    compiled = capsys.readouterr()
+    assert compiled.out == eager.out and graphs.WARM_UP_NOTE not in eager.err
+    assert compiled.err.count(graphs.WARM_UP_NOTE) == 1 and len(made) == 1  # one compile serves both prompts
+    assert main(["eval", "--model", str(tiny_model_dir), "--eval-text", str(texts[1]), "--eval-tokens", "128",
+                 "--eval-seq-len", "32", "--json", "--graphs"]) == 0
+    captured = capsys.readouterr()
+    record = json.loads(captured.out.strip().splitlines()[-1])
+    assert record["graphs"] is True and record["generate_tokens_per_s"] > 0
+    assert graphs.WARM_UP_NOTE in captured.err and len(made) == 2 and made[1]._warm  # eval's decoder compiled
