@@ -94,8 +94,8 @@ def _sampling_inputs() -> list:
             penalty = gr.Slider(1, 2, value=1.1, step=0.05, label="Repetition penalty")
             seed = gr.Number(value=0, precision=0, label="Seed")
         graphs = gr.Checkbox(value=False, label="Compiled decoding (static KV cache, CUDA graphs on a GPU)",
-                             info="faster tokens/s once compiled; the first answer of each length waits tens of "
-                                  "seconds for compilation, later turns reuse it")
+                             info="faster tokens/s once compiled; the first answer of each length waits for the "
+                                  "compilation (tens of seconds on a GPU, minutes on a CPU), later turns reuse it")
     return [max_new, temperature, top_p, top_k, penalty, seed, graphs]
 
 

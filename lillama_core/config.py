@@ -71,7 +71,7 @@ class ModelConfig:
         "models larger than GPU memory, more slowly", False)
     graphs: bool = _help(
         "chat and speed figures decode through a static KV cache with the decode step compiled (CUDA graphs on a "
-        "GPU): faster after a warm-up of tens of seconds per batch size", False)
+        "GPU): faster after a warm-up per batch size and length (tens of seconds on a GPU, minutes on a CPU)", False)
 
     def validate(self) -> None:
         if not self.name.strip():
