@@ -10,6 +10,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from enum import StrEnum
 
+from .runtime.finite import json_safe
+
 
 class RunStatus(StrEnum):
     """How a compression run ended (RunFinished.status)."""
@@ -40,7 +42,9 @@ class Event:
         return {"kind": self.kind, **asdict(self)}
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict())
+        """One line of strict JSON: a NaN or infinite number (a diverged loss) is written as null, because
+        `NaN` is not JSON and other readers of events.jsonl (jq, JavaScript) refuse the whole line."""
+        return json.dumps(json_safe(self.to_dict()), allow_nan=False)
 
 
 @dataclass(kw_only=True)

@@ -35,3 +35,17 @@ def test_a_step_log_line_from_before_the_stage_field_loads():
     assert event_from_dict(old).stage == StepStage.DISTILL
     healing = event_from_dict({**old, "layer": -1})
     assert isinstance(healing, Step) and healing.stage == StepStage.HEAL
+
+
+def test_non_finite_numbers_are_written_as_strict_json_null(tmp_path):
+    step = Step(layer=0, step=1, steps=4, global_step=1, steps_total=4, loss_teacher_input=float("nan"),
+                loss_student_input=0.5, lr=1e-3, tokens_per_s=float("inf"), elapsed_s=0.0, eta_s=float("inf"))
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    line = json.loads(step.to_json(), parse_constant=refuse)
+    assert line["loss_teacher_input"] is None and line["eta_s"] is None and line["loss_student_input"] == 0.5
+    log = tmp_path / "events.jsonl"
+    log.write_text(step.to_json() + "\n")
+    assert read_events(log)[0].eta_s is None
