@@ -2,8 +2,9 @@
 
 Training-free damage: each layer's measured KL at a few kept shares (sensitivity.py) is interpolated at the
 share the plan keeps in that layer, and the layers' damages are added (first order: each probe compressed one
-layer alone). The interpolation is piecewise linear in log KL against log removed share, through "dense, no
-damage"; its uncertainty is measured by leaving each interior rung out and predicting it from the others.
+layer alone). The interpolation is a power law in the removed share between measured rungs and linear from
+dense to the first rung; its uncertainty is measured by leaving each interior rung out and predicting it from
+the others.
 
 Perplexity after distillation: log(student / teacher perplexity) = a · D^b, with D the plan's training-free
 damage, fitted on finished runs of the same model; its uncertainty is the leave-one-out error of that fit.
@@ -54,10 +55,10 @@ def interpolate_damage(points: dict[float, float | None], keep: float) -> float:
     """A layer's KL (nats per token) at kept share `keep`, from its measured {kept share: KL}.
 
     Between two measured shares: a power law in the removed share (linear in log KL against log(1 - keep));
-    between dense and the first rung: the next segment's power law with an exponent of at least 1 (damage
-    vanishes at least as fast as the removed share), or linear with one rung; below the deepest rung: the
-    last segment continued. Measurements are made monotone first (less kept never hurts less); a NaN or None
-    probe is unbounded damage.
+    between dense and the first rung: linear in the removed share (continuing the next segment's steeper power
+    law upwards predicted far too little for layers that keep most: SmolLM2's layer 0, see docs/benchmarks.md);
+    below the deepest rung: the last segment continued. Measurements are made monotone first (less kept never
+    hurts less); a NaN or None probe is unbounded damage.
 
     Raises:
         ValueError: no measured share.
@@ -67,12 +68,8 @@ def interpolate_damage(points: dict[float, float | None], keep: float) -> float:
     if keep >= 1.0:
         return 0.0
     rungs = _damage_ladder(points)[1:]  # measured (kept share, KL), kept share falling
-    if keep >= rungs[0][0]:
-        (k_first, d_first) = rungs[0]
-        power = 1.0
-        if len(rungs) > 1 and MIN_KL <= d_first and math.isfinite(rungs[1][1]):
-            power = max(1.0, math.log(rungs[1][1] / d_first) / math.log((1 - rungs[1][0]) / (1 - k_first)))
-        return d_first * ((1 - keep) / (1 - k_first)) ** power
+    if keep >= rungs[0][0]:  # nothing measured between dense and the first rung: the chord, an upper bound
+        return rungs[0][1] * (1 - keep) / (1 - rungs[0][0])  # where damage grows faster than the removed share
     index = next((i for i, (k, _) in enumerate(rungs) if k <= keep), len(rungs) - 1)
     near, far = rungs[index - 1], rungs[index]
     if math.isinf(far[1]):
