@@ -37,7 +37,8 @@ def damage_heatmap(ladder: dict[int, dict[float, float | None]], keeps: dict[int
                      "name": "plan", "hovertemplate": "layer %{y}: plan keeps %{x:.0f}%<extra></extra>",
                      "marker": {"color": ACCENT_2, "size": 9, "symbol": "diamond", "line": {"color": "#0f172a",
                                                                                            "width": 1}}})
-    return figure(data, "Measured damage: each layer alone compressed (◆ the plan's keep)", height=360,
+    return figure(data, "Measured damage: each layer alone compressed (◆ the plan's keep)",
+                  height=max(360, 120 + 16 * len(layers)),
                   xaxis={"title": {"text": "% of the layer's weights kept"}, "range": [0, 105]},
                   yaxis={"title": {"text": "layer"}, "autorange": "reversed", "dtick": 1 if len(layers) <= 16 else 2},
                   showlegend=False)

@@ -71,10 +71,12 @@ def spectrum(studio: Studio, name: str | None):
 
 
 def refresh(studio: Studio, name: str | None) -> tuple:
-    """(prediction cards, heat map, spectrum, module picker) for the plan as it is now."""
+    """(prediction cards, heat map, spectrum, module picker) for the plan as it is now; `name`: the module picked."""
     choices = module_choices(studio)
     names = [value for _, value in choices]
-    name = name if name in names else (names[0] if names else None)
+    if name not in names:  # first open, or another model: the first module the plan compresses
+        ranks = studio.current_plan().ranks if names else {}
+        name = next((n for n in names if n in ranks), names[0] if names else None)
     return (prediction_html(studio), heatmap(studio), spectrum(studio, name),
             gr.update(choices=choices, value=name))
 
