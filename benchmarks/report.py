@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .accuracy_report import accuracy_markdown
 from .common import DOCS_DIR, read_records
+from .predict_report import predict_section
 from .profile_report import profile_section
 
 BEGIN = "<!-- BEGIN GENERATED: python -m benchmarks.run report -->"
@@ -546,6 +547,7 @@ def generated_markdown(records: list[dict], docs: Path) -> str:
                   "speech-like clips (no words). Reduction counts all parameters, embeddings included.", ""]
         lines += speech + [""]
     lines += profile_section(records)
+    lines += predict_section(records)
     parallel = _parallel_table(records)
     if parallel:
         lines += ["### Data-parallel processes (torchrun)", "",

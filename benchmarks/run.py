@@ -9,6 +9,7 @@
   python -m benchmarks.run accuracy --reductions 0.2 --methods teacher,whitened,paper,ours,ours-heal --limit 40
                                     [--agreement]   # zero-shot accuracy (lm-eval) and generation quality
   python -m benchmarks.run profile  --tokens 8192   # SmolLM2 at 20% on the CPU: each layer's time by phase
+  python -m benchmarks.run predict  # the quality/ablation runs' plans: predicted vs measured perplexity
   python -m benchmarks.run report   # docs/benchmarks.md + charts from every record in benchmarks/results/
 
 Every command takes --device auto|cpu|cuda and --dtype auto|float32|bfloat16 (auto: bf16 on CUDA, fp32 on
@@ -240,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--layers", type=int, default=None, help="profile only the plan's first N layers (default all)")
     _common(pf, tokens=8_192)
 
+    pr = sub.add_parser("predict", help="predicted vs measured perplexity of the plans the quality and ablation "
+                                        "suites ran (several strategies and levels)")
+    pr.add_argument("--model", default="smollm2-135m-instruct")
+    _common(pr)
+
     r = sub.add_parser("report", help="regenerate docs/benchmarks.md and the charts from all records")
     r.add_argument("--results", default=None)
     r.add_argument("--doc", default=None, help="markdown file to write (default docs/benchmarks.md)")
@@ -311,6 +317,14 @@ def _run_accuracy(args, results: Path | None) -> None:
                      args.tag, results)
 
 
+def _run_predict(args, results: Path | None) -> None:
+    from .common import write_record
+    from .predict import run_predict
+
+    for record in run_predict(args.model, _budget(args), args.device, args.dtype):
+        write_record("predict", {**record, **({"tag": args.tag} if args.tag else {})}, results)
+
+
 def _run_speed_worker(args, results: Path | None) -> None:
     from . import suites
 
@@ -343,6 +357,7 @@ RUNNERS = {
     "throughput": _throughput,
     "speech": _run_speech,
     "accuracy": _run_accuracy,
+    "predict": _run_predict,
     "_speed-worker": _run_speed_worker,
     "default": _run_default,
 }

@@ -12,6 +12,7 @@ ACCENT = "#7c3aed"
 ACCENT_2 = "#0ea5e9"
 MUTED = "#94a3b8"  # the teacher's bars: a mid grey, visible on light and dark panels
 NEUTRAL = "#64748b"  # reference lines (device total, teacher, healing)
+DAMAGE = "#ef4444"  # measured or predicted damage (KL), on light and dark panels
 # Charts sit on the theme's panel: transparent backgrounds, grid lines as translucent grey, and text coloured
 # by the page (studio.css sets plotly's SVG text to the theme's text colour; FONT_COLOR is the fallback).
 TRANSPARENT = "rgba(0,0,0,0)"
@@ -85,8 +86,9 @@ def duration(seconds: float | None) -> str:
 # ---- rank plan ----
 
 
-def plan_chart(layers: list[dict], budget_after: int | None = None) -> dict:
-    """Parameters per layer before and after the plan; the budget as a per-layer average line."""
+def plan_chart(layers: list[dict], budget_after: int | None = None, damage: dict[int, float] | None = None) -> dict:
+    """Parameters per layer before and after the plan; the budget as a per-layer average line; with `damage`
+    (layer -> predicted KL at the share the plan keeps), that damage on a second axis."""
     x = [row["layer"] for row in layers]
     data = [{"type": "bar", "x": x, "y": [r["params_before"] for r in layers], "name": "teacher",
              "marker": {"color": MUTED}},
@@ -97,8 +99,16 @@ def plan_chart(layers: list[dict], budget_after: int | None = None) -> dict:
         level = budget_after / len(layers)
         shapes.append({"type": "line", "xref": "paper", "x0": 0, "x1": 1, "y0": level, "y1": level,
                        "line": {"dash": "dot", "color": "#f97316"}})
+    layout = {}
+    if damage:
+        shown = [layer for layer in x if layer in damage]
+        data.append({"type": "scatter", "mode": "lines+markers", "x": shown, "y": [damage[i] for i in shown],
+                     "name": "predicted damage (KL, right)", "yaxis": "y2", "line": {"color": DAMAGE}})
+        layout["yaxis2"] = {**AXIS, "overlaying": "y", "side": "right", "showgrid": False, "rangemode": "tozero",
+                            "title": {"text": "KL at this keep (nats)"}}
+        layout["margin"] = {"r": 60}
     return figure(data, "Parameters per layer (dotted: budget per layer)", barmode="overlay", shapes=shapes,
-                  xaxis={"title": {"text": "layer"}}, yaxis={"title": {"text": "weights in linear modules"}})
+                  xaxis={"title": {"text": "layer"}}, yaxis={"title": {"text": "weights in linear modules"}}, **layout)
 
 
 # ---- live distillation ----

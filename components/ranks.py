@@ -1,5 +1,6 @@
 """Panel 2: the rank editor. Presets, one slider per layer and module group, per-module ranks for a
-chosen layer, live totals and a chart of parameters per layer against the budget."""
+chosen layer, live totals, a chart of parameters (and predicted damage) per layer against the budget, and the
+diagnostics and quality prediction (diagnostics.py)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from lillama_core.config import GROUPS, PlanConfig
 from lillama_core.planning.ranks import ModelShape, ModuleShape
 from lillama_core.planning.strategies import all_strategies
 
+from . import diagnostics
 from .charts import human, human_bytes, plan_chart
 from .common import plot, user_errors
 from .settings import PresetSettings
@@ -64,7 +66,8 @@ def chart(studio: Studio):
     budget = None
     if target and studio.plan.strategy != "custom":  # what the layers may keep for the target to hold
         budget = sum(r["params_before"] for r in summary.layers) - math.ceil(target * summary.params_before)
-    return plot(plan_chart(summary.layers, budget))
+    damage = studio.plan_damage()
+    return plot(plan_chart(summary.layers, budget, damage.per_layer if damage else None))
 
 
 def group_picker(studio: Studio) -> dict:
@@ -151,7 +154,8 @@ def _layout(studio: Studio) -> dict:
         with gr.Column(scale=3):
             c["note"] = gr.HTML(elem_id="plan-note")
             c["totals"] = gr.HTML()
-    c["plot"] = gr.Plot(show_label=False)
+    c["plot"] = gr.Plot(show_label=False, elem_id="plan-chart")
+    diagnostics.build(studio, c["totals"])
     gr.Markdown("#### Layers — % of weights kept per group (100 = dense); release a slider to apply")
     return c
 
@@ -171,7 +175,7 @@ def _layer_sliders(studio: Studio, shape: ModelShape, titles: dict[int, str], ou
                     if not modules:
                         continue
                     slider = gr.Slider(5, 100, value=group_keep(studio, modules), step=1, label=group,
-                                       key=f"g-{layer}-{group}")
+                                       key=f"g-{layer}-{group}", interactive=True)
 
                     def on_group(value, modules=modules):
                         studio.set_ranks(ranks_for_keep(modules, value))
@@ -187,7 +191,7 @@ def _module_sliders(studio: Studio, shape: ModelShape, layer: int, outputs: list
         for m in (m for m in shape.modules if m.layer == layer):
             slider = gr.Slider(0, m.full_rank, value=ranks.get(m.name, 0), step=1,
                                label=f"{m.local_name} ({m.out_features}×{m.in_features})",
-                               info=f"saves below {m.max_saving_rank + 1}", key=f"m-{m.name}")
+                               info=f"saves below {m.max_saving_rank + 1}", key=f"m-{m.name}", interactive=True)
 
             def on_module(value, name=m.name):
                 studio.set_ranks({name: int(value) or None})

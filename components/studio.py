@@ -34,7 +34,9 @@ from lillama_core.jobs import (
 )
 from lillama_core.modeling.loading import LoadedModel, describe, load_model
 from lillama_core.pipeline import planning_calibration
-from lillama_core.planning.planner import make_plan
+from lillama_core.planning.history import RunPoint, fit_runs, run_points
+from lillama_core.planning.planner import Measurements, make_plan, measure_for_plan, plan_from
+from lillama_core.planning.predict import Damage, QualityFit, plan_damage
 from lillama_core.planning.ranks import ModelShape, RankPlan, summarize
 
 PROVISIONAL_STRATEGY = "uniform"  # needs no measurement: shown at once while a measured plan is being made
@@ -97,6 +99,9 @@ class Studio:
         self._planning: threading.Thread | None = None
         self._planning_stop = threading.Event()
         self.teacher_ppl: dict[tuple, float] = {}
+        self.measurements = Measurements()  # the teacher's, for the Ranks step's diagnostics and prediction
+        self.measured_groups: list[str] = []  # the module groups the sensitivity ladder was measured on
+        self._fit: tuple[tuple, list[RunPoint], QualityFit | None] | None = None  # (what it was fitted on, ...)
 
     # ---- model ----
 
@@ -112,6 +117,7 @@ class Studio:
             self.model_config, self.loaded = config, loaded
             self.shape = ModelShape.of(loaded.model)
             self.plan, self.provisional, self.student, self._student_job = None, None, None, None
+            self.measurements, self._fit = Measurements(), None
         return loaded
 
     def confine(self, text: str) -> str:
@@ -136,7 +142,10 @@ class Studio:
         loaded = self.ensure_loaded()
         self._planning_stop.set()  # the user chose: a background measurement gives way (between two layers)
         with self._measure_lock:
-            plan = make_plan(loaded, plan_config, self.planning_calibration(plan_config), self.calibration.batch_size)
+            measured = measure_for_plan(loaded, plan_config, self.planning_calibration(plan_config),
+                                        self.calibration.batch_size)
+            plan = plan_from(loaded, plan_config, measured)
+        self._keep_measurements(measured, plan_config)
         with self._plan_lock:
             self.plan_config, self.plan, self.provisional, self._preset_plan = plan_config, plan, None, plan
         return plan
@@ -182,8 +191,11 @@ class Studio:
             with self._measure_lock:
                 calibration = self.planning_calibration(config)
                 self.plan_progress = "capturing the teacher's layer inputs"  # until the first layer's Phase event
-                plan = make_plan(loaded, config, calibration, self.calibration.batch_size,
-                                 on_event=self._on_plan_event, stop=stop)
+                measured = measure_for_plan(loaded, config, calibration, self.calibration.batch_size,
+                                            on_event=self._on_plan_event, stop=stop)
+                plan = plan_from(loaded, config, measured)
+            if loaded is self.loaded:  # not a model replaced while it was measured
+                self._keep_measurements(measured, config)
         except RunStopped:
             pass
         except Exception as exc:  # no browser request to toast it to: the Ranks step shows it in one line
@@ -193,6 +205,36 @@ class Studio:
                 self.plan, self.provisional, self._preset_plan = plan, None, plan
                 self.plan_generation += 1
             self._planning = None
+
+    def _keep_measurements(self, measured: Measurements, config: PlanConfig) -> None:
+        """Keep what a plan measured for the diagnostics; a plan that measured less (uniform after sensitivity)
+        leaves the earlier measurements of the same model in place."""
+        if measured.ladder:
+            self.measurements = replace(self.measurements, ladder=measured.ladder, damage=measured.damage)
+            self.measured_groups, self._fit = list(config.groups), None
+        if measured.spectra:
+            self.measurements = replace(self.measurements, spectra=measured.spectra)
+
+    def plan_damage(self) -> Damage | None:
+        """The current plan's predicted training-free damage; None before the sensitivity is measured."""
+        if not self.measurements.ladder or self.shape is None:
+            return None
+        return plan_damage(self.shape, self.current_plan().ranks, self.measurements.ladder, self.measured_groups)
+
+    def quality_fit(self) -> tuple[list[RunPoint], QualityFit | None]:
+        """The finished runs of this model in the history, scored on its measurements, and the damage ->
+        perplexity fit on them; refitted when a run finishes or the measurements change."""
+        if not self.measurements.ladder or self.shape is None:
+            return [], None
+        root = self.jobs.runs_root
+        metrics = sorted(root.glob("*/metrics.json")) if root.exists() else []
+        seen = (id(self.measurements.ladder), self.model_config.name,
+                tuple((path.parent.name, path.stat().st_mtime_ns) for path in metrics))
+        if self._fit is None or self._fit[0] != seen:
+            points = run_points(root, self.model_config.name, self.shape, self.measurements.ladder,
+                                self.measured_groups)
+            self._fit = (seen, points, fit_runs(points))
+        return self._fit[1], self._fit[2]
 
     def _on_plan_event(self, event: Event) -> None:
         if isinstance(event, Phase):  # "layer 3/30: KL at keep ..." -> "measuring sensitivity: layer 3/30"

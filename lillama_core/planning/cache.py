@@ -79,32 +79,65 @@ def measurement_key(kind: str, loaded: LoadedModel, calibration: CalibrationData
     return f"{kind}-{hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:32]}"
 
 
-def cached_sensitivity(key: str, keeps: tuple[float, ...],
-                       measure: Callable[[tuple[float, ...]], dict[int, dict[float, float]]],
+def _read_spectra(path: Path) -> dict[str, torch.Tensor] | None:
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError):  # missing, or torn by a crash of an older writer
+        return None
+
+
+def _write_spectra(path: Path, spectra: dict[str, torch.Tensor]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with staged_file(path) as staged:
+        save_file({name: values.detach().float().cpu().contiguous() for name, values in spectra.items()}, staged)
+
+
+def stored_sensitivity(key: str) -> tuple[dict[int, dict[float, float]], dict[str, torch.Tensor] | None]:
+    """Everything stored under a sensitivity `key`: the damage at every kept share probed so far (any target's)
+    and the probed modules' whitened singular values.
+
+    Returns:
+        ({layer: {kept share: KL in nats}} (empty when nothing is stored), {module name: singular values} or None
+        for an entry written before spectra were kept).
+    """
+    root = measurements_root()
+    try:
+        stored = {int(layer): {float(k): v for k, v in levels.items()}
+                  for layer, levels in json.loads((root / f"{key}.json").read_text()).items()}
+    except (OSError, ValueError, AttributeError):  # none yet, or torn
+        stored = {}
+    return stored, _read_spectra(root / f"{key}.safetensors")
+
+
+SensitivityMeasure = Callable[[tuple[float, ...]], tuple[dict[int, dict[float, float]], dict[str, torch.Tensor]]]
+
+
+def cached_sensitivity(key: str, keeps: tuple[float, ...], measure: SensitivityMeasure,
                        on_hit: Callable[[Path], None] | None = None) -> dict[int, dict[float, float]]:
     """The damage at `keeps` stored under `key`; kept shares not stored yet are measured and added, so plans for
-    other targets (a sweep's levels probe deeper shares) reuse what is there.
+    other targets (a sweep's levels probe deeper shares) reuse what is there. The probes' whitened spectra are
+    stored beside it (`stored_sensitivity` reads both); an entry without them is measured again in full once.
 
     Args:
         key: from measurement_key, without the keeps.
         keeps: the kept shares to probe.
-        measure: measures the given kept shares; what it raises (a stop request) passes through, unstored.
+        measure: measures the given kept shares, returning (damage, spectra); what it raises (a stop request)
+            passes through, unstored.
         on_hit: told the entry's path when nothing had to be measured.
 
     Returns:
         {layer: {kept share: KL in nats}} for exactly `keeps`; a NaN probe comes back as None, as build_plan accepts.
     """
     path = measurements_root() / f"{key}.json"
-    try:
-        stored = {int(layer): {float(k): v for k, v in levels.items()}
-                  for layer, levels in json.loads(path.read_text()).items()}
-    except (OSError, ValueError, AttributeError):  # none yet, or torn
-        stored = {}
+    stored, spectra = stored_sensitivity(key)
     missing = tuple(k for k in keeps if not stored or any(k not in levels for levels in stored.values()))
+    if spectra is None and stored:  # an older entry: probe its shares again so the diagnostics get spectra
+        missing = tuple(sorted(set(keeps) | {k for levels in stored.values() for k in levels}, reverse=True))
     if missing:
-        for layer, levels in measure(missing).items():
+        damage, spectra = measure(missing)
+        for layer, levels in damage.items():
             stored.setdefault(layer, {}).update(levels)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_spectra(path.with_suffix(".safetensors"), spectra)
         write_json(path, {str(layer): {repr(k): v for k, v in levels.items()} for layer, levels in stored.items()})
     elif on_hit:
         on_hit(path)
@@ -124,16 +157,11 @@ def cached_spectra(key: str, measure: Callable[[], dict[str, torch.Tensor]],
         {module name: singular values}.
     """
     path = measurements_root() / f"{key}.safetensors"
-    try:
-        spectra = load_file(path)
-    except (OSError, SafetensorError):  # missing, or torn by a crash of an older writer
-        spectra = None
+    spectra = _read_spectra(path)
     if spectra is not None:
         if on_hit:
             on_hit(path)
         return spectra
     spectra = measure()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with staged_file(path) as staged:
-        save_file({name: values.detach().float().cpu().contiguous() for name, values in spectra.items()}, staged)
+    _write_spectra(path, spectra)
     return spectra

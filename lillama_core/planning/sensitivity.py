@@ -97,10 +97,15 @@ def _logits(model: nn.Module, inputs: dict) -> torch.Tensor:
 @torch.no_grad()
 def measure_sensitivity(loaded: LoadedModel, calibration: CalibrationData, groups: list[str],
                         keeps: tuple[float, ...] = KEEP_LEVELS, batch_size: int = 8,
-                        on_event: EventSink | None = None,
-                        stop: threading.Event | None = None) -> dict[int, dict[float, float]]:
+                        on_event: EventSink | None = None, stop: threading.Event | None = None,
+                        spectra: dict[str, torch.Tensor] | None = None) -> dict[int, dict[float, float]]:
     """{layer: {keep: KL(teacher || model with that layer compressed)}} in nats per token. A stop request
-    is honoured between layers (a few seconds on a CPU)."""
+    is honoured between layers (a few seconds on a CPU).
+
+    Args:
+        spectra: when given, filled with each probed module's whitened singular values (full module name ->
+            singular values of W L, descending, float32 on the CPU): the probes decompose every module anyway,
+            and the Ranks step shows them."""
     model, device = loaded.model, loaded.device
     shape = ModelShape.of(model)
     blocks = find_blocks(model)
@@ -138,6 +143,8 @@ def measure_sensitivity(loaded: LoadedModel, calibration: CalibrationData, group
             covariances = covs.means()
             weights = {m.local_name: block.module.get_submodule(m.local_name).weight.detach().float() for m in modules}
             decompositions = {name: WhitenedSVD(weight, covariances[name]) for name, weight in weights.items()}
+            if spectra is not None:
+                spectra.update({f"{block.name}.{name}": d.s.float().cpu() for name, d in decompositions.items()})
             for keep in keeps:
                 _put(replay, block, compressed_block(block.module, modules, keep, decompositions))
                 result[block.index][keep] = reference.kl(_logits(replay, probe_inputs)).mean().item()

@@ -161,20 +161,7 @@ def test_exports_from_the_app_record_the_runs_config_metrics_and_plan(studio, ti
     assert saved["metrics"]["student_ppl"] == 40.5 and "| 36.90 | 40.50 |" in (folder / "README.md").read_text()
 
 
-def _measuring_studio(tmp_path, tiny):
-    """A fresh studio (as after a launch) on the tiny model, its default plan measuring sensitivity."""
-    from tiny import SAMPLE_TEXT
-
-    text = tmp_path / "calib.txt"
-    text.write_text(SAMPLE_TEXT * 20)
-    s = Studio(JobManager(tmp_path / "runs"), tmp_path / "exports")
-    s.loaded, s.shape = tiny, ModelShape.of(tiny.model)
-    s.calibration.source, s.calibration.tokens, s.calibration.seq_len = str(text), 512, 32
-    s.plan_config = PlanConfig(reduction=0.1)
-    return s
-
-
-def test_a_provisional_plan_shows_at_once_and_the_measured_one_replaces_it(tmp_path, tiny, monkeypatch):
+def test_a_provisional_plan_shows_at_once_and_the_measured_one_replaces_it(measuring_studio, monkeypatch):
     import threading
 
     import lillama_core.planning.sensitivity as sensitivity
@@ -191,7 +178,7 @@ def test_a_provisional_plan_shows_at_once_and_the_measured_one_replaces_it(tmp_p
         return damage
 
     monkeypatch.setattr(sensitivity, "measure_sensitivity", measure)
-    studio = _measuring_studio(tmp_path, tiny)
+    studio = measuring_studio()
     thread = studio.start_planning()
     assert studio.plan.strategy == "uniform" and studio.plan.ranks and studio.measuring()
     assert "Provisional uniform plan" in planning_note(studio)
@@ -203,13 +190,13 @@ def test_a_provisional_plan_shows_at_once_and_the_measured_one_replaces_it(tmp_p
     assert studio.plan.strategy == "sensitivity" and studio.plan_generation == 1 and planning_note(studio) == ""
 
     # A relaunch on the same model and data: the stored measurement is used, not measured again.
-    again = _measuring_studio(tmp_path, tiny)
+    again = measuring_studio()
     again.start_planning().join(60)
     assert len(calls) == 1 and again.plan.ranks == studio.plan.ranks
 
 
-def test_a_preset_chosen_while_measuring_wins(tmp_path, tiny):
-    studio = _measuring_studio(tmp_path, tiny)
+def test_a_preset_chosen_while_measuring_wins(measuring_studio):
+    studio = measuring_studio()
     thread = studio.start_planning()
     chosen = studio.apply_preset(PlanConfig(strategy="uniform", rank=8, reduction=None))
     thread.join(60)

@@ -83,3 +83,29 @@ def test_a_deeper_target_measures_only_the_kept_shares_not_stored(tiny, counted)
     assert make_plan(tiny, PlanConfig(strategy="sensitivity", reduction=0.6), _calibration(),
                      batch_size=4).ranks == deep.ranks
     assert len(counted) == 2
+
+
+def test_the_probes_whitened_spectra_and_every_rung_are_kept_for_the_diagnostics(tiny, counted):
+    from lillama_core.planning.planner import measure_for_plan
+    from lillama_core.planning.ranks import ModelShape
+
+    make_plan(tiny, PlanConfig(strategy="sensitivity", reduction=0.6), _calibration(), batch_size=4)
+    measured = measure_for_plan(tiny, CONFIG, _calibration(), batch_size=4)
+    assert len(counted) == 1  # the shallower target reads the deeper one's entry
+    assert set(measured.damage[0]) == set(sensitivity.KEEP_LEVELS)  # what the plan is built from
+    assert set(measured.ladder[0]) == set(sensitivity.KEEP_LEVELS) | {0.1}  # everything stored
+    shape = ModelShape.of(tiny.model)
+    assert set(measured.spectra) == {m.name for m in shape.modules}
+    up = next(m for m in shape.modules if m.local_name == "mlp.up_proj")
+    values = measured.spectra[up.name]
+    assert values.shape == (up.full_rank,) and bool((values[:-1] >= values[1:]).all())
+    assert list(measurements_root().glob("sensitivity-*.safetensors"))
+
+
+def test_an_entry_stored_before_spectra_were_kept_is_measured_again_once(tiny, counted):
+    make_plan(tiny, CONFIG, _calibration(), batch_size=4)
+    for entry in measurements_root().glob("sensitivity-*.safetensors"):
+        entry.unlink()
+    make_plan(tiny, CONFIG, _calibration(), batch_size=4)
+    make_plan(tiny, CONFIG, _calibration(), batch_size=4)
+    assert len(counted) == 2 and set(counted[1]) == set(sensitivity.KEEP_LEVELS)
