@@ -23,7 +23,7 @@ from torch import nn
 from ..config import DistillConfig
 from ..errors import RunStopped
 from ..runtime.distributed import SINGLE, Parallel
-from .batching import run_block
+from .batching import join_batches, run_block
 from .schedule import lr_at
 from .timing import PhaseTimer
 
@@ -120,23 +120,27 @@ class LayerDistiller:
 
     def _losses(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss on teacher inputs, loss on student inputs); the second equals the first while the
-        inputs have not diverged, and a path the config leaves out is not computed."""
+        inputs have not diverged, and a path the config leaves out is not computed. The joint loss runs
+        both paths as one forward over the two batches stacked, where their block arguments allow it."""
         target = self._fetch(self.data.teacher_out, rows)
         kwargs = self._compute_form(self.data.kwargs_for(rows))
-        wanted = {"joint": ("teacher", "student"), "teacher": ("teacher",), "student": ("student",)}[self.config.loss]
         student_in = self._fetch(self.data.student_in, rows)
-        losses = {}
+        teacher_path = self.config.loss != "student" or student_in is None
+        student_path = self.config.loss != "teacher" and student_in is not None
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            if "teacher" in wanted or student_in is None:
-                teacher_in = self._fetch(self.data.teacher_in, rows)
-                losses["teacher"] = feature_loss(run_block(self.student, teacher_in, kwargs), target)
-            if "student" in wanted and student_in is not None:
-                student_kwargs = (self._compute_form(self.data.student_kwargs_for(rows)) if self.data.student_kwargs_for
-                                  else kwargs)
-                losses["student"] = feature_loss(run_block(self.student, student_in, student_kwargs), target)
-        teacher_loss = losses.get("teacher", losses.get("student"))
-        return teacher_loss, losses.get("student", teacher_loss)
+            teacher_in = self._fetch(self.data.teacher_in, rows) if teacher_path else None
+            student_kwargs = (self._compute_form(self.data.student_kwargs_for(rows)) if self.data.student_kwargs_for
+                              else kwargs) if student_path else None
+            both = join_batches(kwargs, student_kwargs, _rows(rows)) if teacher_path and student_path else None
+            if both is not None:  # the block treats samples independently, so this is the two forwards' maths
+                out_t, out_s = run_block(self.student, torch.cat([teacher_in, student_in]), both).chunk(2)
+            else:
+                out_t = run_block(self.student, teacher_in, kwargs) if teacher_path else None
+                out_s = run_block(self.student, student_in, student_kwargs) if student_path else None
+            loss_t = feature_loss(out_t, target) if teacher_path else None
+            loss_s = feature_loss(out_s, target) if student_path else None
+        return (loss_t if loss_t is not None else loss_s), (loss_s if loss_s is not None else loss_t)
 
     def _objective(self, loss_t: torch.Tensor, loss_s: torch.Tensor) -> torch.Tensor:
         if self.config.loss == "joint":
