@@ -67,6 +67,26 @@ class LayerResult:
     skipped_steps: int
 
 
+# A held-out check runs its rows forward on each path; an optimiser step runs its rows forward and backward,
+# about three forwards' work (Kaplan et al. 2020), on the same paths.
+STEP_FORWARDS = 3
+
+
+def check_interval(steps: int, held_out_rows: int, batch_rows: float, share: float) -> int:
+    """Optimiser steps between held-out checks so that all of a layer's checks, the initial one included, cost
+    about `share` of its optimiser steps' work; never fewer than one check after training (on the last step).
+
+    Args:
+        steps: the layer's optimiser steps.
+        held_out_rows: held-out sequences (all processes'); a check runs each once per path.
+        batch_rows: sequences per training batch (all processes').
+        share: DistillConfig.held_out_share.
+    """
+    check_cost = max(held_out_rows, 1) / (STEP_FORWARDS * max(batch_rows, 1))  # in optimiser steps
+    after_initial = max(1, int(share * steps / check_cost) - 1)
+    return max(1, -(-steps // after_initial))
+
+
 def _rows(batch: slice) -> int:
     return batch.stop - batch.start
 
@@ -107,6 +127,9 @@ class LayerDistiller:
         for p in self.factors:
             p.requires_grad_(True)
         parallel.broadcast_(self.factors)  # identical starting factors, whatever each process's SVD gave
+        held_out_rows, = parallel.sum_values(sum(_rows(b) for b in eval_batches), device=device)
+        self.check_every = config.eval_every or check_interval(
+            self.steps, int(held_out_rows), sum(self.train_rows) / max(len(self.train_rows), 1), config.held_out_share)
 
     @property
     def steps(self) -> int:
@@ -206,7 +229,7 @@ class LayerDistiller:
                                         total_rows * self.data.teacher_in.shape[1], not finite))
                     if self.parallel.any(should_stop(), device=self.device):
                         raise RunStopped("stopped by request")
-                if config.keep_best and (step % config.eval_every == 0 or step == self.steps):
+                if config.keep_best and (step % self.check_every == 0 or step == self.steps):
                     best = self._better(best, step)
         best_loss, best_step = self._kept(best, step)
         for p in self.factors:
