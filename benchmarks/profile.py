@@ -23,8 +23,10 @@ import time
 
 import torch
 
+from lillama_core.compress.layer import check_interval
 from lillama_core.compress.loop import Compressor, held_out_count
 from lillama_core.compress.timing import PHASES, TRAINING, outside_training_share
+from lillama_core.config import DistillConfig
 from lillama_core.events import LayerFinished
 from lillama_core.planning.ranks import ModelShape, RankPlan
 
@@ -60,15 +62,17 @@ def layer_flops_per_token(shape: ModelShape, layer: int, plan: RankPlan, seq_len
 
 
 def projected_seconds(layers: list[dict], tokens: int, measured_tokens: int, seq_len: int, batch_size: int,
-                      eval_every: int) -> float:
+                      config: DistillConfig) -> float:
     """Distillation seconds at `tokens` from the measured per-phase rates (a projection, not a measurement):
     phases over every token scale with the tokens, factorisation does not, held-out checks scale with
-    their count (one per `eval_every` steps, plus the first and last) times the held-out sequences."""
+    their count (the initial one and one per check interval, see layer.check_interval) times the held-out
+    sequences."""
     def checks_and_rows(total: int) -> tuple[int, int]:
         n = total // seq_len
         held = held_out_count(n)
         steps = -(-(n - held) // batch_size)
-        return steps // eval_every + 1 + (steps % eval_every != 0), held
+        interval = config.eval_every or check_interval(steps, held, batch_size, config.held_out_share)
+        return 1 + -(-steps // interval), held
 
     ratio = tokens / measured_tokens
     checks_then, held_then = checks_and_rows(measured_tokens)
@@ -138,7 +142,8 @@ def run_profile(model: str, reduction: float, budget: Budget, layers_count: int 
         **bench.base_record(), "method": recipe.name, "target_reduction": reduction, "tokens": calibration.tokens,
         "layers_profiled": len(finished), "train_tokens_per_layer": train_tokens, "seq_len": seq_len,
         "batch_size": budget.batch_size,
-        "distill": {"eval_every": config.eval_every, "keep_best": config.keep_best, "loss": config.loss},
+        "distill": {"eval_every": config.eval_every, "held_out_share": config.held_out_share,
+                    "keep_best": config.keep_best, "loss": config.loss},
         "peak_fp32_flops": peak, "peak_method": "best of 5 torch.matmul 2048x2048 fp32",
         "flops_formula": "2*3*F(student) + F(teacher), F = 2*weights + 2*n_ctx*d_attn per token (Kaplan 2020)",
         "compress_seconds": result.seconds, "layer_seconds": layer_seconds, "phase_seconds": totals,
@@ -149,7 +154,7 @@ def run_profile(model: str, reduction: float, budget: Budget, layers_count: int 
         "step_mfu_median": statistics.median(x["step_mfu"] for x in layers),
         # Every layer of the full plan at the profiled layers' mean phases, scaled to the token budget.
         "projected_distill_seconds": {
-            str(t): projected_seconds(layers, t, calibration.tokens, seq_len, budget.batch_size, config.eval_every)
+            str(t): projected_seconds(layers, t, calibration.tokens, seq_len, budget.batch_size, config)
             * len(full_layers) / len(layers) for t in (1_000_000, 13_000_000)},
         "plan_layers": len(full_layers),
         "layers": layers, "status": result.status,

@@ -230,7 +230,10 @@ class DistillConfig:
     )
     grad_clip: float | None = _help("clip the gradient norm of each step (None: off)", 1.0)
     keep_best: bool = _help("restore the state with the lowest held-out layer loss", True)
-    eval_every: int = _help("steps between held-out checks of the layer loss", 16)
+    eval_every: int | None = _help("steps between held-out checks of the layer loss (None: automatic, as often as "
+                                   "held_out_share allows)", None)
+    held_out_share: float = _help("automatic cadence: held-out checks cost at most this share of a layer's optimiser "
+                                  "steps (at least the initial state and the last step are checked)", 0.05)
     train: bool = _help("train the factors; off gives the training-free factorisation only", True)
     activations: ActivationStorage = _help(
         "where cached activations live: auto (accelerator if they fit, else host memory, else disk), "
@@ -252,8 +255,10 @@ class DistillConfig:
             raise ConfigError(f"learning rate must be above 0, not {self.lr!r}")
         if self.weight_decay < 0:
             raise ConfigError(f"weight decay must not be negative, not {self.weight_decay!r}")
-        if self.epochs < 1 or self.eval_every < 1 or self.warmup_steps < 0:
+        if self.epochs < 1 or (self.eval_every is not None and self.eval_every < 1) or self.warmup_steps < 0:
             raise ConfigError("epochs and eval_every must be at least 1 and warmup_steps at least 0")
+        if not 0 < self.held_out_share <= 1:
+            raise ConfigError(f"held_out_share must be above 0 and at most 1, not {self.held_out_share!r}")
 
 
 @documented('The optional end-to-end healing stage after layer-wise distillation.')

@@ -174,7 +174,8 @@ def run_block_over(block: nn.Module, source: torch.Tensor, target: torch.Tensor,
     for rows in batches:
         if rows.stop == rows.start:
             continue
-        out = run_block(block, source[rows].to(device), kwargs_for(rows))
+        # Asynchronous from pinned memory; the blocking copy back below orders it before `source` is rewritten.
+        out = run_block(block, source[rows].to(device, non_blocking=True), kwargs_for(rows))
         require_finite(out, where)
         target[rows] = out.to(target.device, target.dtype)
     return target

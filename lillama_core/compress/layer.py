@@ -23,7 +23,7 @@ from torch import nn
 from ..config import DistillConfig
 from ..errors import RunStopped
 from ..runtime.distributed import SINGLE, Parallel
-from .batching import run_block
+from .batching import join_batches, run_block
 from .schedule import lr_at
 from .timing import PhaseTimer
 
@@ -67,6 +67,26 @@ class LayerResult:
     skipped_steps: int
 
 
+# A held-out check runs its rows forward on each path; an optimiser step runs its rows forward and backward,
+# about three forwards' work (Kaplan et al. 2020), on the same paths.
+STEP_FORWARDS = 3
+
+
+def check_interval(steps: int, held_out_rows: int, batch_rows: float, share: float) -> int:
+    """Optimiser steps between held-out checks so that all of a layer's checks, the initial one included, cost
+    about `share` of its optimiser steps' work; never fewer than one check after training (on the last step).
+
+    Args:
+        steps: the layer's optimiser steps.
+        held_out_rows: held-out sequences (all processes'); a check runs each once per path.
+        batch_rows: sequences per training batch (all processes').
+        share: DistillConfig.held_out_share.
+    """
+    check_cost = max(held_out_rows, 1) / (STEP_FORWARDS * max(batch_rows, 1))  # in optimiser steps
+    after_initial = max(1, int(share * steps / check_cost) - 1)
+    return max(1, -(-steps // after_initial))
+
+
 def _rows(batch: slice) -> int:
     return batch.stop - batch.start
 
@@ -107,6 +127,9 @@ class LayerDistiller:
         for p in self.factors:
             p.requires_grad_(True)
         parallel.broadcast_(self.factors)  # identical starting factors, whatever each process's SVD gave
+        held_out_rows, = parallel.sum_values(sum(_rows(b) for b in eval_batches), device=device)
+        self.check_every = config.eval_every or check_interval(
+            self.steps, int(held_out_rows), sum(self.train_rows) / max(len(self.train_rows), 1), config.held_out_share)
 
     @property
     def steps(self) -> int:
@@ -120,23 +143,27 @@ class LayerDistiller:
 
     def _losses(self, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss on teacher inputs, loss on student inputs); the second equals the first while the
-        inputs have not diverged, and a path the config leaves out is not computed."""
+        inputs have not diverged, and a path the config leaves out is not computed. The joint loss runs
+        both paths as one forward over the two batches stacked, where their block arguments allow it."""
         target = self._fetch(self.data.teacher_out, rows)
         kwargs = self._compute_form(self.data.kwargs_for(rows))
-        wanted = {"joint": ("teacher", "student"), "teacher": ("teacher",), "student": ("student",)}[self.config.loss]
         student_in = self._fetch(self.data.student_in, rows)
-        losses = {}
+        teacher_path = self.config.loss != "student" or student_in is None
+        student_path = self.config.loss != "teacher" and student_in is not None
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            if "teacher" in wanted or student_in is None:
-                teacher_in = self._fetch(self.data.teacher_in, rows)
-                losses["teacher"] = feature_loss(run_block(self.student, teacher_in, kwargs), target)
-            if "student" in wanted and student_in is not None:
-                student_kwargs = (self._compute_form(self.data.student_kwargs_for(rows)) if self.data.student_kwargs_for
-                                  else kwargs)
-                losses["student"] = feature_loss(run_block(self.student, student_in, student_kwargs), target)
-        teacher_loss = losses.get("teacher", losses.get("student"))
-        return teacher_loss, losses.get("student", teacher_loss)
+            teacher_in = self._fetch(self.data.teacher_in, rows) if teacher_path else None
+            student_kwargs = (self._compute_form(self.data.student_kwargs_for(rows)) if self.data.student_kwargs_for
+                              else kwargs) if student_path else None
+            both = join_batches(kwargs, student_kwargs, _rows(rows)) if teacher_path and student_path else None
+            if both is not None:  # the block treats samples independently, so this is the two forwards' maths
+                out_t, out_s = run_block(self.student, torch.cat([teacher_in, student_in]), both).chunk(2)
+            else:
+                out_t = run_block(self.student, teacher_in, kwargs) if teacher_path else None
+                out_s = run_block(self.student, student_in, student_kwargs) if student_path else None
+            loss_t = feature_loss(out_t, target) if teacher_path else None
+            loss_s = feature_loss(out_s, target) if student_path else None
+        return (loss_t if loss_t is not None else loss_s), (loss_s if loss_s is not None else loss_t)
 
     def _objective(self, loss_t: torch.Tensor, loss_s: torch.Tensor) -> torch.Tensor:
         if self.config.loss == "joint":
@@ -202,7 +229,7 @@ class LayerDistiller:
                                         total_rows * self.data.teacher_in.shape[1], not finite))
                     if self.parallel.any(should_stop(), device=self.device):
                         raise RunStopped("stopped by request")
-                if config.keep_best and (step % config.eval_every == 0 or step == self.steps):
+                if config.keep_best and (step % self.check_every == 0 or step == self.steps):
                     best = self._better(best, step)
         best_loss, best_step = self._kept(best, step)
         for p in self.factors:

@@ -18,6 +18,7 @@ __all__ = [
     "svd_factors",
     "whitened_factors",
     "WhitenedSVD",
+    "gram_svd",
     "balance_factors",
     "is_near_zero",
     "low_rank_from_factors",
@@ -98,9 +99,34 @@ def balance_factors(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, tor
     return b * scale, a / scale[:, None]
 
 
+# Kept singular values at or above this share of the largest are exact enough from the Gram matrix: its
+# eigenvalues, the squares, carry an absolute error of about n * eps * s_max^2, so a value at the floor keeps a
+# relative error near 576 * 1.1e-16 / 1e-8 = 6e-6 (float64, a SmolLM2-sized block). Below it: LAPACK's SVD.
+GRAM_FLOOR = 1e-4
+
+
+def gram_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U, S, Vh) of a float64 matrix (m x n) from the eigendecomposition of its smaller Gram matrix, S descending.
+
+    For a block's weights this takes a third to a fifth of LAPACK's SVD (single thread, 1536 x 576: 0.13 s
+    against 0.40 s), but only the singular values of at least GRAM_FLOOR x the largest, and their vectors,
+    are as accurate; the singular vectors of the others are noise (zero where the value is zero).
+    """
+    wide = matrix.shape[0] < matrix.shape[1]
+    tall = matrix.T if wide else matrix  # m >= n: tall = U S V^T, with V from the n x n Gram matrix
+    squares, v = torch.linalg.eigh(tall.T @ tall)  # ascending
+    s = squares.flip(0).clamp_min(0).sqrt()
+    v = v.flip(1)
+    u = (tall @ v) / torch.where(s > 0, s, 1.0)
+    return (v, s, u.T) if wide else (u, s, v.T)
+
+
 class WhitenedSVD:
     """The SVD of W L (L L^T = X^T X), computed once and truncated to any rank: probing several ranks of
     one matrix costs one decomposition.
+
+    The SVD comes from the Gram matrix (gram_svd), and from LAPACK's SVD only for a rank that keeps
+    singular values below GRAM_FLOOR of the largest, where the Gram route loses digits.
 
     A (near-)zero covariance (an expert no calibration token reached) makes L a tiny ridge, so A would
     carry its inverse (max|A| ~ 1e4, max|B| ~ 1e-5): the product is right but float16 overflows and
@@ -111,10 +137,18 @@ class WhitenedSVD:
         self.dtype = weight.dtype
         self.balanced = is_near_zero(cov)
         self.lower = cholesky_whitener(cov)
-        self.u, self.s, self.vh = torch.linalg.svd(weight.double() @ self.lower, full_matrices=False)
+        self.whitened = weight.double() @ self.lower
+        self.u, self.s, self.vh = gram_svd(self.whitened)
+        self.exact = False
+
+    def _exact_for(self, rank: int) -> None:
+        if not self.exact and rank and self.s[rank - 1] < GRAM_FLOOR * self.s[0]:
+            self.u, self.s, self.vh = torch.linalg.svd(self.whitened, full_matrices=False)
+            self.exact = True
 
     def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B: out x rank, A: rank x in) in the weight's dtype."""
+        self._exact_for(rank)
         root = self.s[:rank].sqrt()
         # A = sqrt(S_r) V_r^T L^{-1}, computed as a triangular solve instead of an explicit inverse.
         a = torch.linalg.solve_triangular(self.lower, (root[:, None] * self.vh[:rank]), upper=False, left=False)

@@ -2,6 +2,7 @@ import pytest
 
 from benchmarks.profile import projected_seconds
 from benchmarks.profile_report import profile_section
+from lillama_core.config import DistillConfig
 
 
 def _layer(**phases):
@@ -11,11 +12,14 @@ def _layer(**phases):
 def test_projection_scales_per_token_phases_and_keeps_the_factorisation():
     layer = _layer(teacher_targets=1.0, train_steps=4.0, advance=1.0, factorisation=2.0, held_out=0.5)
     # 8192 tokens of 256: 32 sequences, 2 held out, 4 steps of 8 -> 2 checks (first, last) of 2 sequences.
-    same = projected_seconds([layer], 8192, 8192, 256, 8, 16)
+    same = projected_seconds([layer], 8192, 8192, 256, 8, DistillConfig(eval_every=16))
     assert same == pytest.approx(8.5)
     # 16x the tokens: 512 sequences, 32 held out, 60 steps -> 5 checks (first, 16, 32, 48, last) of 32.
-    bigger = projected_seconds([layer], 16 * 8192, 8192, 256, 8, 16)
+    bigger = projected_seconds([layer], 16 * 8192, 8192, 256, 8, DistillConfig(eval_every=16))
     assert bigger == pytest.approx(6.0 * 16 + 2.0 + 0.5 * (5 * 32) / (2 * 2))
+    # The automatic cadence at 1M tokens: 3906 sequences, 32 held out, 485 steps -> every 29: 1 + 17 checks.
+    automatic = projected_seconds([layer], 1_000_000, 8192, 256, 8, DistillConfig())
+    assert automatic == pytest.approx(6.0 * 1_000_000 / 8192 + 2.0 + 0.5 * (18 * 32) / (2 * 2))
 
 
 def _record(tag, factorisation, steps):

@@ -1,7 +1,7 @@
 import torch
 from tiny import tiny_llama, tiny_sequences
 
-from lillama_core.compress.layer import LayerDistiller, feature_loss
+from lillama_core.compress.layer import LayerDistiller, check_interval, feature_loss
 from lillama_core.compress.loop import Compressor
 from lillama_core.compress.schedule import lr_at
 from lillama_core.config import DistillConfig, PlanConfig
@@ -80,3 +80,28 @@ def test_training_steps_run_the_student_without_dropout(monkeypatch):
     monkeypatch.setattr(LayerDistiller, "_losses", spy)
     _layer_reports(loaded, calibration, plan, DistillConfig(eval_every=1), batch_size=4)
     assert modes and not any(modes)
+
+
+def test_automatic_held_out_checks_cost_their_share_and_always_check_the_last_step():
+    for steps, held, batch in ((4, 2, 8), (485, 32, 8), (6344, 32, 8), (50, 4, 2)):
+        interval = check_interval(steps, held, batch, share=0.05)
+        checks = 1 + -(-steps // interval)  # the initial state, every interval, and the last step
+        cost = checks * held / (3 * batch)  # in optimiser steps
+        assert cost <= max(0.05 * steps, 2 * held / (3 * batch)), (steps, interval)
+        assert interval <= steps
+    assert check_interval(485, 32, 8, share=0.05) == 29
+    assert check_interval(485, 32, 8, share=0.2) < 29
+
+
+def test_held_out_checks_follow_the_automatic_cadence_unless_eval_every_is_given(tiny, monkeypatch):
+    calibration = CalibrationData(tiny_sequences(66, 32), "random", 0)  # 4 held out, 62 trained: 31 steps of 2
+    plan = build_plan(ModelShape.of(tiny.model), PlanConfig(strategy="uniform", rank=6, reduction=None))
+    plan.ranks = {k: r for k, r in plan.ranks.items() if ".layers.0." in k}
+    checks = []
+    original = LayerDistiller.held_out_loss
+    monkeypatch.setattr(LayerDistiller, "held_out_loss", lambda self: checks.append(1) or original(self))
+    for config, expected in ((DistillConfig(held_out_share=0.2), 1 + -(-31 // check_interval(31, 4, 2, 0.2))),
+                             (DistillConfig(eval_every=10), 1 + 3 + 1)):
+        checks.clear()
+        _layer_reports(tiny, calibration, plan, config, batch_size=2)
+        assert len(checks) == expected, config

@@ -24,6 +24,18 @@ def test_auto_keeps_activations_in_memory_until_they_would_crowd_it(tmp_path, mo
     assert ActivationStore.choose("auto", CPU, 10**15, tmp_path).kind == "host"
 
 
+def test_host_activations_are_pinned_only_for_a_gpu_run_and_within_their_share(tmp_path, monkeypatch):
+    monkeypatch.setattr(storage, "available_host_bytes", lambda: 10_000)
+    cuda = torch.device("cuda")
+    assert ActivationStore.choose("host", cuda, 2_000, tmp_path).pinned
+    assert not ActivationStore.choose("host", cuda, 3_000, tmp_path).pinned  # over a quarter of the free memory
+    assert not ActivationStore.choose("host", CPU, 2_000, tmp_path).pinned  # nothing to copy to
+    assert not ActivationStore.choose("disk", cuda, 2_000, tmp_path).pinned
+    monkeypatch.setattr(storage, "available_host_bytes", lambda: None)
+    assert not ActivationStore.choose("host", cuda, 2_000, tmp_path).pinned
+    assert not ActivationStore("host", CPU).empty((2, 3), torch.float32).is_pinned()
+
+
 def test_disk_tensors_are_file_backed_and_leave_no_file(tmp_path):
     store = ActivationStore("disk", CPU, tmp_path)
     joined = store.cat([torch.ones(2, 3), torch.zeros(1, 3)])

@@ -2,9 +2,12 @@ import torch
 
 from lillama_core.factorize.inits import to_low_rank
 from lillama_core.factorize.svd import (
+    GRAM_FLOOR,
     CovarianceAccumulator,
+    WhitenedSVD,
     balance_factors,
     cholesky_whitener,
+    gram_svd,
     is_near_zero,
     low_rank_from_factors,
     merge_low_rank,
@@ -169,3 +172,34 @@ def test_whitening_needs_float64_for_activation_outliers():
     assert relative(lower) < 1e-12
     low32, info = torch.linalg.cholesky_ex(cov.float())
     assert info.item() != 0 or relative(low32) > 1e3 * relative(lower)
+
+
+def _with_spectrum(out_features: int, in_features: int, singular_values: torch.Tensor) -> torch.Tensor:
+    u, _ = torch.linalg.qr(torch.randn(out_features, out_features, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(in_features, in_features, dtype=torch.float64))
+    k = len(singular_values)
+    return u[:, :k] * singular_values @ v[:, :k].T
+
+
+def test_the_gram_route_gives_lapacks_truncations_of_tall_and_wide_matrices():
+    torch.manual_seed(0)
+    for shape in ((48, 20), (20, 48)):
+        matrix = _with_spectrum(*shape, torch.logspace(0, -3, 20, dtype=torch.float64))
+        u, s, vh = gram_svd(matrix)
+        exact_u, exact_s, exact_vh = torch.linalg.svd(matrix, full_matrices=False)
+        torch.testing.assert_close(s, exact_s, rtol=1e-10, atol=0)
+        for rank in (1, 7, 20):
+            torch.testing.assert_close(u[:, :rank] * s[:rank] @ vh[:rank],
+                                       exact_u[:, :rank] * exact_s[:rank] @ exact_vh[:rank], rtol=0, atol=1e-10)
+
+
+def test_ranks_that_keep_values_below_the_gram_floor_use_lapacks_svd():
+    torch.manual_seed(0)
+    values = torch.cat([torch.ones(4), torch.full((4,), GRAM_FLOOR / 100)]).double()
+    weight, cov = _with_spectrum(16, 12, values).float(), torch.eye(12)
+    decomposition = WhitenedSVD(weight, cov)
+    decomposition.factors(4)
+    assert not decomposition.exact
+    b, a = decomposition.factors(8)
+    assert decomposition.exact
+    torch.testing.assert_close(b.double() @ a.double(), weight.double(), rtol=0, atol=1e-6)
