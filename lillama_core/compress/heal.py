@@ -84,7 +84,7 @@ def heal(student: nn.Module, teacher: nn.Module, calibration: CalibrationData, c
 
 @contextmanager
 def _training(student: nn.Module, factors: list[nn.Parameter], gradient_checkpointing: bool):
-    """Only the factors learn, in train mode, with activation checkpointing if asked; all undone on the way out."""
+    """Only the factors learn, with dropout off and activation checkpointing if asked; all undone on the way out."""
     for p in student.parameters():
         p.requires_grad_(False)
     for p in factors:
@@ -94,7 +94,14 @@ def _training(student: nn.Module, factors: list[nn.Parameter], gradient_checkpoi
     checkpointing = hasattr(student, f"{prefix}_checkpointing_enable") and gradient_checkpointing
     if checkpointing:
         getattr(student, f"{prefix}_checkpointing_enable")()
-    student.train()
+    # Eval mode, as in distillation (see compress/layer.py): the teacher's logits are recorded without dropout,
+    # so a student trained with it on would chase noise. Only the flag transformers checkpoints a layer by
+    # (`self.training` on a GradientCheckpointingLayer) is raised, which turns on no dropout of its children.
+    student.eval()
+    if checkpointing:
+        for module in student.modules():
+            if getattr(module, "gradient_checkpointing", False) is True:
+                module.training = True
     try:
         yield
     finally:

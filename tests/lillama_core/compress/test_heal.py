@@ -79,3 +79,29 @@ def test_heal_config_is_validated():
         HealConfig(tokens=-1).validate()
     with pytest.raises(ConfigError):
         HealConfig(tokens=10, lr=0).validate()
+
+
+@pytest.mark.parametrize("checkpointing", [True, False])
+def test_healing_runs_without_dropout_and_still_checkpoints_layers(checkpointing, monkeypatch):
+    # The teacher's logits come from eval mode; dropout on in the student would make it chase noise.
+    from tiny import tiny_llama
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    loaded = tiny_llama(layers=2, attention_dropout=0.5)
+    plan = make_plan(loaded, PlanConfig(strategy="uniform", rank=6, reduction=None))
+    student = Compressor(loaded, CalibrationData(tiny_sequences(16, 32), "r", 0), plan,
+                         DistillConfig(init="svd", train=False), batch_size=4).run().student
+    seen, checkpointed = [], []
+    original_call = GradientCheckpointingLayer.__call__
+
+    def spy(self, *args, **kwargs):
+        if torch.is_grad_enabled():
+            seen.extend(m.training for m in self.modules() if m is not self)
+            checkpointed.append(self.gradient_checkpointing and self.training)
+        return original_call(self, *args, **kwargs)
+
+    monkeypatch.setattr(GradientCheckpointingLayer, "__call__", spy)
+    heal(student, loaded.model, _data(seed=1), HealConfig(tokens=256, gradient_checkpointing=checkpointing))
+    assert seen and not any(seen)
+    assert checkpointed and all(c == checkpointing for c in checkpointed)
+    assert not any(m.training for m in student.modules())
