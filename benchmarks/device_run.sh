@@ -6,9 +6,12 @@
 # quality suite; `speed` (carry .gpu2, after throughput) times teacher and students; `aligned` (carry .gpu2,
 # after a call that only stashes .gpu/smol.part00) times them and re-measures our default's quality now that its
 # ranks are multiples of 8; `graphs` (no carry) times random-weight 7B and 1B Llamas against their 20% students,
-# eager and with CUDA graphs. .gpu and .gpu2 hold the gguf wheel. Results land in $OUT.
+# eager and with CUDA graphs; `quantize` (carry .gpu2, after a call that only stashes .gpu/smol.part00) checks the
+# CUDA integer kernels against their stored integers, then measures float, int8 and int4 (torchao: Int8Tensor,
+# tinygemm int4) teacher and 20% student in bfloat16; it needs a torchao 0.18 wheel in .gpu2 (installed with the
+# gguf one) where the machine has none. .gpu and .gpu2 hold the gguf wheel. Results land in $OUT.
 set -u
-stage=${1:?throughput, quality, speed, aligned or graphs}
+stage=${1:?throughput, quality, speed, aligned, graphs or quantize}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false LILLAMA_HOME=/tmp/lillama-home
 results=${OUT:-/tmp/out}
 mkdir -p "$results" /tmp/stash
@@ -46,6 +49,12 @@ if [ "$stage" = speed ] || [ "$stage" = aligned ]; then
     # than the teacher at batch 16 and in prefill, where exact odd ranks (ours-r1) ran at 0.60x and 0.38x on the H100?
     timeout ${SPEED_TIMEOUT:-540} python3 -m benchmarks.run speed --variants teacher,ours@0.2,ours-r1@0.2,ours-r64@0.2 --tokens 65536 \
         --results "$results" --tag gpu 2>&1 | tee "$results/speed.log"
+fi
+if [ "$stage" = quantize ]; then
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/lillama_core/modeling/test_quantize.py -k cuda \
+        2>&1 | tee "$results/quantize.log"
+    timeout ${QUANTIZE_TIMEOUT:-420} python3 -m benchmarks.run quantize --device cuda --dtype bfloat16 --tokens 65536 \
+        --results "$results" --tag gpu 2>&1 | tee -a "$results/quantize.log"
 fi
 if [ "$stage" = quality ] || [ "$stage" = aligned ]; then
     q="python3 -m benchmarks.run quality --tokens ${TOKENS:-262144} --seq-len 512 --eval-tokens ${EVAL_TOKENS:-65536}"

@@ -141,12 +141,15 @@ QUANT_LAYER = "model.layers.1.mlp.up_proj"  # compressed in the 20% student: a L
 def _layer_microseconds(model, name: str, batch: int, repeats: int = 200) -> float:
     """Median wall time in µs of one call of the module `name` on `batch` random tokens (one decoding step)."""
     layer = model.get_submodule(name)
-    x = torch.randn(batch, 1, layer.in_features, generator=torch.Generator().manual_seed(0))
+    device, dtype = model.get_input_embeddings().weight.device, model.get_input_embeddings().weight.dtype
+    x = torch.randn(batch, 1, layer.in_features, generator=torch.Generator().manual_seed(0)).to(device, dtype)
     times = []
     with torch.no_grad():
         for index in range(repeats + 10):
+            synchronize(device)
             start = time.perf_counter()
             layer(x)
+            synchronize(device)
             if index >= 10:
                 times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e6
@@ -182,10 +185,10 @@ def _quantized_facts(model, bench: Bench, prefix: str) -> dict:
 
 
 def run_quantize(model: str, method: str, reduction: float, budget: Budget, tag: str | None = None,
-                 results_dir=None) -> dict:
+                 results_dir=None, device: str = "cpu", dtype: str = "float32") -> dict:
     """Teacher and student, each also weight-only int8 and int4 (torchao kernels): size, perplexity on the same test
     tokens, prefill and decoding speed at batch 1 and 16, and one linear layer's time per call."""
-    bench = Bench(model, budget, "cpu", "float32")
+    bench = Bench(model, budget, device, dtype)
     teacher = bench.run_teacher()
     extra = {"teacher_ppl": teacher["ppl"], **_quantized_facts(bench.loaded.model, bench, "teacher"),
              **({"tag": tag} if tag else {})}

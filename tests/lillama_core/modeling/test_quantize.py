@@ -100,3 +100,15 @@ def test_int4_on_a_device_without_a_kernel_says_so_in_one_line():
     scale = torch.ones(16, 1, device="meta")
     with pytest.raises(RuntimeError, match="^int4 weights run on a CPU or a CUDA GPU .* not on meta$"):
         _int4_kernel_tensor(values, scale, scale, 64)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the tinygemm int4 kernel needs a CUDA GPU")
+@pytest.mark.parametrize("bits", [8, 4])
+def test_cuda_kernels_compute_what_the_stored_integers_say(bits):
+    linear = nn.Linear(96, 20).cuda()  # 96 columns and 20 rows: tinygemm pads both, the tensor slices them off
+    q = QuantizedLinear.from_linear(linear, bits)
+    layer = q.to_kernel()
+    x = torch.randn(3, 96, device="cuda")
+    with torch.no_grad():
+        exact = nn.functional.linear(x, _stored_weight(q), linear.bias)
+        torch.testing.assert_close(layer(x), exact, rtol=2e-2, atol=2e-2)
