@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .shipped import INT4_GROUP, QuantizedLinear, int4_group, pack_quantized, set_submodule
+from .shipped import INT4_GROUP, NoKernelError, QuantizedLinear, int4_group, pack_quantized, set_submodule
 
 MODES = {"int8": 8, "int4": 4}
 __all__ = ["MODES", "INT4_GROUP", "quantize_weights", "quantized_storage", "quantized_modules", "serialized_bytes"]
@@ -46,8 +46,11 @@ def quantized_storage(model: nn.Module, mode: str = "int8") -> nn.Module:
 
 def quantize_weights(model: nn.Module, mode: str = "int8") -> nn.Module:
     """A quantized copy of the model running torchao kernels on its device (the original is left as it is).
-    Raises ConfigError for an unknown mode, RuntimeError where torchao has no int4 kernel for the device."""
-    return pack_quantized(quantized_storage(model, mode))
+    Raises ConfigError for an unknown mode or a device without an int4 kernel."""
+    try:
+        return pack_quantized(quantized_storage(model, mode))
+    except NoKernelError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def quantized_modules(model: nn.Module) -> dict:

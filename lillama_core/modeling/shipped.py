@@ -64,6 +64,10 @@ def apply_rank_map(model, rank_map):
 INT4_GROUP = 64
 
 
+class NoKernelError(RuntimeError):
+    """The device has no kernel for these integer weights."""
+
+
 def int4_group(in_features, group=INT4_GROUP):
     """The int4 group size the integer kernels take for this input width: `group`, else 32, else None (the layer
     is then stored as int8: torchao's CPU int4 kernel needs groups of 32, 64 or 128 that divide the input width)."""
@@ -132,7 +136,7 @@ class QuantizedLinear(nn.Module):
 
     def to_kernel(self):
         """An nn.Linear whose weight is a torchao tensor for this layer's device (a float nn.Linear for a legacy
-        layer). Raises RuntimeError where torchao has no kernel for the device."""
+        layer). Raises NoKernelError where torchao has no kernel for the device."""
         if self.legacy:
             return self._legacy_dense()
         from torchao.quantization import Int8Tensor
@@ -185,7 +189,7 @@ def _int4_kernel_tensor(values, scale, zero, group):
         q, scale_and_zero = padded(out_features + -out_features % 8, in_features + -in_features % 1024)
         packed = torch.ops.aten._convert_weight_to_int4pack((q[:, 0::2] << 4 | q[:, 1::2]).contiguous(), 8)
         return Int4TilePackedTo4dTensor(packed, scale_and_zero, [1, group], values.shape)
-    raise RuntimeError(f"int4 weights run on a CPU or a CUDA GPU of compute capability 8.0 or newer, not on {device}")
+    raise NoKernelError(f"int4 weights run on a CPU or a CUDA GPU of compute capability 8.0 or newer, not on {device}")
 
 
 class KernelLinear(nn.Linear):

@@ -10,7 +10,7 @@ from lillama_core.config import DistillConfig, PlanConfig
 from lillama_core.data.calibration import CalibrationData
 from lillama_core.errors import ConfigError
 from lillama_core.modeling.quantize import quantize_weights, quantized_storage, serialized_bytes
-from lillama_core.modeling.shipped import KernelLinear, QuantizedLinear, _int4_kernel_tensor
+from lillama_core.modeling.shipped import KernelLinear, NoKernelError, QuantizedLinear, _int4_kernel_tensor
 from lillama_core.planning.planner import make_plan
 
 
@@ -95,11 +95,17 @@ def test_unknown_mode_is_refused(tiny):
         quantize_weights(tiny.model, "int3")
 
 
-def test_int4_on_a_device_without_a_kernel_says_so_in_one_line():
+def test_int4_on_a_device_without_a_kernel_says_so_in_one_line(monkeypatch):
+    from lillama_core.modeling import quantize
+
     values = torch.zeros(16, 64, dtype=torch.uint8, device="meta")
     scale = torch.ones(16, 1, device="meta")
-    with pytest.raises(RuntimeError, match="^int4 weights run on a CPU or a CUDA GPU .* not on meta$"):
+    with pytest.raises(NoKernelError, match="^int4 weights run on a CPU or a CUDA GPU .* not on meta$"):
         _int4_kernel_tensor(values, scale, scale, 64)
+    stored = quantized_storage(nn.Sequential(nn.Linear(64, 16)), "int4").to("meta")
+    monkeypatch.setattr(quantize, "quantized_storage", lambda model, mode: stored)
+    with pytest.raises(ConfigError, match="not on meta$"):  # the user's error: one line, exit status 2
+        quantize_weights(stored, "int4")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the tinygemm int4 kernel needs a CUDA GPU")
