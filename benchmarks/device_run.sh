@@ -8,9 +8,12 @@
 # ranks are multiples of 8; `stash` (carry .gpu) only stashes .gpu/smol.part00; `graphs` (carry .gpu2, after
 # `stash`) times SmolLM2 and random-weight 1B and 7B Llamas against their 20% students: batch 1 and 16 decoding,
 # eager and through the compiled static-cache decoder (lillama_core/runtime/graphs.py: CUDA graphs), prefill, peak
-# memory. .gpu and .gpu2 hold the gguf wheel. Results land in $OUT.
+# memory; `quantize` (carry .gpu2, after `stash`) checks the CUDA integer kernels against their stored integers,
+# then measures float, int8 and int4 (torchao: Int8Tensor, tinygemm int4) teacher and 20% student in bfloat16; it
+# needs a torchao 0.18 wheel in .gpu2 (installed with the gguf one) where the machine has none. .gpu and .gpu2 hold
+# the gguf wheel. Results land in $OUT.
 set -u
-stage=${1:?throughput, quality, speed, aligned, stash or graphs}
+stage=${1:?throughput, quality, speed, aligned, stash, graphs or quantize}
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false LILLAMA_HOME=/tmp/lillama-home
 results=${OUT:-/tmp/out}
 mkdir -p "$results" /tmp/stash
@@ -54,6 +57,12 @@ if [ "$stage" = graphs ]; then
     timeout ${GRAPHS_TIMEOUT:-540} python3 -m benchmarks.run speed --variants teacher,ours@0.2 --graphs --tokens 65536 \
         --models ${GRAPHS_MODELS:-smollm2-135m-instruct,llama-1b,llama-7b} --results "$results" --tag gpu-graphs \
         2>&1 | tee "$results/graphs.log"
+fi
+if [ "$stage" = quantize ]; then
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/lillama_core/modeling/test_quantize.py -k cuda \
+        2>&1 | tee "$results/quantize.log"
+    timeout ${QUANTIZE_TIMEOUT:-420} python3 -m benchmarks.run quantize --device cuda --dtype bfloat16 --tokens 65536 \
+        --results "$results" --tag gpu 2>&1 | tee -a "$results/quantize.log"
 fi
 if [ "$stage" = quality ] || [ "$stage" = aligned ]; then
     q="python3 -m benchmarks.run quality --tokens ${TOKENS:-262144} --seq-len 512 --eval-tokens ${EVAL_TOKENS:-65536}"

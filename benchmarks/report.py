@@ -291,20 +291,28 @@ def write_plotly(groups: list[dict], path: Path) -> Path | None:
     return path
 
 
+def _layer_us(record: dict, key: str) -> str:
+    one, sixteen = record.get(f"{key}_layer_us"), record.get(f"{key}_b16_layer_us")
+    return "–" if one is None else f"{one:,.0f} / {sixteen:,.0f}"
+
+
 def _quantize_table(records: list[dict]) -> list[str]:
     lines = []
     for r in _latest([r for r in records if r.get("suite") == "quantize" and r.get("ppl")],
                      lambda r: (r["model"], r["method"], round(r["target_reduction"], 4))).values():
         lines += [f"**{_title(r['model'])}**, `{r['method']}` at {r['reduction']:.1%}, {r['tokens']:,} calibration "
                   f"tokens, eval {r['eval']['tokens']:,} test tokens, {r['device']}", "",
-                  "| model | saved MiB | ppl | generate tok/s (batch 1) |", "|---|---:|---:|---:|"]
+                  "| model | saved MiB | ppl | generate tok/s (batch 1) | batch 16 | prefill (batch 1) | "
+                  "one layer µs (batch 1 / 16) |", "|---|---:|---:|---:|---:|---:|---:|"]
         for model in ("teacher", "student"):
             ppl = r["teacher_ppl"] if model == "teacher" else r["ppl"]
-            lines.append(f"| {model} | {_mib(r[f'{model}_bytes'])} | {_fmt_ppl(ppl)} | "
-                         f"{_fmt(r.get(f'{model}_generate_tokens_per_s'), ',.1f')} |")
-            lines += [f"| {model} {mode} | {_mib(r[f'{model}_{mode}_bytes'])} | {_fmt_ppl(r[f'{model}_{mode}_ppl'])} | "
-                      f"{_fmt(r.get(f'{model}_{mode}_generate_tokens_per_s'), ',.1f')} |"
-                      for mode in ("int8", "int4") if f"{model}_{mode}_ppl" in r]
+            rows = [(model, ppl)] + [(f"{model}_{mode}", r[f"{model}_{mode}_ppl"]) for mode in ("int8", "int4")
+                                     if f"{model}_{mode}_ppl" in r]
+            lines += [f"| {key.replace('_', ' ')} | {_mib(r[f'{key}_bytes'])} | {_fmt_ppl(ppl)} | "
+                      f"{_fmt(r.get(f'{key}_generate_tokens_per_s'), ',.1f')} | "
+                      f"{_fmt(r.get(f'{key}_b16_generate_tokens_per_s'), ',.1f')} | "
+                      f"{_fmt(r.get(f'{key}_prefill_tokens_per_s'), ',.0f')} | "
+                      f"{_layer_us(r, key)} |" for key, ppl in rows]
         lines.append("")
     return lines
 

@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--out", required=True)
     _common(w, tokens=8_192)
 
-    qz = sub.add_parser("quantize", help="int8 on top: teacher, int8 teacher, student, int8 student (CPU)")
+    qz = sub.add_parser("quantize", help="int8 and int4 (torchao) on top of teacher and student: size, ppl, speed")
     qz.add_argument("--model", default="smollm2-135m-instruct")
     qz.add_argument("--method", default="ours")
     qz.add_argument("--reduction", type=float, default=0.2)
@@ -282,7 +282,8 @@ def _run_speed(args, results: Path | None) -> None:
 def _run_quantize(args, results: Path | None) -> None:
     from . import suites
 
-    suites.run_quantize(args.model, args.method, args.reduction, _budget(args), args.tag, results)
+    suites.run_quantize(args.model, args.method, args.reduction, _budget(args), args.tag, results,
+                        args.device, args.dtype)
 
 
 def _run_parallel(args, results: Path | None) -> None:

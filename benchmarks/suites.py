@@ -134,31 +134,62 @@ def run_ablation(model: str, what: str, reduction: float, base_name: str, values
 # ---- quantization on top ----
 
 
-QUANT_SPEED = dict(batch=1, prompt=64, new=32, repeats=3)  # greedy decoding, median of the repeats
+QUANT_SPEED = dict(prompt=64, new=32, repeats=3)  # greedy decoding, median of the repeats
+QUANT_BATCHES = (1, 16)
+QUANT_LAYER = "model.layers.1.mlp.up_proj"  # compressed in the 20% student: a LowRankLinear there, dense in the teacher
+
+
+def _layer_microseconds(model, name: str, batch: int, repeats: int = 200) -> float:
+    """Median wall time in µs of one call of the module `name` on `batch` random tokens (one decoding step)."""
+    layer = model.get_submodule(name)
+    device, dtype = model.get_input_embeddings().weight.device, model.get_input_embeddings().weight.dtype
+    x = torch.randn(batch, 1, layer.in_features, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    times = []
+    with torch.no_grad():
+        for index in range(repeats + 10):
+            synchronize(device)
+            start = time.perf_counter()
+            layer(x)
+            synchronize(device)
+            if index >= 10:
+                times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+def _speed_facts(model, prefix: str) -> dict:
+    """Prefill and decoding tokens/s at batch 1 and 16, and one linear layer's time per call ("_b1" keys unsuffixed
+    for batch 1, as earlier records have them)."""
+    vocab = model.get_input_embeddings().num_embeddings
+    facts = {}
+    for batch in QUANT_BATCHES:
+        key = prefix if batch == 1 else f"{prefix}_b{batch}"
+        speed = _median_speed(model, vocab=vocab, batch=batch, **QUANT_SPEED)
+        facts.update({f"{key}_generate_tokens_per_s": speed["generate_tokens_per_s"],
+                      f"{key}_prefill_tokens_per_s": speed["prefill_tokens_per_s"],
+                      f"{key}_layer_us": _layer_microseconds(model, QUANT_LAYER, batch)})
+    return facts
 
 
 def _quantized_facts(model, bench: Bench, prefix: str) -> dict:
     from lillama_core.modeling.quantize import MODES, quantize_weights, serialized_bytes
 
-    vocab = model.get_input_embeddings().num_embeddings
-    speed = dict(QUANT_SPEED, vocab=vocab)
-    facts = {f"{prefix}_bytes": serialized_bytes(model),
-             f"{prefix}_generate_tokens_per_s": _median_speed(model, **speed)["generate_tokens_per_s"]}
+    facts = {f"{prefix}_bytes": serialized_bytes(model), **_speed_facts(model, prefix)}
     for mode in MODES:
         start = time.time()
         quantized = quantize_weights(model, mode)
+        facts[f"{prefix}_{mode}_seconds"] = time.time() - start  # quantizing (HQQ's solver for int4)
         ppl = perplexity(quantized, bench.windows(), bench.budget.eval_batch).perplexity
         facts.update({f"{prefix}_{mode}_bytes": serialized_bytes(quantized), f"{prefix}_{mode}_ppl": ppl,
-                      f"{prefix}_{mode}_seconds": time.time() - start,
-                      f"{prefix}_{mode}_generate_tokens_per_s": _median_speed(quantized, **speed)[
-                          "generate_tokens_per_s"]})
+                      **_speed_facts(quantized, f"{prefix}_{mode}")})
+        log(f"  {prefix} {mode}: ppl {ppl:.2f}, {facts[f'{prefix}_{mode}_generate_tokens_per_s']:.1f} tok/s at batch 1")
     return facts
 
 
 def run_quantize(model: str, method: str, reduction: float, budget: Budget, tag: str | None = None,
-                 results_dir=None) -> dict:
-    """Teacher and student, each also weight-only int8 and int4: size and perplexity on the same test tokens."""
-    bench = Bench(model, budget, "cpu", "float32")
+                 results_dir=None, device: str = "cpu", dtype: str = "float32") -> dict:
+    """Teacher and student, each also weight-only int8 and int4 (torchao kernels): size, perplexity on the same test
+    tokens, prefill and decoding speed at batch 1 and 16, and one linear layer's time per call."""
+    bench = Bench(model, budget, device, dtype)
     teacher = bench.run_teacher()
     extra = {"teacher_ppl": teacher["ppl"], **_quantized_facts(bench.loaded.model, bench, "teacher"),
              **({"tag": tag} if tag else {})}

@@ -19,7 +19,8 @@ from .modeling.quantize import MODES as QUANTIZE_MODES
 from .runtime.distributed import Parallel, device_for, from_environment
 from .runtime.finite import json_safe
 
-QUANTIZE_EXPORT_HELP = "store the exported linear weights as int8 (per channel) or int4 (groups of 64)"
+QUANTIZE_EXPORT_HELP = (
+    "store the exported linear weights as int8 (per channel) or int4 (HQQ, groups of 64), run by torchao kernels")
 
 # The config fields each subcommand reads (sections, or single fields); `compress` reads them all.
 SELECTIONS: dict[str, tuple[str, ...] | None] = {
@@ -117,7 +118,8 @@ def _eval_parser(sub) -> None:
                         "repeated n-gram) and length (0: off)")
     e.add_argument("--max-new-tokens", type=int, default=96, help="--generation: tokens per answer at most")
     e.add_argument("--quantize", choices=list(QUANTIZE_MODES),
-                   help="evaluate a weight-only quantized copy: int8 per channel, or int4 in groups of 64")
+                   help="evaluate a weight-only quantized copy (torchao kernels): int8 per channel, or int4 (HQQ) "
+                        "in groups of 64")
     e.add_argument("--json", action="store_true")
     _add_config_args(e, "eval")
 

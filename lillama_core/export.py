@@ -25,7 +25,7 @@ from .factorize.svd import merge_low_rank
 from .model_card import write_model_card
 from .modeling import shipped
 from .modeling.discovery import share_weights_copy
-from .modeling.quantize import quantize_weights, quantized_modules
+from .modeling.quantize import quantized_modules, quantized_storage
 from .modeling.shipped import LowRankLinear, set_submodule
 from .runtime.atomic import staged_folder, write_json
 from .tasks import auto_class_for
@@ -161,7 +161,8 @@ def export_student(student: nn.Module, tokenizer, folder: str | os.PathLike, mer
         merge: multiply the factors back into dense weights in the teacher's classes (teacher-sized).
         overwrite: replace an existing folder.
         record: the run's config, metrics and plan, kept in lillama.json and the model card.
-        quantize: "int8" (per output channel) or "int4" (groups of 64) integer linear weights.
+        quantize: "int8" (per output channel) or "int4" (HQQ, groups of 64) integer linear weights, stored in a
+            portable layout and packed for torchao's kernels on the device the export loads on.
         feature_extractor: a speech model's audio feature extractor, saved beside the weights.
 
     Returns:
@@ -220,6 +221,8 @@ def load_compressed(folder: str | os.PathLike, device: str | torch.device = "cpu
     try:
         raw = json.loads((folder / "config.json").read_text())
         kwargs = {"dtype": dtype} if dtype is not None else {}
+        if raw.get("lillama_quantization"):  # integer weights are packed for the device they load on
+            kwargs["device_map"] = str(device)
         if raw.get("model_type", "").startswith(shipped.LILLAMA_MODEL_TYPE):
             cls, config_class = _lowrank_classes(folder, raw, trust_remote_code)
             config = config_class.from_pretrained(folder)
@@ -256,7 +259,7 @@ def _write_student(student: nn.Module, tokenizer, staging: Path, name: str, merg
     model = merged_copy(student) if merge else share_weights_copy(student)
     quantized = {}
     if quantize:
-        model = quantize_weights(model, quantize)
+        model = quantized_storage(model, quantize)
         quantized = quantized_modules(model)
     unfused = any(isinstance(m, shipped.UnfusedExperts) for m in model.modules())
     if ranks or quantized or unfused:  # layers stock transformers does not have: shipped code rebuilds them

@@ -3,7 +3,8 @@
 An exported checkpoint copies this file next to its weights and subclasses the original model class,
 so `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` rebuilds the student
 without lillama_core installed. Keep it importing torch and transformers alone (it imports neither
-transformers nor lillama_core itself; the exported file adds the lines that bind its base classes).
+transformers nor lillama_core itself; the exported file adds the lines that bind its base classes), and torchao
+only inside the integer-weight code, which needs its kernels.
 """
 
 import copy
@@ -63,63 +64,170 @@ def apply_rank_map(model, rank_map):
 INT4_GROUP = 64
 
 
-class QuantizedLinear(nn.Module):
-    """A linear layer with symmetric integer weights: int8 per output channel, or int4 per group of input
-    columns, packed two to a byte. Built empty (to load saved buffers into) or by `from_linear`."""
+class NoKernelError(RuntimeError):
+    """The device has no kernel for these integer weights."""
 
-    def __init__(self, in_features, out_features, bits, group_size=INT4_GROUP, bias=True, device=None):
+
+def int4_group(in_features, group=INT4_GROUP):
+    """The int4 group size the integer kernels take for this input width: `group`, else 32, else None (the layer
+    is then stored as int8: torchao's CPU int4 kernel needs groups of 32, 64 or 128 that divide the input width)."""
+    return next((g for g in (group, 32) if in_features % g == 0), None)
+
+
+class QuantizedLinear(nn.Module):
+    """Integer weights as an export stores them, in a layout every device can read: int8 with one scale per output
+    channel (`qweight` (out, in) int8, `scale` (out, 1)), or int4 in groups of input columns, two to a byte (low
+    nibble first, `qweight` (out, in/2) uint8, values 0..15), dequantized as `(q - 8) * scale + zero` per group
+    (`scale`, `zero` (out, groups), torchao's HQQ in the tinygemm convention). Built empty to load buffers into, or
+    by `from_linear`; `to_kernel()` packs it for its device's torchao kernel.
+
+    Exports written before torchao (`legacy`) stored int4 symmetric, without `zero`, in groups of 64 padded at the
+    end, or one group for narrow inputs; they are read here only to be dequantized into a float nn.Linear."""
+
+    def __init__(self, in_features, out_features, bits, group_size=INT4_GROUP, bias=True, device=None,
+                 legacy=False):
         super().__init__()
-        self.out_features, self.in_features, self.bits = out_features, in_features, bits
-        # Narrow inputs (the B factor of a small rank) get one group, not one padded to group_size.
-        self.group = in_features if bits == 8 else min(group_size, in_features + in_features % 2)
+        self.out_features, self.in_features, self.bits, self.legacy = out_features, in_features, bits, legacy
+        if bits == 8:
+            self.group = in_features
+        elif legacy:
+            self.group = min(group_size, in_features + in_features % 2)
+        else:
+            self.group = int4_group(in_features, group_size)
         columns = in_features + (-in_features % self.group)
-        packed = columns // 2 if bits == 4 else columns
-        self.register_buffer("qweight", torch.zeros(out_features, packed, device=device,
-                                                    dtype=torch.uint8 if bits == 4 else torch.int8))
-        self.register_buffer("scale", torch.ones(out_features, columns // self.group, device=device,
-                                                 dtype=torch.float16))
+        self.register_buffer("qweight", torch.zeros(out_features, columns // 2 if bits == 4 else columns,
+                                                    device=device, dtype=torch.uint8 if bits == 4 else torch.int8))
+        scale_dtype = torch.float16 if legacy else torch.float32 if bits == 8 else torch.bfloat16
+        groups = columns // self.group
+        self.register_buffer("scale", torch.ones(out_features, groups, device=device, dtype=scale_dtype))
+        self.register_buffer("zero", torch.zeros(out_features, groups, device=device, dtype=scale_dtype)
+                             if bits == 4 and not legacy else None)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False) if bias else None
 
     @classmethod
     def from_linear(cls, linear, bits, group_size=INT4_GROUP):
-        weight = linear.weight.detach().float()
+        """Quantize an nn.Linear with torchao: int8 symmetric per output channel, or int4 with HQQ (calibration-free,
+        Badri & Shaji 2023) in groups of `int4_group(in_features, group_size)`, which must not be None."""
+        from torchao.quantization import Int8Tensor, PerRow
+        from torchao.quantization.quant_primitives import _choose_qparams_and_quantize_affine_hqq
+
+        weight = linear.weight.detach()
         out_features, in_features = weight.shape
         layer = cls(in_features, out_features, bits, group_size, bias=linear.bias is not None, device=weight.device)
-        padded = F.pad(weight, (0, -in_features % layer.group)).view(out_features, -1, layer.group)
-        qmax = 2 ** (bits - 1) - 1
-        # The scale is rounded to its stored precision before use, so dequantizing is exact to half a step.
-        scale = (padded.abs().amax(-1, keepdim=True) / qmax).to(torch.float16).float().clamp_min(2**-24)
-        q = torch.clamp(torch.round(padded / scale), -qmax - 1, qmax).to(torch.int16).view(out_features, -1)
-        if bits == 4:  # two signed nibbles per byte, offset to 0..15
-            q = (q[:, 0::2] + 8) | ((q[:, 1::2] + 8) << 4)
-        layer.qweight.copy_(q.to(layer.qweight.dtype))
-        layer.scale.copy_(scale.squeeze(-1))
+        if bits == 8:
+            q = Int8Tensor.from_hp(weight.float(), PerRow())
+            layer.qweight.copy_(q.qdata)
+            layer.scale.copy_(q.scale)
+        else:
+            q, scale, zero, _ = _choose_qparams_and_quantize_affine_hqq(
+                weight.float(), nbits=4, group_size=layer.group, axis=1, compute_dtype=torch.bfloat16,
+                device=weight.device)
+            q = q.view(out_features, in_features)
+            layer.qweight.copy_(q[:, 0::2] | (q[:, 1::2] << 4))
+            layer.scale.copy_(scale.view(out_features, -1))
+            layer.zero.copy_(zero.view(out_features, -1))
         if linear.bias is not None:
             layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return layer
 
-    def dequantized(self):
+    def int4_values(self):
+        """(out, columns) uint8 values 0..15 of an int4 layer."""
+        return torch.stack((self.qweight & 0xF, self.qweight >> 4), dim=-1).view(self.out_features, -1)
+
+    def to_kernel(self):
+        """An nn.Linear whose weight is a torchao tensor for this layer's device (a float nn.Linear for a legacy
+        layer). Raises NoKernelError where torchao has no kernel for the device."""
+        if self.legacy:
+            return self._legacy_dense()
+        from torchao.quantization import Int8Tensor
+
+        if self.bits == 8:
+            weight = Int8Tensor(self.qweight, self.scale.float(), [1, self.in_features], torch.float32)
+            return KernelLinear(weight, self.bias)
+        weight = _int4_kernel_tensor(self.int4_values(), self.scale, self.zero, self.group)
+        return KernelLinear(weight, self.bias, compute_dtype=torch.bfloat16)
+
+    def _legacy_dense(self):
         q = self.qweight
         if self.bits == 4:
-            q = torch.stack(((q & 0xF).to(torch.int8) - 8, (q >> 4).to(torch.int8) - 8), dim=-1)
+            q = self.int4_values().to(torch.int8) - 8
         w = q.view(self.out_features, -1, self.group).float() * self.scale.float().unsqueeze(-1)
-        return w.view(self.out_features, -1)[:, : self.in_features]
-
-    def forward(self, x):
-        bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantized().to(x.dtype), bias)
+        dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=q.device)
+        dense.weight = nn.Parameter(w.view(self.out_features, -1)[:, : self.in_features], requires_grad=False)
+        dense.bias = self.bias
+        return dense
 
     def extra_repr(self):
         return f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits}, group={self.group}"
 
 
+def _int4_kernel_tensor(values, scale, zero, group):
+    """A torchao int4 tensor for the device of `values` ((out, in) uint8 0..15): Int4OpaqueTensor on CPU (torch's
+    `_weight_int4pack_mm_for_cpu`, bfloat16 activations), Int4TilePackedTo4dTensor on CUDA (tinygemm, compute
+    capability 8.0 or newer). Kernel-only padding (rows, columns) is sliced off by the tensors themselves."""
+    from torchao.quantization.utils import pack_tinygemm_scales_and_zeros
+
+    out_features, in_features = values.shape
+    device = values.device
+
+    def padded(rows, columns):
+        pad = (0, columns - in_features, 0, rows - out_features)
+        groups = (0, (columns - in_features) // group, 0, rows - out_features)
+        return (F.pad(values, pad, value=8),
+                pack_tinygemm_scales_and_zeros(F.pad(scale.to(torch.bfloat16), groups, value=1),
+                                               F.pad(zero.to(torch.bfloat16), groups), torch.bfloat16))
+
+    if device.type == "cpu":
+        from torchao.prototype.quantization.int4 import Int4OpaqueTensor
+
+        q, scale_and_zero = padded(out_features + -out_features % 16, in_features)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), 1)
+        return Int4OpaqueTensor(packed, scale_and_zero, [1, group], values.shape)
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8:
+        from torchao.quantization import Int4TilePackedTo4dTensor
+
+        q, scale_and_zero = padded(out_features + -out_features % 8, in_features + -in_features % 1024)
+        packed = torch.ops.aten._convert_weight_to_int4pack((q[:, 0::2] << 4 | q[:, 1::2]).contiguous(), 8)
+        return Int4TilePackedTo4dTensor(packed, scale_and_zero, [1, group], values.shape)
+    raise NoKernelError(f"int4 weights run on a CPU or a CUDA GPU of compute capability 8.0 or newer, not on {device}")
+
+
+class KernelLinear(nn.Linear):
+    """nn.Linear whose weight is a torchao quantized tensor. With `compute_dtype` (int4 kernels take bfloat16
+    alone) inputs are cast to it and outputs back; the bias is added in the input's dtype."""
+
+    def __init__(self, weight, bias=None, compute_dtype=None):
+        nn.Module.__init__(self)
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias, self.compute_dtype = bias, compute_dtype
+
+    def forward(self, x):
+        y = F.linear(x if self.compute_dtype is None else x.to(self.compute_dtype), self.weight).to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+
 def apply_quantization(model, spec):
-    """Replace the linears `spec["modules"]` names by empty QuantizedLinear layers of `spec["bits"]`."""
-    for name in (spec or {}).get("modules", []):
+    """Replace the linears `spec["modules"]` names by empty QuantizedLinear layers to load an export's integer
+    weights into (`spec`: {"version": 2, "group": 64, "modules": {name: bits}}, or the legacy
+    {"bits": b, "group": 64, "modules": [names]}); `pack_quantized` then turns them into kernels."""
+    spec = spec or {}
+    modules = spec.get("modules", [])
+    legacy = "version" not in spec
+    bits_of = dict.fromkeys(modules, spec.get("bits")) if legacy else modules
+    for name, bits in _local_names(model, bits_of).items():
         dense = model.get_submodule(name)
-        set_submodule(model, name, QuantizedLinear(dense.in_features, dense.out_features, spec["bits"],
+        set_submodule(model, name, QuantizedLinear(dense.in_features, dense.out_features, bits,
                                                    spec.get("group", INT4_GROUP), bias=dense.bias is not None,
-                                                   device=dense.weight.device))
+                                                   device=dense.weight.device, legacy=legacy))
+    return model
+
+
+def pack_quantized(model):
+    """Replace every QuantizedLinear by its kernel (`to_kernel`), in place, on the device its weights are on."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantizedLinear):
+            set_submodule(model, name, module.to_kernel())
     return model
 
 
@@ -262,7 +370,8 @@ def _local_names(model, names):
 
 def lowrank_subclass(base, config_class=None):
     """A subclass of a transformers model class (task model or backbone) whose constructor applies
-    `config.lillama_rank_map`, so `from_pretrained` builds the low-rank modules before it loads their weights.
+    `config.lillama_rank_map` and `config.lillama_quantization`, so `from_pretrained` builds the low-rank and
+    integer modules before it loads their weights.
     `config_class` (from `lowrank_config`) is the class `from_pretrained` reads config.json with."""
 
     class LowRankModel(base):
@@ -273,11 +382,13 @@ def lowrank_subclass(base, config_class=None):
             if getattr(config, "lillama_unfused_experts", False):
                 unfuse_experts(self, check=False)
             apply_rank_map(self, _local_names(self, getattr(config, "lillama_rank_map", None) or {}))
-            quantization = getattr(config, "lillama_quantization", None) or {}
-            if quantization:
-                quantization = {**quantization, "modules": list(_local_names(
-                    self, dict.fromkeys(quantization.get("modules", []))))}
-            apply_quantization(self, quantization)
+            apply_quantization(self, getattr(config, "lillama_quantization", None))
+
+        @classmethod
+        def from_pretrained(cls, *args, **kwargs):
+            # Integer weights load into portable buffers; only now, on the device they loaded to, are they packed
+            # for its kernels.
+            return pack_quantized(super().from_pretrained(*args, **kwargs))
 
     if config_class is not None:
         LowRankModel.config_class = config_class

@@ -97,11 +97,14 @@ def test_quantization_table_has_the_four_models(tmp_path):
                       teacher_int8_bytes=231 * 2**20, teacher_int8_ppl=30.4, student_bytes=430 * 2**20,
                       student_int8_bytes=190 * 2**20, student_int8_ppl=49.0, teacher_int4_bytes=140 * 2**20,
                       teacher_int4_ppl=33.1, student_int4_bytes=120 * 2**20, student_int4_ppl=55.2,
-                      teacher_generate_tokens_per_s=31.5, student_int8_generate_tokens_per_s=12.0)
+                      teacher_generate_tokens_per_s=31.5, student_int8_generate_tokens_per_s=12.0,
+                      student_int8_b16_generate_tokens_per_s=90.0, student_int8_prefill_tokens_per_s=400.0,
+                      student_int8_layer_us=120.0, student_int8_b16_layer_us=300.0)
     record["suite"] = "quantize"
     text = generated_markdown([record], tmp_path)
-    assert "| teacher | 538 | 29.60 | 31.5 |" in text and "| teacher int8 | 231 | 30.40 | – |" in text
-    assert "| student | 430 | 47.81 | – |" in text and "| student int8 | 190 | 49.00 | 12.0 |" in text
+    assert "| teacher | 538 | 29.60 | 31.5 | – | – | – |" in text and "| teacher int8 | 231 | 30.40 | – |" in text
+    assert "| student | 430 | 47.81 | – |" in text
+    assert "| student int8 | 190 | 49.00 | 12.0 | 90.0 | 400 | 120 / 300 |" in text
     assert "| teacher int4 | 140 | 33.10 | – |" in text and "| student int4 | 120 | 55.20 | – |" in text
 
 

@@ -101,7 +101,7 @@ def test_quantized_export_reloads_to_the_quantized_model_and_is_smaller(student,
     from transformers import AutoModelForCausalLM
 
     from lillama_core.modeling.quantize import quantize_weights
-    from lillama_core.modeling.shipped import QuantizedLinear
+    from lillama_core.modeling.shipped import KernelLinear
 
     ids = tiny_sequences(2, 20, seed=10)
     plain = export_student(student, tiny.tokenizer, tmp_path / "plain", merge=merge)
@@ -109,12 +109,51 @@ def test_quantized_export_reloads_to_the_quantized_model_and_is_smaller(student,
     expected = _logits(quantize_weights(export_student.__globals__["merged_copy"](student) if merge else student,
                                         mode), ids)
     for model in (load_compressed(folder)[0], AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)):
-        assert any(isinstance(m, torch.nn.Module) and type(m).__name__ == "QuantizedLinear" for m in model.modules())
-        torch.testing.assert_close(_logits(model, ids), expected)
-    assert sum(isinstance(m, QuantizedLinear) for m in load_compressed(folder)[0].modules()) > 0
+        assert any(type(m).__name__ == KernelLinear.__name__ for m in model.modules())  # packed for the kernels
+        assert torch.equal(_logits(model, ids), expected)  # the same integers through the same kernels
     weights = lambda f: (f / "model.safetensors").stat().st_size  # noqa: E731
     assert weights(folder) < 0.8 * weights(plain)
     assert json.loads((folder / RECORD_FILE).read_text())["quantize"] == mode
+
+
+RELOAD_IN_A_FRESH_PROCESS = """
+import sys, torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True)
+with torch.no_grad():
+    save_file({"logits": model(input_ids=load_file(sys.argv[2])["ids"]).logits}, sys.argv[3])
+"""
+
+
+def test_an_int4_export_gives_the_in_memory_logits_in_a_fresh_process(student, tiny, tmp_path):
+    # A fresh interpreter imports only the export's shipped code and torchao, never lillama_core.
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file, save_file
+
+    from lillama_core.modeling.quantize import quantize_weights
+
+    ids = tiny_sequences(2, 20, seed=11)
+    folder = export_student(student, tiny.tokenizer, tmp_path / "int4", quantize="int4")
+    save_file({"ids": ids}, tmp_path / "ids.safetensors")
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "PYTHONPATH": ""}
+    subprocess.run([sys.executable, "-c", RELOAD_IN_A_FRESH_PROCESS, str(folder), str(tmp_path / "ids.safetensors"),
+                    str(tmp_path / "logits.safetensors")], check=True, env=env, cwd=tmp_path, capture_output=True)
+    assert torch.equal(load_file(tmp_path / "logits.safetensors")["logits"],
+                       _logits(quantize_weights(student, "int4"), ids))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_exports_of_the_hand_written_format_load_as_float_with_their_logits(mode):
+    from safetensors.torch import load_file
+
+    reference = load_file(FIXTURES / "legacy_quantized_reference.safetensors")
+    model, _ = load_compressed(FIXTURES / f"legacy_{mode}_export")
+    assert rank_map_of(model) == {"model.layers.0.self_attn.q_proj": 4, "model.layers.0.mlp.down_proj": 8}
+    assert type(model.model.layers[0].mlp.up_proj) is torch.nn.Linear
+    torch.testing.assert_close(_logits(model, reference["input_ids"]), reference[f"{mode}_logits"])
 
 
 FIXTURES = Path(__file__).parents[1] / "fixtures"

@@ -68,5 +68,12 @@ def test_lowrank_classes_have_their_own_model_type_and_build_the_backbone_from_t
     backbone = lowrank_subclass(T.LlamaModel, config_class)(config)
     assert isinstance(backbone.layers[1].mlp.down_proj, LowRankLinear) and backbone.layers[1].mlp.down_proj.rank == 4
     assert isinstance(backbone.layers[0].self_attn.o_proj, QuantizedLinear)
+    assert backbone.layers[0].self_attn.o_proj.legacy  # a spec without a version: the hand-written format
     task = lowrank_subclass(T.LlamaForCausalLM, config_class)(config)
     assert isinstance(task.lm_head, LowRankLinear) and isinstance(task.model.layers[1].mlp.down_proj, LowRankLinear)
+    config.lillama_quantization = {"version": 2, "group": 64, "modules": {"model.layers.0.self_attn.o_proj": 4,
+                                                                         "model.layers.1.mlp.down_proj.B": 8}}
+    task = lowrank_subclass(T.LlamaForCausalLM, config_class)(config)
+    o_proj, factor = task.model.layers[0].self_attn.o_proj, task.model.layers[1].mlp.down_proj.B
+    assert (o_proj.bits, o_proj.group, o_proj.zero.shape, o_proj.legacy) == (4, 32, (32, 1), False)
+    assert isinstance(factor, QuantizedLinear) and factor.bits == 8
