@@ -368,7 +368,8 @@ class Studio:
     def load_student(self, run_dir: Path) -> Student:
         folder = Path(run_dir) / STUDENT_DIR
         device = self.loaded.device if self.loaded else "cpu"
-        model, tokenizer = load_compressed(folder, device)
+        # A student of a teacher with its own code carries that code: it opens as the teacher did.
+        model, tokenizer = load_compressed(folder, device, trust_remote_code=self.model_config.trust_remote_code)
         self.student = Student(model, tokenizer, Path(run_dir).name, Path(run_dir), load_feature_extractor(folder))
         latest = self.jobs.latest()
         self._student_job = latest.id if latest else None

@@ -201,3 +201,20 @@ def test_a_preset_chosen_while_measuring_wins(measuring_studio):
     chosen = studio.apply_preset(PlanConfig(strategy="uniform", rank=8, reduction=None))
     thread.join(60)
     assert studio.plan is chosen and studio.provisional is None and not studio.measuring()
+
+
+@pytest.mark.parametrize("remote", [True, False])
+def test_a_student_opens_with_remote_code_exactly_when_its_teacher_did(studio, tmp_path, monkeypatch, remote):
+    import components.studio as module
+
+    opened = {}
+
+    def load_compressed(folder, device, trust_remote_code=False):
+        opened["trust_remote_code"] = trust_remote_code
+        return studio.loaded.model, studio.loaded.tokenizer
+
+    monkeypatch.setattr(module, "load_compressed", load_compressed)
+    monkeypatch.setattr(module, "load_feature_extractor", lambda folder: None)
+    studio.model_config.trust_remote_code = remote
+    studio.load_student(tmp_path / "runs" / "run-1")
+    assert opened["trust_remote_code"] is remote
