@@ -151,6 +151,7 @@ def build(controller: Controller) -> dict:
 
     transcribe_button.click(on_transcribe, audio, transcripts, concurrency_id="chat",
                             concurrency_limit=2, api_name="transcribe")
-    halt.click(on_halt, None, None, queue=False)
-    clear.click(lambda: ([], [], "", ""), None, [*boxes, a["teacher_speed"], a["student_speed"]])
+    halt.click(on_halt, None, None, queue=False, api_name="stop_chat")
+    clear.click(lambda: ([], [], "", ""), None, [*boxes, a["teacher_speed"], a["student_speed"]],
+                api_visibility="private")
     return {"on_show": (titles, [], [a["teacher_title"], a["student_title"]])}

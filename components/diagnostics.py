@@ -93,4 +93,4 @@ def build(studio: Studio, totals: gr.HTML) -> None:
             spec = gr.Plot(show_label=False, elem_id="spectrum-chart")
     totals.change(lambda name: refresh(studio, name), [pick], [prediction, heat, spec, pick],
                   show_progress="hidden", api_name="diagnostics")
-    pick.input(lambda name: spectrum(studio, name), [pick], [spec], show_progress="hidden")
+    pick.input(lambda name: spectrum(studio, name), [pick], [spec], show_progress="hidden", api_name="spectrum")

@@ -114,7 +114,7 @@ def _wire_refresh(studio: Studio, view: SimpleNamespace):
                 gr.update(choices=names, value=names[0] if names else None))
 
     view.refresh.click(refreshed, view.axis, view.outputs, api_name="runs")
-    view.axis.change(refreshed, view.axis, view.outputs)
+    view.axis.change(refreshed, view.axis, view.outputs, api_visibility="private")
     return refreshed
 
 
@@ -134,7 +134,7 @@ def _wire_sweep(studio: Studio, levels, sweep, stop, sweep_note) -> None:
             return "Stopping the sweep after the current optimiser step."
         return "No sweep is running."
 
-    stop.click(on_stop, None, sweep_note)
+    stop.click(on_stop, None, sweep_note, api_name="stop_sweep")
 
 
 def _wire_run_actions(controller: Controller, view: SimpleNamespace, sweep_note) -> None:
@@ -147,7 +147,7 @@ def _wire_run_actions(controller: Controller, view: SimpleNamespace, sweep_note)
         return json.dumps({"config": record.config.to_dict() if record.config else None,
                            "metrics": record.metrics}, indent=2, default=str)
 
-    view.pick.change(on_pick, view.pick, view.details)
+    view.pick.change(on_pick, view.pick, view.details, api_name="run_details")
 
     @user_errors
     def on_reload(name):

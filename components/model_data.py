@@ -149,7 +149,7 @@ def _wire_calibration(studio: Studio, uploads_root: Path, c: dict, inputs: list)
         shutil.copyfile(source, target)
         return str(target)
 
-    c["upload"].upload(on_upload, c["upload"], c["path"])
+    c["upload"].upload(on_upload, c["upload"], c["path"], api_name="upload_calibration")
 
     def on_settings(*values):
         """Keep the settings as typed; half-typed values are checked on preview and on start."""

@@ -240,7 +240,7 @@ def _wire_preset(controller: Controller, c: dict, version: gr.State) -> None:
         studio.current_plan().save(path)
         return str(path)
 
-    c["save"].click(user_errors(on_save), None, c["save"])
+    c["save"].click(user_errors(on_save), None, c["save"], api_name="save_plan")
 
     @user_errors
     def on_load(file, current_version):
@@ -248,7 +248,7 @@ def _wire_preset(controller: Controller, c: dict, version: gr.State) -> None:
         gr.Info(f"loaded a plan with {len(studio.plan.ranks)} low-rank modules")
         return (*_refresh(studio), current_version + 1)
 
-    c["load"].upload(on_load, [c["load"], version], [c["totals"], c["plot"], version])
+    c["load"].upload(on_load, [c["load"], version], [c["totals"], c["plot"], version], api_name="load_plan")
 
 
 def build(controller: Controller) -> dict:

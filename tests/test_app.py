@@ -235,3 +235,22 @@ def test_uploads_over_the_size_limit_are_refused(tmp_path):
         large = httpx.post(url + "gradio_api/upload", files={"files": ("c.txt", b"x" * 5000)}, timeout=30)
     assert small.status_code == 200
     assert large.status_code == 413 and "maximum allowed size" in large.text
+
+
+def test_every_public_api_endpoint_has_a_chosen_name(tmp_path, tiny):
+    # Gradio names an unnamed listener after its function ("lambda_3", "on_save_1"): such names are not an API
+    # anyone chose, and they change whenever a handler is renamed or another is added.
+    import re
+
+    import app as studio_app
+    from components.studio import Studio
+    from lillama_core.jobs import JobManager
+    from lillama_core.planning.ranks import ModelShape
+
+    studio = Studio(JobManager(tmp_path / "runs"), tmp_path / "exports")
+    studio.loaded, studio.shape = tiny, ModelShape.of(tiny.model)
+    demo = studio_app.build_app(studio, tmp_path / "uploads")
+    public = [fn.api_name for fn in demo.fns.values() if fn.api_visibility == "public"]
+    assert {"load_model", "start", "stop", "chat", "export", "evaluate", "accuracy"} <= set(public)
+    derived = [name for name in public if re.fullmatch(r"lambda|on_\w+|\w+_\d+", name)]
+    assert not derived, f"public endpoints named after their functions: {derived}"
