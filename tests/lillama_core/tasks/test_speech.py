@@ -34,6 +34,7 @@ from lillama_core.tasks.speech import (
     to_mono,
     transcribed_clips,
     transcription_scores,
+    word_edits,
 )
 
 CPU = torch.device("cpu")
@@ -225,7 +226,12 @@ def test_word_error_rate_is_total_errors_over_total_reference_words():
                                   text_normalizer(WordTokenizer()))
     assert scores["clips"] == 2 and scores["wer"] == pytest.approx(3 / 16) and round(scores["wer"], 2) == 0.19
     assert scores["wer_scorer"] == "jiwer corpus, whisper basic normaliser"
+    # The errors are the short clip's run-on words, each transcript kept as scored.
+    assert scores["wer_edits"] == {"hits": 16, "substitutions": 0, "deletions": 0, "insertions": 3}
+    assert scores["hypotheses"] == [" ".join(["seven"] * 13), " ".join(["seven"] * 6)]
     assert corpus_wer(["a b c d", "e"], ["a x c", "e"]) == pytest.approx(2 / 5)  # a substitution and a deletion
+    assert word_edits(["a b c d", "e"], ["a x c", "e"]) == {"hits": 3, "substitutions": 1, "deletions": 1,
+                                                          "insertions": 0}
 
 
 def test_texts_are_normalised_the_way_whisper_is_scored():
