@@ -24,13 +24,18 @@ import torch
 from lillama_core.compress.loop import Compressor
 from lillama_core.config import CalibrationConfig, ModelConfig
 from lillama_core.data.calibration import DEFAULT_SOURCES, read_eval_text
-from lillama_core.metrics.evaluate import evaluate
 from lillama_core.modeling.discovery import count_parameters
 from lillama_core.modeling.loading import LoadedModel, load_model
 from lillama_core.planning.planner import make_plan
 from lillama_core.planning.ranks import ModelShape, summarize
 from lillama_core.runtime.paths import lillama_home
-from lillama_core.tasks.speech import read_audio, speech_calibration, synthetic_clips, transcribe_reference
+from lillama_core.tasks.speech import (
+    read_audio,
+    speech_calibration,
+    speech_metrics,
+    synthetic_clips,
+    transcribe_reference,
+)
 
 from .bench import log
 from .common import environment
@@ -76,10 +81,23 @@ def spoken(texts: list[str], folder: Path) -> list:
     return clips
 
 
+EXAMPLES = 4  # transcripts kept in each record beside their reference texts
+
+
 def _evaluate(model, loaded: LoadedModel, reference, batch_size: int) -> dict:
-    record = evaluate(model, loaded.tokenizer, loaded.task, reference, batch_size, size=False)
-    return {"wer": record.wer, "wer_scorer": record.wer_scorer, "transcript_ppl": record.perplexity,
-            "transcribe_tokens_per_s": record.transcribe_tokens_per_s, "params": count_parameters(model)}
+    """Transcript perplexity, word error rate with its edits (insertions: transcripts that run on past the
+    speech; deletions: ones that stop early) and the first clips' transcripts beside their true texts."""
+    scores = speech_metrics(model, reference, loaded.tokenizer, batch_size)
+    examples = [{"reference": ref, "hypothesis": hyp}
+                for ref, hyp in zip(scores["references"][:EXAMPLES], scores["hypotheses"][:EXAMPLES], strict=True)]
+    return {"wer": scores["wer"], "wer_scorer": scores["wer_scorer"], "wer_edits": scores["wer_edits"],
+            "transcript_ppl": scores["perplexity"], "transcribe_tokens_per_s": scores["transcribe_tokens_per_s"],
+            "params": count_parameters(model), "examples": examples}
+
+
+def _edits(record: dict) -> str:
+    edits = record["wer_edits"]
+    return ", ".join(f"{edits[k]} {k}" for k in ("substitutions", "deletions", "insertions"))
 
 
 def run_speech(reductions: list[float], methods: list[str], calibrations: list[str], clips: int, eval_clips: int,
@@ -97,7 +115,7 @@ def run_speech(reductions: list[float], methods: list[str], calibrations: list[s
             "params_total": count_parameters(loaded.model)}
     teacher = {**base, "method": "teacher", "reduction": 0.0, **_evaluate(loaded.model, loaded, reference,
                                                                             batch_size)}
-    log(f"teacher: WER {teacher['wer']:.1%} on {eval_clips} spoken WikiText-2 test sentences")
+    log(f"teacher: WER {teacher['wer']:.1%} ({_edits(teacher)}) on {eval_clips} spoken WikiText-2 test sentences")
     yield teacher
     shape = ModelShape.of(loaded.model)
     for source in calibrations:
@@ -112,8 +130,9 @@ def run_speech(reductions: list[float], methods: list[str], calibrations: list[s
                 seconds = time.time() - start
                 record = {**base, "method": method, "calibration": source, "calibration_clips": clips,
                           "target_reduction": reduction, "reduction": summarize(run.applied, shape).reduction,
-                          "compress_seconds": seconds, **_evaluate(run.student, loaded, reference, batch_size)}
-                log(f"{method} @ {reduction:.0%} ({source} calibration): WER {record['wer']:.1%}, "
+                          "compress_seconds": seconds, "ranks": run.applied.ranks,
+                          **_evaluate(run.student, loaded, reference, batch_size)}
+                log(f"{method} @ {reduction:.0%} ({source} calibration): WER {record['wer']:.1%} ({_edits(record)}), "
                     f"transcript ppl {record['transcript_ppl']:.2f}, {seconds:.0f}s")
                 yield record
                 del run

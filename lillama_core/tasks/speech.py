@@ -268,6 +268,15 @@ def corpus_wer(references: list[str], hypotheses: list[str]) -> float:
     return float(jiwer.wer(references, hypotheses))
 
 
+def word_edits(references: list[str], hypotheses: list[str]) -> dict[str, int]:
+    """The word alignment behind the corpus rate (jiwer): counts of hits, substitutions, deletions and
+    insertions over all clips. A model that runs on past the end of the speech shows as insertions, one
+    that stops early as deletions. Texts are normalised already."""
+    out = jiwer.process_words(references, hypotheses)
+    return {"hits": out.hits, "substitutions": out.substitutions, "deletions": out.deletions,
+            "insertions": out.insertions}
+
+
 @dataclass
 class Reference:
     """Held-out clips with the teacher's transcripts (fixed length, as calibration sequences are), where each
@@ -323,7 +332,8 @@ def reference_transcripts(teacher: nn.Module, tokenizer, feature_extractor, conf
 @torch.no_grad()
 def speech_metrics(model: nn.Module, reference: Reference, tokenizer, batch_size: int = 8) -> dict:
     """The model's perplexity of the teacher's transcripts (teacher-forced), and its transcription scores
-    against the true texts when the reference has them, else against the teacher's transcripts."""
+    (`transcription_scores`) against the true texts when the reference has them, else against the teacher's
+    transcripts; `references` holds those normalised texts, one per clip."""
     device = next(model.parameters()).device
     data, start_at = reference.data, reference.prompt_length
     total, count = 0.0, 0
@@ -341,17 +351,20 @@ def speech_metrics(model: nn.Module, reference: Reference, tokenizer, batch_size
     scores = transcription_scores(model, tokenizer, features, prompt, data.sequences.shape[1], references, normalizer,
                                   batch_size)
     nll = total / max(count, 1)
-    return {"perplexity": math.exp(min(nll, 700)), "nll": nll, "tokens_scored": count, **scores}
+    return {"perplexity": math.exp(min(nll, 700)), "nll": nll, "tokens_scored": count, "references": references,
+            **scores}
 
 
 def transcription_scores(model: nn.Module, tokenizer, features: torch.Tensor, prompt: list[int], length: int,
                          references: list[str], normalizer: TextNormalizer, batch_size: int = 8) -> dict:
     """The corpus word error rate of the model's own greedy transcripts (normalised by `normalizer`) against
-    the clips' normalised reference texts, which scorer gave it, and how fast the model wrote them (greedy
-    decoding with a cache, batched: relative speeds, not a serving benchmark)."""
+    the clips' normalised reference texts, which scorer gave it, its word edits (`word_edits`), the normalised
+    transcripts themselves (`hypotheses`, one per clip), and how fast the model wrote them (greedy decoding
+    with a cache, batched: relative speeds, not a serving benchmark)."""
     start = time.perf_counter()
     own, ends = greedy_transcripts(model, features, prompt, length, tokenizer.eos_token_id, batch_size)
     seconds = time.perf_counter() - start
     hypotheses = [_transcript_text(tokenizer, normalizer, own[row], len(prompt), end) for row, end in enumerate(ends)]
     return {"wer": corpus_wer(references, hypotheses), "wer_scorer": normalizer.scorer, "clips": len(references),
+            "wer_edits": word_edits(references, hypotheses), "hypotheses": hypotheses,
             "transcribe_tokens_per_s": (own.shape[1] - len(prompt)) * own.shape[0] / seconds}

@@ -12,6 +12,7 @@ import transformers as T
 from tiny import tiny_whisper
 
 from lillama_core.cli import main
+from lillama_core.compress import loop
 from lillama_core.compress.capture import capture_block_inputs, run_block_over
 from lillama_core.compress.loop import Compressor
 from lillama_core.config import CalibrationConfig, DistillConfig, PlanConfig
@@ -34,6 +35,7 @@ from lillama_core.tasks.speech import (
     to_mono,
     transcribed_clips,
     transcription_scores,
+    word_edits,
 )
 
 CPU = torch.device("cpu")
@@ -225,7 +227,12 @@ def test_word_error_rate_is_total_errors_over_total_reference_words():
                                   text_normalizer(WordTokenizer()))
     assert scores["clips"] == 2 and scores["wer"] == pytest.approx(3 / 16) and round(scores["wer"], 2) == 0.19
     assert scores["wer_scorer"] == "jiwer corpus, whisper basic normaliser"
+    # The errors are the short clip's run-on words, each transcript kept as scored.
+    assert scores["wer_edits"] == {"hits": 16, "substitutions": 0, "deletions": 0, "insertions": 3}
+    assert scores["hypotheses"] == [" ".join(["seven"] * 13), " ".join(["seven"] * 6)]
     assert corpus_wer(["a b c d", "e"], ["a x c", "e"]) == pytest.approx(2 / 5)  # a substitution and a deletion
+    assert word_edits(["a b c d", "e"], ["a x c", "e"]) == {"hits": 3, "substitutions": 1, "deletions": 1,
+                                                          "insertions": 0}
 
 
 def test_texts_are_normalised_the_way_whisper_is_scored():
@@ -318,6 +325,42 @@ def test_the_decoders_student_path_reads_the_student_encoders_states(whisper, ca
     assert dense.final_loss_student_input == pytest.approx(dense.final_loss_teacher_input)
     compressed = reports["with encoder"]
     assert abs(compressed.final_loss_student_input - compressed.final_loss_teacher_input) > 1e-4
+
+
+def test_every_block_trains_on_the_inputs_the_finished_student_gives_it(whisper, calibration, monkeypatch):
+    """The student path each block is distilled on (its hidden input and, in the decoder, the cross-attention
+    states) is what the finished student itself feeds that block, teacher-forced on the same clips: the
+    compressed encoder's output in the decoder, not the teacher's, nor an encoder output of another state."""
+    trained_on = {}
+
+    class Recording(loop.LayerDistiller):
+        def __init__(self, student, data, *args, **kwargs):
+            super().__init__(student, data, *args, **kwargs)
+            rows = slice(0, 4)
+            hidden = data.teacher_in if data.student_in is None else data.student_in
+            states = (data.student_kwargs_for or data.kwargs_for)(rows).get("encoder_hidden_states")
+            trained_on[len(trained_on)] = (hidden[rows].clone(), states)
+
+    monkeypatch.setattr(loop, "LayerDistiller", Recording)
+    plan = make_plan(whisper, PlanConfig(strategy="uniform", rank=8, reduction=None))
+    student = Compressor(whisper, calibration, plan, DistillConfig(lr=3e-3), batch_size=4).run().student
+    fed = {}
+    hooks = [block.module.register_forward_pre_hook(
+        lambda module, args, kwargs, index=block.index: fed.setdefault(index, (args, kwargs)), with_kwargs=True)
+        for block in find_blocks(student)]
+    with torch.no_grad():
+        encoder_states = student.get_encoder()(calibration.inputs["input_features"][:4]).last_hidden_state
+        student(**calibration.model_inputs(slice(0, 4), CPU), use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    assert sorted(trained_on) == sorted(fed) == [0, 1, 2, 3]
+    for index, (hidden, states) in trained_on.items():
+        args, kwargs = fed[index]
+        torch.testing.assert_close(hidden, args[0] if args else kwargs["hidden_states"])
+        if index >= 2:  # decoder blocks read the compressed encoder's output
+            torch.testing.assert_close(states, encoder_states)
+        else:
+            assert states is None
 
 
 def test_transcribing_with_a_text_model_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
