@@ -144,6 +144,16 @@ def test_exports_in_the_format_before_their_own_model_type_still_load():
     torch.testing.assert_close(_logits(model, reference["input_ids"]), reference["logits"])
 
 
+def test_exports_in_the_format_before_packed_factors_still_load():
+    from safetensors.torch import load_file
+
+    reference = load_file(FIXTURES / "v2_reference.safetensors")
+    model, _ = load_compressed(FIXTURES / "v2_export")
+    assert set(rank_map_of(model)) == {f"model.layers.0.{name}" for name in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    torch.testing.assert_close(_logits(model, reference["input_ids"]), reference["logits"])
+
+
 def test_merged_export_of_a_reloaded_student_names_the_base_class(student, tiny, tmp_path):
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
