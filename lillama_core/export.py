@@ -25,7 +25,7 @@ from .factorize.svd import merge_low_rank
 from .model_card import write_model_card
 from .modeling import shipped
 from .modeling.discovery import share_weights_copy
-from .modeling.packing import packs_of, unpack_low_rank
+from .modeling.packs import packs_of, unpack_low_rank
 from .modeling.quantize import quantize_weights, quantized_modules
 from .modeling.shipped import FactoredLinear, LowRankLinear, set_submodule
 from .runtime.atomic import staged_folder, write_json

@@ -21,7 +21,7 @@ from .events import EventSink, Phase
 from .metrics import evaluate as evaluation
 from .metrics.record import EvalRecord, RunMetrics
 from .modeling.loading import LoadedModel, load_model
-from .modeling.packing import pack_low_rank
+from .modeling.packs import pack_low_rank
 from .planning.planner import make_plan
 from .planning.ranks import ModelShape, RankPlan, summarize
 from .runtime.distributed import SINGLE, Parallel, device_for
