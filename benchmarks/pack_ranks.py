@@ -68,7 +68,7 @@ def main() -> None:
         teacher_ppl = perplexity(loaded.model, windows).perplexity
     log(f"teacher perplexity {teacher_ppl:.2f}")
     for label, ranks in variants.items():
-        variant = RankPlan(ranks, plan.strategy, plan.reduction, plan.model_type)
+        variant = RankPlan(ranks, plan.strategy, plan.target_reduction, plan.model_type)
         student = Compressor(loaded, calibration, variant, distill, config.calibration.batch_size).run().student
         with torch.no_grad():
             ppl = perplexity(student, windows).perplexity

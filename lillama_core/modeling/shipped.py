@@ -1,4 +1,5 @@
-"""Low-rank linear layer and rank-map surgery, self-contained so that exports can ship this file.
+"""Low-rank linear layers (alone, or packed to share one A matmul) and rank-map surgery, self-contained so that exports
+can ship this file.
 
 An exported checkpoint copies this file next to its weights and subclasses the original model class,
 so `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` rebuilds the student

@@ -180,6 +180,7 @@ def test_a_packed_students_export_keeps_its_packs(packed, student, tiny, tmp_pat
     assert sum(type(m).__name__ == "PackedLowRankLinear" for m in remote.modules()) == 15
     for model in (reloaded, remote):
         torch.testing.assert_close(_logits(model, ids), _logits(student, ids))
+    assert packs_of(load_compressed(export_student(reloaded, tiny.tokenizer, tmp_path / "again"))[0]) == packs
     # merged, the packs are undone: the teacher's dense layout
     dense = export_student(packed, tiny.tokenizer, tmp_path / "dense", merge=True)
     merged = AutoModelForCausalLM.from_pretrained(dense)
