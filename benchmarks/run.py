@@ -160,6 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--graphs", action="store_true",
                    help="also time batch 1 and 16 decoding through a static KV cache with the decode step compiled "
                         "(CUDA graphs on a GPU; inductor's C++ kernels on a CPU)")
+    s.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True,
+                   help="students' factors that read one input share one A matmul, as the pipeline's do")
     _common(s, tokens=8_192)
 
     w = sub.add_parser("_speed-worker", help=argparse.SUPPRESS)
@@ -169,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--new-tokens", type=int, default=64)
     w.add_argument("--repeats", type=int, default=3)
     w.add_argument("--graphs", action="store_true")
+    w.add_argument("--pack", action=argparse.BooleanOptionalAction, default=True)
     w.add_argument("--out", required=True)
     _common(w, tokens=8_192)
 
@@ -276,7 +279,7 @@ def _run_speed(args, results: Path | None) -> None:
 
     variants = [_variant(item) for item in _names(args.variants)]
     suites.run_speed(_names(args.models), variants, _budget(args), args.device, args.dtype, args.new_tokens,
-                     args.repeats, args.tag, results, args.graphs)
+                     args.repeats, args.tag, results, args.graphs, args.pack)
 
 
 def _run_quantize(args, results: Path | None) -> None:
@@ -330,7 +333,7 @@ def _run_speed_worker(args, results: Path | None) -> None:
     from . import suites
 
     record = suites.speed_worker(args.model, args.method, args.reduction, _budget(args), args.device,
-                                 args.dtype, args.new_tokens, args.repeats, args.graphs)
+                                 args.dtype, args.new_tokens, args.repeats, args.graphs, args.pack)
     Path(args.out).write_text(json.dumps(record))
 
 

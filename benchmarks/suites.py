@@ -20,6 +20,7 @@ from lillama_core.metrics.perplexity import perplexity
 from lillama_core.metrics.speed import generation_speed
 from lillama_core.modeling.discovery import count_parameters, weight_bytes
 from lillama_core.modeling.loading import resolve_device, resolve_dtype
+from lillama_core.modeling.packs import pack_low_rank, token_inputs
 from lillama_core.modeling.shipped import apply_rank_map
 from lillama_core.planning.ranks import ModelShape, build_plan, summarize
 from lillama_core.runtime.graphs import GraphDecoder
@@ -27,6 +28,7 @@ from lillama_core.runtime.telemetry import synchronize
 
 from .bench import Bench, Budget, log
 from .common import ROOT, PeakMemory, environment, maxrss_bytes, rss_bytes, write_record
+from .kernels import kernels_per_block
 from .methods import PROTECT_LAST, Recipe, recipe
 from .throughput import SHAPES, random_llama
 
@@ -258,7 +260,7 @@ def _random_weight_subject(shape_name: str, r: Recipe, reduction: float, device:
 
 
 def speed_worker(model_name: str, method: str, reduction: float, budget: Budget, device: str, dtype: str,
-                 new_tokens: int, repeats: int, graphs: bool = False) -> dict:
+                 new_tokens: int, repeats: int, graphs: bool = False, pack: bool = True) -> dict:
     """Measure one model in this (fresh) process: the teacher, or a student of `method` at `reduction`.
 
     A student is built training-free: distillation changes the factors' values, not their shapes,
@@ -266,7 +268,8 @@ def speed_worker(model_name: str, method: str, reduction: float, budget: Budget,
     replaced weights are dropped before measuring, so memory is the student's alone. `model_name` may
     also be a random-weight shape (llama-1b, llama-7b). With `graphs`, batch 1 and 16 decoding are also timed
     through a static KV cache with the decode step compiled (runtime/graphs.py: CUDA graphs on a GPU), warm-up
-    seconds and peak memory apart."""
+    seconds and peak memory apart. With `pack` (what the pipeline gives), a student's factors that read one input
+    share one A matmul (modeling/packs.py)."""
     r = recipe(method)
     if model_name in SHAPES:
         model, info = _random_weight_subject(model_name, r, reduction, device, dtype)
@@ -283,6 +286,7 @@ def speed_worker(model_name: str, method: str, reduction: float, budget: Budget,
             bench.loaded.model = None  # the student keeps only the weights it shares
             bench._calibration.clear()
             bench._spectra.clear()
+    packs = pack_low_rank(model, token_inputs(model)) if pack and not r.teacher else []
     gc.collect()
     vocab = model.config.vocab_size
     device_ = next(model.parameters()).device
@@ -290,6 +294,7 @@ def speed_worker(model_name: str, method: str, reduction: float, budget: Budget,
               "reduction": info.get("reduction", 0.0), "device": str(device_),
               "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
               "params": count_parameters(model), "weight_bytes": weight_bytes(model), "env": environment(device_),
+              "packed": bool(packs), "packs": len(packs), "kernels_per_block": kernels_per_block(model),
               "rss_before_bytes": rss_bytes() if device_.type == "cpu" else None,
               **{k: info[k] for k in ("rank_multiple", "plan_strategy") if k in info}}
     results = {}
@@ -321,8 +326,8 @@ def speed_worker(model_name: str, method: str, reduction: float, budget: Budget,
 
 def run_speed(models: list[str], variants: list[tuple[str, float]], budget: Budget, device: str, dtype: str,
               new_tokens: int = 64, repeats: int = 3, tag: str | None = None, results_dir=None,
-              graphs: bool = False) -> list[dict]:
-    """Each (method, reduction) in its own process, so memory figures do not mix."""
+              graphs: bool = False, pack: bool = True) -> list[dict]:
+    """Each (method, reduction) in its own process, so memory figures do not mix; students packed or not."""
     records = []
     for model in models:
         for method, reduction in variants:
@@ -331,8 +336,9 @@ def run_speed(models: list[str], variants: list[tuple[str, float]], budget: Budg
                 cmd = [sys.executable, "-m", "benchmarks.run", "_speed-worker", "--model", model, "--method", method,
                        "--reduction", str(reduction), "--device", device, "--dtype", dtype, "--tokens",
                        str(budget.tokens), "--new-tokens", str(new_tokens), "--repeats", str(repeats),
-                       "--threads", str(torch.get_num_threads()), "--out", str(out)] + (["--graphs"] if graphs else [])
-                log(f"speed: {model} {method} @ {reduction:.0%}")
+                       "--threads", str(torch.get_num_threads()), "--out", str(out), "--pack" if pack else "--no-pack"
+                       ] + (["--graphs"] if graphs else [])
+                log(f"speed: {model} {method} @ {reduction:.0%}{'' if pack else ', unpacked'}")
                 proc = subprocess.run(cmd, cwd=ROOT, env=os.environ.copy())
                 if proc.returncode != 0 or not out.exists():
                     log(f"  speed worker failed with code {proc.returncode}")

@@ -238,6 +238,9 @@ class DistillConfig:
     activations: ActivationStorage = _help(
         "where cached activations live: auto (accelerator if they fit, else host memory, else disk), "
         "accelerator, host or disk (memory-mapped files under $LILLAMA_HOME/activations)", ActivationStorage.AUTO)
+    pack: bool = _help(
+        "after distillation (and healing), low-rank modules of a block that read one input (q/k/v, gate/up) share "
+        "one A matmul in the student and its export: the same outputs from fewer, larger kernels", True)
 
     RENAMED: typing.ClassVar[dict[str, str]] = {"distill": "train"}  # old key -> field, for older run folders
 

@@ -25,18 +25,21 @@ from .factorize.svd import merge_low_rank
 from .model_card import write_model_card
 from .modeling import shipped
 from .modeling.discovery import share_weights_copy
+from .modeling.packs import packs_of, unpack_low_rank
 from .modeling.quantize import quantized_modules, quantized_storage
-from .modeling.shipped import LowRankLinear, set_submodule
+from .modeling.shipped import FactoredLinear, LowRankLinear, set_submodule
 from .runtime.atomic import staged_folder, write_json
 from .tasks import auto_class_for
 
-FORMAT_VERSION = 2  # 2: compressed exports have their own model_type; 1 (tests/fixtures/v1_export) still loads
+# 3: config.json lists packed factors (lillama_packs); 2: compressed exports have their own model_type; 1. Exports of
+# versions 1 and 2 (tests/fixtures/v1_export, v2_export) still load.
+FORMAT_VERSION = 3
 MODELING_FILE = "modeling_lillama.py"
 RECORD_FILE = "lillama.json"
 
 
 def rank_map_of(model: nn.Module) -> dict[str, int]:
-    return {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    return {name: m.rank for name, m in model.named_modules() if isinstance(m, FactoredLinear)}
 
 
 def _dense_class(cls: type) -> type:
@@ -105,9 +108,10 @@ def _dense_weight(linear: nn.Module) -> torch.Tensor:
 
 
 def merged_copy(model: nn.Module) -> nn.Module:
-    """A dense copy in the original layout: every LowRankLinear multiplied back into an nn.Linear (float32
-    product), and unfused MoE experts stacked back into their fused 3-D weights."""
+    """A dense copy in the original layout: every low-rank module (packed ones unpacked first) multiplied back
+    into an nn.Linear (float32 product), and unfused MoE experts stacked back into their fused 3-D weights."""
     dense = share_weights_copy(model)
+    unpack_low_rank(dense)
     for kind, replace in ((shipped.UnfusedExperts, lambda m: m.to_fused(_dense_weight)),
                           (LowRankLinear, merge_low_rank)):
         for name, module in list(dense.named_modules()):
@@ -117,7 +121,7 @@ def merged_copy(model: nn.Module) -> nn.Module:
     # names the base classes, which every loader (vLLM, llama.cpp's converter) knows.
     dense.__class__ = _dense_class(type(dense))
     dense.config.__class__ = _dense_class(type(dense.config))  # in place: the backbone shares it
-    for key in ("lillama_rank_map", "lillama_unfused_experts", "lillama_quantization"):
+    for key in ("lillama_rank_map", "lillama_packs", "lillama_unfused_experts", "lillama_quantization"):
         dense.config.__dict__.pop(key, None)
     if MODELING_FILE[:-3] in json.dumps(getattr(dense.config, "auto_map", None)):
         del dense.config.auto_map
@@ -155,7 +159,8 @@ def export_student(student: nn.Module, tokenizer, folder: str | os.PathLike, mer
     """Write the student as a transformers folder that loads the standard way, or fails loudly.
 
     Args:
-        student: a compressed model (LowRankLinear modules) or any model of a transformers class.
+        student: a compressed model (low-rank modules, packed or not: the export keeps its packs) or any model
+            of a transformers class.
         tokenizer: saved beside the weights.
         folder: the export folder; written in a hidden sibling and renamed into place.
         merge: multiply the factors back into dense weights in the teacher's classes (teacher-sized).
@@ -264,6 +269,7 @@ def _write_student(student: nn.Module, tokenizer, staging: Path, name: str, merg
     unfused = any(isinstance(m, shipped.UnfusedExperts) for m in model.modules())
     if ranks or quantized or unfused:  # layers stock transformers does not have: shipped code rebuilds them
         model.config.lillama_rank_map = ranks
+        model.config.lillama_packs = packs_of(model)
         model.config.lillama_quantization = quantized
         model.config.lillama_unfused_experts = unfused
         _ship_lowrank_code(model, staging)

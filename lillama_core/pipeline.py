@@ -21,6 +21,7 @@ from .events import EventSink, Phase
 from .metrics import evaluate as evaluation
 from .metrics.record import EvalRecord, RunMetrics
 from .modeling.loading import LoadedModel, load_model
+from .modeling.packs import pack_low_rank
 from .planning.planner import make_plan
 from .planning.ranks import ModelShape, RankPlan, summarize
 from .runtime.distributed import SINGLE, Parallel, device_for
@@ -205,6 +206,9 @@ def _run_pipeline(config: RunConfig, loaded: LoadedModel | None, plan: RankPlan 
                 heal_metrics = heal(run.student, loaded.model, calibration, config.heal, emit, stop)
         except RunStopped:
             run.status = "stopped"  # the distilled layers stand; only the healing was cut short
+    if config.distill.pack and run.applied.ranks and parallel.is_main:
+        with stage("packing", model=run.student):
+            pack_low_rank(run.student, calibration.model_inputs(slice(0, 1), loaded.device))
     applied = summarize(run.applied, ModelShape.of(loaded.model))
     shape = ModelShape.of(loaded.model)
     metrics = RunMetrics(model=config.model.name, status=run.status, device=str(loaded.device),

@@ -48,6 +48,39 @@ def tiny_llama(layers: int = 2, hidden: int = 64, seed: int = 0, **overrides) ->
     return LoadedModel(model, tokenizer, "tiny-llama", "random", torch.device("cpu"), torch.float32)
 
 
+_COMMON = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256)
+# Every causal LM family the engine supports, with grouped-query attention, tied embeddings, biases, rotary variants,
+# fused projections, MoE experts and a state-space mixer: (config class, model class, config arguments).
+ARCHITECTURES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", dict(_COMMON, tie_word_embeddings=True, attention_bias=True)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(_COMMON, sliding_window=16)),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(_COMMON, tie_word_embeddings=True)),  # q/k/v biases
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(_COMMON, head_dim=16)),  # q/k norms
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(_COMMON, pad_token_id=0, partial_rotary_factor=0.5)),  # fused qkv
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(_COMMON, head_dim=16, sliding_window=8)),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(_COMMON, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(_COMMON, head_dim=16, num_experts=4,
+                                                                num_experts_per_tok=2, moe_intermediate_size=32)),
+    "mamba": ("MambaConfig", "MambaForCausalLM", dict(hidden_size=64, num_hidden_layers=2, state_size=8)),
+}
+
+
+def tiny_family(name: str) -> LoadedModel:
+    """A random model of `ARCHITECTURES[name]`, its fused MoE experts unfused as `load_model` does."""
+    import transformers
+
+    from lillama_core.modeling.shipped import unfuse_experts
+
+    config_class, model_class, kwargs = ARCHITECTURES[name]
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = getattr(transformers, model_class)(getattr(transformers, config_class)(vocab_size=len(tokenizer),
+                                                                                    **kwargs)).eval()
+    unfuse_experts(model)  # fused MoE experts become linears the planner can see
+    return LoadedModel(model, tokenizer, name, "random", torch.device("cpu"), torch.float32)
+
+
 def tiny_sequences(n: int = 12, seq_len: int = 32, vocab: int = 300, seed: int = 0) -> torch.Tensor:
     return torch.randint(2, vocab, (n, seq_len), generator=torch.Generator().manual_seed(seed))
 

@@ -1,4 +1,5 @@
-"""Low-rank linear layer and rank-map surgery, self-contained so that exports can ship this file.
+"""Low-rank linear layers (alone, or packed to share one A matmul) and rank-map surgery, self-contained so that exports
+can ship this file.
 
 An exported checkpoint copies this file next to its weights and subclasses the original model class,
 so `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` rebuilds the student
@@ -14,29 +15,92 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class LowRankLinear(nn.Module):
-    """y = B(A x) + bias: two plain matmuls, `rank * (in + out)` weights instead of `in * out`."""
+class FactoredLinear(nn.Module):
+    """What a linear layer stored as factors offers code that reads a linear's attributes: `weight` (the dense
+    product B·A) and `bias`. Subclasses hold `B` (rank -> out, with the bias) and say where their A is."""
 
     def __init__(self, in_features, out_features, rank, bias=True, device=None, dtype=None):
         super().__init__()
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.A = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
         self.B = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
 
     @property
     def weight(self):
-        """The dense product B·A, for code that reads `.weight` of a linear layer."""
-        return self.B.weight @ self.A.weight
+        """The dense product B·A (out, in), for code that reads `.weight` of a linear layer."""
+        return self.B.weight @ self.a_weight
 
     @property
     def bias(self):
         return self.B.bias
 
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+class LowRankLinear(FactoredLinear):
+    """y = B(A x) + bias: two plain matmuls, `rank * (in + out)` weights instead of `in * out`."""
+
+    def __init__(self, in_features, out_features, rank, bias=True, device=None, dtype=None):
+        super().__init__(in_features, out_features, rank, bias, device, dtype)
+        self.A = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+
+    @property
+    def a_weight(self):
+        return self.A.weight
+
     def forward(self, x):
         return self.B(self.A(x))
 
+
+class LowRankPack(nn.Module):
+    """The A factors of low-rank modules that read one input, stacked into one matmul: `A` maps in -> r_1 + ... +
+    r_n, member i's rows are `ranks[i]` long, in member order.
+
+    Members (PackedLowRankLinear) call `part(x, i)`. The first member called with an input computes A x for all,
+    the others called with the same tensor object take their slice of it (one kernel instead of n). The product
+    is dropped once every member has taken its part, so no activation outlives the forward that made it. Reuse is
+    keyed by the tensor's identity, not its values: a member called with any other tensor computes afresh, so
+    outputs never depend on which modules are packed. One (input, parts, left) tuple is read and replaced whole,
+    so threads sharing a model each get their own input's parts."""
+
+    def __init__(self, in_features, ranks, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.ranks = in_features, tuple(int(r) for r in ranks)
+        self.A = nn.Linear(in_features, sum(self.ranks), bias=False, device=device, dtype=dtype)
+        self._cache = None
+
+    def part(self, x, index):
+        """Member `index`'s A x (..., ranks[index]), a view of the packed product."""
+        cache = self._cache
+        if cache is None or cache[0] is not x:
+            cache = (x, self.A(x).split(self.ranks, dim=-1), len(self.ranks))
+        left = cache[2] - 1
+        self._cache = (cache[0], cache[1], left) if left else None
+        return cache[1][index]
+
     def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+        return f"in_features={self.in_features}, ranks={list(self.ranks)}"
+
+
+class PackedLowRankLinear(FactoredLinear):
+    """y = B (A x)[rows of this member] + bias, with A x computed once for its whole LowRankPack. Member 0 holds
+    the pack as a submodule (its weights are saved once, under that member's name); the others refer to it."""
+
+    def __init__(self, out_features, pack, index, bias=True, device=None, dtype=None):
+        super().__init__(pack.in_features, out_features, pack.ranks[index], bias, device, dtype)
+        self.index = index
+        if index == 0:
+            self.pack = pack
+        else:
+            self.__dict__["pack"] = pack
+
+    @property
+    def a_weight(self):
+        start = sum(self.pack.ranks[: self.index])
+        return self.pack.A.weight[start: start + self.rank]
+
+    def forward(self, x):
+        return self.B(self.pack.part(x, self.index))
 
 
 def set_submodule(root, name, module):
@@ -58,6 +122,26 @@ def apply_rank_map(model, rank_map):
             dtype=dense.weight.dtype,
         )
         set_submodule(model, name, low)
+    return model
+
+
+def apply_packs(model, packs):
+    """Replace each list of LowRankLinear names in `packs` (modules reading one input, in member order) by
+    PackedLowRankLinear members of one LowRankPack. Each member keeps its B; the pack's A is left uninitialised,
+    for `from_pretrained` to load, or for the caller to fill with the members' stacked A factors.
+
+    Raises:
+        ValueError: a named module is not a LowRankLinear, or the members' inputs differ in width."""
+    for names in packs:
+        members = [model.get_submodule(name) for name in names]
+        if not all(type(m) is LowRankLinear for m in members) or len({m.in_features for m in members}) != 1:
+            raise ValueError(f"cannot pack {names}: a pack joins low-rank modules of one input width")
+        weight = members[0].A.weight
+        pack = LowRankPack(members[0].in_features, [m.rank for m in members], device=weight.device, dtype=weight.dtype)
+        for index, (name, low) in enumerate(zip(names, members, strict=True)):
+            packed = PackedLowRankLinear(low.out_features, pack, index, bias=low.B.bias is not None, device="meta")
+            packed.B = low.B
+            set_submodule(model, name, packed)
     return model
 
 
@@ -370,8 +454,9 @@ def _local_names(model, names):
 
 def lowrank_subclass(base, config_class=None):
     """A subclass of a transformers model class (task model or backbone) whose constructor applies
-    `config.lillama_rank_map` and `config.lillama_quantization`, so `from_pretrained` builds the low-rank and
-    integer modules before it loads their weights.
+    `config.lillama_rank_map`, `config.lillama_packs` (absent in exports before packed factors) and
+    `config.lillama_quantization`, so `from_pretrained` builds the low-rank modules, their packs and the integer
+    modules before it loads their weights.
     `config_class` (from `lowrank_config`) is the class `from_pretrained` reads config.json with."""
 
     class LowRankModel(base):
@@ -382,6 +467,8 @@ def lowrank_subclass(base, config_class=None):
             if getattr(config, "lillama_unfused_experts", False):
                 unfuse_experts(self, check=False)
             apply_rank_map(self, _local_names(self, getattr(config, "lillama_rank_map", None) or {}))
+            apply_packs(self, [list(_local_names(self, dict.fromkeys(names)))
+                               for names in getattr(config, "lillama_packs", None) or []])
             apply_quantization(self, getattr(config, "lillama_quantization", None))
 
         @classmethod

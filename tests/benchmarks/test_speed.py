@@ -57,3 +57,18 @@ def test_speed_worker_times_compiled_static_cache_decoding_and_the_report_shows_
     assert "gen tok/s b=16, CUDA graphs |" in text
     ratio = student["graph_b16_tokens_per_s"] / teacher["graph_b16_tokens_per_s"]
     assert f"| {student['graph_b16_tokens_per_s']:.1f} ({ratio:.2f}×) |" in text
+
+
+
+def test_a_packed_student_runs_one_matmul_per_pack_for_its_a_factors(monkeypatch):
+    from benchmarks.kernels import kernels_per_block
+    from lillama_core.modeling.packs import pack_low_rank, token_inputs
+
+    _tiny_shape(monkeypatch)
+    teacher, _ = suites._random_weight_subject("llama-tiny", recipe("teacher"), 0.0, "cpu", "float32")
+    student, _ = suites._random_weight_subject("llama-tiny", recipe("ours"), 0.5, "cpu", "float32")
+    low_rank = sum(isinstance(m, LowRankLinear) for m in student.model.layers[0].modules())
+    unpacked = kernels_per_block(student)["matmuls"]
+    packs = [names for names in pack_low_rank(student, token_inputs(student)) if ".layers.0." in names[0]]
+    assert kernels_per_block(teacher)["matmuls"] == 7 and unpacked == 7 + low_rank
+    assert kernels_per_block(student)["matmuls"] == unpacked - sum(len(names) - 1 for names in packs) < unpacked

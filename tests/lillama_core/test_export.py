@@ -1,3 +1,4 @@
+import copy
 import json
 import os
 from pathlib import Path
@@ -20,6 +21,15 @@ def student(tiny):
     plan = build_plan(ModelShape.of(tiny.model), PlanConfig(strategy="uniform", rank=8, reduction=None))
     calibration = CalibrationData(tiny_sequences(16, 32), "random", 0)
     return Compressor(tiny, calibration, plan, DistillConfig(), batch_size=8).run().student
+
+
+@pytest.fixture
+def packed(student):
+    from lillama_core.modeling.packs import pack_low_rank, token_inputs
+
+    model = copy.deepcopy(student)
+    pack_low_rank(model, token_inputs(model))
+    return model
 
 
 def _logits(model, ids):
@@ -181,6 +191,52 @@ def test_exports_in_the_format_before_their_own_model_type_still_load():
     model, _ = load_compressed(FIXTURES / "v1_export")
     assert rank_map_of(model) == {"model.layers.0.self_attn.q_proj": 4, "model.layers.0.mlp.down_proj": 8}
     torch.testing.assert_close(_logits(model, reference["input_ids"]), reference["logits"])
+
+
+def test_exports_in_the_format_before_packed_factors_still_load():
+    from safetensors.torch import load_file
+
+    reference = load_file(FIXTURES / "v2_reference.safetensors")
+    model, _ = load_compressed(FIXTURES / "v2_export")
+    assert set(rank_map_of(model)) == {f"model.layers.0.{name}" for name in (
+        "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    torch.testing.assert_close(_logits(model, reference["input_ids"]), reference["logits"])
+
+
+def test_a_packed_students_export_keeps_its_packs(packed, student, tiny, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lillama_core.modeling.packs import packs_of
+
+    ids = tiny_sequences(2, 20, seed=13)
+    folder = export_student(packed, tiny.tokenizer, tmp_path / "packed")
+    packs = packs_of(packed)
+    assert len(packs) == 6 and json.loads((folder / "config.json").read_text())["lillama_packs"] == packs
+    assert rank_map_of(packed) == rank_map_of(student)
+    reloaded, remote = load_compressed(folder)[0], AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+    assert packs_of(reloaded) == packs
+    # the shipped file's own classes: same names, another module
+    assert sum(type(m).__name__ == "PackedLowRankLinear" for m in remote.modules()) == 15
+    for model in (reloaded, remote):
+        torch.testing.assert_close(_logits(model, ids), _logits(student, ids))
+    assert packs_of(load_compressed(export_student(reloaded, tiny.tokenizer, tmp_path / "again"))[0]) == packs
+    # merged, the packs are undone: the teacher's dense layout
+    dense = export_student(packed, tiny.tokenizer, tmp_path / "dense", merge=True)
+    merged = AutoModelForCausalLM.from_pretrained(dense)
+    torch.testing.assert_close(_logits(merged, ids), _logits(student, ids), rtol=1e-4, atol=1e-4)
+    assert packs_of(packed) == packs  # the student itself is left packed
+
+
+def test_a_packed_students_quantized_export_quantizes_the_packed_factor(packed, tiny, tmp_path):
+    from lillama_core.modeling.packs import packs_of
+    from lillama_core.modeling.quantize import quantize_weights
+
+    ids = tiny_sequences(2, 20, seed=14)
+    folder = export_student(packed, tiny.tokenizer, tmp_path / "int8", quantize="int8")
+    reloaded = load_compressed(folder)[0]
+    assert packs_of(reloaded) == packs_of(packed)
+    assert type(reloaded.model.layers[0].self_attn.q_proj.pack.A).__name__ == "QuantizedLinear"
+    torch.testing.assert_close(_logits(reloaded, ids), _logits(quantize_weights(packed, "int8"), ids))
 
 
 def test_merged_export_of_a_reloaded_student_names_the_base_class(student, tiny, tmp_path):

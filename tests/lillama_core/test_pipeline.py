@@ -115,3 +115,18 @@ def test_position_limits_are_read_under_each_name_configs_give_them():
     assert position_limit(SimpleNamespace(config=GPT2Config(n_positions=32))) == 32
     assert position_limit(SimpleNamespace(config=WhisperConfig(max_target_positions=40))) == 40
     assert position_limit(SimpleNamespace(config=MambaConfig())) is None  # no positions: no limit
+
+
+def test_the_finished_student_is_packed_unless_told_not_to(small_config, tiny):
+    from lillama_core.modeling.shipped import PackedLowRankLinear
+
+    small_config.distill.train = False  # the training-free factors: both runs build the same student
+    ids = torch.randint(2, 300, (2, 16), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for pack in (True, False):
+        small_config.distill.pack = pack
+        student = run_pipeline(small_config, loaded=tiny, evaluate=False).run.student
+        assert any(isinstance(m, PackedLowRankLinear) for m in student.modules()) == pack
+        with torch.no_grad():
+            logits[pack] = student(input_ids=ids).logits
+    torch.testing.assert_close(logits[True], logits[False])
