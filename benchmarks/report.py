@@ -217,8 +217,9 @@ def speed_groups(records: list[dict]) -> list[dict]:
     rows = [r for r in records if r.get("suite") == "speed"]
     groups: OrderedDict = OrderedDict()
     for r in rows:
-        groups.setdefault((r["model"], r.get("device"), r.get("dtype")), []).append(r)
-    return [{"model": k[0], "device": k[1], "dtype": k[2],
+        # Rows of one tag were timed in one session: a ratio across sessions (a quiet and a loaded machine) is noise.
+        groups.setdefault((r["model"], r.get("device"), r.get("dtype"), r.get("tag")), []).append(r)
+    return [{"model": k[0], "device": k[1], "dtype": k[2], "tag": k[3],
              "rows": _latest(v, lambda r: (r["method"], round(r.get("target_reduction", 0), 4)))}
             for k, v in groups.items()]
 
@@ -234,7 +235,7 @@ def _speed_table(group: dict) -> list[str]:
 
     graphs = any("graph_b16_tokens_per_s" in r for _, r in rows)
     lines = ["| model | reduction | params | weights MiB | gen tok/s b=1 | gen tok/s b=16 | "
-             + ("gen tok/s b=16, CUDA graphs | " if graphs else "")
+             + ("gen tok/s b=16, compiled static cache (CUDA graphs on a GPU) | " if graphs else "")
              + "prefill tok/s (4×512) | peak Δ MiB b=16 | peak Δ MiB prefill |",
              "|---|---:|---:|---:|---:|---:|" + ("---:|" if graphs else "") + "---:|---:|---:|"]
     for (m, _reduction), r in rows:
@@ -522,7 +523,8 @@ def generated_markdown(records: list[dict], docs: Path) -> str:
                   "(eager prefill included). Random-weight Llamas have no data to plan on: their students take "
                   "uniform ranks at the target (multiples of 8), which is all that speed depends on.", ""]
         for g in sgroups:
-            lines += [f"**{_title(g['model'])}**, {g['device']}, {g['dtype']}", ""]
+            tag = f", session `{g['tag']}`" if g["tag"] else ""
+            lines += [f"**{_title(g['model'])}**, {g['device']}, {g['dtype']}{tag}", ""]
             lines += _speed_table(g) + [""]
     quantized = _quantize_table(records)
     if quantized:
