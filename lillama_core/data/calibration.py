@@ -300,9 +300,6 @@ class CalibrationData:
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # forward keyword -> [n, ...] per-row inputs
     warnings: list[str] = field(default_factory=list)  # what the user should know about how the data was read
     sequence_input: str = "input_ids"  # the forward keyword the token ids go to
-    # [n, seq_len] bool: positions whose next token is the teacher's own output (a transcript before the teacher
-    # would have ended it); None: every position. Later positions only continue the text with its end forbidden.
-    counted: torch.Tensor | None = None
 
     @property
     def tokens(self) -> int:
@@ -312,8 +309,7 @@ class CalibrationData:
         """The chosen rows (a slice or index tensor) of the sequences and of every other input."""
         return CalibrationData(self.sequences[rows], self.source, self.pool_tokens,
                                {name: value[rows] for name, value in self.inputs.items()},
-                               sequence_input=self.sequence_input,
-                               counted=None if self.counted is None else self.counted[rows])
+                               sequence_input=self.sequence_input)
 
     def first_tokens(self, tokens: int) -> CalibrationData:
         """A prefix of about `tokens` tokens, at least two sequences."""

@@ -24,9 +24,7 @@ from ..modeling.loading import LoadedModel
 from ..runtime.atomic import staged_file, write_json
 from ..runtime.paths import lillama_home
 
-# Bump when a measurement's method changes, so older entries are not reused (2: speech probes score transcripts
-# up to their end only).
-VERSION = 2
+VERSION = 1  # bump when a measurement's method changes, so older entries are not reused
 SAMPLES_PER_WEIGHT = 64
 
 

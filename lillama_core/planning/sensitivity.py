@@ -89,19 +89,6 @@ class NextTokenReference:
         return self.neg_entropy - expected + torch.logsumexp(z, dim=-1)
 
 
-def probe_rows(calibration: CalibrationData) -> int:
-    """How many leading rows the probes score: PROBE_SEQUENCES, or, where only some positions count (transcripts
-    that end before their row does), as many rows as it takes for the counted positions to fill PROBE_SEQUENCES
-    rows. Scoring the rest measured how a student continues text its teacher had ended: Whisper-base plans
-    judged that way at 20% looped and stopped early in free decoding (117% word error rate, no training)."""
-    rows = calibration.sequences.shape[0]
-    if calibration.counted is None:
-        return min(PROBE_SEQUENCES, rows)
-    wanted = PROBE_SEQUENCES * calibration.sequences.shape[1]
-    filled = calibration.counted.sum(-1).cumsum(0)
-    return min(rows, max(PROBE_SEQUENCES, int((filled < wanted).sum()) + 1))
-
-
 @torch.no_grad()
 def _logits(model: nn.Module, inputs: dict) -> torch.Tensor:
     return model(**inputs, use_cache=False).logits
@@ -122,8 +109,7 @@ def measure_sensitivity(loaded: LoadedModel, calibration: CalibrationData, group
     model, device = loaded.model, loaded.device
     shape = ModelShape.of(model)
     blocks = find_blocks(model)
-    probe = probe_rows(calibration)
-    counted = None if calibration.counted is None else calibration.counted[:probe].to(device)
+    probe = min(PROBE_SEQUENCES, calibration.sequences.shape[0])
     batches = [slice(0, probe)] + batch_slices(probe, calibration.sequences.shape[0], batch_size)
     starts, inputs = capture_block_inputs(model, blocks, calibration, batches, device)
     probe_inputs = calibration.model_inputs(slice(0, probe), device)
@@ -161,8 +147,7 @@ def measure_sensitivity(loaded: LoadedModel, calibration: CalibrationData, group
                 spectra.update({f"{block.name}.{name}": d.s.float().cpu() for name, d in decompositions.items()})
             for keep in keeps:
                 _put(replay, block, compressed_block(block.module, modules, keep, decompositions))
-                kl = reference.kl(_logits(replay, probe_inputs))
-                result[block.index][keep] = (kl.mean() if counted is None else kl[counted].mean()).item()
+                result[block.index][keep] = reference.kl(_logits(replay, probe_inputs)).mean().item()
             _put(replay, block, Passthrough(block.module))
             if on_event:
                 on_event(Phase(name="sensitivity", detail=f"layer {block.index + 1}/{len(blocks)}: KL at keep "

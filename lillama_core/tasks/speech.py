@@ -312,9 +312,8 @@ def transcribe_reference(teacher: nn.Module, tokenizer, feature_extractor, clips
     # In the model's dtype: capture, probes and healing pass the features to the model as they are.
     features = clip_features(feature_extractor, clips).to(next(teacher.parameters()).dtype)
     ids, ends = greedy_transcripts(teacher, features, prompt, seq_len, tokenizer.eos_token_id, batch_size)
-    counted = torch.arange(seq_len)[None, :] < torch.tensor(ends)[:, None]  # up to the prediction of the end
     data = CalibrationData(ids, f"{len(clips)} held-out clips", ids.numel(), {"input_features": features},
-                           sequence_input="decoder_input_ids", counted=counted)
+                           sequence_input="decoder_input_ids")
     return Reference(data, ends, len(prompt), texts)
 
 

@@ -117,33 +117,3 @@ def test_float16_overflow_stops_the_probes_with_one_line_naming_the_layer():
     with pytest.raises(NonFiniteError, match=r"^layer 1 \(model\.layers\.1\) produced inf/NaN activations in float16: "
                                              r"run with --dtype bfloat16 or float32$"):
         make_plan(loaded, PlanConfig(strategy="sensitivity", reduction=0.1), _calibration(), batch_size=4)
-
-
-def test_probes_take_rows_until_their_counted_positions_fill_the_usual_probe():
-    sequences = tiny_sequences(10, 32)
-    assert sensitivity.probe_rows(CalibrationData(sequences, "random", 0)) == sensitivity.PROBE_SEQUENCES
-    ends = torch.tensor([8] * 10)  # each row's transcript ends after 8 of its 32 positions
-    counted = torch.arange(32)[None, :] < ends[:, None]
-    assert sensitivity.probe_rows(CalibrationData(sequences, "random", 0, counted=counted)) == 8
-    assert sensitivity.probe_rows(CalibrationData(sequences[:3], "random", 0, counted=counted[:3])) == 3
-
-
-def test_positions_past_the_end_of_a_transcript_do_not_count_in_the_damage(tiny, monkeypatch):
-    # Positions after the teacher's end only continue text the teacher had ended; poison their divergence and
-    # the damage must not see it.
-    kl = sensitivity.NextTokenReference.kl
-
-    def poisoned(self, logits):
-        per_position = kl(self, logits)
-        per_position[:, 12:] = 1e6
-        return per_position
-
-    monkeypatch.setattr(sensitivity.NextTokenReference, "kl", poisoned)
-    sequences = tiny_sequences(12, 32)
-    counted = (torch.arange(32)[None, :] < 12).expand(12, -1)
-    damage = sensitivity.measure_sensitivity(tiny, CalibrationData(sequences, "random", 0, counted=counted),
-                                             ["attention", "mlp"], keeps=(0.4,))
-    assert all(0 < levels[0.4] < 1 for levels in damage.values())
-    everything = sensitivity.measure_sensitivity(tiny, CalibrationData(sequences, "random", 0), ["attention", "mlp"],
-                                                 keeps=(0.4,))
-    assert all(levels[0.4] > 1e5 for levels in everything.values())

@@ -435,15 +435,3 @@ def test_cli_scores_a_speech_model_on_recorded_speech_only(whisper, tmp_path, ca
     assert decoded == [2]  # each clip is transcribed once: a lone model has no teacher transcripts to make
     assert main(["eval", "--model", str(folder), "--device", "cpu"]) == 2
     assert "needs recorded speech with its true texts" in capsys.readouterr().err
-
-
-def test_a_reference_counts_each_transcript_up_to_the_prediction_of_its_end():
-    from lillama_core.tasks.speech import synthetic_clips, transcribe_reference
-
-    loaded = tiny_whisper()
-    reference = transcribe_reference(loaded.model, loaded.tokenizer, loaded.feature_extractor,
-                                     synthetic_clips(3, seed=0), 16, texts=None)
-    counted = reference.data.counted
-    assert counted.shape == reference.data.sequences.shape
-    assert counted.sum(-1).tolist() == reference.ends
-    assert reference.data.select(slice(1, 3)).counted.sum(-1).tolist() == reference.ends[1:]
