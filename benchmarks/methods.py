@@ -10,6 +10,7 @@
              whatever the engine defaults are when the benchmark runs (sensitivity-aware ranks in multiples of 8,
              whitened init, AdamW 1e-3 cosine, joint loss). Records from before the multiple of 8 (stop 13)
              used exact ranks: their plan_config says so.
+- ours-uniform: the defaults on a uniform-rank plan instead of the sensitivity one.
 - ours-r<N>:  the defaults with every rank rounded to a multiple of N (ours-r8, ours-r64), for speed runs.
 - tuned:     the best hand-made recipe of the CPU ablations (uniform ranks with the first and last layers
              dense); the sensitivity plan finds those fragile layers by itself and is now the default.
@@ -73,6 +74,10 @@ METHODS: dict[str, Recipe] = {
                     {"init": "svd", "lr": 8.6e-5, "schedule": "constant", "warmup_steps": 0, "loss": "joint"},
                     "published Lillama recipe: SVD init, AdamW 8.6e-5, batch 8, Teacher+Student loss, bottom-first"),
     "ours": Recipe("ours", {}, {}, "the engine's shipped defaults (PlanConfig(), DistillConfig())"),
+    # Whisper-base's sensitivity plan breaks free decoding before any training (README, speech): this row asks
+    # what distillation gives on the plan the training-free baselines use.
+    "ours-uniform": Recipe("ours-uniform", {"strategy": "uniform"}, {},
+                           "the engine's defaults on a uniform-rank plan (ranks in multiples of 8)"),
     "tuned": Recipe("tuned", {"strategy": "uniform", "overrides": {**PROTECT_FIRST, **PROTECT_LAST}},
                     {"init": "whitened", "lr": 1e-3, "schedule": "constant", "loss": "student"},
                     "best hand-made CPU recipe: uniform rank with the first and last layers dense, whitened init, "
