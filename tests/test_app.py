@@ -9,7 +9,7 @@ import torch
 from app_server import running_app
 
 from lillama_core.export import load_compressed
-from lillama_core.modeling.shipped import LowRankLinear
+from lillama_core.modeling.shipped import FactoredLinear
 
 pytestmark = pytest.mark.real_model
 
@@ -83,7 +83,7 @@ def test_exports_reload_the_standard_way_and_integer_weights_are_smaller(distill
     folder = tmp / "exports" / "e2e-student"
     assert str(folder) in note
     model, tokenizer = load_compressed(folder)
-    ranks = [m.rank for m in model.modules() if isinstance(m, LowRankLinear)]
+    ranks = [m.rank for m in model.modules() if isinstance(m, FactoredLinear)]
     assert ranks and all(rank % 16 == 0 for rank in ranks)  # the preset's rank multiple reached the export
     note, _ = client.predict("e2e-int4", "compressed (low-rank, smallest)", False, "int4", api_name="/export")
     int4 = tmp / "exports" / "e2e-int4"
