@@ -54,7 +54,7 @@ def test_speed_worker_times_compiled_static_cache_decoding_and_the_report_shows_
     teacher, student = records
     assert student["params"] < teacher["params"] and student["plan_strategy"] == "uniform"
     text = generated_markdown(records, tmp_path)
-    assert "gen tok/s b=16, CUDA graphs |" in text
+    assert "gen tok/s b=16, compiled static cache (CUDA graphs on a GPU) |" in text
     ratio = student["graph_b16_tokens_per_s"] / teacher["graph_b16_tokens_per_s"]
     assert f"| {student['graph_b16_tokens_per_s']:.1f} ({ratio:.2f}×) |" in text
 
