@@ -4,6 +4,7 @@ each is one launch, whose fixed cost bounds the decoding of small models."""
 
 from __future__ import annotations
 
+import statistics
 from collections import Counter
 
 import torch
@@ -40,3 +41,9 @@ def kernels_per_block(model: torch.nn.Module, block: int = 0) -> dict:
         for hook in hooks:
             hook.remove()
     return {"matmuls": sum(operators.counts[name] for name in MATMULS), "operators": sum(operators.counts.values())}
+
+
+def mean_kernels_per_block(model: torch.nn.Module) -> dict:
+    """kernels_per_block averaged over every block: a plan may leave some blocks (often the first) dense."""
+    counts = [kernels_per_block(model, i) for i in range(len(find_blocks(model)))]
+    return {key: statistics.mean(c[key] for c in counts) for key in counts[0]}

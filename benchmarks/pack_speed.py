@@ -17,7 +17,6 @@ import torch
 
 from lillama_core.config import RunConfig
 from lillama_core.metrics.speed import generation_speed
-from lillama_core.modeling.discovery import find_blocks
 from lillama_core.modeling.loading import load_model
 from lillama_core.modeling.packs import pack_low_rank, token_inputs
 from lillama_core.modeling.shipped import apply_rank_map
@@ -27,18 +26,13 @@ from lillama_core.planning.ranks import ModelShape, summarize
 
 from .bench import log
 from .common import environment, write_record
-from .kernels import kernels_per_block
+from .kernels import mean_kernels_per_block
 
 
 def _timings(model, vocab: int, new_tokens: int) -> dict:
     b1, b16 = (generation_speed(model, vocab, batch, 64, new_tokens) for batch in (1, 16))
     return {"gen_b1_tokens_per_s": b1.generate_tokens_per_s, "gen_b16_tokens_per_s": b16.generate_tokens_per_s,
             "prefill_b16_tokens_per_s": b16.prefill_tokens_per_s}
-
-
-def _mean_kernels(model) -> dict:
-    counts = [kernels_per_block(model, i) for i in range(len(find_blocks(model)))]
-    return {key: statistics.mean(c[key] for c in counts) for key in counts[0]}
 
 
 def main() -> None:
@@ -55,7 +49,7 @@ def main() -> None:
     packed = copy.deepcopy(unpacked)
     packs = pack_low_rank(packed, token_inputs(packed))
     models = {"teacher": teacher, "unpacked": unpacked, "packed": packed}
-    kernels = {label: _mean_kernels(model) for label, model in models.items()}
+    kernels = {label: mean_kernels_per_block(model) for label, model in models.items()}
     log(f"kernels per block: {kernels}; {len(packs)} packs")
     vocab = teacher.config.vocab_size
     runs = {label: [] for label in models}

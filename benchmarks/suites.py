@@ -28,7 +28,7 @@ from lillama_core.runtime.telemetry import synchronize
 
 from .bench import Bench, Budget, log
 from .common import ROOT, PeakMemory, environment, maxrss_bytes, rss_bytes, write_record
-from .kernels import kernels_per_block
+from .kernels import mean_kernels_per_block
 from .methods import PROTECT_LAST, Recipe, recipe
 from .throughput import SHAPES, random_llama
 
@@ -294,7 +294,7 @@ def speed_worker(model_name: str, method: str, reduction: float, budget: Budget,
               "reduction": info.get("reduction", 0.0), "device": str(device_),
               "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
               "params": count_parameters(model), "weight_bytes": weight_bytes(model), "env": environment(device_),
-              "packed": bool(packs), "packs": len(packs), "kernels_per_block": kernels_per_block(model),
+              "packed": bool(packs), "packs": len(packs), "kernels_per_block": mean_kernels_per_block(model),
               "rss_before_bytes": rss_bytes() if device_.type == "cpu" else None,
               **{k: info[k] for k in ("rank_multiple", "plan_strategy") if k in info}}
     results = {}

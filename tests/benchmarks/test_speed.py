@@ -72,3 +72,16 @@ def test_a_packed_student_runs_one_matmul_per_pack_for_its_a_factors(monkeypatch
     packs = [names for names in pack_low_rank(student, token_inputs(student)) if ".layers.0." in names[0]]
     assert kernels_per_block(teacher)["matmuls"] == 7 and unpacked == 7 + low_rank
     assert kernels_per_block(student)["matmuls"] == unpacked - sum(len(names) - 1 for names in packs) < unpacked
+
+
+def test_kernel_counts_are_averaged_over_every_block_not_read_from_the_first(monkeypatch):
+    from benchmarks.kernels import kernels_per_block, mean_kernels_per_block
+    from lillama_core.modeling.shipped import apply_rank_map
+
+    _tiny_shape(monkeypatch)
+    model, _ = suites._random_weight_subject("llama-tiny", recipe("teacher"), 0.0, "cpu", "float32")
+    last = len(model.model.layers) - 1
+    apply_rank_map(model, {f"model.layers.{last}.mlp.down_proj": 8})  # only the last block gets a low-rank module
+    per_block = [kernels_per_block(model, i)["matmuls"] for i in range(last + 1)]
+    assert per_block[0] == 7 and per_block[last] == 8
+    assert mean_kernels_per_block(model)["matmuls"] == sum(per_block) / len(per_block)
