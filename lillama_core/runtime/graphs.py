@@ -126,18 +126,22 @@ class GraphDecoder:
         """Run `fn(*args)` on the worker thread, without autograd, and wait for its result."""
         return self._worker.submit(_without_grad, fn, *args).result()
 
-    def _warm_up(self, batch: int, positions: int) -> float:
-        if (batch, positions) in self._warm:
-            return 0.0
-        if self.on_warm_up is not None:
-            self.on_warm_up(WARM_UP_NOTE)
-        start = time.perf_counter()
+    def _use_cache(self, batch: int, positions: int) -> None:
+        """Hold a cache of this shape: a shape compiled earlier may come back after another one replaced it."""
         if self._shape != (batch, positions):
             from transformers import StaticCache
 
             self._cache = None  # the old cache's memory goes before the new one is allocated
             self._cache = StaticCache(config=self.model.config, max_cache_len=positions)
             self._shape = (batch, positions)
+
+    def _warm_up(self, batch: int, positions: int) -> float:
+        self._use_cache(batch, positions)
+        if (batch, positions) in self._warm:
+            return 0.0
+        if self.on_warm_up is not None:
+            self.on_warm_up(WARM_UP_NOTE)
+        start = time.perf_counter()
         dummy = torch.zeros(batch, 1, dtype=torch.long, device=self.device)
         self._call(self._reset)
         self._call(self._prefill, dummy)

@@ -95,3 +95,12 @@ def test_cache_positions_are_powers_of_two_from_a_floor():
 def test_cuda_graphs_on_a_gpu_and_inductor_elsewhere():
     assert graphs.compile_config(torch.device("cuda")).mode == "reduce-overhead"
     assert graphs.compile_config(torch.device("cpu")).mode == "default"
+
+
+def test_returning_to_a_shape_compiled_earlier_decodes_on_a_cache_of_that_shape(student):
+    decoder = traced(student)
+    greedy = SamplingConfig(max_new_tokens=6, temperature=0, repetition_penalty=1.0)
+    one, three = tiny_sequences(1, 12), tiny_sequences(3, 12, seed=4)
+    assert torch.equal(tokens(student, one, greedy, decoder), tokens(student, one, greedy))
+    assert torch.equal(tokens(student, three, greedy, decoder), tokens(student, three, greedy))
+    assert torch.equal(tokens(student, one, greedy, decoder), tokens(student, one, greedy))  # batch 1 is warm already
