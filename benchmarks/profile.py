@@ -13,7 +13,9 @@ the teacher block's forward for the target:  2 · 3 · F(student) + F(teacher). 
 student path and the held-out checks are overhead, not counted.
 
 The plan is the `tuned` recipe's (uniform ranks, first and last layers dense): it needs no sensitivity
-probes, so the run measures distillation alone; its layers have the default recipe's shapes.
+probes, so the run measures distillation alone; its layers have the default recipe's shapes. The distillation
+settings are the engine's defaults (joint loss: both paths per step), or with `distill="tuned"` that recipe's
+(student-input loss: one path per step, so the passes outside the steps weigh twice as much).
 """
 
 from __future__ import annotations
@@ -97,9 +99,10 @@ def first_layers(plan: RankPlan, shape: ModelShape, count: int | None) -> RankPl
                     plan.target_reduction, plan.model_type)
 
 
-def run_profile(model: str, reduction: float, budget: Budget, layers_count: int | None = None) -> dict:
-    """Compress `model` at `reduction` with the default distillation settings (the plan's first
-    `layers_count` layers only, when given) and return the profile record."""
+def run_profile(model: str, reduction: float, budget: Budget, layers_count: int | None = None,
+                distill: str = "defaults") -> dict:
+    """Compress `model` at `reduction` (the plan's first `layers_count` layers only, when given) with the
+    engine's default distillation settings, or the tuned recipe's (`distill`), and return the profile record."""
     bench = Bench(model, budget, device="cpu", dtype="float32")
     peak = matmul_peak_flops()
     log(f"fp32 matmul peak on this machine: {peak / 1e9:.1f} GFLOP/s ({torch.get_num_threads()} threads)")
@@ -107,7 +110,7 @@ def run_profile(model: str, reduction: float, budget: Budget, layers_count: int 
     plan, _, _ = bench.plan(recipe.plan_config(reduction))
     full_layers = {m.layer for m in bench.shape.modules if m.name in plan.ranks}
     plan = first_layers(plan, bench.shape, layers_count)
-    config = recipe.distill_config()
+    config = recipe.distill_config() if distill == "tuned" else DistillConfig()
     calibration = bench.calibration()
     finished: list[LayerFinished] = []
 
@@ -142,10 +145,11 @@ def run_profile(model: str, reduction: float, budget: Budget, layers_count: int 
         **bench.base_record(), "method": recipe.name, "target_reduction": reduction, "tokens": calibration.tokens,
         "layers_profiled": len(finished), "train_tokens_per_layer": train_tokens, "seq_len": seq_len,
         "batch_size": budget.batch_size,
+        "distill_settings": distill,
         "distill": {"eval_every": config.eval_every, "held_out_share": config.held_out_share,
                     "keep_best": config.keep_best, "loss": config.loss},
         "peak_fp32_flops": peak, "peak_method": "best of 5 torch.matmul 2048x2048 fp32",
-        "flops_formula": "2*3*F(student) + F(teacher), F = 2*weights + 2*n_ctx*d_attn per token (Kaplan 2020)",
+        "flops_formula": "paths*3*F(student) + F(teacher), F = 2*weights + 2*n_ctx*d_attn per token (Kaplan 2020)",
         "compress_seconds": result.seconds, "layer_seconds": layer_seconds, "phase_seconds": totals,
         "outside_training_share": 1 - totals[TRAINING] / layer_seconds,
         "step_tokens_per_s_median": statistics.median(x["step_tokens_per_s"] for x in layers),

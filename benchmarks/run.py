@@ -123,7 +123,7 @@ def _profile(args, results) -> None:
     from .common import write_record
     from .profile import run_profile
 
-    record = run_profile(args.model, args.reduction, _budget(args), args.layers)
+    record = run_profile(args.model, args.reduction, _budget(args), args.layers, args.distill)
     write_record("profile", {**record, **({"tag": args.tag} if args.tag else {})}, results)
 
 
@@ -242,6 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     pf.add_argument("--model", default="smollm2-135m-instruct")
     pf.add_argument("--reduction", type=float, default=0.2)
     pf.add_argument("--layers", type=int, default=None, help="profile only the plan's first N layers (default all)")
+    pf.add_argument("--distill", default="defaults", choices=("defaults", "tuned"),
+                    help="the engine's default distillation settings (joint loss) or the tuned recipe's (student loss)")
     _common(pf, tokens=8_192)
 
     pr = sub.add_parser("predict", help="predicted vs measured perplexity of the plans the quality and ablation "

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..data.calibration import CalibrationData
 from ..errors import ModelLoadError
-from ..factorize.svd import CovarianceAccumulator
+from ..factorize.svd import Covariance, CovarianceAccumulator, OutputCovariance, covariance_matrix
 from ..modeling.discovery import Block, share_weights_copy, stack_of, stack_starts
 from ..runtime.distributed import SINGLE, Parallel
 from ..runtime.failures import stage
@@ -181,10 +181,19 @@ def run_block_over(block: nn.Module, source: torch.Tensor, target: torch.Tensor,
     return target
 
 
-class InputCovariances:
-    """X^T X of the inputs of chosen linear modules of one block, while the block runs.
+def whitened_on_outputs(module: nn.Module) -> bool:
+    """Whether a linear's whitening statistics are gathered on its outputs: when it has fewer outputs than
+    inputs, out^2 per token instead of in^2 (see OutputCovariance); else on its inputs, which modules reading
+    one tensor (q/k/v, gate/up) share."""
+    return getattr(module, "out_features", None) is not None and module.out_features < module.in_features
 
-    Modules that read the very same tensor object (q/k/v, gate/up) share one accumulator, computed
+
+class LinearCovariances:
+    """The whitening statistics of chosen linear modules of one block, gathered while the block runs: the
+    input covariance X^T X, or for a module with fewer outputs than inputs the output covariance
+    (W X)(W X)^T (whitened_on_outputs).
+
+    Modules that read the very same tensor object (q/k/v, gate/up) share one input accumulator, computed
     once. The tensors seen are held until the next batch so their ids cannot be reused meanwhile.
     Only calls from the creating thread count: the app may run the same teacher block for chat.
     """
@@ -195,16 +204,20 @@ class InputCovariances:
         self._device = device
         self.seconds = 0.0  # spent in the hooks (inside the block's forward)
         self._thread = threading.get_ident()
-        self._features = {name: block.get_submodule(name).in_features for name in module_names}
+        modules = {name: block.get_submodule(name) for name in module_names}
+        self.on_outputs = {name for name, module in modules.items() if whitened_on_outputs(module)}
+        self._features = {name: module.out_features if name in self.on_outputs else module.in_features
+                          for name, module in modules.items()}
         self._handles = [block.register_forward_pre_hook(self._new_batch)]
-        for name in module_names:
-            self._handles.append(block.get_submodule(name).register_forward_hook(self._hook_for(name)))
+        for name, module in modules.items():
+            hook = self._output_hook_for(name) if name in self.on_outputs else self._input_hook_for(name)
+            self._handles.append(module.register_forward_hook(hook))
 
     def _new_batch(self, *_):
         if threading.get_ident() == self._thread:
             self._seen_this_batch.clear()
 
-    def _hook_for(self, name: str):
+    def _input_hook_for(self, name: str):
         def hook(module, args, output):
             if threading.get_ident() != self._thread:
                 return
@@ -221,11 +234,23 @@ class InputCovariances:
 
         return hook
 
-    def means(self, parallel: Parallel = SINGLE) -> dict[str, torch.Tensor]:
-        """X^T X / tokens of every module, over all processes' data. A module that saw no token (an MoE
-        expert no calibration token was routed to) gets zeros, which whitening turns into the plain SVD split
-        (see lowrank.WhitenedSVD); unreached_experts counts them."""
-        out = {}
+    def _output_hook_for(self, name: str):
+        def hook(module, args, output):
+            if threading.get_ident() != self._thread:
+                return
+            start = time.perf_counter()
+            acc = self.accumulators.setdefault(name, CovarianceAccumulator(output.shape[-1], self._device))
+            acc.add(output.float() - module.bias.float() if module.bias is not None else output)
+            self.seconds += time.perf_counter() - start
+
+        return hook
+
+    def means(self, parallel: Parallel = SINGLE) -> dict[str, Covariance]:
+        """Every module's covariance over all processes' data: X^T X / tokens (a tensor, in x in), or an
+        OutputCovariance (out x out) for the modules whitened on their outputs. A module that saw no token (an
+        MoE expert no calibration token was routed to) gets zeros, which whitening turns into the plain SVD
+        split (see factorize.svd.WhitenedSVD); unreached_experts counts them."""
+        out: dict[str, Covariance] = {}
         for name, features in self._features.items():  # the same order in every process
             acc = self.accumulators.get(name)
             total = acc.sum if acc else torch.zeros(features, features, dtype=torch.float64, device=self._device)
@@ -233,7 +258,8 @@ class InputCovariances:
             if parallel.enabled:  # a copy, so an accumulator shared by several modules is summed only once
                 total = parallel.all_reduce(total.clone())
                 tokens, = parallel.sum_values(tokens, device=self._device)
-            out[name] = total / max(tokens, 1)
+            mean = total / max(tokens, 1)
+            out[name] = OutputCovariance(mean) if name in self.on_outputs else mean
         return out
 
     def close(self) -> None:
@@ -241,7 +267,7 @@ class InputCovariances:
             handle.remove()
 
 
-def unreached_experts(covariances: dict[str, torch.Tensor]) -> int:
+def unreached_experts(covariances: dict[str, Covariance]) -> int:
     """How many experts no calibration token reached: the distinct parents (e.g. `mlp.experts.3`) of the
-    modules whose input covariance (from InputCovariances.means) is all zero."""
-    return len({name.rpartition(".")[0] for name, cov in covariances.items() if not cov.any()})
+    modules whose covariance (from LinearCovariances.means) is all zero."""
+    return len({name.rpartition(".")[0] for name, cov in covariances.items() if not covariance_matrix(cov).any()})

@@ -33,7 +33,7 @@ from ..events import (
     Step,
 )
 from ..factorize.inits import init_named, to_low_rank
-from ..factorize.svd import serial_on_cpu
+from ..factorize.svd import Covariance, serial_on_cpu
 from ..modeling.discovery import Block, find_blocks, share_weights_copy
 from ..modeling.loading import LoadedModel
 from ..modeling.shipped import set_submodule
@@ -45,7 +45,14 @@ from ..runtime.offload import is_streamed, resident, stream_block
 from ..runtime.paths import lillama_home
 from ..runtime.telemetry import MemoryMonitor, Throughput, eta_seconds
 from .batching import batch_slices
-from .capture import BlockInputs, InputCovariances, block_label, capture_block_inputs, run_block_over, unreached_experts
+from .capture import (
+    BlockInputs,
+    LinearCovariances,
+    block_label,
+    capture_block_inputs,
+    run_block_over,
+    unreached_experts,
+)
 from .checkpoints import LayerCheckpoints
 from .layer import LayerData, LayerDistiller, LayerResult, StepMetrics
 from .storage import ActivationStore
@@ -304,8 +311,8 @@ class Compressor:
         return kwargs_for, kwargs_for
 
     def _teacher_outputs(self, block: Block, teacher_x: torch.Tensor, kwargs_for, walk: Walk,
-                         covariances: InputCovariances | None = None) -> torch.Tensor:
-        """The teacher block's outputs on the teacher path; `covariances`, if given, record its inputs."""
+                         covariances: LinearCovariances | None = None) -> torch.Tensor:
+        """The teacher block's outputs on the teacher path; `covariances`, if given, gather their statistics."""
         try:
             return run_block_over(block.module, teacher_x, walk.store.empty_like(teacher_x), kwargs_for,
                                   walk.split.batches, self.device, block_label(block))
@@ -330,7 +337,7 @@ class Compressor:
             restored = self.checkpoints.restore(block.index, block.module) if self.checkpoints else None
         covariances = None
         if init_named(self.config.init).needs_covariance and restored is None:
-            covariances = InputCovariances(block.module, list(local_ranks), self.device)
+            covariances = LinearCovariances(block.module, list(local_ranks), self.device)
         with timer.phase("teacher_targets"):
             teacher_y = self._teacher_outputs(block, acts.teacher, kwargs_for, walk, covariances)
         if covariances:  # the covariance hooks ran inside the teacher's forward
@@ -364,7 +371,7 @@ class Compressor:
                                    breakdown={k: round(v, 6) for k, v in timer.seconds.items()})
 
     def _train_layer(self, block: Block, local_ranks: dict[str, int], data: LayerData,
-                     covariances: InputCovariances | None, walk: Walk,
+                     covariances: LinearCovariances | None, walk: Walk,
                      timer: PhaseTimer) -> tuple[nn.Module, LayerFinished]:
         """Factorise the block's planned linears and distil them on `data` (float32 student, not installed).
         The report's seconds and breakdown are left for `_compress_layer` to fill in; `timer` gets the phases.
@@ -430,7 +437,7 @@ class Compressor:
                              skipped_steps=r.skipped_steps, unreached_experts=unreached)
 
     def _student_block(self, teacher_block: nn.Module, local_ranks: dict[str, int],
-                       covariances: dict[str, torch.Tensor] | None, generator: torch.Generator) -> nn.Module:
+                       covariances: dict[str, Covariance] | None, generator: torch.Generator) -> nn.Module:
         """A float32 copy of the block with the chosen linears replaced by initialised low-rank ones."""
         block = copy.deepcopy(teacher_block).float()
         with serial_on_cpu(next(block.parameters()).device):  # float64 LAPACK: see serial_on_cpu

@@ -12,10 +12,11 @@ from torch import nn
 from ..config import Init
 from ..modeling.shipped import LowRankLinear
 from ..registry import Registry
-from .svd import low_rank_from_factors, random_factors, svd_factors, whitened_factors
+from .svd import Covariance, low_rank_from_factors, random_factors, svd_factors, whitened_factors
 
-# (weight [out, in] float32, rank, input covariance [in, in] or None, generator) -> (B [out, r], A [r, in])
-Factorizer = Callable[[torch.Tensor, int, "torch.Tensor | None", "torch.Generator | None"],
+# (weight [out, in] float32, rank, covariance (input [in, in] or OutputCovariance [out, out]) or None, generator)
+# -> (B [out, r], A [r, in])
+Factorizer = Callable[[torch.Tensor, int, "Covariance | None", "torch.Generator | None"],
                       tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -23,7 +24,7 @@ Factorizer = Callable[[torch.Tensor, int, "torch.Tensor | None", "torch.Generato
 class FactorInit:
     name: str
     factorize: Factorizer
-    needs_covariance: bool  # reads the layer's input covariance X^T X / tokens
+    needs_covariance: bool  # reads the layer's covariance (factorize.svd.Covariance)
 
 
 _INITS: Registry[FactorInit] = Registry("init")
@@ -65,7 +66,7 @@ def _random(weight, rank, cov, generator):
     return random_factors(weight, rank, generator)
 
 
-def to_low_rank(dense: nn.Linear, rank: int, init: str, cov: torch.Tensor | None = None,
+def to_low_rank(dense: nn.Linear, rank: int, init: str, cov: Covariance | None = None,
                 generator: torch.Generator | None = None) -> LowRankLinear:
     """A float32 LowRankLinear initialised from a dense layer; keeps the bias on the output side.
 
@@ -73,7 +74,7 @@ def to_low_rank(dense: nn.Linear, rank: int, init: str, cov: torch.Tensor | None
         dense: the teacher's linear (out x in).
         rank: r, the inner size of B · A.
         init: a registered initialisation name.
-        cov: the layer's mean input covariance [in, in], for inits that need it.
+        cov: the layer's input covariance [in, in] or output covariance, for inits that need it.
         generator: randomness for the random init.
     Raises:
         ConfigError: an unknown init.

@@ -6,8 +6,10 @@ layer's real inputs X, which matters far more on small models.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -18,6 +20,11 @@ __all__ = [
     "svd_factors",
     "whitened_factors",
     "WhitenedSVD",
+    "OutputWhitenedSVD",
+    "OutputCovariance",
+    "Covariance",
+    "covariance_matrix",
+    "whitened_svd",
     "gram_svd",
     "balance_factors",
     "is_near_zero",
@@ -29,25 +36,37 @@ __all__ = [
     "CovarianceAccumulator",
     "merge_low_rank",
     "serial_on_cpu",
+    "oversubscribed",
 ]
+
+
+def oversubscribed() -> bool:
+    """Whether this machine's cores have more runnable threads than they can run: the 1-minute load average
+    (which counts this process's own threads) above the cores this process may use."""
+    try:
+        return os.getloadavg()[0] > len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # no load average on this platform: assume the cores are shared
+        return True
 
 
 @contextmanager
 def serial_on_cpu(device: torch.device) -> Iterator[None]:
-    """Run the decompositions inside single-threaded when they run on the CPU (no-op elsewhere).
+    """Run the decompositions inside single-threaded when they run on an oversubscribed CPU (no-op elsewhere).
 
     LAPACK's float64 SVD and Cholesky of matrices of a block's size (hundreds to a few thousand features)
     are long chains of small steps, each ending in a barrier of the OpenMP threads; on cores shared with
     other processes every barrier waits for a descheduled thread. Measured on 2 shared cores (load ~17):
     the float64 SVD of a 576 x 1536 matrix takes 0.93 s on 1 thread and 4.6 s on 2, and the factorisation of
-    one SmolLM2-135M block 50-60 s on 2 threads (benchmarks/results/profile.jsonl). The thread count is
-    process-wide, so other threads' CPU work is serial meanwhile too; it is restored on exit.
+    one SmolLM2-135M block 50-60 s on 2 threads (benchmarks/results/profile.jsonl). On the same 2 cores idle,
+    2 threads factorise a block in half the time of 1 (0.36 s against 0.68 s), so they are kept unless the
+    load average says the cores are oversubscribed. The thread count is process-wide, so other threads' CPU
+    work is serial meanwhile too; it is restored on exit.
 
     Args:
         device: where the decompositions run.
     """
     threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1:
+    if device.type != "cpu" or threads == 1 or not oversubscribed():
         yield
         return
     torch.set_num_threads(1)
@@ -158,9 +177,82 @@ class WhitenedSVD:
         return b.to(self.dtype), a.to(self.dtype)
 
 
-def whitened_factors(weight: torch.Tensor, cov: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+@dataclass(frozen=True)
+class OutputCovariance:
+    """(W X)(W X)^T / tokens: the mean second moment of a linear's outputs less its bias (out x out, float64).
+
+    It carries everything whitening needs (W C W^T, C = X^T X / tokens), and for a layer with fewer outputs
+    than inputs it costs (out / in)^2 of the input covariance to gather: a seventh for SmolLM2's down
+    projection (1536 -> 576)."""
+
+    matrix: torch.Tensor
+
+    def to(self, device: torch.device | str) -> OutputCovariance:
+        return OutputCovariance(self.matrix.to(device))
+
+
+# A layer's data statistics for whitening: its input covariance X^T X / tokens (in x in) as a plain tensor,
+# or its output covariance.
+Covariance = torch.Tensor | OutputCovariance
+
+
+def covariance_matrix(cov: Covariance) -> torch.Tensor:
+    """The matrix of either kind of covariance."""
+    return cov.matrix if isinstance(cov, OutputCovariance) else cov
+
+
+# Singular values under this share of the largest are within the eigendecomposition's rounding of zero (float64
+# eigenvalues carry an absolute error near n * eps * s_max^2, so s near sqrt(576 * 1.1e-16) * s_max = 2.5e-7 s_max);
+# their components are split evenly between B and A instead of dividing by them.
+OUTPUT_FLOOR = 1e-6
+
+
+class OutputWhitenedSVD:
+    """SVD-LLM's whitened factors from a layer's output covariance M = W C W^T, without C.
+
+    M's eigenvectors are the left singular vectors U of W L (L L^T = C) and its eigenvalues their squared
+    singular values S^2, so B = U_r S_r^(1/2) and A = S_r^(-1/2) U_r^T W are the input route's factors
+    (there A = S_r^(1/2) V_r^T L^-1, and S_r V_r^T = U_r^T W L). B A = U_r U_r^T W projects W onto the
+    top-r output directions on the data, the rank-r minimiser of ||(W - B A) X||_F (Eckart-Young on W X).
+    One eigendecomposition of out x out and no Cholesky factor or triangular solve; the kept directions come
+    straight from the eigenvectors, so small singular values lose no accuracy to a division (see gram_svd).
+    A (near-)zero M (an expert no token reached) gives the plain SVD split, as WhitenedSVD does."""
+
+    def __init__(self, weight: torch.Tensor, cov: OutputCovariance):
+        self.dtype = weight.dtype
+        self.weight = weight.double()
+        matrix = cov.matrix.double()
+        self.plain = is_near_zero(matrix)
+        if self.plain:
+            self.u, self.s, self.vh = torch.linalg.svd(self.weight, full_matrices=False)
+            return
+        squares, u = torch.linalg.eigh((matrix + matrix.T) / 2)  # ascending
+        self.s, self.u = squares.flip(0).clamp_min(0).sqrt(), u.flip(1)
+
+    def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B: out x rank, A: rank x in) in the weight's dtype."""
+        if self.plain:
+            root = self.s[:rank].sqrt()
+            b, a = self.u[:, :rank] * root, root[:, None] * self.vh[:rank]
+            return b.to(self.dtype), a.to(self.dtype)
+        s, u = self.s[:rank], self.u[:, :rank]
+        usable = s > OUTPUT_FLOOR * self.s[0]
+        root = torch.where(usable, s.sqrt(), 1.0)
+        b, a = u * root, (u.T @ self.weight) / root[:, None]
+        if not usable.all():
+            b[:, ~usable], a[~usable] = balance_factors(b[:, ~usable], a[~usable])
+        return b.to(self.dtype), a.to(self.dtype)
+
+
+def whitened_svd(weight: torch.Tensor, cov: Covariance) -> WhitenedSVD | OutputWhitenedSVD:
+    """The whitened SVD of a weight (out x in) from whichever covariance the layer's data gave: both have the
+    singular values `s` (descending, float64) and `factors(rank)`, and agree up to rounding and signs."""
+    return OutputWhitenedSVD(weight, cov) if isinstance(cov, OutputCovariance) else WhitenedSVD(weight, cov)
+
+
+def whitened_factors(weight: torch.Tensor, cov: Covariance, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Truncated SVD of W L where L L^T = X^T X; A absorbs L^{-1} so B A approximates W on the data."""
-    return WhitenedSVD(weight, cov).factors(rank)
+    return whitened_svd(weight, cov).factors(rank)
 
 
 def random_factors(weight: torch.Tensor, rank: int, generator: torch.Generator | None = None):
@@ -176,7 +268,10 @@ def spectrum(weight: torch.Tensor) -> torch.Tensor:
     return torch.linalg.svdvals(weight.float())
 
 
-def whitened_spectrum(weight: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+def whitened_spectrum(weight: torch.Tensor, cov: Covariance) -> torch.Tensor:
+    """Singular values of W L (L L^T = X^T X / tokens), descending, float32."""
+    if isinstance(cov, OutputCovariance):
+        return OutputWhitenedSVD(weight, cov).s.float()
     return torch.linalg.svdvals((weight.double() @ cholesky_whitener(cov)).float())
 
 

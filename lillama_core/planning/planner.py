@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ..compress.batching import batch_slices
-from ..compress.capture import InputCovariances, block_label, capture_block_inputs, run_block_over
+from ..compress.capture import LinearCovariances, block_label, capture_block_inputs, run_block_over
 from ..config import PlanConfig
 from ..data.calibration import CalibrationData
 from ..errors import CalibrationError
@@ -38,7 +38,7 @@ def compute_spectra(loaded: LoadedModel, shape: ModelShape, calibration: Calibra
             hidden = starts.pop(block.index)
         names = list(find_linears(block.module))
         with resident(block.module):
-            covs = InputCovariances(block.module, names, device)
+            covs = LinearCovariances(block.module, names, device)
             try:
                 run_block_over(block.module, hidden, hidden, inputs.kwargs_for(block.index), batches, device,
                                block_label(block))

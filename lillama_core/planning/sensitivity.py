@@ -19,7 +19,7 @@ from torch import nn
 
 from ..compress.batching import batch_slices
 from ..compress.capture import (
-    InputCovariances,
+    LinearCovariances,
     Passthrough,
     block_label,
     block_slot,
@@ -29,7 +29,7 @@ from ..compress.capture import (
 from ..data.calibration import CalibrationData
 from ..errors import RunStopped
 from ..events import EventSink, Phase
-from ..factorize.svd import WhitenedSVD, low_rank_from_factors
+from ..factorize.svd import OutputWhitenedSVD, WhitenedSVD, low_rank_from_factors, whitened_svd
 from ..modeling.discovery import Block, find_blocks, share_weights_copy
 from ..modeling.loading import LoadedModel
 from ..modeling.shipped import set_submodule
@@ -58,7 +58,7 @@ def probe_keeps(shape: ModelShape, groups: list[str], target_saving: int) -> tup
 
 
 def compressed_block(block: nn.Module, modules: list[ModuleShape], keep: float,
-                     decompositions: dict[str, WhitenedSVD]) -> nn.Module:
+                     decompositions: dict[str, WhitenedSVD | OutputWhitenedSVD]) -> nn.Module:
     """A copy of the block with each module whitened-factorised to keep about `keep` of its weights."""
     low = copy.deepcopy(block)
     for m in modules:
@@ -127,7 +127,7 @@ def measure_sensitivity(loaded: LoadedModel, calibration: CalibrationData, group
         with resident(block.module):  # a streamed block stays on the accelerator for its probes
             modules = [m for m in shape.modules if m.layer == block.index and m.group in groups]
             probe_input = hidden[:probe].clone()
-            covs = InputCovariances(block.module, [m.local_name for m in modules], device)
+            covs = LinearCovariances(block.module, [m.local_name for m in modules], device)
             try:
                 run_block_over(block.module, hidden, hidden, inputs.kwargs_for(block.index), batches, device,
                                block_label(block))
@@ -142,7 +142,7 @@ def measure_sensitivity(loaded: LoadedModel, calibration: CalibrationData, group
             require_finite_weights(block.module, [m.local_name for m in modules], block_label(block), loaded.dtype)
             covariances = covs.means()
             weights = {m.local_name: block.module.get_submodule(m.local_name).weight.detach().float() for m in modules}
-            decompositions = {name: WhitenedSVD(weight, covariances[name]) for name, weight in weights.items()}
+            decompositions = {name: whitened_svd(weight, covariances[name]) for name, weight in weights.items()}
             if spectra is not None:
                 spectra.update({f"{block.name}.{name}": d.s.float().cpu() for name, d in decompositions.items()})
             for keep in keeps:

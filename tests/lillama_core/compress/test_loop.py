@@ -5,7 +5,7 @@ import torch
 import transformers as T
 from tiny import overflowing_float16_llama, tiny_llama, tiny_sequences, tiny_tokenizer
 
-from lillama_core.compress.capture import InputCovariances
+from lillama_core.compress.capture import LinearCovariances, unreached_experts
 from lillama_core.compress.checkpoints import LayerCheckpoints
 from lillama_core.compress.loop import Activations, Compressor, split_calibration
 from lillama_core.compress.timing import PHASES
@@ -13,6 +13,7 @@ from lillama_core.config import DistillConfig, PlanConfig
 from lillama_core.data.calibration import CalibrationData
 from lillama_core.errors import NonFiniteError, RankPlanError
 from lillama_core.events import RunFinished, Step, event_from_dict
+from lillama_core.factorize.svd import OutputCovariance
 from lillama_core.modeling.discovery import share_weights_copy
 from lillama_core.modeling.loading import LoadedModel
 from lillama_core.modeling.shipped import LowRankLinear, unfuse_experts
@@ -100,25 +101,41 @@ def test_plan_for_another_model_is_refused_before_any_work(tiny):
 def test_a_module_that_sees_no_token_gets_a_zero_covariance(tiny):
     # an MoE expert no calibration token is routed to: whitening must still get a matrix for it
     block = tiny.model.model.layers[0]
-    covs = InputCovariances(block, ["self_attn.q_proj", "mlp.down_proj"], torch.device("cpu"))
+    covs = LinearCovariances(block, ["self_attn.q_proj", "mlp.down_proj"], torch.device("cpu"))
     x = torch.randn(10, block.self_attn.q_proj.in_features)
     block.self_attn.q_proj(x)
     covs.close()
     means = covs.means()
     torch.testing.assert_close(means["self_attn.q_proj"], (x.T @ x / 10).double())
-    down = block.mlp.down_proj.in_features
-    assert means["mlp.down_proj"].shape == (down, down) and not means["mlp.down_proj"].any()
+    down = block.mlp.down_proj.out_features  # fewer outputs than inputs: whitened on its outputs
+    assert isinstance(means["mlp.down_proj"], OutputCovariance)
+    assert means["mlp.down_proj"].matrix.shape == (down, down) and not means["mlp.down_proj"].matrix.any()
+    assert unreached_experts(means) == 1
+
+
+def test_output_covariances_leave_out_the_bias_and_equal_w_c_w_t():
+    torch.manual_seed(0)
+    block = torch.nn.Sequential(torch.nn.Linear(16, 6), torch.nn.Linear(6, 16))
+    covs = LinearCovariances(block, ["0", "1"], torch.device("cpu"))
+    x = torch.randn(3, 10, 16)
+    block(x)
+    covs.close()
+    means = covs.means()
+    assert covs.on_outputs == {"0"} and not isinstance(means["1"], OutputCovariance)
+    flat = x.reshape(-1, 16).double()
+    weight = block[0].weight.double()
+    torch.testing.assert_close(means["0"].matrix, weight @ (flat.T @ flat / 30) @ weight.T, rtol=1e-5, atol=1e-6)
 
 
 def test_shared_input_covariances_are_computed_once_and_never_mixed_up(tiny):
     block = tiny.model.model.layers[0]
     names = ["self_attn.q_proj", "self_attn.k_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
-    covs = InputCovariances(block, names, torch.device("cpu"))
+    covs = LinearCovariances(block, names, torch.device("cpu"))
     inputs = {}
 
-    def keep_input(name):
+    def keep_input(name):  # or the output (less bias) for the modules whitened on their outputs
         def hook(module, args, output):
-            inputs.setdefault(name, args[0].clone())
+            inputs.setdefault(name, (output if name in covs.on_outputs else args[0]).clone())
         return hook
 
     hooks = [block.get_submodule(n).register_forward_hook(keep_input(n)) for n in names]
@@ -132,9 +149,10 @@ def test_shared_input_covariances_are_computed_once_and_never_mixed_up(tiny):
         h.remove()
     covs.close()
     acc = covs.accumulators
-    assert acc["self_attn.q_proj"] is acc["self_attn.k_proj"]
     assert acc["mlp.gate_proj"] is acc["mlp.up_proj"]
     assert acc["mlp.gate_proj"] is not acc["self_attn.q_proj"]
+    # fewer outputs than inputs (grouped-query k, the down projection): whitened on their own outputs
+    assert covs.on_outputs == {"self_attn.k_proj", "mlp.down_proj"}
     for name in names:
         x = inputs[name].reshape(-1, inputs[name].shape[-1]).double()
         torch.testing.assert_close(acc[name].mean(), x.T @ x / x.shape[0], rtol=1e-4, atol=1e-6)
@@ -174,7 +192,7 @@ def test_models_with_different_layer_kwargs_still_match_the_full_forward():
 def test_other_threads_using_the_teacher_do_not_disturb_a_run(tiny):
     """The app chats with the teacher while a run captures inputs and gathers covariances."""
     block = tiny.model.model.layers[0]
-    covs = InputCovariances(block, ["mlp.up_proj"], torch.device("cpu"))
+    covs = LinearCovariances(block, ["mlp.up_proj"], torch.device("cpu"))
     other = threading.Thread(target=lambda: tiny.model(input_ids=tiny_sequences(1, 8)))
     other.start()
     other.join()

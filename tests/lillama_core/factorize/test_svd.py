@@ -1,9 +1,13 @@
+import os
+
 import torch
 
 from lillama_core.factorize.inits import to_low_rank
 from lillama_core.factorize.svd import (
     GRAM_FLOOR,
     CovarianceAccumulator,
+    OutputCovariance,
+    OutputWhitenedSVD,
     WhitenedSVD,
     balance_factors,
     cholesky_whitener,
@@ -14,6 +18,7 @@ from lillama_core.factorize.svd import (
     serial_on_cpu,
     svd_factors,
     whitened_factors,
+    whitened_spectrum,
 )
 from lillama_core.modeling.shipped import LowRankLinear
 
@@ -139,18 +144,23 @@ def test_ordinary_covariances_are_not_near_zero():
     assert is_near_zero(torch.zeros(32, 32)) and is_near_zero(cov.mean() * 1e-12)
 
 
-def test_serial_on_cpu_gives_the_same_factors_single_threaded_and_restores_the_thread_count():
+def test_serial_on_cpu_gives_the_same_factors_single_threaded_and_restores_the_thread_count(monkeypatch):
     g = torch.Generator().manual_seed(0)
     weight, x = torch.randn(48, 32, generator=g), torch.randn(256, 32, generator=g)
     cov = (x.T @ x / 256).double()
+    cores = len(os.sched_getaffinity(0))
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
+        monkeypatch.setattr(os, "getloadavg", lambda: (cores + 1.0, 0.0, 0.0))
         with serial_on_cpu(torch.device("cpu")):
             assert torch.get_num_threads() == 1
             b, a = whitened_factors(weight, cov, 8)
         assert torch.get_num_threads() == 2
-        b_ref, a_ref = whitened_factors(weight, cov, 8)
+        monkeypatch.setattr(os, "getloadavg", lambda: (cores - 0.5, 0.0, 0.0))
+        with serial_on_cpu(torch.device("cpu")):  # idle cores: both threads are kept
+            assert torch.get_num_threads() == 2
+            b_ref, a_ref = whitened_factors(weight, cov, 8)
     finally:
         torch.set_num_threads(threads)
     torch.testing.assert_close(b @ a, b_ref @ a_ref, rtol=1e-5, atol=1e-6)
@@ -203,3 +213,41 @@ def test_ranks_that_keep_values_below_the_gram_floor_use_lapacks_svd():
     b, a = decomposition.factors(8)
     assert decomposition.exact
     torch.testing.assert_close(b.double() @ a.double(), weight.double(), rtol=0, atol=1e-6)
+
+
+def test_output_covariance_gives_the_input_routes_factors():
+    # W C W^T has the left singular vectors of W L as eigenvectors: same B and A (up to each component's sign)
+    torch.manual_seed(0)
+    x = torch.randn(400, 48, dtype=torch.float64) @ torch.randn(48, 48, dtype=torch.float64)
+    weight = torch.randn(20, 48, dtype=torch.float64)
+    y = x @ weight.T
+    inputs, outputs = x.T @ x / 400, OutputCovariance(y.T @ y / 400)
+    torch.testing.assert_close(whitened_spectrum(weight, outputs).double(), whitened_spectrum(weight, inputs).double(),
+                               rtol=1e-5, atol=0)
+    for rank in (1, 7, 19):
+        b_in, a_in = whitened_factors(weight, inputs, rank)
+        b_out, a_out = whitened_factors(weight, outputs, rank)
+        sign = torch.sign((b_in * b_out).sum(0))
+        torch.testing.assert_close(b_out, b_in * sign, rtol=0, atol=1e-8 * b_in.abs().max())
+        torch.testing.assert_close(a_out, a_in * sign[:, None], rtol=0, atol=1e-8 * a_in.abs().max())
+
+
+def test_output_route_is_exact_on_the_data_when_the_rank_exceeds_the_datas():
+    # 5 tokens span 5 output directions: rank 8 reproduces W X exactly, and the dead directions stay finite
+    torch.manual_seed(0)
+    x = torch.randn(5, 32, dtype=torch.float64)
+    weight = torch.randn(12, 32, dtype=torch.float64)
+    y = x @ weight.T
+    b, a = OutputWhitenedSVD(weight, OutputCovariance(y.T @ y / 5)).factors(8)
+    assert torch.isfinite(b).all() and torch.isfinite(a).all()
+    torch.testing.assert_close(x @ (b @ a).T, y, rtol=0, atol=1e-9 * y.abs().max())
+
+
+def test_a_zero_output_covariance_gives_the_plain_svd_split():
+    torch.manual_seed(0)
+    weight = torch.randn(12, 32)
+    b, a = OutputWhitenedSVD(weight, OutputCovariance(torch.zeros(12, 12, dtype=torch.float64))).factors(6)
+    plain_b, plain_a = svd_factors(weight, 6)
+    sign = torch.sign((b * plain_b).sum(0))
+    torch.testing.assert_close(b, plain_b * sign, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(a, plain_a * sign[:, None], rtol=1e-5, atol=1e-6)
