@@ -38,7 +38,7 @@ def accuracy_groups(records: list[dict]) -> list[dict]:
         elif r["method"] == "teacher":
             group["teacher"] = r
         else:
-            group["students"][(r["method"], r["target_reduction"])] = r
+            group["students"][(r["method"], r["target_reduction"], r.get("tokens"))] = r
     return [g for g in groups.values() if g["teacher"] is not None]
 
 
@@ -47,8 +47,14 @@ def _scores(r: dict) -> list[TaskScore]:
 
 
 def _columns(group: dict) -> list[tuple[str, dict]]:
-    order = sorted(group["students"], key=lambda k: (k[1], METHOD_ORDER.index(k[0]) if k[0] in METHOD_ORDER else 99))
-    return [("teacher", group["teacher"])] + [(f"{m} {t:.0%}", group["students"][(m, t)]) for m, t in order]
+    """("teacher", record) then one (name, record) per student, by reduction and method; the names carry the
+    calibration tokens when the group's students had several budgets."""
+    keys = group["students"]
+    several = len({k[2] for k in keys}) > 1
+    order = sorted(keys, key=lambda k: (k[1], METHOD_ORDER.index(k[0]) if k[0] in METHOD_ORDER else 99, k[2] or 0))
+    return [("teacher", group["teacher"])] + [
+        (f"{m} {t:.0%}" + (f" ({tokens // 1024}k tok)" if several and tokens else ""), keys[(m, t, tokens)])
+        for m, t, tokens in order]
 
 
 def accuracy_table(group: dict) -> list[str]:

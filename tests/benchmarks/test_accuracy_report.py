@@ -40,3 +40,12 @@ def test_markdown_has_the_chart_time_per_task_and_agreement(tmp_path):
     assert svg.count("<rect x=") >= 6 and "ours 20%: 68.0" in svg
     assert "| piqa | 40 | 10 (0.2) | 10 (0.2) |" in text  # teacher and the first student's seconds per task
     assert "| **all** | 40 | **40** (100.0%) | | |" in text
+
+
+def test_students_calibrated_on_several_budgets_get_a_column_each():
+    records = [RECORDS[0], _record("ours", 0.2, 0.60, 0.40, tokens=16384),
+               {**_record("ours", 0.2, 0.66, 0.40, tokens=102400), "timestamp": "2026-11-30T18:00:00"}]
+    group, = accuracy_groups(records)
+    table = accuracy_table(group)
+    assert table[0] == "| task (metric) | docs | chance | teacher | ours 20% (16k tok) | ours 20% (100k tok) |"
+    assert table[2] == "| piqa (acc_norm) | 40 | 50.0 | 70.0 | 60.0 | 66.0 |"
