@@ -79,8 +79,14 @@ def serial_on_cpu(device: torch.device) -> Iterator[None]:
 def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T, in float64 then cast back."""
     u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
+    b, a = _root_split(u, s, vh, rank)
+    return b.to(weight.dtype), a.to(weight.dtype)
+
+
+def _root_split(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The plain SVD split of a rank: B = U_r sqrt(S_r), A = sqrt(S_r) V_r^T."""
     root = s[:rank].sqrt()
-    return (u[:, :rank] * root).to(weight.dtype), (root[:, None] * vh[:rank]).to(weight.dtype)
+    return u[:, :rank] * root, root[:, None] * vh[:rank]
 
 
 def cholesky_whitener(cov: torch.Tensor, max_tries: int = 8) -> torch.Tensor:
@@ -232,8 +238,7 @@ class OutputWhitenedSVD:
     def factors(self, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(B: out x rank, A: rank x in) in the weight's dtype."""
         if self.plain:
-            root = self.s[:rank].sqrt()
-            b, a = self.u[:, :rank] * root, root[:, None] * self.vh[:rank]
+            b, a = _root_split(self.u, self.s, self.vh, rank)
             return b.to(self.dtype), a.to(self.dtype)
         s, u = self.s[:rank], self.u[:, :rank]
         usable = s > OUTPUT_FLOOR * self.s[0]
