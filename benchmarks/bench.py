@@ -18,6 +18,7 @@ from lillama_core.compress.heal import heal
 from lillama_core.compress.loop import Compressor
 from lillama_core.config import CalibrationConfig, ModelConfig, PlanConfig
 from lillama_core.data.calibration import DEFAULT_EVAL_TEXT, CalibrationData, load_calibration, read_eval_text
+from lillama_core.data.generated import self_generate
 from lillama_core.events import LayerFinished, Step
 from lillama_core.metrics.evaluate import evaluate
 from lillama_core.metrics.perplexity import eval_windows
@@ -44,10 +45,11 @@ class Budget:
     eval_tokens: int = 8_192  # WikiText-2 test tokens scored
     eval_seq_len: int = 512
     eval_batch: int = 4
+    generated: float = 0.0  # share of calibration sequences the teacher writes (data/generated.py)
 
     def calibration(self, tokens: int | None = None) -> CalibrationConfig:
         return CalibrationConfig(tokens=tokens or self.tokens, seq_len=self.seq_len, batch_size=self.batch_size,
-                                 seed=self.seed)
+                                 seed=self.seed, generated=self.generated)
 
 
 class LeakError(RuntimeError):
@@ -81,6 +83,8 @@ class Bench:
         self.eval_text = read_eval_text()
         self._calibration: dict[int, CalibrationData] = {}
         self._overlap: dict[int, float] = {}
+        self._generated: dict[int, CalibrationData] = {}
+        self._generation_seconds: dict[int, float] = {}
         self._spectra: dict[int, tuple[dict, float]] = {}
         self._damage: dict[tuple, tuple[dict, float]] = {}
         self._windows: dict[tuple[int, int], torch.Tensor] = {}
@@ -100,6 +104,17 @@ class Bench:
                 raise LeakError(f"{overlap:.0%} of sampled calibration snippets appear in the test text")
             self._calibration[tokens], self._overlap[tokens] = data, overlap
         return self._calibration[tokens]
+
+    def training_calibration(self, tokens: int | None = None) -> CalibrationData:
+        """What the layers train on: `calibration(tokens)` with the budget's generated share written by the
+        teacher, as the pipeline does (plans, like the pipeline's, measure the real text)."""
+        tokens = tokens or self.budget.tokens
+        if tokens not in self._generated:
+            start = time.time()
+            self._generated[tokens] = self_generate(self.loaded.model, self.calibration(tokens),
+                                                    self.budget.generated, self.budget.seed)
+            self._generation_seconds[tokens] = time.time() - start
+        return self._generated[tokens]
 
     def windows(self) -> torch.Tensor:
         key = (self.budget.eval_tokens, self.budget.eval_seq_len)
@@ -220,7 +235,7 @@ class Bench:
             record.update(extra or {})
             return record
         tokens = tokens or self.budget.tokens
-        calibration = self.calibration(tokens)
+        calibration = self.training_calibration(tokens)
         plan_config = recipe.plan_config(reduction)
         distill_config = recipe.distill_config()
         name = label or recipe.name
@@ -277,7 +292,8 @@ class Bench:
             "tokens": calibration.tokens,
             "calibration": {**dataclasses.asdict(self.budget.calibration(tokens)),
                             "sequences": n, "held_out_sequences": held_out_count(n),
-                            "test_overlap": self._overlap.get(tokens)},
+                            "test_overlap": self._overlap.get(tokens),
+                            "generation_seconds": self._generation_seconds.get(tokens)},
             **describe_recipe(recipe),
             "ppl": ppl.perplexity,
             "nll": ppl.nll,

@@ -54,7 +54,7 @@ def _budget(args):
     from .bench import Budget
 
     return Budget(tokens=args.tokens, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
-                  eval_tokens=args.eval_tokens, eval_seq_len=args.eval_seq_len)
+                  eval_tokens=args.eval_tokens, eval_seq_len=args.eval_seq_len, generated=args.generated)
 
 
 def _common(p: argparse.ArgumentParser, tokens: int = 16_384, eval_tokens: int = 8_192) -> None:
@@ -65,6 +65,7 @@ def _common(p: argparse.ArgumentParser, tokens: int = 16_384, eval_tokens: int =
     add_field_flag(p, "calibration.seq_len", "--seq-len", help="calibration sequence length")
     add_field_flag(p, "calibration.batch_size", "--batch-size", help="distillation batch (sequences)")
     add_field_flag(p, "calibration.seed", "--seed")
+    add_field_flag(p, "calibration.generated", "--generated")
     add_field_flag(p, "eval.tokens", "--eval-tokens", default=eval_tokens, help="WikiText-2 test tokens scored")
     add_field_flag(p, "eval.seq_len", "--eval-seq-len")
     p.add_argument("--tag", default=None, help="free-form label stored in each record")

@@ -34,13 +34,13 @@ def model_card(studio: Studio) -> str:
 
 
 def calibration_from_inputs(studio: Studio, kind, path, text_field, dataset_config, split, tokens, seq_len,
-                            batch) -> CalibrationConfig:
+                            batch, generated) -> CalibrationConfig:
     source = "default" if kind == SOURCE_KINDS[0] else studio.confine(path or "")
     if not source:
         raise gr.Error("give a file path or a dataset id for the calibration data")
     config = replace(studio.calibration, source=source, text_field=(text_field or "").strip() or None,
                      dataset_config=(dataset_config or "").strip() or None, split=(split or "train").strip(),
-                     tokens=int(tokens), seq_len=int(seq_len), batch_size=int(batch))
+                     tokens=int(tokens), seq_len=int(seq_len), batch_size=int(batch), generated=float(generated))
     config.validate()
     return config
 
@@ -68,7 +68,7 @@ def form_values(studio: Studio) -> tuple:
     return (name if builtin else OTHER, gr.update(value="" if builtin else name, visible=not builtin),
             studio.model_config.trust_remote_code, studio.model_config.offload, source_kind(cal.source), source,
             cal.text_field or "", cal.dataset_config or "", cal.split, cal.tokens, cal.seq_len, cal.batch_size,
-            model_card(studio))
+            cal.generated, model_card(studio))
 
 
 def _model_column(studio: Studio) -> dict:
@@ -113,11 +113,15 @@ def _calibration_column(studio: Studio) -> dict:
         seq_len = gr.Dropdown([64, 128, 256, 512, 1024, 2048], value=studio.calibration.seq_len,
                               label="Sequence length", allow_custom_value=True)  # a recipe's may differ
         batch = gr.Slider(1, 64, value=studio.calibration.batch_size, step=1, label="Batch size")
+    generated = gr.Slider(0.0, 1.0, value=studio.calibration.generated, step=0.05, label="Written by the teacher",
+                          info="share of sequences the teacher continues after their first 8 tokens "
+                               "(self-calibration): text from the model's own distribution, not one corpus's; "
+                               "sampling costs minutes on a CPU")
     preview_button = gr.Button("Preview and count tokens")
     preview_box = gr.Markdown()
     return {"kind": kind, "custom_source": custom_source, "path": path, "upload": upload, "text_field": text_field,
             "dataset_config": dataset_config, "split": split, "tokens": tokens, "seq_len": seq_len, "batch": batch,
-            "preview": preview_button, "preview_box": preview_box}
+            "generated": generated, "preview": preview_button, "preview_box": preview_box}
 
 
 def _wire_model(studio: Studio, m: dict) -> None:
@@ -158,7 +162,7 @@ def _wire_calibration(studio: Studio, uploads_root: Path, c: dict, inputs: list)
         except (gr.Error, LillamaError):
             pass
 
-    for name in ("tokens", "seq_len", "batch", "kind", "path", "text_field", "dataset_config", "split"):
+    for name in ("tokens", "seq_len", "batch", "generated", "kind", "path", "text_field", "dataset_config", "split"):
         c[name].change(on_settings, inputs, None, show_progress="hidden", api_visibility="private")
 
     @user_errors
@@ -178,7 +182,7 @@ def build(studio: Studio, uploads_root: Path) -> dict:
             c = _calibration_column(studio)
 
     inputs = [c[name] for name in ("kind", "path", "text_field", "dataset_config", "split", "tokens", "seq_len",
-                                   "batch")]
+                                   "batch", "generated")]
 
     m["choice"].change(lambda v: gr.update(visible=v == OTHER), m["choice"], m["custom"], api_visibility="private")
     c["kind"].change(lambda k: gr.update(visible=k != SOURCE_KINDS[0]), c["kind"], c["custom_source"],

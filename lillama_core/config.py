@@ -96,12 +96,18 @@ class CalibrationConfig:
     batch_size: int = _help("sequences per optimiser step", 8)
     seed: int = _help("seed for shuffling sequences", 0)
     chat_template: bool = _help("format instruction/chat records with the model's chat template", True)
+    generated: float = _help(
+        "share of the calibration sequences the teacher writes itself (self-calibration): each keeps its first "
+        "8 tokens of the source and the teacher samples the rest; 0 uses the source as it is", 0.0)
 
     def validate(self) -> None:
         for name in ("tokens", "seq_len", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"calibration {name} must be a positive whole number, not {value!r}")
+        if isinstance(self.generated, bool) or not isinstance(self.generated, int | float) \
+                or not 0.0 <= self.generated <= 1.0:
+            raise ConfigError(f"calibration generated share must lie between 0 and 1, not {self.generated!r}")
         if self.tokens < self.seq_len:
             raise ConfigError(
                 f"calibration tokens ({self.tokens}) must cover at least one sequence of {self.seq_len}"

@@ -16,6 +16,7 @@ from .compress.checkpoints import LayerCheckpoints
 from .compress.loop import Compressor, RunResult, out_of_memory
 from .config import CalibrationConfig, RunConfig
 from .data.calibration import CalibrationData
+from .data.generated import generated_rows, self_generate
 from .errors import RunStopped
 from .events import EventSink, Phase
 from .metrics import evaluate as evaluation
@@ -38,9 +39,31 @@ class PipelineResult:
     metrics: RunMetrics = field(default_factory=RunMetrics)
 
 
-def calibrate(loaded: LoadedModel, config: CalibrationConfig) -> CalibrationData:
-    """The calibration data of the loaded model's task (text: token sequences; speech: clips and transcripts)."""
-    return loaded.task.calibrate(loaded, config)
+def calibrate(loaded: LoadedModel, config: CalibrationConfig, emit: EventSink | None = None,
+              stop: threading.Event | None = None, parallel: Parallel = SINGLE) -> CalibrationData:
+    """The calibration data of the loaded model's task (text: token sequences; speech: clips and transcripts),
+    with `config.generated` of its rows written by the teacher (data/generated.py). Generation runs on the first
+    process and its rows go to the others, so every process trains on the same data.
+
+    Raises:
+        CalibrationError: the calibration source is missing or unreadable.
+        ConfigError: a generated share for a model that reads more than tokens.
+        RunStopped: `stop` was set while the teacher wrote its rows.
+    """
+    data = loaded.task.calibrate(loaded, config)
+    if not config.generated:
+        return data
+    if parallel.is_main:
+        rows = generated_rows(data.sequences.shape[0], config.generated)
+
+        def progress(done: int, total: int) -> None:
+            if emit is not None:
+                emit(Phase(name="calibration", detail=f"the teacher is writing calibration text: {done} of {total} "
+                                                      "sequences"))
+
+        progress(0, rows)
+        data = self_generate(loaded.model, data, config.generated, config.seed, progress, stop)
+    return dataclasses.replace(data, sequences=parallel.broadcast_object(data.sequences))
 
 
 def planning_calibration(loaded: LoadedModel, config: RunConfig) -> CalibrationData | None:
@@ -55,7 +78,9 @@ def planning_calibration(loaded: LoadedModel, config: RunConfig) -> CalibrationD
         CalibrationError: the calibration source is missing or unreadable.
     """
     tokens = config.plan.calibration_tokens
-    return calibrate(loaded, dataclasses.replace(config.calibration, tokens=tokens)) if tokens else None
+    # Real text only: a plan's measurements are short probes whose ranking of modules barely moves with the
+    # domain, and sampling the teacher for them would cost minutes per plan and a cache entry per share.
+    return loaded.task.calibrate(loaded, dataclasses.replace(config.calibration, tokens=tokens)) if tokens else None
 
 
 def evaluate_pair(teacher: LoadedModel, student, config: RunConfig,
@@ -176,7 +201,7 @@ def _run_pipeline(config: RunConfig, loaded: LoadedModel | None, plan: RankPlan 
                detail=f"tokenising {config.calibration.tokens} tokens from {config.calibration.source}"))
     for warning in loaded.task.calibration_warnings(config.calibration):
         emit(Phase(name="calibration", detail=warning))
-    calibration = calibrate(loaded, config.calibration)
+    calibration = calibrate(loaded, config.calibration, emit, stop, parallel)
     for warning in calibration.warnings:
         emit(Phase(name="calibration", detail=warning))
     stop_point(stop, "reading the calibration data")

@@ -13,7 +13,7 @@ from lillama_core.modeling.shipped import FactoredLinear
 
 pytestmark = pytest.mark.real_model
 
-CALIBRATION = ("Built-in", "", "", "", "train", 2048, 128, 8)
+CALIBRATION = ("Built-in", "", "", "", "train", 2048, 128, 8, 0.0)
 
 
 @pytest.fixture(scope="module")
@@ -117,7 +117,7 @@ def test_second_start_is_refused_many_tabs_follow_stop_keeps_layers_and_resume_c
     from gradio_client import Client
 
     client, _ = app
-    client.predict("Built-in", "", "", "", "train", 8192, 128, 4, api_name="/calibration")
+    client.predict("Built-in", "", "", "", "train", 8192, 128, 4, 0.0, api_name="/calibration")
     client.predict("uniform", 20, 30, 0, ["attention", "mlp"], api_name="/apply_preset")
     client.predict("whitened", 3e-4, 1, "joint", 0, api_name="/start")
     first = wait_for(client, lambda s: s["status"] == "running" and s["events"] > 5)

@@ -55,7 +55,7 @@ def studio_url(tmp_path_factory, smollm):
     with running_app(tmp_path_factory.mktemp("browser"), "--no-preload") as url:
         client = Client(url, verbose=False)
         client.predict("smollm2-135m-instruct", "", False, False, api_name="/load_model")
-        client.predict("Built-in", "", "", "", "train", 4096, 128, 4, api_name="/calibration")
+        client.predict("Built-in", "", "", "", "train", 4096, 128, 4, 0.0, api_name="/calibration")
         client.predict("bottom", 3, 30, 0, ["attention", "mlp"], api_name="/apply_preset")
         yield url, client
 

@@ -39,7 +39,7 @@ def tiny_app(tmp_path_factory, tiny_model_dir):
         with running_app(tmp, "--no-preload") as url:
             client = Client(url, verbose=False)
             client.predict("other", str(tiny_model_dir), False, False, api_name="/load_model")
-            client.predict("Built-in", "", "", "", "train", 2048, 64, 4, api_name="/calibration")
+            client.predict("Built-in", "", "", "", "train", 2048, 64, 4, 0.0, api_name="/calibration")
             client.predict("sensitivity", 20, 30, 0, ["attention", "mlp"], api_name="/apply_preset")
             yield url
 

@@ -7,6 +7,7 @@ from torch import nn
 
 from ..config import CalibrationConfig, RunConfig
 from ..data.calibration import CalibrationData, load_calibration, preview, read_eval_text
+from ..data.generated import PROMPT_TOKENS, generated_rows
 from ..metrics.perplexity import eval_windows, perplexity
 from ..metrics.record import EvalRecord
 from ..modeling.positions import check_positions, eval_window
@@ -39,8 +40,12 @@ class CausalLM(Task):
         samples = preview(config, loaded.tokenizer, count=3, chars=300)
         shown = "\n\n".join(f"> {s.strip()[:300].replace(chr(10), ' ')}" for s in samples)
         warnings = "".join(f"\n\n⚠ {warning}." for warning in data.warnings)
+        rows = generated_rows(data.sequences.shape[0], config.generated)
+        generated = (f" When the run starts, the teacher writes {rows} of them after their first {PROMPT_TOKENS} "
+                     "tokens." if rows else "")
         return (f"**{data.sequences.shape[0]} sequences × {config.seq_len} tokens = {data.tokens:,} tokens**, "
-                f"sampled (seed {config.seed}) from the first {data.pool_tokens:,} tokens read.{warnings}\n\n{shown}")
+                f"sampled (seed {config.seed}) from the first {data.pool_tokens:,} tokens read.{generated}"
+                f"{warnings}\n\n{shown}")
 
     def held_out(self, loaded, config: RunConfig, standalone: bool = False) -> torch.Tensor:
         """[n, seq_len] windows of the evaluation text, shortened to the model's positions where needed; the

@@ -25,3 +25,19 @@ def test_preview_warns_about_chats_the_template_refused(tmp_path):
     assert "> <user>Be brief.  The quick brown fox" in shown  # the system turn leads the first user turn
     assert studio.calibration == config  # a preview that worked keeps its settings
     assert "⚠" not in calibration_preview(studio, loaded, replace(config, chat_template=False))
+
+
+def test_the_teacher_written_share_is_a_setting_the_preview_explains(tmp_path):
+    from components.model_data import SOURCE_KINDS, calibration_from_inputs, form_values
+
+    studio = Studio(JobManager(tmp_path / "runs"), tmp_path / "exports")
+    studio.loaded = loaded = tiny_llama()
+    text = tmp_path / "text.txt"
+    text.write_text(SAMPLE_TEXT * 4)
+    config = calibration_from_inputs(studio, SOURCE_KINDS[1], str(text), "", "", "train", 160, 16, 4, 0.25)
+    assert config.generated == 0.25
+    shown = calibration_preview(studio, loaded, config)
+    assert "**10 sequences × 16 tokens" in shown
+    assert "the teacher writes 2 of them after their first 8 tokens" in shown  # round(10 * 0.25)
+    assert form_values(studio)[-2] == 0.25  # a recipe's share shows in the slider
+    assert "teacher writes" not in calibration_preview(studio, loaded, replace(config, generated=0.0))

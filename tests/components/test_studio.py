@@ -82,7 +82,7 @@ def test_typed_paths_outside_the_allowed_folders_are_refused(tmp_path):
         with pytest.raises(ConfigError, match="must be inside"):
             studio.confine(typed)
     with pytest.raises(ConfigError, match="must be inside"):
-        calibration_from_inputs(studio, SOURCE_KINDS[1], str(secret / "notes.txt"), "", "", "train", 4096, 256, 8)
+        calibration_from_inputs(studio, SOURCE_KINDS[1], str(secret / "notes.txt"), "", "", "train", 4096, 256, 8, 0.0)
     with pytest.raises(ConfigError, match="must be inside"):
         studio.load(str(secret))
     open_studio = Studio(JobManager(tmp_path / "runs"), tmp_path / "exports")  # on this machine only: anywhere

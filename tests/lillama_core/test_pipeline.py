@@ -1,5 +1,6 @@
 """The end-to-end recipe: lengths checked before any work, and a model's failing forward named in one line."""
 
+import dataclasses
 import math
 
 import pytest
@@ -130,3 +131,34 @@ def test_the_finished_student_is_packed_unless_told_not_to(small_config, tiny):
         with torch.no_grad():
             logits[pack] = student(input_ids=ids).logits
     torch.testing.assert_close(logits[True], logits[False])
+
+
+def test_the_teacher_writes_its_share_of_the_training_data_and_plans_measure_the_real_text(small_config, tiny,
+                                                                                          monkeypatch):
+    from lillama_core.compress import loop
+    from lillama_core.pipeline import calibrate, planning_calibration
+
+    small_config.calibration.generated = 0.5
+    small_config.plan.strategy = "sensitivity"
+    real = tiny.task.calibrate(tiny, small_config.calibration)
+    trained_on = []
+    original = loop.Compressor.__init__
+
+    def spy(self, loaded, calibration, *args, **kwargs):
+        trained_on.append(calibration.sequences.clone())
+        original(self, loaded, calibration, *args, **kwargs)
+
+    monkeypatch.setattr(loop.Compressor, "__init__", spy)
+    events = []
+    run_pipeline(small_config, loaded=tiny, on_event=events.append, evaluate=False)
+    rows = real.sequences.shape[0] // 2
+    assert torch.equal(trained_on[0][rows:], real.sequences[rows:])
+    assert not torch.equal(trained_on[0][:rows], real.sequences[:rows])
+    assert torch.equal(trained_on[0], calibrate(tiny, small_config.calibration).sequences)  # seeded: reproducible
+    progress = [e.detail for e in events if isinstance(e, Phase) and "teacher is writing" in e.detail]
+    assert progress[0].endswith(f"0 of {rows} sequences") and progress[-1].endswith(f"{rows} of {rows} sequences")
+    planned_on = planning_calibration(tiny, small_config)
+    assert planned_on is not None
+    real_for_plan = dataclasses.replace(small_config.calibration, generated=0.0,
+                                        tokens=small_config.plan.calibration_tokens)
+    assert torch.equal(planned_on.sequences, tiny.task.calibrate(tiny, real_for_plan).sequences)
