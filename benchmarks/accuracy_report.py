@@ -38,7 +38,8 @@ def accuracy_groups(records: list[dict]) -> list[dict]:
         elif r["method"] == "teacher":
             group["teacher"] = r
         else:
-            group["students"][(r["method"], r["target_reduction"], r.get("tokens"))] = r
+            generated = (r.get("calibration") or {}).get("generated") or 0.0
+            group["students"][(r["method"], r["target_reduction"], r.get("tokens"), generated)] = r
     return [g for g in groups.values() if g["teacher"] is not None]
 
 
@@ -48,13 +49,19 @@ def _scores(r: dict) -> list[TaskScore]:
 
 def _columns(group: dict) -> list[tuple[str, dict]]:
     """("teacher", record) then one (name, record) per student, by reduction and method; the names carry the
-    calibration tokens when the group's students had several budgets."""
+    calibration tokens when the group's students had several budgets, and the teacher-written share of the
+    calibration sequences (self-calibration) where it was not 0."""
     keys = group["students"]
     several = len({k[2] for k in keys}) > 1
-    order = sorted(keys, key=lambda k: (k[1], METHOD_ORDER.index(k[0]) if k[0] in METHOD_ORDER else 99, k[2] or 0))
-    return [("teacher", group["teacher"])] + [
-        (f"{m} {t:.0%}" + (f" ({tokens // 1024}k tok)" if several and tokens else ""), keys[(m, t, tokens)])
-        for m, t, tokens in order]
+    order = sorted(keys, key=lambda k: (k[1], METHOD_ORDER.index(k[0]) if k[0] in METHOD_ORDER else 99, k[2] or 0,
+                                        k[3]))
+
+    def name(method: str, reduction: float, tokens: int | None, generated: float) -> str:
+        notes = ([f"{tokens // 1024}k tok"] if several and tokens else []) + (
+            [f"{generated:.0%} teacher-written"] if generated else [])
+        return f"{method} {reduction:.0%}" + (f" ({', '.join(notes)})" if notes else "")
+
+    return [("teacher", group["teacher"])] + [(name(*key), keys[key]) for key in order]
 
 
 def accuracy_table(group: dict) -> list[str]:

@@ -49,3 +49,13 @@ def test_students_calibrated_on_several_budgets_get_a_column_each():
     table = accuracy_table(group)
     assert table[0] == "| task (metric) | docs | chance | teacher | ours 20% (16k tok) | ours 20% (100k tok) |"
     assert table[2] == "| piqa (acc_norm) | 40 | 50.0 | 70.0 | 60.0 | 66.0 |"
+
+
+def test_students_on_teacher_written_calibration_get_their_own_column():
+    records = [RECORDS[0], _record("ours", 0.2, 0.60, 0.40, tokens=102400),
+               {**_record("ours", 0.2, 0.64, 0.40, tokens=102400), "calibration": {"generated": 0.5},
+                "timestamp": "2026-12-01T02:00:00"}]
+    group, = accuracy_groups(records)
+    table = accuracy_table(group)
+    assert table[0] == "| task (metric) | docs | chance | teacher | ours 20% | ours 20% (50% teacher-written) |"
+    assert table[2] == "| piqa (acc_norm) | 40 | 50.0 | 70.0 | 60.0 | 64.0 |"
