@@ -140,7 +140,7 @@ class Studio:
 
     def apply_preset(self, plan_config: PlanConfig) -> RankPlan:
         loaded = self.ensure_loaded()
-        self._planning_stop.set()  # the user chose: a background measurement gives way (between two layers)
+        self._planning_stop.set()  # the user chose: a background measurement gives way (between two probes)
         with self._measure_lock:
             measured = measure_for_plan(loaded, plan_config, self.planning_calibration(plan_config),
                                         self.calibration.batch_size)

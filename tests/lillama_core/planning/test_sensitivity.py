@@ -117,3 +117,22 @@ def test_float16_overflow_stops_the_probes_with_one_line_naming_the_layer():
     with pytest.raises(NonFiniteError, match=r"^layer 1 \(model\.layers\.1\) produced inf/NaN activations in float16: "
                                              r"run with --dtype bfloat16 or float32$"):
         make_plan(loaded, PlanConfig(strategy="sensitivity", reduction=0.1), _calibration(), batch_size=4)
+
+
+def test_a_stop_ends_the_measurement_between_two_probes_of_one_layer(tiny, monkeypatch):
+    import threading
+
+    from lillama_core.errors import RunStopped
+
+    stop, probes = threading.Event(), []
+    real = sensitivity.compressed_block
+
+    def probe_then_stop(block, modules, keep, decompositions):
+        probes.append(keep)
+        stop.set()
+        return real(block, modules, keep, decompositions)
+
+    monkeypatch.setattr(sensitivity, "compressed_block", probe_then_stop)
+    with pytest.raises(RunStopped, match="measuring layer sensitivity"):
+        sensitivity.measure_sensitivity(tiny, _calibration(), ["attention", "mlp"], keeps=(0.6, 0.4, 0.2), stop=stop)
+    assert probes == [0.6]  # the first layer's second probe never ran
