@@ -130,7 +130,7 @@ def test_stop_during_planning_ends_the_job_before_any_distillation(manager, tiny
     job = manager.submit("compression", tiny_config, lambda j: jobs_now.append(j) or compress(j))
     assert job.wait(60) and job.status == "stopped"
     assert "while measuring layer sensitivity" in job.message
-    assert len(probed) == 3  # the three probes of layer 0, then no other layer
+    assert len(probed) == 1  # the stop is seen before layer 0's next probe
     assert not (job.run_dir / "student").exists()
 
 
