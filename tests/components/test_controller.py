@@ -75,15 +75,17 @@ def test_every_step_shows_a_loaded_recipe_when_next_opened_and_keeps_typed_value
         shows = {"model": model_data.build(studio, tmp_path)["on_show"][0], "distill": distill.build(ctl)["on_show"][0],
                  "evaluate": evaluate.build(ctl)["on_show"][0]}
     seen = studio.recipe_version
-    skipped = [gr.skip()] * 13
+    skipped = [gr.skip()] * 14
     assert list(shows["model"](seen)) == [*skipped, seen] and list(shows["evaluate"](seen)) == [*skipped[:4], seen]
     recipe = tmp_path / "recipe.yaml"
     RunConfig.from_yaml("model:\n  name: my/hub-model\ncalibration:\n  source: wikitext\n  tokens: 4096\n"
-                        "distill:\n  lr: 0.02\n  epochs: 3\nheal:\n  tokens: 2048\neval:\n  seq_len: 96\n").save(recipe)
+                        "  generated: 0.25\ndistill:\n  lr: 0.02\n  epochs: 3\nheal:\n  tokens: 2048\n"
+                        "eval:\n  seq_len: 96\n").save(recipe)
     ctl.load_recipe(recipe)
     model = shows["model"](seen)
     assert model[0] == model_data.OTHER and model[1]["value"] == "my/hub-model" and model[1]["visible"]
-    assert model[4:6] == ("Hugging Face dataset", "wikitext") and model[9] == 4096 and model[-1] == seen + 1
+    assert model[4:6] == ("Hugging Face dataset", "wikitext") and model[9] == 4096 and model[12] == 0.25
+    assert model[-1] == seen + 1
     assert shows["distill"]()[1:] == ("whitened", 0.02, 3, "joint", 2048)
     assert shows["evaluate"](seen)[2] == 96 and list(shows["model"](seen + 1)) == [*skipped, seen + 1]
 

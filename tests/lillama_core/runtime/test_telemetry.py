@@ -1,3 +1,4 @@
+import mmap
 import subprocess
 import sys
 from pathlib import Path
@@ -14,9 +15,12 @@ def test_cpu_memory_is_resident_now_with_the_runs_peak_since_reset():
     monitor = MemoryMonitor(torch.device("cpu"))
     monitor.reset_peak()
     before = monitor.sample()
-    block = b"\x01" * (256 * MIB)  # written, so every page is resident
+    # A fresh anonymous mapping, written so every page is resident: a plain bytes object may reuse heap pages
+    # an earlier test left resident, and then the resident size does not move.
+    block = mmap.mmap(-1, 256 * MIB)
+    block.write(b"\x01" * (256 * MIB))
     during = monitor.sample()
-    del block
+    block.close()  # unmapped: the pages leave at once
     after = monitor.sample()
     assert during.rss_bytes - before.rss_bytes > 200 * MIB
     assert during.rss_bytes - after.rss_bytes > 200 * MIB  # current memory falls again ...
