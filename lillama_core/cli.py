@@ -220,8 +220,8 @@ def _compress_in(run_dir: Path, config: RunConfig, plan, args, parallel: Paralle
 
 
 def _compress_export_evaluate(run_dir: Path, config: RunConfig, plan, args, parallel: Parallel) -> dict | None:
-    from .export import export_student
-    from .jobs import LAYERS_DIR, append_event, evaluate_and_record, save_run, update_record_metrics
+    from .export import export_student, update_export_metrics
+    from .jobs import LAYERS_DIR, append_event, evaluate_and_record, save_run
     from .modeling.loading import resolve_device
     from .pipeline import run_pipeline
     from .runtime.devicelock import DeviceLock
@@ -251,7 +251,7 @@ def _compress_export_evaluate(run_dir: Path, config: RunConfig, plan, args, para
         parallel.finish()  # the other processes wait here until the export is written
         if not args.no_eval:  # after the export: a failing evaluation must not lose the student
             evaluate_and_record(result, config, run_dir, on_event, None)
-            update_record_metrics(out, result.metrics.to_dict())
+            update_export_metrics(out, result.metrics.to_dict())
     return _compress_summary(result.metrics, out, args.json)
 
 

@@ -278,8 +278,26 @@ def _write_student(student: nn.Module, tokenizer, staging: Path, name: str, merg
         if preprocessor is not None:
             preprocessor.save_pretrained(staging)
     meta = {"format_version": FORMAT_VERSION, "merged": merge, "rank_map": ranks, "quantize": quantize,
-            **(record or {})}
+            "auto_class": _auto_class(model.config)[0], **(record or {})}
+    meta["teacher"] = ((meta.get("config") or {}).get("model") or {}).get("name") or student.config.name_or_path
     write_json(staging / RECORD_FILE, meta)
-    teacher = ((meta.get("config") or {}).get("model") or {}).get("name") or student.config.name_or_path
-    write_model_card(staging, name, meta, _auto_class(model.config)[0], (staging / MODELING_FILE).exists(),
-                     teacher or None)
+    _write_card(staging, name, meta)
+
+
+def _write_card(folder: Path, name: str, meta: dict) -> None:
+    write_model_card(folder, name, meta, meta["auto_class"], (folder / MODELING_FILE).exists(), meta["teacher"] or None)
+
+
+def update_export_metrics(folder: str | os.PathLike, metrics: dict) -> None:
+    """Replace the metrics in an export's record (lillama.json) and write its model card again with them, e.g.
+    once the exported student is evaluated (the export is written first, so a failing evaluation cannot lose it).
+
+    Raises:
+        ExportError: the folder is not an export written by this version (its record lacks the card's facts).
+    """
+    folder = Path(folder)
+    meta = {**read_record(folder), "metrics": metrics}
+    if "auto_class" not in meta or "teacher" not in meta:
+        raise ExportError(f"{folder} was exported by an older version; export the run again to record its metrics")
+    write_json(folder / RECORD_FILE, meta)
+    _write_card(folder, folder.name, meta)

@@ -276,22 +276,16 @@ def save_run(run_dir: Path, config: RunConfig, result, keep_student: bool = True
                        feature_extractor=result.loaded.feature_extractor)
 
 
-def update_record_metrics(export_dir: Path, metrics: dict) -> None:
-    """Replace the metrics in an export's record (lillama.json), e.g. once the exported student is evaluated."""
-    from .export import RECORD_FILE, read_record
-
-    write_json(Path(export_dir) / RECORD_FILE, {**read_record(export_dir), "metrics": metrics})
-
-
 def evaluate_and_record(result, config: RunConfig, run_dir: Path, on_event, stop: threading.Event | None,
                         teacher_ppl: float | None = None) -> None:
     """Evaluate a run whose student `save_run` already kept, then add the scores to its folder."""
+    from .export import update_export_metrics
     from .pipeline import evaluate_run
 
     evaluate_run(result, config, on_event, stop, teacher_ppl)
     write_json(run_dir / "metrics.json", result.metrics.to_dict())
     if (run_dir / STUDENT_DIR / "lillama.json").exists():
-        update_record_metrics(run_dir / STUDENT_DIR, result.metrics.to_dict())
+        update_export_metrics(run_dir / STUDENT_DIR, result.metrics.to_dict())
 
 
 def compression_work(config: RunConfig, loaded=None, plan=None, evaluate: bool = True,

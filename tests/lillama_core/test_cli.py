@@ -48,6 +48,8 @@ def test_compress_json_summary_and_export(tiny_model_dir, texts, tmp_path, capsy
     assert config.plan.strategy == "bottom" and config.distill.activations == "disk"
     metrics = record["metrics"]
     assert metrics["heal_tokens"] > 0 and metrics["heal_kl_after"] <= metrics["heal_kl_before"]
+    card = (out / "README.md").read_text()  # written at export, before evaluation, then again with the scores
+    assert f"| perplexity (held-out text) | {summary['teacher_ppl']:.2f} | {summary['student_ppl']:.2f} |" in card
     model, _ = load_compressed(out)
     assert torch.isfinite(model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
 

@@ -389,6 +389,27 @@ def test_every_export_has_a_model_card_with_metrics_plan_loading_and_the_teacher
     assert "teacher-sized" in merged.text and "trust_remote_code" not in merged.text
 
 
+def test_scores_measured_after_export_reach_the_record_and_the_card(student, tiny, tmp_path):
+    import shutil
+
+    from huggingface_hub import ModelCard
+
+    from lillama_core.export import read_record, update_export_metrics
+
+    folder = export_student(student, tiny.tokenizer, tmp_path / "student", record={"metrics": {"tokens": 512}})
+    assert "No evaluation was recorded" in ModelCard.load(folder / "README.md").text
+    update_export_metrics(folder, {"tokens": 512, "teacher_ppl": 30.0, "student_ppl": 41.5})
+    assert read_record(folder)["metrics"]["student_ppl"] == 41.5
+    card = ModelCard.load(folder / "README.md").text
+    assert "| perplexity (held-out text) | 30.00 | 41.50 |" in card
+    assert 'AutoModelForCausalLM.from_pretrained("student", trust_remote_code=True)' in card
+    old = shutil.copytree(FIXTURES / "v2_export", tmp_path / "v2")  # its record lacks what the card needs
+    before = read_record(old)
+    with pytest.raises(ExportError, match="older version"):
+        update_export_metrics(old, {"student_ppl": 1.0})
+    assert read_record(old) == before
+
+
 def test_built_in_teachers_terms_come_from_their_packages():
     from lillama_core.model_card import teacher_terms
 
