@@ -16,13 +16,14 @@ from .compress.checkpoints import LayerCheckpoints
 from .compress.loop import Compressor, RunResult, out_of_memory
 from .config import CalibrationConfig, RunConfig
 from .data.calibration import CalibrationData
-from .data.generated import generated_rows, self_generate
+from .data.generated import SAMPLING_SETTINGS, generated_rows, self_generate
 from .errors import RunStopped
 from .events import EventSink, Phase
 from .metrics import evaluate as evaluation
 from .metrics.record import EvalRecord, RunMetrics
 from .modeling.loading import LoadedModel, load_model
 from .modeling.packs import pack_low_rank
+from .planning.cache import measurement_key, measurements_root, read_tensors, write_tensors
 from .planning.planner import make_plan
 from .planning.ranks import ModelShape, RankPlan, summarize
 from .runtime.distributed import SINGLE, Parallel, device_for
@@ -54,16 +55,30 @@ def calibrate(loaded: LoadedModel, config: CalibrationConfig, emit: EventSink | 
     if not config.generated:
         return data
     if parallel.is_main:
-        rows = generated_rows(data.sequences.shape[0], config.generated)
-
-        def progress(done: int, total: int) -> None:
-            if emit is not None:
-                emit(Phase(name="calibration", detail=f"the teacher is writing calibration text: {done} of {total} "
-                                                      "sequences"))
-
-        progress(0, rows)
-        data = self_generate(loaded.model, data, config.generated, config.seed, progress, stop)
+        data = _teacher_written(loaded, data, config, emit or (lambda event: None), stop)
     return dataclasses.replace(data, sequences=parallel.broadcast_object(data.sequences))
+
+
+def _teacher_written(loaded: LoadedModel, data: CalibrationData, config: CalibrationConfig, emit: EventSink,
+                     stop: threading.Event | None) -> CalibrationData:
+    """`data` with the config's share of rows written by the teacher, read from the measurement store when this
+    teacher already wrote them for the same rows, share, seed and sampling settings on this kind of device."""
+    key = measurement_key("generated", loaded, data, share=config.generated, seed=config.seed,
+                          sampling=SAMPLING_SETTINGS)
+    path = measurements_root() / f"{key}.safetensors"
+    stored = (read_tensors(path) or {}).get("sequences")
+    if stored is not None and stored.shape == data.sequences.shape:
+        emit(Phase(name="calibration", detail=f"reusing the calibration text the teacher wrote before ({path})"))
+        return dataclasses.replace(data, sequences=stored)
+    rows = generated_rows(data.sequences.shape[0], config.generated)
+
+    def progress(done: int, total: int) -> None:
+        emit(Phase(name="calibration", detail=f"the teacher is writing calibration text: {done} of {total} sequences"))
+
+    progress(0, rows)
+    data = self_generate(loaded.model, data, config.generated, config.seed, progress, stop)
+    write_tensors(path, {"sequences": data.sequences})
+    return data
 
 
 def planning_calibration(loaded: LoadedModel, config: RunConfig) -> CalibrationData | None:

@@ -27,7 +27,10 @@ from .calibration import CalibrationData
 PROMPT_TOKENS = 8  # real tokens kept at the start of each generated row
 TOP_P = 0.95
 TEMPERATURE = 1.0
-BATCH_ROWS = 32  # rows sampled together; at batch 32 a 135M model samples ~190 tokens/s on 2 CPU cores
+BATCH_ROWS = 32  # rows sampled together
+# What else decides the rows besides the model, the data, the share and the seed (a stored entry's key).
+SAMPLING_SETTINGS = {"prompt_tokens": PROMPT_TOKENS, "top_p": TOP_P, "temperature": TEMPERATURE,
+                     "batch_rows": BATCH_ROWS}
 
 Progress = Callable[[int, int], None]  # (rows written, rows to write)
 

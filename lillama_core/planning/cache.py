@@ -1,5 +1,7 @@
 """Measurements a plan is built from (per-layer sensitivity, spectra), kept on disk so they are taken
-once per model, calibration data and measuring settings, and shared by the app, the CLI and sweeps.
+once per model, calibration data and measuring settings, and shared by the app, the CLI and sweeps. The
+calibration rows a teacher wrote (self-calibration) are stored the same way: they too cost minutes and depend
+only on the model, the data and the settings.
 
 An entry's name is a fingerprint of everything that changes the measurement: the model (name, source,
 dtype, every weight's name and shape and a strided sample of its values, so a different checkpoint under
@@ -79,17 +81,23 @@ def measurement_key(kind: str, loaded: LoadedModel, calibration: CalibrationData
     return f"{kind}-{hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:32]}"
 
 
-def _read_spectra(path: Path) -> dict[str, torch.Tensor] | None:
+def read_tensors(path: Path) -> dict[str, torch.Tensor] | None:
+    """The tensors of a stored entry (on the CPU), or None when it is missing or unreadable."""
     try:
         return load_file(path)
     except (OSError, SafetensorError):  # missing, or torn by a crash of an older writer
         return None
 
 
-def _write_spectra(path: Path, spectra: dict[str, torch.Tensor]) -> None:
+def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Store tensors (any dtype) atomically: a reader sees the old entry or the whole new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with staged_file(path) as staged:
-        save_file({name: values.detach().float().cpu().contiguous() for name, values in spectra.items()}, staged)
+        save_file({name: values.detach().cpu().contiguous() for name, values in tensors.items()}, staged)
+
+
+def _write_spectra(path: Path, spectra: dict[str, torch.Tensor]) -> None:
+    write_tensors(path, {name: values.float() for name, values in spectra.items()})
 
 
 def stored_sensitivity(key: str) -> tuple[dict[int, dict[float, float]], dict[str, torch.Tensor] | None]:
@@ -106,7 +114,7 @@ def stored_sensitivity(key: str) -> tuple[dict[int, dict[float, float]], dict[st
                   for layer, levels in json.loads((root / f"{key}.json").read_text()).items()}
     except (OSError, ValueError, AttributeError):  # none yet, or torn
         stored = {}
-    return stored, _read_spectra(root / f"{key}.safetensors")
+    return stored, read_tensors(root / f"{key}.safetensors")
 
 
 SensitivityMeasure = Callable[[tuple[float, ...]], tuple[dict[int, dict[float, float]], dict[str, torch.Tensor]]]
@@ -157,7 +165,7 @@ def cached_spectra(key: str, measure: Callable[[], dict[str, torch.Tensor]],
         {module name: singular values}.
     """
     path = measurements_root() / f"{key}.safetensors"
-    spectra = _read_spectra(path)
+    spectra = read_tensors(path)
     if spectra is not None:
         if on_hit:
             on_hit(path)

@@ -162,3 +162,23 @@ def test_the_teacher_writes_its_share_of_the_training_data_and_plans_measure_the
     real_for_plan = dataclasses.replace(small_config.calibration, generated=0.0,
                                         tokens=small_config.plan.calibration_tokens)
     assert torch.equal(planned_on.sequences, tiny.task.calibrate(tiny, real_for_plan).sequences)
+
+
+def test_rows_the_teacher_wrote_are_stored_and_reused_for_the_same_data_share_and_seed(small_config, tiny,
+                                                                                        monkeypatch):
+    import lillama_core.pipeline as pipeline
+
+    small_config.calibration.generated = 0.5
+    first_events, again_events = [], []
+    first = pipeline.calibrate(tiny, small_config.calibration, first_events.append)
+    calls = []
+    real_generate = pipeline.self_generate
+    monkeypatch.setattr(pipeline, "self_generate", lambda *a, **k: calls.append(a) or real_generate(*a, **k))
+    again = pipeline.calibrate(tiny, small_config.calibration, again_events.append)
+    assert torch.equal(again.sequences, first.sequences) and not calls
+    assert any("reusing the calibration text the teacher wrote" in e.detail for e in again_events)
+    assert not any("reusing" in e.detail for e in first_events)
+    other_seed = pipeline.calibrate(tiny, dataclasses.replace(small_config.calibration, seed=1))
+    more = pipeline.calibrate(tiny, dataclasses.replace(small_config.calibration, generated=1.0))
+    assert len(calls) == 2 and not torch.equal(other_seed.sequences, first.sequences)
+    assert more.sequences.shape == first.sequences.shape and not torch.equal(more.sequences, first.sequences)
