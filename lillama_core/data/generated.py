@@ -14,6 +14,7 @@ not end a row: the teacher goes on to a new document, as in the packed token str
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Callable
 
@@ -88,8 +89,7 @@ def self_generate(model: nn.Module, data: CalibrationData, share: float, seed: i
                 raise RunStopped("stopped by request while the teacher wrote calibration text")
             rows = slice(start, min(start + BATCH_ROWS, count))
             prompt = sequences[rows, :PROMPT_TOKENS]
-            batch_sampling = SamplingConfig(**{**vars(sampling), "seed": seed * 1_000_003 + start})
-            columns = list(decode(model, prompt, batch_sampling))
+            columns = list(decode(model, prompt, dataclasses.replace(sampling, seed=seed * 1_000_003 + start)))
             sequences[rows, PROMPT_TOKENS:] = torch.stack(columns, dim=1).cpu()
             if on_progress is not None:
                 on_progress(rows.stop, count)
