@@ -278,7 +278,9 @@ def _write_student(student: nn.Module, tokenizer, staging: Path, name: str, merg
         if preprocessor is not None:
             preprocessor.save_pretrained(staging)
     meta = {"format_version": FORMAT_VERSION, "merged": merge, "rank_map": ranks, "quantize": quantize,
-            "auto_class": _auto_class(model.config)[0], **(record or {})}
+            **(record or {})}
+    # Facts of this export, never a copied record's (re-exporting a reloaded export passes its old record on).
+    meta["auto_class"] = _auto_class(model.config)[0]
     meta["teacher"] = ((meta.get("config") or {}).get("model") or {}).get("name") or student.config.name_or_path
     write_json(staging / RECORD_FILE, meta)
     _write_card(staging, name, meta)
